@@ -1,0 +1,159 @@
+"""KDEP: the alignment statistics of the frozen teacher, then feature distillation into the student."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+from tqdm.auto import tqdm
+
+from kdep_jax import alignment as alignment_lib
+from kdep_jax import convert, data, losses, models, optim, parallel, trainer
+
+
+def teacher_model(config):
+    return models.create_model(config.teacher.arch, num_classes=None, dtype=jnp.dtype(config.dtype),
+                               width=config.teacher.width)
+
+
+def student_model(config):
+    return models.create_model(config.student.arch, num_classes=None, dtype=jnp.dtype(config.dtype),
+                               width=config.student.width)
+
+
+def student_dim(config) -> int:
+    """The target width k: the student's feature width, which must not exceed the teacher's."""
+    k = models.feature_dim(config.student.arch, config.student.width)
+    teacher_dim = models.feature_dim(config.teacher.arch, config.teacher.width)
+    if k > teacher_dim:
+        raise ValueError(f"The student {config.student.arch} (width {config.student.width}) has {k}-d features, more "
+                         f"than the teacher {config.teacher.arch}'s {teacher_dim}: KDEP aligns the student to the "
+                         f"teacher's top-k principal directions, so k cannot exceed the teacher's width. Choose a "
+                         f"wider teacher or a narrower student.")
+    return k
+
+
+def load_teacher(config, teacher_dir):
+    """The frozen teacher's variables and the content hash that ties the alignment statistics to it."""
+    teacher_dir = epath.Path(teacher_dir)
+    if not (teacher_dir / "meta.json").exists():
+        raise FileNotFoundError(
+            f"No converted teacher at {teacher_dir} (config.teacher.path). Convert a torchvision checkpoint first: "
+            f"python -m kdep_jax.convert import --arch {config.teacher.arch} --input resnet50.pth --output {teacher_dir}")
+    variables, meta = convert.load_converted(teacher_dir, config.teacher.arch)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}, meta["sha256"]
+
+
+def alignment_data(config):
+    """The statistics' data: the distillation data unless the config names other data."""
+    return config.alignment.data if config.alignment.data is not None else config.data
+
+
+def alignment_provenance(config, teacher_sha256: str) -> dict:
+    """What the statistics depend on; a file whose provenance differs is not reused."""
+    stats_data = alignment_data(config)
+    return {"teacher_sha256": teacher_sha256, "teacher_arch": config.teacher.arch,
+            "teacher_width": config.teacher.width, "data": stats_data.name, "split": stats_data.split,
+            "subset": stats_data.subset, "image_size": stats_data.image_size, "seed": config.seed}
+
+
+def compute_or_load_alignment(config, workdir, mesh, teacher_variables, teacher_sha256: str):
+    """Reuses the statistics file when it was made by this teacher on this data, else recomputes it."""
+    path = epath.Path(config.alignment.path or epath.Path(workdir) / "alignment.npz")
+    wanted = alignment_provenance(config, teacher_sha256)
+    if path.exists():
+        alignment, provenance = alignment_lib.load_alignment(path)
+        made_by = {key: provenance.get(key) for key in wanted}
+        if made_by == wanted:
+            logging.info("Reusing the alignment statistics in %s (%d features).", path, alignment.count)
+            return alignment
+        differences = ", ".join(f"{k}: {made_by[k]!r} there, {wanted[k]!r} now" for k in wanted if made_by[k] != wanted[k])
+        logging.warning("The alignment statistics in %s were made for another teacher or data (%s); recomputing "
+                        "them.", path, differences)
+    alignment = fit_teacher_alignment(config, mesh, teacher_variables)
+    if jax.process_index() == 0:
+        alignment_lib.save_alignment(path, alignment, {**wanted, "count": int(alignment.count)})
+    logging.info("Alignment statistics from %d teacher features saved to %s.", alignment.count, path)
+    return alignment
+
+
+def fit_teacher_alignment(config, mesh, teacher_variables):
+    """One pass of the frozen teacher over the distillation data, with the training augmentation."""
+    teacher = teacher_model(config)
+
+    @functools.partial(jax.jit, in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)),
+                       out_shardings=parallel.batch_sharding(mesh))
+    def teacher_features(variables, images):
+        return teacher.apply(variables, images, train=False)[1]["pre_relu"].astype(jnp.float32)
+
+    variables = parallel.replicate(teacher_variables, mesh)
+    batch_size = config.alignment.batch_size
+    stats_data = alignment_data(config)
+    info = data.dataset_info(stats_data, stats_data.split)
+    progress = tqdm(total=info.num_examples, desc="alignment statistics", unit="img", unit_scale=True,
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+
+    def features_and_masks():
+        for batch in data.eval_batches(stats_data, stats_data.split, batch_size, augment_seed=config.seed + 1):
+            batch = parallel.shard_batch(batch, mesh)
+            yield teacher_features(variables, batch["image"]), batch["mask"]
+            progress.update(batch_size)
+
+    try:
+        return alignment_lib.fit_alignment(features_and_masks())
+    finally:
+        progress.close()
+
+
+def make_loss_fn(config, dim: int):
+    teacher, student = teacher_model(config), student_model(config)
+
+    def loss_fn(params, batch_stats, batch, constants):
+        teacher_variables, alignment = constants
+        _, teacher_features = teacher.apply(teacher_variables, batch["image"], train=False)
+        targets = alignment_lib.teacher_targets(teacher_features["pre_relu"].astype(jnp.float32), alignment, dim,
+                                                pts_t=config.alignment.pts_t, pts_n=config.alignment.pts_n)
+        (_, student_features), updates = student.apply({"params": params, "batch_stats": batch_stats},
+                                                        batch["image"], train=True, mutable=["batch_stats"])
+        loss = losses.feature_distillation_loss(student_features["pre_relu"], jax.lax.stop_gradient(targets),
+                                                config.train.loss_weight)
+        return loss, (updates["batch_stats"], {})
+
+    return loss_fn
+
+
+def distill(config, workdir, mesh, teacher_variables, alignment) -> trainer.FitResult:
+    """Trains the student to the teacher's aligned, PTS-scaled features (or resumes doing so)."""
+    dim = student_dim(config)
+    info = data.dataset_info(config.data, config.data.split)
+    parallel.local_batch_size(config.train.batch_size, mesh)
+    steps_per_epoch = info.num_examples // config.train.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{config.data.name}/{config.data.split} has {info.num_examples} examples, fewer than one "
+                         f"batch of config.train.batch_size={config.train.batch_size}; lower the batch size.")
+    schedule = optim.step_decay_schedule(config.train.lr, steps_per_epoch, config.train.lr_decay_every_epochs,
+                                         config.train.lr_decay_factor, config.train.num_epochs)
+    tx = optim.sgd(schedule, config.train.momentum, config.train.weight_decay)
+    student = student_model(config)
+    state = trainer.create_train_state(trainer.init_variables(student, config.data.image_size, config.seed), tx, mesh)
+    # Only the first k directions are used: a (D, k) slice keeps the replicated constant small.
+    compact = alignment_lib.Alignment(mean=alignment.mean.astype("float32"),
+                                      components=alignment.components[:, :dim].astype("float32"),
+                                      singular_values=alignment.singular_values[:dim].astype("float32"),
+                                      count=alignment.count)
+    constants = parallel.replicate((teacher_variables, compact), mesh)
+    settings = trainer.LoopSettings(
+        name="distill", num_steps=steps_per_epoch * config.train.num_epochs, images_per_step=config.train.batch_size,
+        log_every_steps=config.log_every_steps, checkpoint_every_steps=config.checkpoint_every_steps,
+        checkpoint_every_secs=config.checkpoint_every_secs, keep_checkpoints=config.keep_checkpoints)
+    logging.info("Distilling %s (%d-d) into %s (%d-d, %d parameters): %d steps of %d images.", config.teacher.arch,
+                 models.feature_dim(config.teacher.arch, config.teacher.width), config.student.arch, dim,
+                 trainer.count_params(state.params), settings.num_steps, config.train.batch_size)
+    return trainer.fit(
+        workdir=workdir, settings=settings, state=state,
+        train_step=trainer.make_train_step(make_loss_fn(config, dim), tx, mesh), constants=constants,
+        batches=lambda start: data.train_batches(config.data, config.data.split, config.train.batch_size,
+                                                 seed=config.seed, start_step=start),
+        mesh=mesh, lr_schedule=schedule)

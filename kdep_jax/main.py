@@ -1,0 +1,47 @@
+"""Command line: python -m kdep_jax.main --config=configs/r18.py --workdir=DIR [--config.key=value ...]"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "An experiment file in configs/.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go (a path or bucket URL).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Let JAX detect a TPU pod slice or a Slurm cluster.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from kdep_jax import parallel  # imports jax; distributed init must come before any device use
+
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
+    from kdep_jax import pipeline, trainer
+
+    logging.set_verbosity(logging.INFO)
+    try:
+        outputs = pipeline.run(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, trainer.TrainingError) as error:
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    import jax
+
+    if jax.process_index() == 0:
+        print(json.dumps(outputs, indent=2))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

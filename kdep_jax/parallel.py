@@ -1,0 +1,83 @@
+"""One code path from one CPU to a TPU pod: a ('data',) mesh, a sharded batch, replicated state.
+
+Under `jax.jit` over a batch sharded along 'data', every reduction over the batch (the loss mean,
+BatchNorm's statistics) is global, so BatchNorm is synchronised across devices and hosts for free.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, multihost: bool = False) -> None:
+    """Joins a multi-process run; must run before anything touches a device.
+
+    No flags: a single process. Explicit flags: processes started by hand (on CPU they talk through
+    gloo). `multihost` alone: let JAX detect a TPU pod slice or a Slurm allocation.
+    """
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if not explicit and not multihost:
+        return
+    if explicit and None in (coordinator_address, num_processes, process_id):
+        raise ValueError("Multi-process runs need all three of --coordinator_address, --num_processes and "
+                         "--process_id (or only --multihost to detect a TPU pod or Slurm cluster).")
+    # Only the CPU backend reads this; on GPU and TPU the accelerator's own collectives are used.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    else:
+        jax.distributed.initialize()
+    logging.info("Process %d of %d, %d local / %d global devices.", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A one-axis mesh over all devices (or the given ones), in process order."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+    """This process's share of a global batch; the global batch must split evenly over devices."""
+    if global_batch_size % mesh.size:
+        raise ValueError(f"The global batch size {global_batch_size} does not split evenly over {mesh.size} "
+                         f"devices; choose a multiple of {mesh.size} (config.train.batch_size).")
+    return global_batch_size // jax.process_count()
+
+
+def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
+    """Assembles each process's rows into global arrays sharded along 'data'."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def replicate(tree, mesh: Mesh):
+    """Places a host pytree (identical on every process) on every device of the mesh."""
+    sharding = replicated_sharding(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def to_host(tree):
+    """Fetches a replicated pytree to numpy on every process (no cross-host traffic needed)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x),
+                        tree)

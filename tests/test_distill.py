@@ -1,0 +1,96 @@
+"""The distillation step: the same on 1 and 4 devices, the teacher untouched, the loss as DESIGN.md states it."""
+import jax
+import numpy as np
+import pytest
+
+from kdep_jax import alignment as alignment_lib
+from kdep_jax import config_lib, distill, models, optim, parallel, trainer
+
+IMAGE_SIZE = 32
+
+
+def small_config():
+    config = config_lib.kdep_config()
+    config.teacher.update(arch="resnet50", width=0.25)
+    config.student.update(arch="resnet18", width=0.25)
+    config.data.image_size = IMAGE_SIZE
+    return config
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = small_config()
+    dim = distill.student_dim(config)
+    teacher_variables = trainer.init_variables(distill.teacher_model(config), IMAGE_SIZE, seed=1)
+    # Non-trivial running statistics, so that eval-mode BatchNorm really uses them.
+    rng = np.random.default_rng(0)
+    teacher_variables = jax.tree_util.tree_map_with_path(
+        lambda path, x: (x + rng.uniform(0.1, 0.5, x.shape).astype(x.dtype)) if "var" in jax.tree_util.keystr(path)
+        else x, teacher_variables)
+    teacher_dim = models.feature_dim("resnet50", 0.25)
+    components = np.linalg.qr(rng.normal(size=(teacher_dim, teacher_dim)))[0]
+    alignment = alignment_lib.Alignment(mean=rng.normal(size=teacher_dim).astype(np.float32),
+                                        components=components.astype(np.float32),
+                                        singular_values=np.ones(teacher_dim, np.float32), count=100)
+    student_variables = trainer.init_variables(distill.student_model(config), IMAGE_SIZE, seed=0)
+    images = rng.normal(size=(8, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    return config, dim, teacher_variables, alignment, student_variables, images
+
+
+def run_steps(setup, num_devices, num_steps=2):
+    config, dim, teacher_variables, alignment, student_variables, images = setup
+    mesh = parallel.make_mesh(jax.devices()[:num_devices])
+    tx = optim.sgd(optim.step_decay_schedule(0.1, 10, 30, 0.1, 90), 0.9, 5e-4)
+    state = trainer.create_train_state(student_variables, tx, mesh)
+    constants = parallel.replicate((teacher_variables, alignment), mesh)
+    step = trainer.make_train_step(distill.make_loss_fn(config, dim), tx, mesh)
+    losses = []
+    for _ in range(num_steps):
+        state, metrics = step(state, parallel.shard_batch({"image": images}, mesh), constants)
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state), losses, jax.device_get(constants[0])
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    return {num_devices: run_steps(setup, num_devices) for num_devices in (1, 4)}
+
+
+def relative_error(a, b) -> float:
+    """Largest difference over the largest magnitude, per tree (the parity measure used throughout)."""
+    a, b = jax.tree.leaves(a), jax.tree.leaves(b)
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b)) / max(float(np.max(np.abs(y))) for y in b)
+
+
+def test_step_on_four_devices_equals_one_device(runs):
+    (state_1, losses_1, _), (state_4, losses_4, _) = runs[1], runs[4]
+    np.testing.assert_allclose(losses_4, losses_1, rtol=1e-5)
+    assert relative_error(state_4.params, state_1.params) < 1e-5
+    assert relative_error(state_4.opt_state, state_1.opt_state) < 1e-5
+    # Synchronised BatchNorm: the running statistics are those of the global batch on both.
+    assert relative_error(state_4.batch_stats, state_1.batch_stats) < 1e-5
+
+
+def test_teacher_is_frozen_and_loss_follows_the_formula(setup, runs):
+    config, dim, teacher_variables, alignment, student_variables, images = setup
+    state, losses, teacher_after = runs[4]
+    for a, b in zip(jax.tree.leaves(teacher_after), jax.tree.leaves(teacher_variables)):
+        np.testing.assert_array_equal(a, b)
+    # The first step's loss, recomputed in float64 numpy from the two networks' features.
+    teacher = distill.teacher_model(config)
+    student = distill.student_model(config)
+    f_t = np.asarray(teacher.apply(teacher_variables, images, train=False)[1]["pre_relu"], np.float64)
+    (_, student_features), _ = student.apply(student_variables, images, train=True, mutable=["batch_stats"])
+    f_s = np.asarray(student_features["pre_relu"], np.float64)
+    z = (f_t - alignment.mean) @ np.asarray(alignment.components, np.float64)[:, :dim]
+    targets = np.sign(z) * np.abs(z / 0.1) ** (1 / 3)
+    expected = config.train.loss_weight * np.mean((f_s - targets) ** 2)
+    np.testing.assert_allclose(losses[0], expected, rtol=1e-4)
+    assert losses[-1] < losses[0]
+
+
+def test_student_wider_than_teacher_is_refused():
+    config = small_config()
+    config.student.update(arch="mobilenet_v2", width=1.0)  # 1280-d against the teacher's 512
+    with pytest.raises(ValueError, match="cannot exceed the teacher"):
+        distill.student_dim(config)
