@@ -1,9 +1,10 @@
 """The whole KDEP pipeline on the built-in demo data, on a laptop CPU in minutes.
 
-Nothing can be downloaded for the demo, so it first trains its own teacher (a ResNet-50 at width 0.25)
-on the demo's upstream classes, then runs exactly the code path of configs/r18.py: alignment statistics,
-distillation into a ResNet-18 (width 0.25), export; and finally fine-tunes the student and a
-from-scratch ResNet-18 on the small downstream task, to show what the pre-training is worth.
+Nothing can be downloaded for the demo, so it first trains its own teacher (a ResNet-50 at a quarter of
+the width, whose features are 512-d) on the demo's upstream classes, then runs exactly the code path of
+configs/r18.py: alignment statistics, distillation into a torchvision ResNet-18, export; and finally
+fine-tunes the student and a from-scratch ResNet-18 on the small downstream task, to show what the
+pre-training is worth.
 
     python -m kdep_jax.main --config=configs/demo.py --workdir=runs/demo
     python -m kdep_jax.main --config=configs/demo.py:tiny --workdir=runs/tiny   # seconds, for tests
@@ -11,7 +12,7 @@ from-scratch ResNet-18 on the small downstream task, to show what the pre-traini
 from kdep_jax import config_lib, data
 
 IMAGE_SIZE = 32
-WIDTH = 0.25
+TEACHER_WIDTH = 0.25
 
 
 def _demo_data(split: str, eval_split: str):
@@ -33,30 +34,31 @@ def get_config(variant: str = ""):
 
     teacher = config_lib.supervised_config()
     teacher.name = "teacher"
-    teacher.model.arch, teacher.model.width = "resnet50", WIDTH
+    teacher.model.arch, teacher.model.width = "resnet50", TEACHER_WIDTH
     teacher.data = _demo_data("upstream_train", "upstream_test")
     teacher.train.update(batch_size=128, num_epochs=12, lr=0.1, lr_decay_every_epochs=8)
     teacher.eval_every_epochs = 4
     teacher.log_every_steps = 10
-    config.teacher.update(arch="resnet50", width=WIDTH, path="")
+    config.teacher.update(arch="resnet50", width=TEACHER_WIDTH, path="")
     config.teacher.train = teacher
 
-    config.student.update(arch="resnet18", width=WIDTH)
+    config.student.update(arch="resnet18", width=1.0)
     config.train.update(batch_size=128, num_epochs=12, lr=0.3, lr_decay_every_epochs=8)
 
     downstream = config_lib.supervised_config()
     downstream.name = "downstream"
-    downstream.model.arch, downstream.model.width = "resnet18", WIDTH
+    downstream.model.arch, downstream.model.width = "resnet18", 1.0
     downstream.data = _demo_data("downstream_train", "downstream_test")
     downstream.train.update(batch_size=32, num_epochs=30, lr=0.01, lr_decay_every_epochs=20)
     downstream.eval_every_epochs = 10
     downstream.log_every_steps = 5
     config.downstream = downstream
 
-    if variant == "tiny":  # every stage, a few steps each
+    if variant == "tiny":  # every stage, a few steps each, on 4 upstream images per class
         for run in (teacher, config, downstream):
-            run.train.num_epochs = 1
-            run.log_every_steps = 2
-            run.checkpoint_every_steps = 3
-        config.alignment.batch_size = 128
+            run.train.update(num_epochs=1, batch_size=32)
+            run.log_every_steps = 1
+            run.checkpoint_every_steps = 2
+        teacher.data.subset = config.data.subset = 4
+        config.alignment.batch_size = 64
     return config

@@ -50,7 +50,7 @@ class MetricWriter:
             return
         tmp = self.path.parent / (self.path.name + ".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
-        tmp.rename(self.path)
+        tmp.replace(self.path)
         self._summary_writer.flush()
 
     def close(self) -> None:

@@ -155,4 +155,4 @@ def _write_results(path: epath.Path, rows: list[dict]) -> None:
     if jax.process_index() == 0:
         tmp = path.parent / (path.name + ".tmp")
         tmp.write_text(json.dumps(rows, indent=2))
-        tmp.rename(path)
+        tmp.replace(path)

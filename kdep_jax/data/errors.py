@@ -1,0 +1,5 @@
+"""The one exception the input pipeline raises for bad input, so callers can catch it apart from bugs."""
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file, dataset or setting and says what to do."""

@@ -1,0 +1,247 @@
+"""Batches for training and evaluation: index-based tf.data pipelines over the sources.
+
+Training (random-access sources): epoch e = t // examples_per_epoch of global position t uses the
+permutation `index_shuffle(., seed=(seed, e))` of the split; global batch s holds positions
+[s*G, (s+1)*G) and process p takes rows [p*L, (p+1)*L) of it. So the batch at step s depends on
+(seed, s) only, the processes' batches concatenate to the one-process batch, and `start_step` jumps
+there without decoding anything. Each example's crop and flip are seeded by (seed, epoch, example).
+"""
+
+import dataclasses
+import functools
+import itertools
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from kdep_jax.data import sequential
+from kdep_jax.data import subset as subset_lib
+from kdep_jax.data.errors import DataError
+from kdep_jax.data.sources import SequentialSource, Source, open_source
+from kdep_jax.data.transforms import eval_transform, train_transform
+
+# TensorFlow only feeds the host; the accelerators belong to JAX.
+tf.config.set_visible_devices([], "GPU")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_examples: int  # after subset and skipped corrupt files
+    num_classes: int
+    num_skipped: int = 0  # corrupt or unreadable files left out (skip_corrupt=True)
+    random_access: bool = True  # False: TFRecord fallback, batches depend on the process count
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    source: Source | SequentialSource
+    indices: np.ndarray | None  # example indices used (None for a sequential source)
+    num_skipped: int
+
+
+def dataset_info(data_config, split: str) -> DatasetInfo:
+    s = _open(data_config, split)
+    if isinstance(s.source, SequentialSource):
+        return DatasetInfo(s.source.num_examples, s.source.num_classes, random_access=False)
+    return DatasetInfo(len(s.indices), s.source.num_classes, s.num_skipped)
+
+
+def train_batches(
+    data_config,
+    split: str,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index=None,
+    process_count=None,
+):
+    """Endless {"image": float32 (L, S, S, 3), "label": int32 (L,)} batches from `start_step` on."""
+    p, count, local = _layout(global_batch_size, process_index, process_count)
+    s = _open(data_config, split)
+    size = data_config.image_size
+    if isinstance(s.source, SequentialSource):
+        ds = sequential.train_examples(
+            s.source,
+            lambda im, sd: train_transform(im, sd, size),
+            local,
+            seed,
+            start_step,
+            p,
+            count,
+            data_config.shuffle_buffer,
+        )
+        return _iterate(ds.batch(local, drop_remainder=True), data_config, s, None)
+    n = len(s.indices)
+    if n < global_batch_size:
+        raise DataError(
+            f"{_name(data_config, split)} has {n} examples, fewer than the global batch "
+            f"size {global_batch_size}: lower the batch size or use more data."
+        )
+    per_epoch = n // global_batch_size * global_batch_size  # drop_remainder
+    table = tf.constant(s.indices, tf.int64)
+
+    def example(k):  # local element k (from start_step on) -> (example index, epoch)
+        t = (start_step + k // local) * global_batch_size + p * local + k % local
+        epoch = t // per_epoch
+        j = tf.random.experimental.index_shuffle(
+            t % per_epoch, tf.stack([tf.cast(seed, tf.int64), epoch]), tf.constant(n - 1, tf.int64)
+        )
+        return tf.gather(table, j), epoch
+
+    def load(k):
+        index, epoch = example(k)
+        image, label = s.source.read(index)
+        example_seed = tf.random.experimental.stateless_fold_in(tf.stack([tf.cast(seed, tf.int64), epoch]), index)
+        return {"image": train_transform(image, example_seed, size), "label": label}
+
+    ds = tf.data.Dataset.counter().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batch_examples = lambda b: [int(example(tf.constant(k, tf.int64))[0]) for k in range(b * local, (b + 1) * local)]
+    return _iterate(ds.batch(local, drop_remainder=True), data_config, s, batch_examples)
+
+
+def eval_batches(
+    data_config, split: str, global_batch_size: int, process_index=None, process_count=None, augment_seed=None
+):
+    """One pass: {"image", "label", "mask" (bool, False on padding)}; every example once over processes.
+
+    Every process yields ceil(N / G) batches (the last padded), so batches can be assembled collectively.
+    With `augment_seed`, images get the training augmentation (seeded per example) instead.
+    """
+    p, count, local = _layout(global_batch_size, process_index, process_count)
+    s = _open(data_config, split)
+    size = data_config.image_size
+    if augment_seed is None:
+        transform = lambda image, _: eval_transform(image, size)
+    else:
+        transform = lambda image, example_seed: train_transform(image, example_seed, size)
+    pad = lambda: {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}
+    if isinstance(s.source, SequentialSource):
+        ds = sequential.eval_examples(s.source, transform, pad, local, augment_seed, p, count)
+        return _iterate(ds.batch(local), data_config, s, None)
+    n = len(s.indices)
+    num_batches = -(-n // global_batch_size)
+    table = tf.constant(s.indices, tf.int64)
+    base_seed = tf.constant([augment_seed or 0, 0], tf.int64)
+
+    def position(k):
+        return (k // local) * global_batch_size + p * local + k % local
+
+    def load(k):
+        t = position(k)
+        index = tf.gather(table, tf.minimum(t, n - 1))
+
+        def real():
+            image, label = s.source.read(index)
+            example_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+            return {"image": transform(image, example_seed), "label": label, "mask": tf.constant(True)}
+
+        return tf.cond(t < n, real, pad)
+
+    ds = tf.data.Dataset.range(num_batches * local).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batch_examples = lambda b: [int(s.indices[t]) for t in map(position, range(b * local, (b + 1) * local)) if t < n]
+    return _iterate(ds.batch(local), data_config, s, batch_examples)
+
+
+def _layout(global_batch_size, process_index, process_count):
+    p = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % count:
+        raise DataError(
+            f"Global batch size {global_batch_size} is not divisible by the process count "
+            f"{count}: choose a multiple of {count}."
+        )
+    if not 0 <= p < count:
+        raise ValueError(f"process_index {p} is outside [0, {count}).")
+    return p, count, global_batch_size // count
+
+
+def _iterate(ds, data_config, s, batch_examples):
+    """Yields numpy batches; a read or decode error becomes a DataError naming the example."""
+    options = tf.data.Options()
+    options.deterministic = True
+    if data_config.threads:
+        options.threading.private_threadpool_size = data_config.threads
+    iterator = ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
+    for b in itertools.count():
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            raise _locate(e, s.source, batch_examples(b) if batch_examples else []) from e
+        yield batch
+
+
+def _locate(error, source, examples):
+    """Finds the example of a failed batch that cannot be read, by reading each one eagerly."""
+    for i in examples:
+        try:
+            source.read(tf.constant(i, tf.int64))
+        except tf.errors.OpError as e:
+            return DataError(
+                f"Cannot read {source.describe(i)}: {e.message.strip()} The file is corrupt, "
+                "truncated or not an image: replace or delete it, or set "
+                "config.data.skip_corrupt=True to leave unreadable images out."
+            )
+    return DataError(f"Reading the input failed: {error.message.strip()}")
+
+
+def _open(data_config, split) -> _Split:
+    return _open_cached(ml_collections.FrozenConfigDict(data_config), split)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_cached(cfg, split) -> _Split:
+    """Opens a split once per config: listing folders, subsets and corrupt scans can take a while."""
+    source = open_source(cfg, split)
+    use_subset = cfg.subset is not None and split == cfg.split
+    if isinstance(source, SequentialSource):
+        if use_subset:
+            raise DataError(
+                f"config.data.subset needs random access, but TFDS {cfg.name!r} is stored as "
+                f"TFRecord. Convert it once: tfds convert_format --dataset_version_dir="
+                f"{source.builder.data_path} --out_file_format=array_record"
+            )
+        return _Split(source, None, 0)
+    indices = np.arange(source.num_examples)
+    if use_subset:
+        indices = subset_lib.select(source.num_examples, source.labels, cfg.subset, cfg.subset_seed)
+    num_skipped = 0
+    if cfg.skip_corrupt:
+        indices, num_skipped = _drop_unreadable(source, indices, _name(cfg, split))
+    return _Split(source, indices, num_skipped)
+
+
+def _drop_unreadable(source, indices, name):
+    """Decodes every example once and keeps those that decode (skip_corrupt=True)."""
+    ds = tf.data.Dataset.from_tensor_slices(indices).map(
+        lambda i: (i, tf.shape(source.read(i)[0])[0]), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    good = [
+        i
+        for i, _ in tqdm.tqdm(
+            ds.ignore_errors().as_numpy_iterator(), total=len(indices), desc=f"checking {name}", unit="img"
+        )
+    ]
+    bad = np.setdiff1d(indices, good)
+    if len(bad) == len(indices):
+        raise DataError(
+            f"None of the {len(indices)} images of {name} can be read (e.g. {source.describe(int(bad[0]))})."
+        )
+    if len(bad):
+        logging.warning(
+            "%s: skipped %d unreadable images of %d (skip_corrupt=True), e.g. %s.",
+            name,
+            len(bad),
+            len(indices),
+            source.describe(int(bad[0])),
+        )
+    return np.setdiff1d(indices, bad), len(bad)
+
+
+def _name(cfg, split):
+    return f"{cfg.name} split {split!r}"
