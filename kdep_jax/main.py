@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -17,6 +18,11 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Let JAX detect a TPU pod sli
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _only_our_info(record) -> bool:
+    """Keeps libraries' INFO chatter (orbax logs every array it writes) out of the run's log."""
+    return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -27,6 +33,7 @@ def main(argv):
     from kdep_jax import pipeline, trainer
 
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_only_our_info)
     try:
         outputs = pipeline.run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, trainer.TrainingError) as error:
