@@ -15,6 +15,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.image_size = 224  # output side S; also the size the demo data is generated at
     # None, a fraction in (0, 1] of the split (uniform), or an int number of images per class.
     c.subset = None
+    # RandomResizedCrop's smallest area fraction: 0.08 as in the paper; small images need more context.
+    c.min_crop_scale = 0.08
     c.subset_seed = 0  # separate from the training seed, so runs with different seeds share one subset
     c.skip_corrupt = False  # False: a corrupt file is an error; True: scan the split once and leave them out
     c.demo_seed = 0

@@ -90,7 +90,7 @@ def _render(pairs, size, rng):
     y, x = grid[None, :, None], grid[None, None, :]
 
     # Object pose: the nuisance variation a classifier must become invariant to.
-    cx, cy = (rng.uniform(-0.35, 0.35, (2, n, 1, 1))).astype(np.float32)
+    cx, cy = rng.uniform(-0.35, 0.35, (2, n, 1, 1)).astype(np.float32)
     radius = rng.uniform(0.38, 0.62, (n, 1, 1)).astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
     cos, sin = np.cos(angle), np.sin(angle)

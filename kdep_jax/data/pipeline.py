@@ -66,7 +66,7 @@ def train_batches(
     if isinstance(s.source, SequentialSource):
         ds = sequential.train_examples(
             s.source,
-            lambda im, sd: train_transform(im, sd, size),
+            lambda im, sd: train_transform(im, sd, size, data_config.min_crop_scale),
             local,
             seed,
             start_step,
@@ -96,7 +96,7 @@ def train_batches(
         index, epoch = example(k)
         image, label = s.source.read(index)
         example_seed = tf.random.experimental.stateless_fold_in(tf.stack([tf.cast(seed, tf.int64), epoch]), index)
-        return {"image": train_transform(image, example_seed, size), "label": label}
+        return {"image": train_transform(image, example_seed, size, data_config.min_crop_scale), "label": label}
 
     ds = tf.data.Dataset.counter().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batch_examples = lambda b: [int(example(tf.constant(k, tf.int64))[0]) for k in range(b * local, (b + 1) * local)]
@@ -117,7 +117,7 @@ def eval_batches(
     if augment_seed is None:
         transform = lambda image, _: eval_transform(image, size)
     else:
-        transform = lambda image, example_seed: train_transform(image, example_seed, size)
+        transform = lambda image, example_seed: train_transform(image, example_seed, size, data_config.min_crop_scale)
     pad = lambda: {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}
     if isinstance(s.source, SequentialSource):
         ds = sequential.eval_examples(s.source, transform, pad, local, augment_seed, p, count)

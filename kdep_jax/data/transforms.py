@@ -56,10 +56,10 @@ def _randint(seed, high):
     return tf.random.stateless_uniform([], seed, 0, tf.maximum(high, 1), tf.int32)
 
 
-def train_transform(image: tf.Tensor, seed, size: int) -> tf.Tensor:
-    """RandomResizedCrop(size) + RandomHorizontalFlip, then ImageNet normalisation: float32 (S, S, 3)."""
+def train_transform(image: tf.Tensor, seed, size: int, min_scale: float = 0.08) -> tf.Tensor:
+    """RandomResizedCrop(size, scale=(min_scale, 1)) + RandomHorizontalFlip, then ImageNet normalisation."""
     shape = tf.shape(image)
-    top, left, crop_h, crop_w = random_resized_crop_box(shape[0], shape[1], seed)
+    top, left, crop_h, crop_w = random_resized_crop_box(shape[0], shape[1], seed, scale=(min_scale, 1.0))
     crop = image[top : top + crop_h, left : left + crop_w]
     out = tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
     flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)

@@ -1,0 +1,77 @@
+"""torchvision's ResNet-18/34/50 (v1.5: the stride of a bottleneck is on its 3x3 conv) in Flax Linen, NHWC.
+
+Module names mirror torchvision's state_dict keys with "." written as "_": `layer4_2/bn3` is
+`layer4.2.bn3`, `layer1_0/downsample_0` is `layer1.0.downsample.0`, the head is `fc`.
+"""
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, global_avg_pool, torch_linear
+
+
+class ResNetBlock(nn.Module):
+    """BasicBlock (two 3x3 convs) or Bottleneck (1x1, 3x3, 1x1 with 4x expansion).
+
+    Returns the residual sum *before* the block's final ReLU; the caller applies the ReLU, so the last
+    block's sum is available as KDEP's pre-ReLU feature.
+    """
+    planes: int
+    stride: int
+    bottleneck: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.bottleneck:
+            out_channels = 4 * self.planes
+            convs = ((self.planes, 1, 1), (self.planes, 3, self.stride), (out_channels, 1, 1))
+        else:
+            out_channels = self.planes
+            convs = ((self.planes, 3, self.stride), (self.planes, 3, 1))
+        y = x
+        for index, (features, kernel_size, stride) in enumerate(convs, start=1):
+            if index > 1:
+                y = nn.relu(y)
+            y = conv2d(features, kernel_size, stride, dtype=self.dtype, name=f"conv{index}")(y)
+            y = BatchNorm(dtype=self.dtype, name=f"bn{index}")(y, train)
+        identity = x
+        if self.stride != 1 or x.shape[-1] != out_channels:
+            identity = conv2d(out_channels, 1, self.stride, dtype=self.dtype, name="downsample_0")(x)
+            identity = BatchNorm(dtype=self.dtype, name="downsample_1")(identity, train)
+        return y + identity
+
+
+class ResNet(nn.Module):
+    """Returns (logits, features); logits is None when num_classes is None.
+
+    features["pre_relu"]: pooled residual sum of the last block before its ReLU; features["pooled"]: the usual
+    penultimate feature (after the ReLU, pooled). Logits and features are float32 whatever the dtype.
+    """
+    stage_sizes: Sequence[int]
+    bottleneck: bool
+    num_classes: int | None = 1000
+    base_width: int = 64
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False):
+        x = x.astype(self.dtype)
+        x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1")(x)
+        x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # flax pads max_pool with -inf
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for block in range(num_blocks):
+                stride = 2 if stage > 0 and block == 0 else 1
+                pre_relu = ResNetBlock(self.base_width * 2**stage, stride, self.bottleneck, self.dtype,
+                                       name=f"layer{stage + 1}_{block}")(x, train)
+                x = nn.relu(pre_relu)
+        features = {"pre_relu": global_avg_pool(pre_relu), "pooled": global_avg_pool(x)}
+        logits = None
+        if self.num_classes is not None:
+            pooled = features["pooled"]
+            logits = torch_linear(self.num_classes, pooled.shape[-1], self.dtype, name="fc")(pooled)
+            logits = logits.astype(jnp.float32)
+        return logits, features

@@ -1,0 +1,201 @@
+"""The Flax backbones against torchvision: eval and train mode, bfloat16, width, initialisation."""
+import copy
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from kdep_jax.convert import from_torchvision, to_torchvision
+from kdep_jax.models import ARCHS, create_model, feature_dim
+from kdep_jax.models.layers import BatchNorm, conv2d, torch_linear
+
+PARITY_TOLERANCE = 1e-4
+
+
+def relative_error(ours, reference) -> float:
+    """max |ours - reference| / max |reference|."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random BN running statistics and affine parameters, so that eval mode exercises all four tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                shape = module.running_mean.shape
+                module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
+                module.weight.copy_(0.5 + torch.rand(shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
+    return model
+
+
+def torchvision_outputs(model: torch.nn.Module, images_nchw: torch.Tensor) -> dict[str, np.ndarray]:
+    """logits, pre-ReLU and pooled features, the features read from torchvision's own layers by hooks."""
+    captured = {}
+    hooks = []
+    if isinstance(model, torchvision.models.MobileNetV2):
+        final_bn = model.features[-1][1]
+        hooks.append(final_bn.register_forward_hook(lambda m, i, o: captured.__setitem__("pre_relu", o.clone())))
+        hooks.append(model.features.register_forward_hook(lambda m, i, o: captured.__setitem__("last", o.clone())))
+    else:
+        block = model.layer4[-1]
+        final_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+        # The block adds the identity to the BN output in place, so clone the BN output and the block input.
+        hooks.append(final_bn.register_forward_hook(lambda m, i, o: captured.__setitem__("bn", o.clone())))
+        hooks.append(block.register_forward_pre_hook(lambda m, i: captured.__setitem__("input", i[0].clone())))
+        hooks.append(model.layer4.register_forward_hook(lambda m, i, o: captured.__setitem__("last", o.clone())))
+    with torch.no_grad():
+        logits = model(images_nchw)
+        if "bn" in captured:
+            identity = captured["input"] if block.downsample is None else block.downsample(captured["input"])
+            captured["pre_relu"] = captured["bn"] + identity
+    for hook in hooks:
+        hook.remove()
+    return {"logits": logits.numpy(), "pre_relu": captured["pre_relu"].mean((2, 3)).numpy(),
+            "pooled": captured["last"].mean((2, 3)).numpy()}
+
+
+@functools.cache
+def jitted_apply(arch: str, dtype=jnp.float32, train: bool = False, width: float = 1.0):
+    """One compiled forward per configuration: XLA's per-op compiles make eager mode slower on CPU."""
+    model = create_model(arch, dtype=dtype, width=width)
+    if train:
+        return jax.jit(lambda variables, images: model.apply(variables, images, train=True, mutable=["batch_stats"]))
+    return jax.jit(lambda variables, images: model.apply(variables, images, train=False))
+
+
+def as_dict(logits, features) -> dict[str, np.ndarray]:
+    return {"logits": np.asarray(logits), **{name: np.asarray(value) for name, value in features.items()}}
+
+
+@functools.cache
+def random_torchvision_model(arch: str):
+    """(eval-mode torchvision model with random weights and BN statistics, its converted variables)."""
+    torch.manual_seed(ARCHS.index(arch))
+    model = randomize_batchnorm(getattr(torchvision.models, arch)(), seed=ARCHS.index(arch)).eval()
+    return model, from_torchvision(model.state_dict(), arch)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """(NCHW torch images, the same as NHWC numpy), 2 x 64 x 64."""
+    nchw = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return nchw, nchw.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_mode_matches_torchvision(arch, images):
+    model, variables = random_torchvision_model(arch)
+    expected = torchvision_outputs(model, images[0])
+    ours = as_dict(*jitted_apply(arch)(variables, images[1]))
+    errors = {name: relative_error(ours[name], expected[name]) for name in expected}
+    print(f"\n{arch} eval-mode parity (max abs error / max abs value): "
+          + ", ".join(f"{name} {error:.2e}" for name, error in errors.items()))
+    assert all(ours[name].shape == expected[name].shape for name in expected)
+    assert max(errors.values()) < PARITY_TOLERANCE, errors
+
+
+def test_batchnorm_train_step_matches_torch():
+    """Normalises with the biased batch variance; running stats move with momentum 0.1 towards the unbiased one."""
+    generator = torch.Generator().manual_seed(0)
+    torch_bn = randomize_batchnorm(torch.nn.BatchNorm2d(5), seed=1).train()
+    x = 3.0 + 2.0 * torch.randn(2, 5, 3, 3, generator=generator)  # 18 values per channel: n/(n-1) matters
+    variables = {"params": {"scale": torch_bn.weight.detach().numpy(), "bias": torch_bn.bias.detach().numpy()},
+                 "batch_stats": {"mean": torch_bn.running_mean.numpy().copy(),
+                                 "var": torch_bn.running_var.numpy().copy()}}
+    y, updates = BatchNorm().apply(variables, x.numpy().transpose(0, 2, 3, 1), train=True, mutable=["batch_stats"])
+    with torch.no_grad():
+        expected = torch_bn(x).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], torch_bn.running_mean.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], torch_bn.running_var.numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])  # the students, which train with batch statistics
+def test_train_mode_network_matches_torchvision(arch, images):
+    """A whole train-mode forward: outputs and every BN's running stats. Batch statistics of 2 x 2 x 2 values
+    per channel in the last stage amplify float32 rounding: torch's own float32 result is ~1e-4 away from its
+    float64 one here, so the tolerance is 1e-3 (the BN rule itself is checked to 1e-5 above)."""
+    model, variables = random_torchvision_model(arch)
+    model = copy.deepcopy(model).train()
+    if arch == "mobilenet_v2":
+        model.classifier[0].eval()  # no dropout: ours applies it only when given a "dropout" rng
+    expected = torchvision_outputs(model, images[0])
+    outputs, updates = jitted_apply(arch, train=True)(variables, images[1])
+    ours = as_dict(*outputs)
+    output_errors = {name: relative_error(ours[name], expected[name]) for name in expected}
+    ours_state = to_torchvision({"params": variables["params"], **updates}, arch)
+    torch_state = model.state_dict()
+    stats_error = max(relative_error(ours_state[key], torch_state[key].numpy())
+                      for key in torch_state if key.endswith(("running_mean", "running_var")))
+    print(f"\n{arch} train-mode: running stats max relative error {stats_error:.2e}, outputs "
+          + ", ".join(f"{name} {error:.2e}" for name, error in output_errors.items()))
+    assert stats_error < 1e-3
+    assert max(output_errors.values()) < 1e-3, output_errors
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_bfloat16_close_to_float32_with_float32_params(arch, images):
+    shapes = jax.eval_shape(create_model(arch, dtype=jnp.bfloat16).init, jax.random.key(0), images[1])
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+    _, variables = random_torchvision_model(arch)
+    reference = as_dict(*jitted_apply(arch)(variables, images[1]))
+    ours = as_dict(*jitted_apply(arch, dtype=jnp.bfloat16)(variables, images[1]))
+    errors = {name: relative_error(ours[name], reference[name]) for name in reference}
+    print(f"\n{arch} bfloat16 vs float32: " + ", ".join(f"{name} {error:.2e}" for name, error in errors.items()))
+    assert all(value.dtype == np.float32 for value in ours.values())
+    assert max(errors.values()) < 5e-2, errors
+
+
+@pytest.mark.parametrize("arch, width, expected", [
+    ("resnet18", 1.0, 512), ("resnet34", 1.0, 512), ("resnet50", 1.0, 2048), ("mobilenet_v2", 1.0, 1280),
+    ("resnet18", 0.25, 128), ("resnet34", 0.25, 128), ("resnet50", 0.25, 512), ("mobilenet_v2", 0.25, 1280),
+    ("mobilenet_v2", 1.4, 1792),
+])
+def test_feature_dim(arch, width, expected):
+    assert feature_dim(arch, width) == expected
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_narrow_model_features_have_feature_dim(arch):
+    model = create_model(arch, num_classes=None, width=0.25)
+    (logits, features), _ = jax.eval_shape(model.init_with_output, jax.random.key(0), jnp.zeros((2, 32, 32, 3)))
+    assert logits is None
+    assert features["pre_relu"].shape == features["pooled"].shape == (2, feature_dim(arch, 0.25))
+
+
+@pytest.mark.parametrize("width", [0.35, 0.5, 1.4])
+def test_mobilenet_v2_width_matches_torchvision_width_mult(width):
+    """from_torchvision checks every key and shape against the model create_model builds at this width."""
+    variables = from_torchvision(torchvision.models.mobilenet_v2(width_mult=width).state_dict(), "mobilenet_v2",
+                                 width=width)
+    assert variables["params"]["classifier_1"]["kernel"].shape == (feature_dim("mobilenet_v2", width), 1000)
+
+
+def test_unknown_arch_lists_known_archs():
+    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50, mobilenet_v2"):
+        create_model("vgg16")
+
+
+def test_initialisers_follow_torchvision():
+    """kaiming_normal(fan_out) convs (depthwise too), BN weight 1 / bias 0, torch.nn.Linear's default for fc."""
+    key = jax.random.key(0, impl="rbg")  # XLA compiles threefry's normal sampler slowly on CPU
+    for shape, groups in (((3, 3, 64, 128), 1), ((3, 3, 1, 2048), 2048)):
+        kernel = conv2d(shape[-1], 3, groups=groups).init(key, jnp.zeros((1, 4, 4, shape[2] * groups)))
+        kernel = np.asarray(kernel["params"]["kernel"])
+        assert kernel.shape == shape
+        assert kernel.std() == pytest.approx(np.sqrt(2.0 / (shape[0] * shape[1] * shape[3])), rel=0.05)
+    bn = BatchNorm().init(key, jnp.zeros((2, 2, 2, 8)), train=False)
+    np.testing.assert_array_equal(bn["params"]["scale"], np.ones(8))
+    np.testing.assert_array_equal(bn["params"]["bias"], np.zeros(8))
+    fc = torch_linear(1000, 512).init(key, jnp.zeros((1, 512)))["params"]
+    bound = 1 / np.sqrt(512)
+    assert np.abs(fc["kernel"]).max() <= bound and np.abs(fc["bias"]).max() <= bound
+    assert np.asarray(fc["kernel"]).std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
