@@ -22,23 +22,26 @@ def create_model(config, num_classes):
                                width=config.model.width)
 
 
-def load_backbone(init: str, arch: str):
-    """Backbone variables for `init`: 'scratch' (None), 'kdep:WORKDIR' or 'torchvision:FILE'."""
+def load_backbone(init: str, arch: str, width: float = 1.0):
+    """Backbone variables for `init`: 'scratch' (None), 'kdep:WORKDIR' or 'torchvision:FILE'.
+
+    A missing file or one of another architecture fails here, naming config.init, before any training.
+    """
     kind, _, location = init.partition(":")
     if kind == "scratch" and not location:
         return None, "scratch"
-    if kind == "kdep" and location:
-        directory = epath.Path(location)
-        student_dir = directory / "student" if (directory / "student").exists() else directory
-        if not (student_dir / "meta.json").exists():
-            raise convert.ConversionError(
-                f"config.init={init!r}: {location} holds no distilled student (expected {student_dir}/meta.json). "
-                f"Point it at the workdir of a finished KDEP run, or at a directory written by "
-                f"`python -m kdep_jax.convert import`.")
-        variables, meta = convert.load_converted(student_dir, arch)
-        return variables, f"kdep:{meta['sha256'][:12]}"
-    if kind == "torchvision" and location:
-        return convert.from_torchvision(convert.read_state_dict(location), arch), f"torchvision:{epath.Path(location).name}"
+    try:
+        if kind == "kdep" and location:
+            variables, meta = convert.load_converted(convert.find_converted(location), arch)
+            return variables, f"kdep:{meta['sha256'][:12]}"
+        if kind == "torchvision" and location:
+            variables = convert.from_torchvision(convert.read_state_dict(location), arch, width)
+            return variables, f"torchvision:{epath.Path(location).name}"
+    except convert.ConversionError as error:
+        raise convert.ConversionError(
+            f"config.init={init!r}: {str(error).rstrip('.')}. Point it at the workdir of a finished KDEP run or a "
+            f"directory written by `python -m kdep_jax.convert import` (kdep:DIR), or at a torchvision {arch} "
+            f"checkpoint (torchvision:FILE), matching config.model.arch={arch!r} and width {width}.") from None
     raise ValueError(f"config.init={init!r} is not understood; use 'scratch', 'kdep:WORKDIR' or 'torchvision:FILE'.")
 
 

@@ -1,5 +1,6 @@
 """Test settings: CPU only, float32 matmuls at full precision, TensorFlow kept off any GPU."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -15,3 +16,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_default_matmul_precision", "highest")
+# The end-to-end tests compile the same networks several times: let them share compiled programs.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "kdep_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
