@@ -1,7 +1,7 @@
 """Training checkpoints with orbax: asynchronous, atomic, the last K kept.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint intact; the half-written one is ignored on restore.
+mid-save leaves the previous checkpoint intact; the half-written one is ignored on restore and removed.
 """
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ class Checkpointer:
         self.directory = epath.Path(directory)
         incomplete = [p.name for p in self.directory.glob("*") if "tmp" in p.name] if self.directory.exists() else []
         if incomplete:
-            logging.warning("Ignoring incomplete checkpoints in %s (a run was stopped while saving): %s",
-                            self.directory, ", ".join(sorted(incomplete)))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+            logging.warning("Ignoring incomplete checkpoints in %s (a run was stopped while saving); they are "
+                            "removed, the complete ones are kept: %s", self.directory, ", ".join(sorted(incomplete)))
+        # cleanup_tmp_directories: orbax deletes those half-written directories (on process 0) as it starts.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

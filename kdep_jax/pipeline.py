@@ -12,6 +12,7 @@ import logging
 import jax
 import ml_collections
 from etils import epath
+from jax.experimental import multihost_utils
 
 from kdep_jax import convert, distill, parallel, supervised
 
@@ -45,7 +46,12 @@ def check_workdir(config, workdir: epath.Path) -> None:
                     events.unlink()
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(current, indent=2, sort_keys=True))
+        # Atomically: the other processes of a multi-process run may be reading it.
+        tmp = saved.parent / (saved.name + ".tmp")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+        tmp.replace(saved)
+    if jax.process_count() > 1:  # no process looks at the workdir before process 0 has set it up
+        multihost_utils.sync_global_devices("kdep_jax.pipeline.check_workdir")
 
 
 def _diff(a, b, prefix=""):
@@ -128,21 +134,32 @@ def export_student(config, workdir: epath.Path, variables) -> None:
 
 def transfer(config, workdir: epath.Path, mesh) -> list[dict]:
     """Fine-tunes (or linear-probes) from `config.init`; returns and records the result row."""
+    backbone, init_tag = supervised.load_backbone(config.init, config.model.arch, config.model.width)
+    run = {"init": config.init.partition(":")[0], "source": init_tag, "dataset": config.data.name,
+           "arch": config.model.arch, "linear_probe": bool(config.linear_probe), "seed": config.seed,
+           "epochs": config.train.num_epochs}
     results_path = workdir / "results.json"
     if results_path.exists():
         rows = json.loads(results_path.read_text())
+        _check_same_run(results_path, rows, run)
         logging.info("Transfer results already in %s; skipping.", results_path)
         return rows
-    backbone, init_tag = supervised.load_backbone(config.init, config.model.arch)
     result = supervised.train(config, workdir, mesh, backbone=backbone)
     if result.preempted:
         raise SystemExit(0)
-    row = {"init": config.init.partition(":")[0] if config.init != "scratch" else "scratch", "source": init_tag,
-           "dataset": config.data.name, "arch": config.model.arch, "linear_probe": bool(config.linear_probe),
-           "top1": result.last_eval["eval_top1"], "top5": result.last_eval["eval_top5"], "seed": config.seed,
-           "epochs": config.train.num_epochs}
+    row = {**run, "top1": result.last_eval["eval_top1"], "top5": result.last_eval["eval_top5"]}
     _write_results(results_path, [row])
     return [row]
+
+
+def _check_same_run(path: epath.Path, rows, run: dict) -> None:
+    """A results.json left by another run (another init, student, dataset, seed...) is refused, not returned."""
+    stored = rows[0] if isinstance(rows, list) and len(rows) == 1 and isinstance(rows[0], dict) else {}
+    differences = [f"{key}: {stored.get(key)!r} there, {value!r} here" for key, value in run.items()
+                   if stored.get(key) != value]
+    if differences:
+        raise ValueError(f"{path} holds the result of another run ({'; '.join(differences)}). Delete it (and the "
+                         f"checkpoints/ next to it) to run this transfer there, or use another --workdir.")
 
 
 def _with_init(config, init: str):

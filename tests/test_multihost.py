@@ -1,0 +1,306 @@
+"""Scale-out and reliability on one CPU machine, through the real command line (issue 6).
+
+Every run here is `python -m kdep_jax.main --config=configs/demo.py:tiny_distill` started by the test as
+subprocesses (bounded in time, free ports, every child killed on failure), on a small teacher made here:
+
+- the reference: 1 process with 2 CPU devices, never interrupted;
+- 2 processes with 1 CPU device each (gloo collectives), SIGTERM'd to both mid-distillation as a
+  scheduler would, then rerun with the same command: the same alignment statistics, losses and student
+  as the reference (within 1e-5; they come out bit-identical here);
+- 1 process with 2 devices, SIGTERM'd (saves and exits 0), rerun and SIGKILL'd while it writes its next
+  checkpoint, given a half-written checkpoint directory, and rerun: bit-identical losses, learning rates
+  and student to the reference (exact resume, and determinism on the same machine and device count).
+
+A persistent compilation cache shared by the runs keeps the reruns from compiling again; cached
+executables are the same programs, so it does not change any number compared here.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdep_jax import alignment as alignment_lib
+from kdep_jax import convert, models
+
+REPO = Path(__file__).resolve().parents[1]
+STUDENT_WIDTH = 0.25  # a 128-d ResNet-18 student: the same code path, a fraction of the work
+FEATURE_DIM = models.feature_dim("resnet18", STUDENT_WIDTH)
+NUM_STEPS = 8  # 2 epochs of the tiny demo data (152 images, batches of 32); checkpoints every 2 steps
+RUN_TIMEOUT = 420  # seconds for one launch (the first one compiles everything on a shared 2-core machine)
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+class _Launch:
+    """One launch of the command line as `num_processes` processes with `devices` CPU devices each."""
+
+    def __init__(self, ctx, workdir: Path, name: str, num_processes: int = 1, devices: int = 2):
+        self.logs = [ctx.logdir / f"{name}.p{i}.log" for i in range(num_processes)]
+        args = [sys.executable, "-m", "kdep_jax.main", "--config=configs/demo.py:tiny_distill",
+                f"--workdir={workdir}", f"--config.teacher.path={ctx.teacher}", "--config.train.num_epochs=2",
+                f"--config.student.width={STUDENT_WIDTH}"]
+        port = _free_port() if num_processes > 1 else None
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "TF_CPP_MIN_LOG_LEVEL": "2",
+               "JAX_COMPILATION_CACHE_DIR": str(ctx.cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        self.procs = []
+        for i, log in enumerate(self.logs):
+            extra = [] if port is None else [f"--coordinator_address=localhost:{port}",
+                                             f"--num_processes={num_processes}", f"--process_id={i}"]
+            with log.open("wb") as out:
+                self.procs.append(subprocess.Popen(args + extra, cwd=REPO, env=env, stdout=out,
+                                                   stderr=subprocess.STDOUT))
+            ctx.children.append(self.procs[-1])
+        self.deadline = time.monotonic() + RUN_TIMEOUT
+
+    def log(self, i: int = 0) -> str:
+        return self.logs[i].read_text(errors="replace")
+
+    def all_logs(self) -> str:
+        return "\n".join(f"--- {log.name} (last lines) ---\n" + "\n".join(log.read_text(errors="replace")
+                                                                       .splitlines()[-40:]) for log in self.logs)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def _check_alive(self) -> None:
+        # A failed process leaves its peers waiting on a barrier for minutes: stop them all at once.
+        failed = [p.returncode for p in self.procs if p.returncode is not None and p.returncode != 0]
+        if failed or time.monotonic() > self.deadline:
+            self.kill()
+            pytest.fail(f"{'timed out' if not failed else f'exit codes {failed}'}:\n{self.all_logs()}")
+
+    def wait(self) -> list[int]:
+        """Waits for every process to exit; fails (killing the rest) on the first error or the deadline."""
+        while any(p.poll() is None for p in self.procs):
+            self._check_alive()
+            time.sleep(0.05)
+        self._check_alive()
+        return [p.returncode for p in self.procs]
+
+    def wait_for(self, condition, what: str) -> None:
+        """Polls `condition` while the processes run; fails if they exit (or time out) first."""
+        while not condition():
+            self._check_alive()
+            if all(p.poll() is not None for p in self.procs):
+                pytest.fail(f"The run ended before {what}:\n{self.all_logs()}")
+            time.sleep(0.02)
+
+    def signal(self, signum) -> None:
+        for p in self.procs:
+            p.send_signal(signum)
+
+
+class _Context:
+    def __init__(self, root: Path, teacher: Path):
+        self.root, self.teacher = root, teacher
+        self.logdir = root / "logs"
+        self.cache = root / "compilation_cache"
+        self.logdir.mkdir()
+        self.children: list[subprocess.Popen] = []
+
+
+def _make_teacher(directory: Path) -> None:
+    """A random ResNet-50 (width 0.25, 512-d features) whose BatchNorm statistics are calibrated on
+    random images, so its features are O(1) and the alignment statistics well conditioned (an
+    uncalibrated one has features near 1e9, whose small principal directions are float64 noise)."""
+    model = models.create_model("resnet50", num_classes=None, width=0.25)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(32, 32, 32, 3)), jnp.float32)
+    variables = jax.jit(lambda key: model.init(key, images[:1], train=False))(jax.random.key(1))
+
+    @jax.jit
+    def calibrate(variables):
+        _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+
+    for _ in range(40):  # running statistics -> batch statistics (Flax momentum 0.9)
+        variables = calibrate(variables)
+    convert.save_converted(directory, jax.device_get(variables), "resnet50", source="tests/test_multihost.py")
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    _make_teacher(root / "teacher")
+    context = _Context(root, root / "teacher")
+    yield context
+    for p in context.children:  # nothing outlives the tests, whatever failed
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def runs(ctx):
+    """The reference and the 2-process run (SIGTERM'd, then resumed), started side by side."""
+    reference, multi = ctx.root / "reference", ctx.root / "multi"
+    ref = _Launch(ctx, reference, "reference")
+    first = _Launch(ctx, multi, "multi_first", num_processes=2, devices=1)
+    # SIGTERM both processes once the second step is logged (inside the loop, where it is handled).
+    first.wait_for(lambda: _logged_steps(multi) >= 2, "step 2 was logged")
+    first.signal(signal.SIGTERM)
+    first_codes = first.wait()
+    stopped_at = _logged_steps(multi)
+    second = _Launch(ctx, multi, "multi_second", num_processes=2, devices=1)
+    second_codes = second.wait()
+    ref_codes = ref.wait()
+    return {"reference": reference, "multi": multi, "ref_codes": ref_codes, "first": first,
+            "first_codes": first_codes, "stopped_at": stopped_at, "second": second, "second_codes": second_codes}
+
+
+def _logged_steps(workdir: Path) -> int:
+    try:
+        lines = (workdir / "metrics.jsonl").read_text().splitlines()
+        return max((json.loads(line)["step"] for line in lines), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def _student(workdir: Path):
+    variables, _ = convert.load_converted(workdir / "student", "resnet18")
+    return jax.tree_util.tree_leaves_with_path(variables)
+
+
+def _max_relative_difference(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def test_two_processes_match_one_process(runs):
+    assert runs["ref_codes"] == [0] and runs["second_codes"] == [0, 0]
+    reference, multi = runs["reference"], runs["multi"]
+    ref_rows, multi_rows = _metrics(reference), _metrics(multi)
+    assert [r["step"] for r in ref_rows] == [r["step"] for r in multi_rows] == list(range(1, NUM_STEPS + 1))
+    largest = {}
+    ref_losses, multi_losses = np.array([r["loss"] for r in ref_rows]), np.array([r["loss"] for r in multi_rows])
+    np.testing.assert_allclose(multi_losses, ref_losses, rtol=1e-5)
+    largest["loss"] = float(np.max(np.abs(multi_losses - ref_losses) / np.abs(ref_losses)))
+    assert [r["lr"] for r in multi_rows] == [r["lr"] for r in ref_rows]
+
+    ref_alignment, _ = alignment_lib.load_alignment(reference / "alignment.npz")
+    multi_alignment, _ = alignment_lib.load_alignment(multi / "alignment.npz")
+    assert multi_alignment.count == ref_alignment.count == 152
+    k = FEATURE_DIM  # the directions the targets use; beyond the data's rank they are arbitrary
+    for name, a, b in (("mean", multi_alignment.mean, ref_alignment.mean),
+                       ("components", multi_alignment.components[:, :k], ref_alignment.components[:, :k]),
+                       ("singular_values", multi_alignment.singular_values[:k], ref_alignment.singular_values[:k])):
+        largest[f"alignment.{name}"] = _max_relative_difference(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.max(np.abs(b)), err_msg=name)
+
+    worst = 0.0
+    for (path, a), (_, b) in zip(_student(multi), _student(reference), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(np.max(np.abs(b)), 1.0),
+                                   err_msg=jax.tree_util.keystr(path))
+        worst = max(worst, float(np.max(np.abs(np.asarray(a, np.float64) - b))))
+    largest["student (absolute)"] = worst
+    print(f"\nLargest 1- vs 2-process differences (relative unless said): {largest}")
+
+
+def test_only_process_zero_writes_logs_and_the_export(runs):
+    multi, second = runs["multi"], runs["second"]
+    pids = {str(p.pid) for p in runs["first"].procs[:1] + second.procs[:1]}
+    events = list(multi.glob("events.out.tfevents.*"))
+    assert events and all(name.name.split(".")[-3] in pids for name in events), (events, pids)
+    assert (multi / "student" / "meta.json").exists() and (multi / "student.safetensors").exists()
+    assert '"student"' in second.log(0) and '"student"' not in second.log(1)  # the outputs, printed once
+    assert "img/s" not in second.log(1)  # no progress bar off process 0
+
+
+def test_sigterm_on_two_processes_saves_and_exits_zero(runs):
+    first, stopped_at = runs["first"], runs["stopped_at"]
+    assert runs["first_codes"] == [0, 0], first.all_logs()
+    assert 2 <= stopped_at < NUM_STEPS
+    for i in (0, 1):
+        assert f"stopped at step {stopped_at} after a SIGTERM" in first.log(i)
+    assert '"preempted": true' in first.log(0)
+    assert f"resuming from the checkpoint at step {stopped_at}" in runs["second"].log(0)
+
+
+@pytest.fixture(scope="module")
+def interrupted(ctx, runs):
+    """1 process, 2 devices: SIGTERM, rerun and SIGKILL while it writes a checkpoint, rerun to the end."""
+    workdir = ctx.root / "interrupted"
+    workdir.mkdir()
+    for name in ("alignment.npz", "config.json"):  # the statistics are the reference's: skip that stage
+        (workdir / name).write_bytes((runs["reference"] / name).read_bytes())
+    result = {"workdir": workdir}
+
+    first = _Launch(ctx, workdir, "interrupted_first")
+    first.wait_for(lambda: _logged_steps(workdir) >= 1, "step 1 was logged")
+    first.signal(signal.SIGTERM)
+    result.update(term=first, term_codes=first.wait(), term_steps=_checkpoint_steps(workdir),
+                  term_logged=_logged_steps(workdir))
+
+    second = _Launch(ctx, workdir, "interrupted_second")
+    last = max(result["term_steps"], default=0)
+
+    def saving_or_saved():  # a checkpoint after the resume point is being written (or just was)
+        names = [p.name for p in (workdir / "checkpoints").iterdir()]
+        return any(int(n.split(".")[0]) > last for n in names if n.split(".")[0].isdigit())
+
+    second.wait_for(saving_or_saved, "it saved a checkpoint")
+    second.kill()
+    result.update(kill_codes=[p.returncode for p in second.procs],
+                  kill_names=sorted(p.name for p in (workdir / "checkpoints").iterdir()),
+                  kill_steps=_checkpoint_steps(workdir))
+    # What a kill in the middle of a save leaves: a temporary directory orbax never renamed.
+    partial = workdir / "checkpoints" / f"{NUM_STEPS - 1}.orbax-checkpoint-tmp"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(b"\0" * 100)
+
+    third = _Launch(ctx, workdir, "interrupted_third")
+    result.update(final=third, final_codes=third.wait(), partial=partial)
+    return result
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(interrupted):
+    run = interrupted["term"]
+    assert interrupted["term_codes"] == [0], run.all_logs()
+    assert "SIGTERM received: saving a checkpoint at the next step boundary" in run.log()
+    logged = interrupted["term_logged"]
+    assert logged < NUM_STEPS and interrupted["term_steps"][-1] == logged
+    assert f"stopped at step {logged} after a SIGTERM" in run.log() and '"preempted": true' in run.log()
+
+
+def test_killed_run_resumes_exactly(runs, interrupted):
+    assert interrupted["kill_codes"] == [-signal.SIGKILL]
+    final = interrupted["final"]
+    assert interrupted["final_codes"] == [0], final.all_logs()
+    assert "Ignoring incomplete checkpoints" in final.log() and "orbax-checkpoint-tmp" in final.log()
+    assert not interrupted["partial"].exists()  # removed as it was ignored
+    resumed_from = interrupted["kill_steps"][-1]
+    assert f"resuming from the checkpoint at step {resumed_from}" in final.log()
+    # Same machine, same device count, same seed: bit-identical, before and after each interruption.
+    keys = ("step", "loss", "lr")
+    assert ([{k: r[k] for k in keys} for r in _metrics(interrupted["workdir"])]
+            == [{k: r[k] for k in keys} for r in _metrics(runs["reference"])])
+    for (path, a), (_, b) in zip(_student(interrupted["workdir"]), _student(runs["reference"]), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    print(f"\nSIGTERM at step {interrupted['term_logged']}; SIGKILL with {interrupted['kill_names']} in checkpoints/")
