@@ -66,7 +66,9 @@ def test_step_on_four_devices_equals_one_device(runs):
     (state_1, losses_1, _), (state_4, losses_4, _) = runs[1], runs[4]
     np.testing.assert_allclose(losses_4, losses_1, rtol=1e-5)
     assert relative_error(state_4.params, state_1.params) < 1e-5
-    assert relative_error(state_4.opt_state, state_1.opt_state) < 1e-5
+    # The momentum trace is the sum of raw gradients, whose summation order differs between 1 and 4
+    # devices: a few float32 ulps of the largest gradient, so 1e-4 here; the parameters above stay at 1e-5.
+    assert relative_error(state_4.opt_state, state_1.opt_state) < 1e-4
     # Synchronised BatchNorm: the running statistics are those of the global batch on both.
     assert relative_error(state_4.batch_stats, state_1.batch_stats) < 1e-5
 
