@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 def kdep_jax_step_times(args) -> list[float]:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from kdep_jax import alignment as alignment_lib

@@ -47,7 +47,7 @@ def get_config(variant: str = ""):
     config.teacher.train = teacher
 
     config.student.update(arch="resnet18", width=1.0)
-    config.train.update(batch_size=128, num_epochs=6, lr=0.3, lr_decay_every_epochs=4)
+    config.train.update(batch_size=128, num_epochs=4, lr=0.3, lr_decay_every_epochs=3)
 
     downstream = config_lib.supervised_config()
     downstream.name = "downstream"

@@ -10,7 +10,7 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import convert, data, losses, models, optim, parallel, trainer
+from kdep_jax import convert, data, losses, models, parallel, trainer
 
 
 def teacher_model(config):
@@ -129,13 +129,7 @@ def distill(config, workdir, mesh, teacher_variables, alignment) -> trainer.FitR
     dim = student_dim(config)
     info = data.dataset_info(config.data, config.data.split)
     parallel.local_batch_size(config.train.batch_size, mesh)
-    steps_per_epoch = info.num_examples // config.train.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{config.data.name}/{config.data.split} has {info.num_examples} examples, fewer than one "
-                         f"batch of config.train.batch_size={config.train.batch_size}; lower the batch size.")
-    schedule = optim.step_decay_schedule(config.train.lr, steps_per_epoch, config.train.lr_decay_every_epochs,
-                                         config.train.lr_decay_factor, config.train.num_epochs)
-    tx = optim.sgd(schedule, config.train.momentum, config.train.weight_decay)
+    steps_per_epoch, schedule, tx = trainer.sgd_recipe(config, info.num_examples)
     student = student_model(config)
     state = trainer.create_train_state(trainer.init_variables(student, config.data.image_size, config.seed), tx, mesh)
     # Only the first k directions are used: a (D, k) slice keeps the replicated constant small.
@@ -144,10 +138,7 @@ def distill(config, workdir, mesh, teacher_variables, alignment) -> trainer.FitR
                                       singular_values=alignment.singular_values[:dim].astype("float32"),
                                       count=alignment.count)
     constants = parallel.replicate((teacher_variables, compact), mesh)
-    settings = trainer.LoopSettings(
-        name="distill", num_steps=steps_per_epoch * config.train.num_epochs, images_per_step=config.train.batch_size,
-        log_every_steps=config.log_every_steps, checkpoint_every_steps=config.checkpoint_every_steps,
-        checkpoint_every_secs=config.checkpoint_every_secs, keep_checkpoints=config.keep_checkpoints)
+    settings = trainer.loop_settings(config, "distill", steps_per_epoch)
     logging.info("Distilling %s (%d-d) into %s (%d-d, %d parameters): %d steps of %d images.", config.teacher.arch,
                  models.feature_dim(config.teacher.arch, config.teacher.width), config.student.arch, dim,
                  trainer.count_params(state.params), settings.num_steps, config.train.batch_size)

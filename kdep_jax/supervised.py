@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from kdep_jax import convert, data, losses, models, optim, parallel, trainer
+from kdep_jax import convert, data, losses, models, parallel, trainer
 
 
 def create_model(config, num_classes):
@@ -135,23 +135,13 @@ def train(config, workdir, mesh, backbone=None) -> trainer.FitResult:
     expected_backbone = backbone_shapes(config)
     if backbone is not None:
         variables = attach_backbone(variables, backbone, expected_backbone)
-    steps_per_epoch = info.num_examples // config.train.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{config.data.name}/{config.data.split} has {info.num_examples} examples, fewer than one "
-                         f"batch of config.train.batch_size={config.train.batch_size}; lower the batch size.")
-    schedule = optim.step_decay_schedule(config.train.lr, steps_per_epoch, config.train.lr_decay_every_epochs,
-                                         config.train.lr_decay_factor, config.train.num_epochs)
-    tx = optim.sgd(schedule, config.train.momentum, config.train.weight_decay)
+    steps_per_epoch, schedule, tx = trainer.sgd_recipe(config, info.num_examples)
     if config.linear_probe:
         labels = {name: ("frozen" if name in expected_backbone["params"] else "head") for name in variables["params"]}
         tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)
     state = trainer.create_train_state(variables, tx, mesh)
     parallel.local_batch_size(config.train.batch_size, mesh)
-    settings = trainer.LoopSettings(
-        name=config.get("name", "train"), num_steps=steps_per_epoch * config.train.num_epochs,
-        images_per_step=config.train.batch_size, log_every_steps=config.log_every_steps,
-        checkpoint_every_steps=config.checkpoint_every_steps, checkpoint_every_secs=config.checkpoint_every_secs,
-        keep_checkpoints=config.keep_checkpoints, eval_every_steps=steps_per_epoch * config.eval_every_epochs)
+    settings = trainer.loop_settings(config, config.name, steps_per_epoch, steps_per_epoch * config.eval_every_epochs)
     evaluate = make_evaluator(model, config.data, config.data.eval_split, config.eval_batch_size, mesh)
     logging.info("%s: %s (%d parameters) on %s/%s, %d examples, %d classes, %d steps.", settings.name,
                  config.model.arch, trainer.count_params(variables["params"]), config.data.name, config.data.split,

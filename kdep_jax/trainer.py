@@ -21,7 +21,7 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from kdep_jax import parallel
+from kdep_jax import optim, parallel
 from kdep_jax.checkpointing import Checkpointer
 from kdep_jax.metrics import MetricWriter, Progress
 
@@ -81,6 +81,25 @@ class LoopSettings:
     checkpoint_every_secs: float | None
     keep_checkpoints: int
     eval_every_steps: int | None = None
+
+
+def sgd_recipe(config, num_examples: int):
+    """Steps per epoch, the step-decay schedule and SGD of `config.train`, as every trainer uses them."""
+    steps_per_epoch = num_examples // config.train.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{config.data.name}/{config.data.split} has {num_examples} examples, fewer than one batch "
+                         f"of config.train.batch_size={config.train.batch_size}; lower the batch size.")
+    schedule = optim.step_decay_schedule(config.train.lr, steps_per_epoch, config.train.lr_decay_every_epochs,
+                                         config.train.lr_decay_factor, config.train.num_epochs)
+    return steps_per_epoch, schedule, optim.sgd(schedule, config.train.momentum, config.train.weight_decay)
+
+
+def loop_settings(config, name: str, steps_per_epoch: int, eval_every_steps: int | None = None) -> LoopSettings:
+    return LoopSettings(
+        name=name, num_steps=steps_per_epoch * config.train.num_epochs, images_per_step=config.train.batch_size,
+        log_every_steps=config.log_every_steps, checkpoint_every_steps=config.checkpoint_every_steps,
+        checkpoint_every_secs=config.checkpoint_every_secs, keep_checkpoints=config.keep_checkpoints,
+        eval_every_steps=eval_every_steps)
 
 
 class _Preemption:
