@@ -18,6 +18,11 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+try:  # torchvision crashes when imported after TensorFlow (which kdep_jax's input pipeline loads)
+    import torchvision  # noqa: F401
+except ImportError:
+    torchvision = None
+
 
 def kdep_jax_step_times(args) -> list[float]:
     import jax
@@ -107,7 +112,7 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-pytorch", action="store_true")
+    parser.add_argument("--skip-pytorch", action="store_true", help="only kdep_jax (no torch installed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
 
@@ -115,6 +120,7 @@ def main():
                "dtype": args.dtype, "cpus": os.cpu_count()}
     jax_time = statistics.median(kdep_jax_step_times(args))
     results["kdep_jax_images_per_sec"] = args.batch / jax_time
+    args.skip_pytorch |= torchvision is None
     if not args.skip_pytorch:
         torch_time = statistics.median(pytorch_step_times(args))
         results["pytorch_images_per_sec"] = args.batch / torch_time
