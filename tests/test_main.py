@@ -1,6 +1,7 @@
 """The whole pipeline on the tiny demo variant: every stage, export, exact resume, and each bad input."""
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from ml_collections import config_flags
 
 from kdep_jax import alignment as alignment_lib
 from kdep_jax import convert, distill, parallel, pipeline, trainer
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides):
-    config = config_flags.config_flags._LoadConfigModule("demo", str(REPO / "configs" / "demo.py")).get_config("tiny")
+    config = runpy.run_path(str(REPO / "configs" / "demo.py"))["get_config"]("tiny")
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")
