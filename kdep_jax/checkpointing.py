@@ -6,6 +6,7 @@ mid-save leaves the previous checkpoint intact; the half-written one is ignored 
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import orbax.checkpoint as ocp
@@ -14,7 +15,8 @@ from etils import epath
 
 class Checkpointer:
     def __init__(self, directory, keep: int = 3):
-        self.directory = epath.Path(directory)
+        # Orbax refuses relative paths ("runs/demo" from the command line); bucket URLs are left as they are.
+        self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         incomplete = [p.name for p in self.directory.glob("*") if "tmp" in p.name] if self.directory.exists() else []
         if incomplete:
             logging.warning("Ignoring incomplete checkpoints in %s (a run was stopped while saving); they are "
