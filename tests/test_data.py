@@ -213,6 +213,16 @@ def test_subset_fraction_and_per_class(folder):
         data.dataset_info(_cfg(data_dir=folder[0], subset=1.5), "train")
 
 
+def test_rest_split_is_the_complement_of_the_subset(folder):
+    cfg = _cfg(data_dir=folder[0], subset=3, eval_split="train:rest")
+    assert data.dataset_info(cfg, "train:rest").num_examples == 15
+    chosen = set(_ids(next(data.train_batches(cfg, "train", 9, 0, 0, 0, 1))["image"]))
+    rest = set(np.concatenate([_ids(b["image"][b["mask"]]) for b in data.eval_batches(cfg, "train:rest", 4)]))
+    assert len(chosen) == 9 and len(rest) == 15 and not chosen & rest and chosen | rest == set(range(24))
+    with pytest.raises(data.DataError, match="config.data.subset"):
+        data.dataset_info(_cfg(data_dir=folder[0]), "train:rest")
+
+
 @pytest.fixture()
 def corrupt_folder(tmp_path):
     for k in range(4):

@@ -9,7 +9,7 @@ def default_config() -> ml_collections.ConfigDict:
     # "demo", "image_folder", or a TFDS name ("imagenet2012_subset/10pct", "cifar100", "dtd", ...).
     c.name = "demo"
     c.split = "upstream_train"  # the training split; `subset` applies to it alone
-    c.eval_split = "upstream_test"
+    c.eval_split = "upstream_test"  # "<split>:rest": the images of `split` that `subset` leaves out
     c.data_dir = None  # TFDS data dir, or the image folder root holding root/<split>/<class>/*.jpg|png
     c.manual_dir = None  # where the ImageNet tar files are, for preparing imagenet2012*
     c.image_size = 224  # output side S; also the size the demo data is generated at

@@ -27,6 +27,9 @@ from kdep_jax.data.transforms import eval_transform, train_transform
 # TensorFlow only feeds the host; the accelerators belong to JAX.
 tf.config.set_visible_devices([], "GPU")
 
+# "SPLIT:rest": the examples of SPLIT that config.data.subset leaves out (Caltech-256's usual test set).
+REST_SUFFIX = ":rest"
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -197,8 +200,15 @@ def _open(data_config, split) -> _Split:
 @functools.lru_cache(maxsize=8)
 def _open_cached(cfg, split) -> _Split:
     """Opens a split once per config: listing folders, subsets and corrupt scans can take a while."""
-    source = open_source(cfg, split)
-    use_subset = cfg.subset is not None and split == cfg.split
+    base_split = split.removesuffix(REST_SUFFIX)
+    rest = base_split != split
+    source = open_source(cfg, base_split)
+    use_subset = cfg.subset is not None and base_split == cfg.split
+    if rest and not use_subset:
+        raise DataError(
+            f"Split {split!r} means the images of {base_split!r} that config.data.subset leaves out, so it needs "
+            f"config.data.split={base_split!r} and a config.data.subset (e.g. 60 per class for Caltech-256)."
+        )
     if isinstance(source, SequentialSource):
         if use_subset:
             raise DataError(
@@ -210,6 +220,8 @@ def _open_cached(cfg, split) -> _Split:
     indices = np.arange(source.num_examples)
     if use_subset:
         indices = subset_lib.select(source.num_examples, source.labels, cfg.subset, cfg.subset_seed)
+        if rest:
+            indices = np.setdiff1d(np.arange(source.num_examples), indices)
     num_skipped = 0
     if cfg.skip_corrupt:
         indices, num_skipped = _drop_unreadable(source, indices, _name(cfg, split))
