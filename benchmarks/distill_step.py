@@ -1,30 +1,38 @@
 """Images/s of the KDEP distillation step (teacher forward + student forward/backward + SGD update).
 
 kdep_jax's own step (the one the trainer runs) and the same step written plainly in PyTorch with
-torchvision models, one after the other in the same invocation, on synthetic images (this measures the
-step, not the input pipeline). Median over timed repetitions after warm-up.
+torchvision models, one after the other in the same invocation, each in its own child process (so each
+one's peak memory is its own), on synthetic images (this measures the step, not the input pipeline).
+Median over timed repetitions after warm-up. Memory: peak device memory on a GPU, peak process RSS on a
+CPU. On a GPU it also prints kdep_jax's model FLOP utilisation (XLA's FLOP count of the compiled step).
 
     python benchmarks/distill_step.py --student resnet18 --batch 32 --image-size 224
+    python benchmarks/distill_step.py --device gpu --student mobilenet_v2 --batch 256 --dtype bfloat16
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-try:  # torchvision crashes when imported after TensorFlow (which kdep_jax's input pipeline loads)
-    import torchvision  # noqa: F401
-except ImportError:
-    torchvision = None
+# Dense peak FLOP/s of the GPUs the project is measured on (NVIDIA's datasheets, SXM parts), for the MFU.
+PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12}}
 
 
-def kdep_jax_step_times(args) -> list[float]:
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def kdep_jax_step(args) -> dict:
+    os.environ["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
     import jax
     import numpy as np
 
@@ -48,6 +56,7 @@ def kdep_jax_step_times(args) -> list[float]:
     constants = parallel.replicate((teacher_variables, alignment), mesh)
     images = np.random.default_rng(0).normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32)
     batch = parallel.shard_batch({"image": images}, mesh)
+    flops = (step.lower(state, batch, constants).compile().cost_analysis() or {}).get("flops")
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
@@ -55,7 +64,15 @@ def kdep_jax_step_times(args) -> list[float]:
         jax.block_until_ready(metrics["loss"])
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    return times
+    result = {"seconds": statistics.median(times), "device_kind": jax.devices()[0].device_kind}
+    if args.device == "gpu":
+        result["peak_bytes"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device_kind"]), None)
+        if flops and peak:
+            result["mfu"] = flops / result["seconds"] / peak[args.dtype]
+    else:
+        result["peak_bytes"] = peak_rss_bytes()
+    return result
 
 
 def pytorch_pre_relu(model):
@@ -73,67 +90,97 @@ def pytorch_pre_relu(model):
     return lambda: captured["bn"].mean((2, 3))
 
 
-def pytorch_step_times(args) -> list[float]:
-    """The original's step, plainly: teacher under no_grad in eval mode, student in train mode, SGD."""
+def pytorch_step(args) -> dict:
+    """The original's step, plainly: teacher under no_grad in eval mode, student in train mode, SGD.
+
+    bfloat16 is torch.autocast (float32 parameters and loss), the usual PyTorch mixed precision.
+    """
     import torch
     import torchvision
 
     torch.manual_seed(0)
-    teacher = torchvision.models.resnet50().eval()
-    student = getattr(torchvision.models, args.student)().train()
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    teacher = torchvision.models.resnet50().eval().to(device)
+    student = getattr(torchvision.models, args.student)().train().to(device)
     teacher_feature, student_feature = pytorch_pre_relu(teacher), pytorch_pre_relu(student)
     dim = {"resnet18": 512, "mobilenet_v2": 1280}[args.student]
-    mean = torch.zeros(2048)
-    components = torch.linalg.qr(torch.randn(2048, 2048))[0][:, :dim]
+    mean = torch.zeros(2048, device=device)
+    components = torch.linalg.qr(torch.randn(2048, 2048))[0][:, :dim].to(device)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    images = torch.randn(args.batch, 3, args.image_size, args.image_size)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             teacher(images)
-            z = (teacher_feature() - mean) @ components
+            z = (teacher_feature().float() - mean) @ components
             targets = torch.sign(z) * (z / 0.1).abs().pow(1 / 3)
-        student(images)
-        loss = 20.0 * torch.nn.functional.mse_loss(student_feature(), targets)
+        with autocast:
+            student(images)
+        loss = 20.0 * torch.nn.functional.mse_loss(student_feature().float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        loss.item()  # waits for the step, as block_until_ready does on the JAX side
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    return times
+    result = {"seconds": statistics.median(times)}
+    result["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    return result
+
+
+def run_child(framework: str, argv: list[str]) -> dict | None:
+    """One framework's measurement in a fresh process; None when it cannot run (e.g. no torch)."""
+    command = [sys.executable, __file__, *argv, "--framework", framework, "--json"]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        sys.stderr.write(f"{framework} failed:\n{completed.stderr[-3000:]}")
+        return None
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="resnet18", choices=["resnet18", "mobilenet_v2"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-pytorch", action="store_true", help="only kdep_jax (no torch installed)")
+    parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
 
-    results = {"student": args.student, "teacher": "resnet50", "batch": args.batch, "image_size": args.image_size,
-               "dtype": args.dtype, "cpus": os.cpu_count()}
-    jax_time = statistics.median(kdep_jax_step_times(args))
-    results["kdep_jax_images_per_sec"] = args.batch / jax_time
-    args.skip_pytorch |= torchvision is None
-    if not args.skip_pytorch:
-        torch_time = statistics.median(pytorch_step_times(args))
-        results["pytorch_images_per_sec"] = args.batch / torch_time
-        results["speedup_vs_pytorch"] = torch_time / jax_time
+    if args.framework != "both":  # a child: measure one framework, print its JSON
+        print(json.dumps((kdep_jax_step if args.framework == "kdep_jax" else pytorch_step)(args)))
+        return
+    argv = [a for a in sys.argv[1:] if a != "--json"]
+    results = {"student": args.student, "teacher": "resnet50", "device": args.device, "batch": args.batch,
+               "image_size": args.image_size, "dtype": args.dtype, "cpus": os.cpu_count()}
+    for framework in ("kdep_jax", "pytorch"):
+        measured = run_child(framework, argv)
+        if measured is not None:
+            results[f"{framework}_images_per_sec"] = args.batch / measured.pop("seconds")
+            results.update({f"{framework}_{key}": value for key, value in measured.items()})
+    if "kdep_jax_images_per_sec" in results and "pytorch_images_per_sec" in results:
+        results["speedup_vs_pytorch"] = results["kdep_jax_images_per_sec"] / results["pytorch_images_per_sec"]
     if args.json:
         print(json.dumps(results))
-    else:
-        print(f"resnet50 -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, "
-              f"{results['cpus']} CPUs")
-        print(f"  kdep_jax: {results['kdep_jax_images_per_sec']:.1f} images/s")
-        if not args.skip_pytorch:
-            print(f"  PyTorch:  {results['pytorch_images_per_sec']:.1f} images/s   "
-                  f"(kdep_jax / PyTorch = {results['speedup_vs_pytorch']:.2f}x)")
+        return
+    memory = "peak device memory" if args.device == "gpu" else "peak RSS"
+    print(f"resnet50 -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} "
+          f"({results.get('kdep_jax_device_kind', '?')}), {results['cpus']} CPUs")
+    for framework, label in (("kdep_jax", "kdep_jax"), ("pytorch", "PyTorch ")):
+        if f"{framework}_images_per_sec" in results:
+            line = (f"  {label}: {results[f'{framework}_images_per_sec']:.1f} images/s, {memory} "
+                    f"{results[f'{framework}_peak_bytes'] / 2**30:.2f} GiB")
+            if f"{framework}_mfu" in results:
+                line += f", MFU {100 * results[f'{framework}_mfu']:.1f}%"
+            print(line)
+    if "speedup_vs_pytorch" in results:
+        print(f"  kdep_jax / PyTorch = {results['speedup_vs_pytorch']:.2f}x")
 
 
 if __name__ == "__main__":
