@@ -118,8 +118,8 @@ def test_missing_teacher_says_how_to_convert(tmp_path):
 
 def test_teacher_of_another_architecture_is_refused(finished_run, tmp_path):
     workdir, _ = finished_run
-    # The student (a resnet18) given as the resnet50 teacher.
-    config = tiny_config(**{"teacher.train": None, "teacher.path": str(workdir / "student")})
+    # The student (a resnet18) given as a resnet50 teacher.
+    config = tiny_config(**{"teacher.train": None, "teacher.path": str(workdir / "student"), "teacher.arch": "resnet50"})
     with pytest.raises(convert.ConversionError, match="resnet18"):
         pipeline.run(config, tmp_path / "run")
 

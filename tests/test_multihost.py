@@ -52,7 +52,8 @@ class _Launch:
     def __init__(self, ctx, workdir: Path, name: str, num_processes: int = 1, devices: int = 2):
         self.logs = [ctx.logdir / f"{name}.p{i}.log" for i in range(num_processes)]
         args = [sys.executable, "-m", "kdep_jax.main", "--config=configs/demo.py:tiny_distill",
-                f"--workdir={workdir}", f"--config.teacher.path={ctx.teacher}", "--config.train.num_epochs=2",
+                f"--workdir={workdir}", f"--config.teacher.path={ctx.teacher}", "--config.teacher.arch=resnet50",
+                "--config.teacher.width=0.25", "--config.train.num_epochs=2",
                 f"--config.student.width={STUDENT_WIDTH}"]
         port = _free_port() if num_processes > 1 else None
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
