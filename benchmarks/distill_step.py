@@ -8,6 +8,7 @@ CPU. On a GPU it also prints kdep_jax's model FLOP utilisation (XLA's FLOP count
 
     python benchmarks/distill_step.py --student resnet18 --batch 32 --image-size 224
     python benchmarks/distill_step.py --device gpu --student mobilenet_v2 --batch 256 --dtype bfloat16
+    python benchmarks/distill_step.py --target-cache   # also the step with cached teacher targets
 """
 from __future__ import annotations
 
@@ -52,10 +53,14 @@ def kdep_jax_step(args) -> dict:
                                         singular_values=np.ones(dim, np.float32), count=1)
     tx = optim.sgd(optim.step_decay_schedule(0.1, 100, 30, 0.1, 90), 0.9, 5e-4)
     state = trainer.create_train_state(trainer.init_variables(distill.student_model(config), args.image_size, 0), tx, mesh)
-    step = trainer.make_train_step(distill.make_loss_fn(config, dim), tx, mesh)
-    constants = parallel.replicate((teacher_variables, alignment), mesh)
-    images = np.random.default_rng(0).normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32)
-    batch = parallel.shard_batch({"image": images}, mesh)
+    cached = args.framework == "kdep_jax_cached"  # the teacher's targets come with the batch (target cache)
+    step = trainer.make_train_step(distill.make_loss_fn(config, dim, cached_targets=cached), tx, mesh)
+    constants = () if cached else parallel.replicate((teacher_variables, alignment), mesh)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32)}
+    if cached:
+        batch["targets"] = rng.normal(size=(args.batch, dim)).astype(np.float16)
+    batch = parallel.shard_batch(batch, mesh)
     flops = (step.lower(state, batch, constants).compile().cost_analysis() or {}).get("flops")
     times = []
     for i in range(args.warmup + args.repeats):
@@ -149,30 +154,39 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"])
+    parser.add_argument("--target-cache", action="store_true",
+                        help="also time kdep_jax's step with cached teacher targets (no teacher forward)")
+    parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "kdep_jax_cached", "pytorch"])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
 
     if args.framework != "both":  # a child: measure one framework, print its JSON
-        print(json.dumps((kdep_jax_step if args.framework == "kdep_jax" else pytorch_step)(args)))
+        print(json.dumps((pytorch_step if args.framework == "pytorch" else kdep_jax_step)(args)))
         return
-    argv = [a for a in sys.argv[1:] if a != "--json"]
+    argv = [a for a in sys.argv[1:] if a not in ("--json", "--target-cache")]
     results = {"student": args.student, "teacher": "resnet50", "device": args.device, "batch": args.batch,
                "image_size": args.image_size, "dtype": args.dtype, "cpus": os.cpu_count()}
-    for framework in ("kdep_jax", "pytorch"):
+    for framework in ("kdep_jax", "kdep_jax_cached", "pytorch"):
+        if framework == "kdep_jax_cached" and not args.target_cache:
+            continue
         measured = run_child(framework, argv)
         if measured is not None:
             results[f"{framework}_images_per_sec"] = args.batch / measured.pop("seconds")
             results.update({f"{framework}_{key}": value for key, value in measured.items()})
     if "kdep_jax_images_per_sec" in results and "pytorch_images_per_sec" in results:
         results["speedup_vs_pytorch"] = results["kdep_jax_images_per_sec"] / results["pytorch_images_per_sec"]
+    if "kdep_jax_cached_images_per_sec" in results:
+        results["cache_speedup"] = results["kdep_jax_cached_images_per_sec"] / results["kdep_jax_images_per_sec"]
+        dim = {"resnet18": 512, "mobilenet_v2": 1280}[args.student]
+        results["cache_bytes_per_image_epoch"] = dim * 2 + 5 * 4  # float16 target + int32 crop box and flip
     if args.json:
         print(json.dumps(results))
         return
     memory = "peak device memory" if args.device == "gpu" else "peak RSS"
     print(f"resnet50 -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} "
           f"({results.get('kdep_jax_device_kind', '?')}), {results['cpus']} CPUs")
-    for framework, label in (("kdep_jax", "kdep_jax"), ("pytorch", "PyTorch ")):
+    for framework, label in (("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets"),
+                             ("pytorch", "PyTorch ")):
         if f"{framework}_images_per_sec" in results:
             line = (f"  {label}: {results[f'{framework}_images_per_sec']:.1f} images/s, {memory} "
                     f"{results[f'{framework}_peak_bytes'] / 2**30:.2f} GiB")
@@ -181,6 +195,9 @@ def main():
             print(line)
     if "speedup_vs_pytorch" in results:
         print(f"  kdep_jax / PyTorch = {results['speedup_vs_pytorch']:.2f}x")
+    if "cache_speedup" in results:
+        print(f"  target cache: {results['cache_speedup']:.2f}x the online step, "
+              f"{results['cache_bytes_per_image_epoch']} bytes per image per epoch")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,9 @@ def kdep_config() -> ml_collections.ConfigDict:
         data=None,  # the data the statistics come from, when not config.data (the paper: 10% for 100% runs)
     ))
     config.alignment.pts_n = 3.0
+    # FKD-style replay: run the teacher once over the whole schedule into a cache (crops, flips and float16
+    # targets, about k * 2 + 20 bytes per image per epoch), then train from it without the teacher.
+    config.target_cache = ml_collections.ConfigDict(dict(enabled=False, path=""))  # path: default WORKDIR/target_cache
     config.train = _sgd_fields(batch_size=512, num_epochs=90, lr=0.3, decay_every=30)
     # 20 for a standard supervised ResNet-50 teacher such as torchvision's; 3 for Microsoft-Vision's.
     config.train.loss_weight = 20.0

@@ -10,7 +10,7 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import convert, data, losses, models, parallel, trainer
+from kdep_jax import convert, data, losses, models, parallel, target_cache, trainer
 
 
 def teacher_model(config):
@@ -107,14 +107,18 @@ def fit_teacher_alignment(config, mesh, teacher_variables):
         progress.close()
 
 
-def make_loss_fn(config, dim: int):
+def make_loss_fn(config, dim: int, cached_targets: bool = False):
+    """The KDEP loss of one batch; with cached_targets the batch brings its "targets" and the teacher is not run."""
     teacher, student = teacher_model(config), student_model(config)
 
     def loss_fn(params, batch_stats, batch, constants):
-        teacher_variables, alignment = constants
-        _, teacher_features = teacher.apply(teacher_variables, batch["image"], train=False)
-        targets = alignment_lib.teacher_targets(teacher_features["pre_relu"].astype(jnp.float32), alignment, dim,
-                                                pts_t=config.alignment.pts_t, pts_n=config.alignment.pts_n)
+        if cached_targets:
+            targets = batch["targets"].astype(jnp.float32)
+        else:
+            teacher_variables, alignment = constants
+            _, teacher_features = teacher.apply(teacher_variables, batch["image"], train=False)
+            targets = alignment_lib.teacher_targets(teacher_features["pre_relu"].astype(jnp.float32), alignment, dim,
+                                                    pts_t=config.alignment.pts_t, pts_n=config.alignment.pts_n)
         (_, student_features), updates = student.apply({"params": params, "batch_stats": batch_stats},
                                                         batch["image"], train=True, mutable=["batch_stats"])
         loss = losses.feature_distillation_loss(student_features["pre_relu"], jax.lax.stop_gradient(targets),
@@ -124,8 +128,12 @@ def make_loss_fn(config, dim: int):
     return loss_fn
 
 
-def distill(config, workdir, mesh, teacher_variables, alignment) -> trainer.FitResult:
-    """Trains the student to the teacher's aligned, PTS-scaled features (or resumes doing so)."""
+def distill(config, workdir, mesh, teacher_variables, alignment, teacher_sha256: str) -> trainer.FitResult:
+    """Trains the student to the teacher's aligned, PTS-scaled features (or resumes doing so).
+
+    With config.target_cache.enabled the teacher runs once, over the whole schedule, into a cache (reused
+    when it matches), and the training steps read its targets instead.
+    """
     dim = student_dim(config)
     info = data.dataset_info(config.data, config.data.split)
     parallel.local_batch_size(config.train.batch_size, mesh)
@@ -137,14 +145,39 @@ def distill(config, workdir, mesh, teacher_variables, alignment) -> trainer.FitR
                                       components=alignment.components[:, :dim].astype("float32"),
                                       singular_values=alignment.singular_values[:dim].astype("float32"),
                                       count=alignment.count)
-    constants = parallel.replicate((teacher_variables, compact), mesh)
     settings = trainer.loop_settings(config, "distill", steps_per_epoch)
     logging.info("Distilling %s (%d-d) into %s (%d-d, %d parameters): %d steps of %d images.", config.teacher.arch,
                  models.feature_dim(config.teacher.arch, config.teacher.width), config.student.arch, dim,
                  trainer.count_params(state.params), settings.num_steps, config.train.batch_size)
+
+    def pipeline_batches(start, with_crops=False):
+        return data.train_batches(config.data, config.data.split, config.train.batch_size, seed=config.seed,
+                                  start_step=start, with_crops=with_crops)
+
+    if config.target_cache.enabled:
+        cache = target_cache_for(config, workdir, mesh, teacher_variables, compact, dim, teacher_sha256,
+                                 settings.num_steps)
+        constants = ()
+        batches = lambda start: target_cache.replay(pipeline_batches(start, with_crops=True), cache, start)
+    else:
+        constants = parallel.replicate((teacher_variables, compact), mesh)
+        batches = pipeline_batches
+    loss_fn = make_loss_fn(config, dim, cached_targets=config.target_cache.enabled)
     return trainer.fit(
-        workdir=workdir, settings=settings, state=state,
-        train_step=trainer.make_train_step(make_loss_fn(config, dim), tx, mesh), constants=constants,
-        batches=lambda start: data.train_batches(config.data, config.data.split, config.train.batch_size,
-                                                 seed=config.seed, start_step=start),
-        mesh=mesh, lr_schedule=schedule)
+        workdir=workdir, settings=settings, state=state, train_step=trainer.make_train_step(loss_fn, tx, mesh),
+        constants=constants, batches=batches, mesh=mesh, lr_schedule=schedule)
+
+
+def target_cache_for(config, workdir, mesh, teacher_variables, alignment, dim: int, teacher_sha256: str,
+                     num_steps: int) -> target_cache.TargetCache:
+    """The cache of this run's targets: reused when it was made for the same teacher, data and schedule."""
+    directory = target_cache.cache_dir(config, workdir)
+    wanted = target_cache.provenance(config, alignment_provenance(config, teacher_sha256), dim, num_steps)
+    cache = target_cache.load(directory, wanted)
+    if cache is not None:
+        logging.info("Reusing the teacher-target cache in %s.", directory)
+        return cache
+    teacher = teacher_model(config)
+    teacher_apply = lambda variables, images: teacher.apply(variables, images, train=False)[1]["pre_relu"].astype(
+        jnp.float32)
+    return target_cache.build(config, directory, mesh, teacher_apply, teacher_variables, alignment, dim, wanted)

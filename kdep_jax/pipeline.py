@@ -85,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         teacher_variables, teacher_sha256 = distill.load_teacher(config, teacher_dir)
         distill.student_dim(config)  # a student wider than the teacher fails before any work
         alignment = distill.compute_or_load_alignment(config, workdir, mesh, teacher_variables, teacher_sha256)
-        result = distill.distill(config, workdir, mesh, teacher_variables, alignment)
+        result = distill.distill(config, workdir, mesh, teacher_variables, alignment, teacher_sha256)
         if result.preempted:
             return {**outputs, "preempted": True}
         export_student(config, workdir, parallel.to_host({"params": result.state.params,

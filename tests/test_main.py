@@ -95,6 +95,22 @@ def test_killed_run_resumes_to_the_same_result(finished_run, tmp_path):
     assert losses(resumed) == losses(workdir)
 
 
+def test_distillation_from_the_target_cache_follows_the_online_run(finished_run, tmp_path):
+    """The same run with the teacher replaced by its cached targets: float16 targets, the same losses to 1e-2."""
+    workdir, _ = finished_run
+    cached = tmp_path / "cached"
+    cached.mkdir()
+    subprocess.run(["cp", "-r", str(workdir / "teacher"), str(workdir / "alignment.npz"), str(cached)], check=True)
+    pipeline.run(tiny_config(downstream=None, **{"target_cache.enabled": True}), cached)
+    assert (cached / "target_cache" / "meta.json").exists()
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [row["loss"] for row in rows if "loss" in row]
+
+    np.testing.assert_allclose(losses(cached), losses(workdir), rtol=1e-2)
+
+
 def test_a_finished_run_is_not_repeated(finished_run, caplog):
     workdir, _ = finished_run
     before = (workdir / "student" / "variables.msgpack").read_bytes()

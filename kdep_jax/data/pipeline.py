@@ -22,7 +22,7 @@ from kdep_jax.data import sequential
 from kdep_jax.data import subset as subset_lib
 from kdep_jax.data.errors import DataError
 from kdep_jax.data.sources import SequentialSource, Source, open_source
-from kdep_jax.data.transforms import eval_transform, train_transform
+from kdep_jax.data.transforms import apply_crop, eval_transform, train_crop, train_transform
 
 # TensorFlow only feeds the host; the accelerators belong to JAX.
 tf.config.set_visible_devices([], "GPU")
@@ -61,12 +61,23 @@ def train_batches(
     start_step: int = 0,
     process_index=None,
     process_count=None,
+    with_crops: bool = False,
 ):
-    """Endless {"image": float32 (L, S, S, 3), "label": int32 (L,)} batches from `start_step` on."""
+    """Endless {"image": float32 (L, S, S, 3), "label": int32 (L,)} batches from `start_step` on.
+
+    with_crops=True adds each row's augmentation draw, "crop": int32 (L, 5) [top, left, height, width, flip],
+    and its example's "index" (L,), which a teacher-target cache records and checks on replay.
+    """
     p, count, local = _layout(global_batch_size, process_index, process_count)
     s = _open(data_config, split)
     size = data_config.image_size
     if isinstance(s.source, SequentialSource):
+        if with_crops:
+            raise DataError(
+                f"A teacher-target cache needs random access, but TFDS {data_config.name!r} is stored as TFRecord. "
+                f"Convert it once: tfds convert_format --dataset_version_dir={s.source.builder.data_path} "
+                f"--out_file_format=array_record"
+            )
         ds = sequential.train_examples(
             s.source,
             lambda im, sd: train_transform(im, sd, size, data_config.min_crop_scale),
@@ -99,7 +110,11 @@ def train_batches(
         index, epoch = example(k)
         image, label = s.source.read(index)
         example_seed = tf.random.experimental.stateless_fold_in(tf.stack([tf.cast(seed, tf.int64), epoch]), index)
-        return {"image": train_transform(image, example_seed, size, data_config.min_crop_scale), "label": label}
+        crop = train_crop(tf.shape(image), example_seed, data_config.min_crop_scale)
+        row = {"image": apply_crop(image, crop, size), "label": label}
+        if with_crops:
+            row.update(crop=crop, index=index)
+        return row
 
     ds = tf.data.Dataset.counter().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batch_examples = lambda b: [int(example(tf.constant(k, tf.int64))[0]) for k in range(b * local, (b + 1) * local)]

@@ -56,15 +56,26 @@ def _randint(seed, high):
     return tf.random.stateless_uniform([], seed, 0, tf.maximum(high, 1), tf.int32)
 
 
+def train_crop(image_shape, seed, min_scale: float = 0.08) -> tf.Tensor:
+    """The training augmentation's draw for one image: int32 [top, left, height, width, flip]."""
+    top, left, crop_h, crop_w = random_resized_crop_box(image_shape[0], image_shape[1], seed, scale=(min_scale, 1.0))
+    flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+    flip = tf.cast(tf.random.stateless_uniform([], flip_seed) < 0.5, tf.int32)
+    return tf.stack([top, left, crop_h, crop_w, flip])
+
+
+def apply_crop(image: tf.Tensor, crop: tf.Tensor, size: int) -> tf.Tensor:
+    """Crops, resizes to size x size (bilinear, antialiased), flips as `crop` says, then normalises."""
+    top, left, crop_h, crop_w, flip = tf.unstack(crop)
+    out = tf.image.resize(image[top : top + crop_h, left : left + crop_w], [size, size], method="bilinear",
+                          antialias=True)
+    out = tf.cond(flip > 0, lambda: tf.image.flip_left_right(out), lambda: out)
+    return normalize(out)
+
+
 def train_transform(image: tf.Tensor, seed, size: int, min_scale: float = 0.08) -> tf.Tensor:
     """RandomResizedCrop(size, scale=(min_scale, 1)) + RandomHorizontalFlip, then ImageNet normalisation."""
-    shape = tf.shape(image)
-    top, left, crop_h, crop_w = random_resized_crop_box(shape[0], shape[1], seed, scale=(min_scale, 1.0))
-    crop = image[top : top + crop_h, left : left + crop_w]
-    out = tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
-    flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-    out = tf.cond(tf.random.stateless_uniform([], flip_seed) < 0.5, lambda: tf.image.flip_left_right(out), lambda: out)
-    return normalize(out)
+    return apply_crop(image, train_crop(tf.shape(image), seed, min_scale), size)
 
 
 def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:

@@ -1,0 +1,93 @@
+"""The teacher-target cache: recorded targets are the online ones for the same crops, and replay checks the crops."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdep_jax import alignment as alignment_lib
+from kdep_jax import config_lib, data, distill, models, parallel, target_cache, trainer
+
+IMAGE_SIZE = 32
+NUM_STEPS = 3
+
+
+def small_config():
+    config = config_lib.kdep_config()
+    config.teacher.update(arch="resnet18", width=0.25)
+    config.student.update(arch="resnet18", width=0.25)
+    config.data = data.default_config()
+    config.data.update(image_size=IMAGE_SIZE, subset=2, min_crop_scale=0.35)  # 76 demo images
+    config.train.batch_size = 8
+    config.target_cache.enabled = True
+    return config
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    config = small_config()
+    mesh = parallel.make_mesh()
+    dim = distill.student_dim(config)
+    rng = np.random.default_rng(0)
+    teacher_variables = trainer.init_variables(distill.teacher_model(config), IMAGE_SIZE, seed=1)
+    teacher_variables = jax.tree_util.tree_map_with_path(  # non-trivial running statistics
+        lambda path, x: (x + rng.uniform(0.1, 0.5, x.shape).astype(x.dtype)) if "var" in jax.tree_util.keystr(path)
+        else x, teacher_variables)
+    teacher_dim = models.feature_dim("resnet18", 0.25)
+    alignment = alignment_lib.Alignment(
+        mean=rng.normal(size=teacher_dim).astype(np.float32),
+        components=np.linalg.qr(rng.normal(size=(teacher_dim, teacher_dim)))[0].astype(np.float32),
+        singular_values=np.ones(teacher_dim, np.float32), count=100)
+    directory = tmp_path_factory.mktemp("cache")
+    cache = distill.target_cache_for(config, directory, mesh, teacher_variables, alignment, dim, "0" * 64, NUM_STEPS)
+    return config, mesh, teacher_variables, alignment, dim, directory, cache
+
+
+def online_targets(config, teacher_variables, alignment, dim, images):
+    _, features = distill.teacher_model(config).apply(teacher_variables, images, train=False)
+    return np.asarray(alignment_lib.teacher_targets(features["pre_relu"], alignment, dim))
+
+
+def test_cached_targets_equal_online_targets_for_the_same_crops(built):
+    config, mesh, teacher_variables, alignment, dim, directory, cache = built
+    assert cache.targets.shape == (NUM_STEPS, 8, dim) and cache.targets.dtype == np.float16
+    batches = data.train_batches(config.data, config.data.split, 8, seed=config.seed, with_crops=True)
+    for step in range(NUM_STEPS):
+        batch = next(batches)
+        np.testing.assert_array_equal(cache.crops[step], batch["crop"])
+        expected = online_targets(config, teacher_variables, alignment, dim, batch["image"])
+        # float16 keeps 11 significant bits: within 2**-11 of each value.
+        np.testing.assert_allclose(cache.targets[step].astype(np.float32), expected, rtol=2**-11, atol=1e-6)
+    crops = np.asarray(cache.crops)
+    assert set(np.unique(crops[..., 4])) <= {0, 1} and (crops[..., 2:4] >= 1).all()
+
+
+def test_replayed_batches_bring_the_targets_and_the_loss_matches(built):
+    config, mesh, teacher_variables, alignment, dim, directory, cache = built
+    replayed = target_cache.replay(
+        data.train_batches(config.data, config.data.split, 8, seed=config.seed, start_step=1, with_crops=True),
+        cache, start_step=1)
+    batch = next(replayed)
+    assert set(batch) == {"image", "label", "targets"}
+    np.testing.assert_array_equal(batch["targets"], cache.targets[1])
+    student = trainer.init_variables(distill.student_model(config), IMAGE_SIZE, seed=0)
+    online = distill.make_loss_fn(config, dim)(student["params"], student["batch_stats"], {"image": batch["image"]},
+                                              (teacher_variables, alignment))[0]
+    cached = distill.make_loss_fn(config, dim, cached_targets=True)(
+        student["params"], student["batch_stats"], {"image": batch["image"], "targets": jnp.asarray(batch["targets"])},
+        ())[0]
+    np.testing.assert_allclose(float(cached), float(online), rtol=1e-3)
+
+
+def test_cache_is_reused_only_for_the_same_run(built, caplog):
+    config, mesh, teacher_variables, alignment, dim, directory, cache = built
+    wanted = target_cache.provenance(config, distill.alignment_provenance(config, "0" * 64), dim, NUM_STEPS)
+    assert target_cache.load(target_cache.cache_dir(config, directory), wanted) is not None
+    assert target_cache.load(target_cache.cache_dir(config, directory), {**wanted, "batch_size": 16}) is None
+    assert "batch_size" in caplog.text
+
+
+def test_replay_refuses_other_crops(built):
+    config, mesh, teacher_variables, alignment, dim, directory, cache = built
+    other_seed = data.train_batches(config.data, config.data.split, 8, seed=config.seed + 1, with_crops=True)
+    with pytest.raises(ValueError, match="crops differ"):
+        next(target_cache.replay(other_seed, cache, start_step=0))
