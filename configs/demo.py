@@ -62,6 +62,8 @@ def get_config(variant: str = ""):
     config.downstream = downstream
 
     if variant in ("tiny", "tiny_distill"):  # every stage, a few steps each, on 4 upstream images per class
+        # Full width, so the exported student is exactly torchvision's resnet18 (the tests load it there).
+        teacher.model.width = config.teacher.width = config.student.width = downstream.model.width = 1.0
         for run in (teacher, config, downstream):
             run.train.update(num_epochs=1, batch_size=32)
             run.log_every_steps = 1
