@@ -24,6 +24,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+STUDENT_DIM = {"resnet18": 512, "mobilenet_v2": 1280}  # torchvision's pooled feature widths
+
 # Dense peak FLOP/s of the GPUs the project is measured on (NVIDIA's datasheets, SXM parts), for the MFU.
 PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12}}
 
@@ -38,7 +40,7 @@ def kdep_jax_step(args) -> dict:
     import numpy as np
 
     from kdep_jax import alignment as alignment_lib
-    from kdep_jax import config_lib, distill, models, optim, parallel, trainer
+    from kdep_jax import config_lib, distill, models, optim, parallel, target_cache, trainer
 
     config = config_lib.kdep_config()
     config.student.arch = args.student
@@ -70,6 +72,8 @@ def kdep_jax_step(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     result = {"seconds": statistics.median(times), "device_kind": jax.devices()[0].device_kind}
+    if cached:
+        result["cache_bytes_per_image_epoch"] = target_cache.bytes_per_image_epoch(dim)
     if args.device == "gpu":
         result["peak_bytes"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
         peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device_kind"]), None)
@@ -108,7 +112,7 @@ def pytorch_step(args) -> dict:
     teacher = torchvision.models.resnet50().eval().to(device)
     student = getattr(torchvision.models, args.student)().train().to(device)
     teacher_feature, student_feature = pytorch_pre_relu(teacher), pytorch_pre_relu(student)
-    dim = {"resnet18": 512, "mobilenet_v2": 1280}[args.student]
+    dim = STUDENT_DIM[args.student]
     mean = torch.zeros(2048, device=device)
     components = torch.linalg.qr(torch.randn(2048, 2048))[0][:, :dim].to(device)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -177,8 +181,6 @@ def main():
         results["speedup_vs_pytorch"] = results["kdep_jax_images_per_sec"] / results["pytorch_images_per_sec"]
     if "kdep_jax_cached_images_per_sec" in results:
         results["cache_speedup"] = results["kdep_jax_cached_images_per_sec"] / results["kdep_jax_images_per_sec"]
-        dim = {"resnet18": 512, "mobilenet_v2": 1280}[args.student]
-        results["cache_bytes_per_image_epoch"] = dim * 2 + 5 * 4  # float16 target + int32 crop box and flip
     if args.json:
         print(json.dumps(results))
         return
@@ -197,7 +199,7 @@ def main():
         print(f"  kdep_jax / PyTorch = {results['speedup_vs_pytorch']:.2f}x")
     if "cache_speedup" in results:
         print(f"  target cache: {results['cache_speedup']:.2f}x the online step, "
-              f"{results['cache_bytes_per_image_epoch']} bytes per image per epoch")
+              f"{results['kdep_jax_cached_cache_bytes_per_image_epoch']} bytes per image per epoch")
 
 
 if __name__ == "__main__":

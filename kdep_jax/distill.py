@@ -1,7 +1,6 @@
 """KDEP: the alignment statistics of the frozen teacher, then feature distillation into the student."""
 from __future__ import annotations
 
-import functools
 import logging
 
 import jax
@@ -16,6 +15,23 @@ from kdep_jax import convert, data, losses, models, parallel, target_cache, trai
 def teacher_model(config):
     return models.create_model(config.teacher.arch, num_classes=None, dtype=jnp.dtype(config.dtype),
                                width=config.teacher.width)
+
+
+def teacher_features_fn(config):
+    """(teacher variables, images) -> the teacher's pooled pre-ReLU features, float32, eval-mode BatchNorm."""
+    teacher = teacher_model(config)
+    return lambda variables, images: teacher.apply(variables, images, train=False)[1]["pre_relu"].astype(jnp.float32)
+
+
+def teacher_targets_fn(config, dim: int):
+    """(teacher variables, alignment, images) -> the KDEP targets: aligned to the top `dim` directions, PTS."""
+    features_of = teacher_features_fn(config)
+
+    def targets_of(teacher_variables, alignment, images):
+        return alignment_lib.teacher_targets(features_of(teacher_variables, images), alignment, dim,
+                                             pts_t=config.alignment.pts_t, pts_n=config.alignment.pts_n)
+
+    return targets_of
 
 
 def student_model(config):
@@ -81,12 +97,9 @@ def compute_or_load_alignment(config, workdir, mesh, teacher_variables, teacher_
 
 def fit_teacher_alignment(config, mesh, teacher_variables):
     """One pass of the frozen teacher over the distillation data, with the training augmentation."""
-    teacher = teacher_model(config)
-
-    @functools.partial(jax.jit, in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)),
-                       out_shardings=parallel.batch_sharding(mesh))
-    def teacher_features(variables, images):
-        return teacher.apply(variables, images, train=False)[1]["pre_relu"].astype(jnp.float32)
+    teacher_features = jax.jit(teacher_features_fn(config),
+                               in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)),
+                               out_shardings=parallel.batch_sharding(mesh))
 
     variables = parallel.replicate(teacher_variables, mesh)
     batch_size = config.alignment.batch_size
@@ -109,16 +122,14 @@ def fit_teacher_alignment(config, mesh, teacher_variables):
 
 def make_loss_fn(config, dim: int, cached_targets: bool = False):
     """The KDEP loss of one batch; with cached_targets the batch brings its "targets" and the teacher is not run."""
-    teacher, student = teacher_model(config), student_model(config)
+    student, targets_of = student_model(config), teacher_targets_fn(config, dim)
 
     def loss_fn(params, batch_stats, batch, constants):
         if cached_targets:
             targets = batch["targets"].astype(jnp.float32)
         else:
             teacher_variables, alignment = constants
-            _, teacher_features = teacher.apply(teacher_variables, batch["image"], train=False)
-            targets = alignment_lib.teacher_targets(teacher_features["pre_relu"].astype(jnp.float32), alignment, dim,
-                                                    pts_t=config.alignment.pts_t, pts_n=config.alignment.pts_n)
+            targets = targets_of(teacher_variables, alignment, batch["image"])
         (_, student_features), updates = student.apply({"params": params, "batch_stats": batch_stats},
                                                         batch["image"], train=True, mutable=["batch_stats"])
         loss = losses.feature_distillation_loss(student_features["pre_relu"], jax.lax.stop_gradient(targets),
@@ -177,7 +188,5 @@ def target_cache_for(config, workdir, mesh, teacher_variables, alignment, dim: i
     if cache is not None:
         logging.info("Reusing the teacher-target cache in %s.", directory)
         return cache
-    teacher = teacher_model(config)
-    teacher_apply = lambda variables, images: teacher.apply(variables, images, train=False)[1]["pre_relu"].astype(
-        jnp.float32)
-    return target_cache.build(config, directory, mesh, teacher_apply, teacher_variables, alignment, dim, wanted)
+    return target_cache.build(config, directory, mesh, teacher_targets_fn(config, dim), teacher_variables, alignment,
+                              wanted)

@@ -26,7 +26,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
-from kdep_jax import alignment as alignment_lib
 from kdep_jax import data, parallel
 
 CROP_FIELDS = ("top", "left", "height", "width", "flip")
@@ -74,20 +73,18 @@ def load(directory, wanted: dict) -> TargetCache | None:
     return TargetCache(np.load(crops_path, mmap_mode="r"), np.load(targets_path, mmap_mode="r"))
 
 
-def build(config, directory, mesh, teacher_apply, teacher_variables, alignment, dim: int, wanted: dict) -> TargetCache:
-    """One pass of the teacher over the whole schedule; this process's rows go to its own files."""
+def build(config, directory, mesh, targets_of, teacher_variables, alignment, wanted: dict) -> TargetCache:
+    """One pass of the teacher over the whole schedule; this process's rows go to its own files.
+
+    `targets_of(teacher_variables, alignment, images)` is the online step's target function.
+    """
     directory = epath.Path(directory)
     (directory / "meta.json").unlink(missing_ok=True)  # an incomplete cache is never read
     directory.mkdir(parents=True, exist_ok=True)
-    num_steps = wanted["num_steps"]
+    num_steps, dim = wanted["num_steps"], wanted["dim"]
     local = parallel.local_batch_size(config.train.batch_size, mesh)
-
-    @jax.jit
-    def targets_of(variables, compact, images):
-        features = teacher_apply(variables, images)
-        return alignment_lib.teacher_targets(features, compact, dim, pts_t=config.alignment.pts_t,
-                                             pts_n=config.alignment.pts_n).astype(jnp.float16)
-
+    float16_targets = jax.jit(lambda variables, compact, images: targets_of(variables, compact, images).astype(
+        jnp.float16))
     variables, compact = parallel.replicate((teacher_variables, alignment), mesh)
     crops_path, targets_path = _paths(directory)
     partial = [epath.Path(f"{path}.partial") for path in (crops_path, targets_path)]
@@ -99,7 +96,7 @@ def build(config, directory, mesh, teacher_apply, teacher_variables, alignment, 
                      dynamic_ncols=True):
         batch = next(batches)
         images = parallel.shard_batch({"image": batch["image"]}, mesh)["image"]
-        rows = multihost_utils.global_array_to_host_local_array(targets_of(variables, compact, images), mesh,
+        rows = multihost_utils.global_array_to_host_local_array(float16_targets(variables, compact, images), mesh,
                                                                  PartitionSpec("data"))
         crops[step], targets[step] = batch["crop"], np.asarray(rows)
     for array, path, final in ((crops, partial[0], crops_path), (targets, partial[1], targets_path)):
