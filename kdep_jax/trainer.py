@@ -156,11 +156,25 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
     meta = dict(checkpoint_meta or {})
     last_eval = None
     pending_metrics: list[dict] = []
+    unlogged = None  # the last log step's (step, metrics, images/s), fetched once the next step is queued
     last_save_time = time.monotonic()
     preempted = False
 
     def save(step):
         checkpointer.save(step, state, {**meta, "step": step})
+
+    def log(step, window, images_per_sec):
+        row = _average(window)
+        if not math.isfinite(row["loss"]):
+            checkpointer.wait()
+            raise TrainingError(
+                f"{settings.name}: the loss became {row['loss']} at or before step {step}. "
+                f"The last good checkpoint (step {checkpointer.latest_step()}) in "
+                f"{checkpointer.directory} is kept. Lower config.train.lr (or compute in float32 "
+                f"with --config.dtype=float32) and rerun the same command to resume from it.")
+        row.update(lr=float(lr_schedule(np.int64(step - 1))), images_per_sec=images_per_sec)
+        progress.set_postfix(loss=row["loss"], lr=row["lr"])
+        writer.write(step, row)
 
     try:
         with _Preemption() as preemption:
@@ -169,6 +183,9 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
                 state, metrics = train_step(state, parallel.shard_batch(next(data), mesh), constants)
                 pending_metrics.append(metrics)
                 progress.update()
+                if unlogged is not None:  # fetching it now leaves the device busy with this step
+                    log(*unlogged)
+                    unlogged = None
 
                 stop = preemption.reached(step)
                 is_last = step == settings.num_steps
@@ -176,21 +193,15 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
                 log_due = step % settings.log_every_steps == 0
                 if log_due and settings.checkpoint_every_secs:
                     save_due |= _agree(time.monotonic() - last_save_time > settings.checkpoint_every_secs)
+                eval_due = evaluate is not None and (
+                    is_last or bool(settings.eval_every_steps and step % settings.eval_every_steps == 0))
                 if log_due or save_due:
-                    row = _average(pending_metrics)
+                    unlogged = (step, pending_metrics, progress.images_per_sec())
                     pending_metrics = []
-                    if not math.isfinite(row["loss"]):
-                        checkpointer.wait()
-                        raise TrainingError(
-                            f"{settings.name}: the loss became {row['loss']} at or before step {step}. "
-                            f"The last good checkpoint (step {checkpointer.latest_step()}) in "
-                            f"{checkpointer.directory} is kept. Lower config.train.lr (or compute in float32 "
-                            f"with --config.dtype=float32) and rerun the same command to resume from it.")
-                    row.update(lr=float(lr_schedule(step - 1)), images_per_sec=progress.images_per_sec())
-                    progress.set_postfix(loss=row["loss"], lr=row["lr"])
-                    writer.write(step, row)
-                if evaluate is not None and (is_last or (settings.eval_every_steps
-                                                         and step % settings.eval_every_steps == 0)):
+                if unlogged is not None and (save_due or eval_due):  # a checkpoint only after its loss is checked
+                    log(*unlogged)
+                    unlogged = None
+                if eval_due:
                     last_eval = evaluate(state)
                     writer.write(step, last_eval)
                     logging.info("%s step %d: %s", settings.name, step, _format(last_eval))
