@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from kdep_jax import xla_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An experiment file in configs/.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and outputs go (a path or bucket URL).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
@@ -27,6 +29,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    xla_flags.apply_defaults()  # before JAX starts a backend, which reads them once
     from kdep_jax import parallel  # imports jax; distributed init must come before any device use
 
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)

@@ -7,6 +7,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Four fake CPU devices, so every test that builds a mesh can use 1, 2 or 4 of them.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+from kdep_jax import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # the suite tests what `python -m kdep_jax.main` runs
 
 # torchvision segfaults when it is imported after TensorFlow (torchvision 0.29.1, TF 2.21): load it first.
 import torch  # noqa: E402,F401
