@@ -11,7 +11,7 @@ import torchvision
 
 from kdep_jax.convert import from_torchvision, to_torchvision
 from kdep_jax.models import ARCHS, create_model, feature_dim
-from kdep_jax.models.layers import BatchNorm, conv2d, torch_linear
+from kdep_jax.models.layers import BatchNorm, DepthwiseConv, conv2d, depthwise_conv, torch_linear
 
 PARITY_TOLERANCE = 1e-4
 
@@ -187,8 +187,9 @@ def test_unknown_arch_lists_known_archs():
 def test_initialisers_follow_torchvision():
     """kaiming_normal(fan_out) convs (depthwise too), BN weight 1 / bias 0, torch.nn.Linear's default for fc."""
     key = jax.random.key(0, impl="rbg")  # XLA compiles threefry's normal sampler slowly on CPU
-    for shape, groups in (((3, 3, 64, 128), 1), ((3, 3, 1, 2048), 2048)):
-        kernel = conv2d(shape[-1], 3, groups=groups).init(key, jnp.zeros((1, 4, 4, shape[2] * groups)))
+    for shape, conv, in_channels in (((3, 3, 64, 128), conv2d(128, 3), 64),
+                                     ((3, 3, 1, 2048), DepthwiseConv(2048, 3), 2048)):
+        kernel = conv.init(key, jnp.zeros((1, 4, 4, in_channels)))
         kernel = np.asarray(kernel["params"]["kernel"])
         assert kernel.shape == shape
         assert kernel.std() == pytest.approx(np.sqrt(2.0 / (shape[0] * shape[1] * shape[3])), rel=0.05)
@@ -199,3 +200,20 @@ def test_initialisers_follow_torchvision():
     bound = 1 / np.sqrt(512)
     assert np.abs(fc["kernel"]).max() <= bound and np.abs(fc["bias"]).max() <= bound
     assert np.asarray(fc["kernel"]).std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+
+
+@pytest.mark.parametrize("stride, size", [(1, 7), (2, 7), (2, 8)])
+def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size):
+    """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients."""
+    rng = np.random.default_rng(stride * size)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 6)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(2, (size - 1) // stride + 1, size // stride + 1, 6)), jnp.float32)
+
+    def value_and_grads(shifted_sum):
+        out, pullback = jax.vjp(lambda x, k: depthwise_conv(x, k, stride, shifted_sum), x, kernel)
+        return (out, *pullback(cotangent))
+
+    for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):
+        assert shifted.shape == conv.shape
+        np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)

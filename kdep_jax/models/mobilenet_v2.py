@@ -50,7 +50,8 @@ class InvertedResidual(nn.Module):
         if self.expand_ratio != 1:
             y = jax.nn.relu6(conv_bn(y, hidden, 1, 1, train, f"conv_{index}", dtype=self.dtype))
             index += 1
-        y = jax.nn.relu6(conv_bn(y, hidden, 3, self.stride, train, f"conv_{index}", groups=hidden, dtype=self.dtype))
+        y = jax.nn.relu6(conv_bn(y, hidden, 3, self.stride, train, f"conv_{index}", depthwise=True,
+                                 dtype=self.dtype))
         y = conv2d(self.out_channels, 1, dtype=self.dtype, name=f"conv_{index + 1}")(y)
         y = BatchNorm(dtype=self.dtype, name=f"conv_{index + 2}")(y, train)
         if self.stride == 1 and in_channels == self.out_channels:
