@@ -3,12 +3,16 @@
 kdep_jax's own step (the one the trainer runs) and the same step written plainly in PyTorch with
 torchvision models, one after the other in the same invocation, each in its own child process (so each
 one's peak memory is its own), on synthetic images (this measures the step, not the input pipeline).
-Median over timed repetitions after warm-up. Memory: peak device memory on a GPU, peak process RSS on a
+With --input jpeg, kdep_jax's repetitions instead take their batches from the real input pipeline
+(JPEGs decoded, cropped and flipped by `kdep_jax.data.train_batches`, then sharded): if that is no slower
+than the synthetic step, the input pipeline is not the bottleneck. Median over timed repetitions after
+warm-up. Memory: peak device memory on a GPU, peak process RSS on a
 CPU. On a GPU it also prints kdep_jax's model FLOP utilisation (XLA's FLOP count of the compiled step).
 
     python benchmarks/distill_step.py --student resnet18 --batch 32 --image-size 224
     python benchmarks/distill_step.py --device gpu --student mobilenet_v2 --batch 256 --dtype bfloat16
     python benchmarks/distill_step.py --target-cache   # also the step with cached teacher targets
+    python benchmarks/distill_step.py --framework kdep_jax --input jpeg   # kdep_jax fed by the input pipeline
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -36,8 +42,10 @@ def peak_rss_bytes() -> int:
 
 def kdep_jax_step(args) -> dict:
     os.environ["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
+    from kdep_jax import xla_flags
+
+    xla_flags.apply_defaults()  # what `python -m kdep_jax.main` runs with; XLA_FLAGS set here win
     import jax
-    import numpy as np
 
     from kdep_jax import alignment as alignment_lib
     from kdep_jax import config_lib, distill, models, optim, parallel, target_cache, trainer
@@ -58,16 +66,20 @@ def kdep_jax_step(args) -> dict:
     cached = args.framework == "kdep_jax_cached"  # the teacher's targets come with the batch (target cache)
     step = trainer.make_train_step(distill.make_loss_fn(config, dim, cached_targets=cached), tx, mesh)
     constants = () if cached else parallel.replicate((teacher_variables, alignment), mesh)
+    host_batches = jpeg_batches(args) if args.input == "jpeg" else synthetic_batches(args)
     rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32)}
-    if cached:
-        batch["targets"] = rng.normal(size=(args.batch, dim)).astype(np.float16)
-    batch = parallel.shard_batch(batch, mesh)
-    flops = (step.lower(state, batch, constants).compile().cost_analysis() or {}).get("flops")
+
+    def next_batch():
+        batch = {"image": next(host_batches)["image"]}
+        if cached:
+            batch["targets"] = rng.normal(size=(args.batch, dim)).astype(np.float16)
+        return parallel.shard_batch(batch, mesh)
+
+    flops = (step.lower(state, next_batch(), constants).compile().cost_analysis() or {}).get("flops")
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
-        state, metrics = step(state, batch, constants)
+        state, metrics = step(state, next_batch(), constants)
         jax.block_until_ready(metrics["loss"])
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -82,6 +94,28 @@ def kdep_jax_step(args) -> dict:
     else:
         result["peak_bytes"] = peak_rss_bytes()
     return result
+
+
+def synthetic_batches(args):
+    image = np.random.default_rng(0).normal(size=(args.batch, args.image_size, args.image_size, 3))
+    batch = {"image": image.astype(np.float32)}
+    while True:
+        yield batch
+
+
+def jpeg_batches(args):
+    """Batches from the real input pipeline, over 400x350 JPEGs written to a temporary folder."""
+    import tempfile
+
+    from input_pipeline import write_images
+
+    from kdep_jax import data
+
+    with tempfile.TemporaryDirectory(prefix="kdep_bench_jpegs_") as root:
+        write_images(root, num_images=(args.warmup + args.repeats + 2) * args.batch, width=400, height=350)
+        config = data.default_config()
+        config.name, config.data_dir, config.split, config.image_size = "image_folder", root, "train", args.image_size
+        yield from data.train_batches(config, "train", args.batch, seed=0, process_index=0, process_count=1)
 
 
 def pytorch_pre_relu(model):
@@ -158,6 +192,8 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--input", default="synthetic", choices=["synthetic", "jpeg"],
+                        help="kdep_jax's batches: one synthetic batch, or the real input pipeline over JPEGs")
     parser.add_argument("--target-cache", action="store_true",
                         help="also time kdep_jax's step with cached teacher targets (no teacher forward)")
     parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "kdep_jax_cached", "pytorch"])
@@ -169,7 +205,7 @@ def main():
         return
     argv = [a for a in sys.argv[1:] if a not in ("--json", "--target-cache")]
     results = {"student": args.student, "teacher": "resnet50", "device": args.device, "batch": args.batch,
-               "image_size": args.image_size, "dtype": args.dtype, "cpus": os.cpu_count()}
+               "image_size": args.image_size, "dtype": args.dtype, "input": args.input, "cpus": os.cpu_count()}
     for framework in ("kdep_jax", "kdep_jax_cached", "pytorch"):
         if framework == "kdep_jax_cached" and not args.target_cache:
             continue
@@ -186,7 +222,7 @@ def main():
         return
     memory = "peak device memory" if args.device == "gpu" else "peak RSS"
     print(f"resnet50 -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} "
-          f"({results.get('kdep_jax_device_kind', '?')}), {results['cpus']} CPUs")
+          f"({results.get('kdep_jax_device_kind', '?')}), {results['cpus']} CPUs, kdep_jax input {args.input}")
     for framework, label in (("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets"),
                              ("pytorch", "PyTorch ")):
         if f"{framework}_images_per_sec" in results:
