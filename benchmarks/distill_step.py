@@ -6,8 +6,8 @@ one's peak memory is its own), on synthetic images (this measures the step, not 
 With --input jpeg, kdep_jax's repetitions instead take their batches from the real input pipeline
 (JPEGs decoded, cropped and flipped by `kdep_jax.data.train_batches`, then sharded): if that is no slower
 than the synthetic step, the input pipeline is not the bottleneck. Median over timed repetitions after
-warm-up. Memory: peak device memory on a GPU, peak process RSS on a
-CPU. On a GPU it also prints kdep_jax's model FLOP utilisation (XLA's FLOP count of the compiled step).
+warm-up. Memory: peak device memory on a GPU, peak process RSS on a CPU. On a GPU it also prints
+kdep_jax's model FLOP utilisation (XLA's FLOP count of the compiled step).
 
     python benchmarks/distill_step.py --student resnet18 --batch 32 --image-size 224
     python benchmarks/distill_step.py --device gpu --student mobilenet_v2 --batch 256 --dtype bfloat16
