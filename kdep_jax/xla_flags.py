@@ -11,8 +11,8 @@ import os
 # XLA:CPU: hand dot products (including the 1x1 convolutions XLA rewrites as dots, most of ResNet-50) to
 # YNNPACK. Distillation step ResNet-50 -> ResNet-18, 224 px, batch 16, float32, 2-core AMD EPYC (AVX2):
 # 7.1-7.4 s without, 3.3-3.6 s with (`python benchmarks/distill_step.py --framework kdep_jax --batch 16`,
-# and XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-dot to switch it off). Adding its "eltwise" and
-# "reduce" fusions, or splitting the CPU into 2 devices, was slower. Accelerators ignore it.
+# and XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-dot to switch it off). Adding its "eltwise" fusion,
+# or splitting the CPU into 2 devices, was slower; adding "reduce" changed nothing. Accelerators ignore it.
 DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot"}
 
 

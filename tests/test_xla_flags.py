@@ -1,4 +1,6 @@
 """kdep_jax.xla_flags: the measured defaults are added, and a value the user set is left alone."""
+import os
+
 from kdep_jax import xla_flags
 
 
@@ -19,6 +21,4 @@ def test_a_flag_the_user_set_wins_and_applying_twice_changes_nothing():
 
 
 def test_the_suite_runs_with_the_defaults():
-    import os
-
     assert all(f"--{name}={value}" in os.environ["XLA_FLAGS"].split() for name, value in xla_flags.DEFAULTS.items())
