@@ -2,8 +2,10 @@
 
 The teacher's pooled features are centred and rotated onto the right singular vectors of the centred
 N x D feature matrix; the student learns the first `dim` coordinates, squashed by power temperature
-scaling (PTS). The statistics are streamed once (count, sum, sum of outer products, in float64 on the
-host), combined exactly across processes, and decomposed with a float64 eigendecomposition.
+scaling (PTS). The statistics are streamed once (count, mean and centred scatter, in float64 on the
+host, one accumulator per row shard of the batch), merged by a fixed pairwise tree, exchanged bit for bit
+across processes, and decomposed with a float64 eigendecomposition: the same devices spread over one or
+several processes give bit-identical statistics.
 """
 from __future__ import annotations
 
@@ -44,26 +46,46 @@ def _row_range(index, num_rows: int) -> tuple[int, int]:
     return start, stop
 
 
-def _local_pieces(x) -> list[tuple[tuple[int, int], np.ndarray]]:
-    """This process's rows of `x` as ((start, stop), rows) pieces, each global row exactly once.
+def _row_blocks(x: jax.Array) -> dict[int, tuple[int, int, int]]:
+    """{leaf: (start, stop, owning process)} for the row blocks of a global array.
 
-    A jax.Array contributes its addressable shards with `replica_id == 0`: across all devices of all
-    processes exactly one copy of each shard has replica id 0, so replicated data is counted once and
-    multi-host sums stay exact. Any other array is taken as this process's own rows.
+    A leaf is one row block (shard) of the batch. Its owner, the lowest process holding a copy, counts
+    its rows once, so replicated data is counted once whatever the layout.
     """
+    blocks = {}
+    for device, index in x.sharding.devices_indices_map(x.shape).items():
+        start, stop = _row_range(index, x.shape[0])
+        leaf = start // max(stop - start, 1)
+        owner = min(device.process_index, blocks.get(leaf, (start, stop, device.process_index))[2])
+        blocks[leaf] = (start, stop, owner)
+    return blocks
+
+
+def _leaf_layout(x) -> tuple[int, dict[int, int]]:
+    """(number of leaves, {leaf: owning process}); a host array is one leaf per process (its own rows)."""
+    if not isinstance(x, jax.Array):
+        return jax.process_count(), {p: p for p in range(jax.process_count())}
+    blocks = _row_blocks(x)
+    return len(blocks), {leaf: owner for leaf, (_, _, owner) in blocks.items()}
+
+
+def _local_pieces(x) -> list[tuple[int, tuple[int, int], np.ndarray]]:
+    """The (leaf, (start, stop), rows) pieces of `x` this process owns, each global row exactly once."""
     if not isinstance(x, jax.Array):
         x = np.asarray(x)
-        return [((0, x.shape[0]), x)]
-    pieces = []
+        return [(jax.process_index(), (0, x.shape[0]), x)]
+    blocks = _row_blocks(x)
+    pieces = {}
     for shard in x.addressable_shards:
-        if shard.replica_id != 0:
-            continue
         if x.ndim > 1 and shard.data.shape[1:] != x.shape[1:]:
             raise ValueError(
                 f"fit_alignment needs whole feature rows per shard, got a shard of shape {shard.data.shape} "
                 f"of an array of shape {x.shape}; shard the batch over rows only (P('data')).")
-        pieces.append((_row_range(shard.index, x.shape[0]), np.asarray(shard.data)))
-    return pieces
+        start, stop = _row_range(shard.index, x.shape[0])
+        leaf = start // max(stop - start, 1)
+        if blocks[leaf][2] == jax.process_index() and leaf not in pieces:
+            pieces[leaf] = (leaf, (start, stop), np.asarray(shard.data))
+    return list(pieces.values())
 
 
 def _mask_rows(mask, start: int, stop: int) -> np.ndarray:
@@ -108,28 +130,59 @@ class _Moments:
         self.merge(float(rows.shape[0]), mean, centred.T @ centred)
 
 
-def _split_f32(a: np.ndarray) -> np.ndarray:
-    """float64 -> stacked float32 (hi, lo) with hi + lo == a to about 48 bits (JAX's x64 is off)."""
-    hi = a.astype(np.float32)
-    lo = (a - hi.astype(np.float64)).astype(np.float32)
-    return np.stack([hi, lo])
-
-
-def _allgather_moments(local: _Moments) -> _Moments:
-    """Combines every process's moments exactly and identically on every host.
-
-    An allgather (not a psum) moves each host's float64 values as float32 hi/lo pairs (about 48 bits,
-    far finer than the accumulation's own rounding), and every host merges them in the same order in
-    float64, so all hosts get bit-identical statistics. Costs 8 D^2 bytes per process, once.
-    """
-    packed = np.concatenate([[local.count], local.mean, local.scatter.ravel()])
-    gathered = np.asarray(multihost_utils.process_allgather(_split_f32(packed)), np.float64)
-    per_process = gathered[:, 0] + gathered[:, 1]
-    dim = local.mean.shape[0]
-    total = _Moments(dim)
-    for row in per_process:
-        total.merge(float(np.rint(row[0])), row[1:1 + dim], row[1 + dim:].reshape(dim, dim))
+def _merged(a: _Moments, b: _Moments) -> _Moments:
+    total = _Moments(a.mean.shape[0])
+    total.merge(a.count, a.mean, a.scatter)
+    total.merge(b.count, b.mean, b.scatter)
     return total
+
+
+def _pairwise(nodes: list[_Moments]) -> _Moments:
+    """Merges level by level, ((0, 1), (2, 3)), ...: the order depends only on the number of nodes, and an
+    aligned block of 2^m consecutive leaves is one node of the tree."""
+    while len(nodes) > 1:
+        nodes = [_merged(*nodes[i:i + 2]) if i + 1 < len(nodes) else nodes[i] for i in range(0, len(nodes), 2)]
+    return nodes[0]
+
+
+def _pack(moments: list[_Moments]) -> np.ndarray:
+    """float64 values as uint32 pairs: an allgather moves them bit for bit (JAX's x64 is off)."""
+    packed = np.stack([np.concatenate([[m.count], m.mean, m.scatter.ravel()]) for m in moments])
+    return packed.view(np.uint32)
+
+
+def _unpack(packed: np.ndarray, dim: int) -> list[_Moments]:
+    moments = []
+    for row in np.ascontiguousarray(packed).view(np.float64):
+        m = _Moments(dim)
+        m.count, m.mean, m.scatter = float(row[0]), row[1:1 + dim].copy(), row[1 + dim:].reshape(dim, dim).copy()
+        moments.append(m)
+    return moments
+
+
+def _combine(leaves: dict[int, _Moments], num_leaves: int, owners: dict[int, int], dim: int) -> _Moments:
+    """All leaves merged by the same pairwise tree on every layout, identically on every process.
+
+    When each process owns an aligned block of 2^m leaves (1, 2, 4 or 8 devices per host), that block is
+    one node of the tree: it is merged locally and only one D x D node per process is exchanged. Otherwise
+    every leaf is gathered. The exchange is exact, so 1 process x N devices and P processes x N/P devices
+    give bit-identical statistics.
+    """
+    processes = jax.process_count()
+    owned = [[i for i in range(num_leaves) if owners[i] == p] for p in range(processes)]
+    local = [leaves.get(i, _Moments(dim)) for i in owned[jax.process_index()]]
+    if processes == 1:
+        return _pairwise(local)
+    block = num_leaves // processes
+    if num_leaves % processes == 0 and block & (block - 1) == 0 and all(
+            mine == list(range(p * block, (p + 1) * block)) for p, mine in enumerate(owned)):
+        gathered = np.asarray(multihost_utils.process_allgather(_pack([_pairwise(local)])))
+        return _pairwise([m for rows in gathered for m in _unpack(rows, dim)])
+    most = max(len(mine) for mine in owned)  # every process sends as many leaves, empty ones as padding
+    padded = local + [_Moments(dim)] * (most - len(local))
+    gathered = np.asarray(multihost_utils.process_allgather(_pack(padded)))
+    by_leaf = {i: m for mine, rows in zip(owned, gathered) for i, m in zip(mine, _unpack(rows, dim))}
+    return _pairwise([by_leaf[i] for i in range(num_leaves)])
 
 
 def fit_alignment(batches: Iterable) -> Alignment:
@@ -137,32 +190,31 @@ def fit_alignment(batches: Iterable) -> Alignment:
 
     `batches` yields (B, D) arrays, or (features, mask) pairs whose (B,) mask marks valid rows (padded
     last batches). Arrays may be numpy (this process's rows) or global jax.Arrays sharded over rows,
-    across devices and processes. Only D x D float64 accumulators are kept. The right singular vectors
-    of the centred X are the eigenvectors of X^T X, and its singular values the square roots of the
-    eigenvalues, so a float64 `eigh` of the D x D scatter gives the SVD without holding X. Each column's
-    sign is fixed (largest-magnitude entry positive) so that runs and hosts agree.
+    across devices and processes. Only D x D float64 accumulators are kept, one per local shard. The
+    right singular vectors of the centred X are the eigenvectors of X^T X, and its singular values the
+    square roots of the eigenvalues, so a float64 `eigh` of the D x D scatter gives the SVD without
+    holding X. Each column's sign is fixed (largest-magnitude entry positive) so that runs and hosts agree.
     """
-    moments = None
+    leaves: dict[int, _Moments] = {}
+    layout = None
+    dim = None
     for batch in batches:
         features, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
         if features.ndim != 2:
             raise ValueError(f"fit_alignment expects (B, D) feature batches, got shape {features.shape}.")
-        if moments is None:
-            moments = _Moments(features.shape[1])
-        elif features.shape[1] != moments.mean.shape[0]:
-            raise ValueError(
-                f"Feature width changed from {moments.mean.shape[0]} to {features.shape[1]} between batches.")
-        rows = []
-        for (start, stop), piece in _local_pieces(features):
+        if dim is None:
+            dim, layout = features.shape[1], _leaf_layout(features)
+        elif features.shape[1] != dim:
+            raise ValueError(f"Feature width changed from {dim} to {features.shape[1]} between batches.")
+        elif _leaf_layout(features) != layout:
+            raise ValueError("fit_alignment needs every batch sharded the same way (the same number of shards).")
+        for leaf, (start, stop), piece in _local_pieces(features):
             if mask is not None:
                 piece = piece[_mask_rows(mask, start, stop).astype(bool)]
-            rows.append(piece.astype(np.float64))
-        if rows:  # a process may hold no replica-0 shard of a replicated array
-            moments.add_rows(np.concatenate(rows))
-    if moments is None:
+            leaves.setdefault(leaf, _Moments(dim)).add_rows(piece.astype(np.float64))
+    if dim is None:
         raise ValueError("fit_alignment got no batches; check the dataset, split and subset it was given.")
-    if jax.process_count() > 1:
-        moments = _allgather_moments(moments)
+    moments = _combine(leaves, *layout, dim)
     if moments.count == 0:
         raise ValueError("fit_alignment got 0 valid feature rows (every row masked out); check the data.")
 

@@ -133,7 +133,8 @@ _TWO_PROCESS_SCRIPT = textwrap.dedent("""
 
 
 def test_fit_alignment_two_processes(tmp_path, data):
-    """Real multi-process run (gloo on CPU): exact allgather, same bits on both hosts."""
+    """Real multi-process run (gloo on CPU): the same bits on both hosts, and the same bits as one process
+    with the same 4 devices (statistics accumulated per row shard, merged by one tree, exchanged exactly)."""
     features, _, s, _ = data
     np.save(tmp_path / "features.npy", features)
     with socket.socket() as sock:
@@ -162,6 +163,14 @@ def test_fit_alignment_two_processes(tmp_path, data):
                      count=int(r["count"])), data)
     assert int(r["replicated_count"]) == N
     np.testing.assert_allclose(r["replicated_sv"], s, rtol=1e-4)
+
+    sharding = NamedSharding(Mesh(np.array(jax.devices()[:4]), ("data",)), P("data"))
+    batches = [jax.device_put(chunk, sharding) for chunk in np.split(features, [len(features) // 2])]
+    batches.append((jax.device_put(np.full((4, D), 9e3, np.float32), sharding),
+                    jax.device_put(np.zeros(4, bool), sharding)))
+    one_process = fit_alignment(batches)
+    for name in ("mean", "components", "singular_values"):
+        np.testing.assert_array_equal(r[name], getattr(one_process, name), err_msg=name)
 
 
 def test_fit_alignment_no_rows_is_an_error():
