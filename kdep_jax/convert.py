@@ -27,19 +27,12 @@ from etils import epath
 from flax import serialization, traverse_util
 
 from kdep_jax.models import ARCHS, create_model
+from kdep_jax.models.layers import TORCH_LEAF_NAMES
 
 VARIABLES_FILE = "variables.msgpack"
 META_FILE = "meta.json"
 STUDENT_SUBDIR = "student"  # where the distillation trainer puts the converted student inside its workdir
 
-# Flax (collection, leaf name) -> torch parameter name.
-_LEAF_TO_TORCH = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
 _HEAD = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1"}
 _LAST_BN = {"resnet18": "layer4.1.bn2", "resnet34": "layer4.2.bn2", "resnet50": "layer4.2.bn3",
             "mobilenet_v2": "features.18.1"}
@@ -57,7 +50,7 @@ def _check_arch(arch: str) -> None:
 
 def _torch_key(collection: str, path: tuple[str, ...]) -> str:
     *modules, leaf = path
-    return ".".join(module.replace("_", ".") for module in modules) + "." + _LEAF_TO_TORCH[(collection, leaf)]
+    return ".".join(module.replace("_", ".") for module in modules) + "." + TORCH_LEAF_NAMES[(collection, leaf)]
 
 
 def _to_torch_layout(array: np.ndarray) -> np.ndarray:
@@ -93,7 +86,7 @@ def _expected_layout(arch: str, num_classes: int | None, width: float = 1.0) -> 
     with nn.intercept_methods(record_call):
         shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     leaves = traverse_util.flatten_dict(shapes)
-    leaf_order = list(_LEAF_TO_TORCH)
+    leaf_order = list(TORCH_LEAF_NAMES)
     layout = {}
     for flat_key in sorted(leaves, key=lambda k: (call_order[k[1:-1]], leaf_order.index((k[0], k[-1])))):
         torch_shape = _to_torch_layout(np.empty(leaves[flat_key].shape, dtype=np.uint8)).shape
@@ -171,7 +164,7 @@ def to_torchvision(variables, arch: str) -> dict[str, np.ndarray]:
     state_dict = {}
     collections = {name: variables.get(name, {}) for name in ("params", "batch_stats")}
     for (collection, *path), value in traverse_util.flatten_dict(collections).items():
-        if (collection, path[-1]) not in _LEAF_TO_TORCH:
+        if (collection, path[-1]) not in TORCH_LEAF_NAMES:
             raise ConversionError(f"unexpected Flax variable {'/'.join([collection, *path])} for {arch}")
         state_dict[_torch_key(collection, tuple(path))] = np.array(_to_torch_layout(np.asarray(value)),
                                                                    dtype=np.float32, order="C")

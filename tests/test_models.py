@@ -202,16 +202,22 @@ def test_initialisers_follow_torchvision():
     assert np.asarray(fc["kernel"]).std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
 
 
-@pytest.mark.parametrize("stride, size", [(1, 7), (2, 7), (2, 8)])
-def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size):
+@pytest.mark.parametrize("stride, size, kernel_size, padding", [
+    (1, 7, 3, None), (2, 7, 3, None), (2, 8, 3, None),
+    (2, 8, 3, ((0, 1), (1, 1))),  # TensorFlow's "SAME" for a 3x3/2 conv on 8 rows, 9 columns (EfficientNet-Lite)
+])
+def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding):
     """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients."""
     rng = np.random.default_rng(stride * size)
     x = jnp.asarray(rng.normal(size=(2, size, size + 1, 6)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 6)), jnp.float32)
-    cotangent = jnp.asarray(rng.normal(size=(2, (size - 1) // stride + 1, size // stride + 1, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), jnp.float32)
+    (top, bottom), (left, right) = padding or ((1, 1), (1, 1))
+    out_shape = (2, (size + top + bottom - kernel_size) // stride + 1,
+                 (size + 1 + left + right - kernel_size) // stride + 1, 6)
+    cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
     def value_and_grads(shifted_sum):
-        out, pullback = jax.vjp(lambda x, k: depthwise_conv(x, k, stride, shifted_sum), x, kernel)
+        out, pullback = jax.vjp(lambda x, k: depthwise_conv(x, k, stride, shifted_sum, padding), x, kernel)
         return (out, *pullback(cotangent))
 
     for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):
