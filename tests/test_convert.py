@@ -11,7 +11,7 @@ import torchvision
 
 from kdep_jax import convert
 from kdep_jax.convert import ConversionError, from_torchvision, load_converted, save_converted, to_torchvision
-from kdep_jax.models import ARCHS, create_model
+from kdep_jax.models import TORCHVISION_ARCHS, create_model
 
 
 def random_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -59,9 +59,9 @@ def converted_resnet18(resnet18_state, tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
 def test_torchvision_to_flax_to_torchvision_is_exact(arch):
-    reference = random_state_dict(arch, seed=ARCHS.index(arch))
+    reference = random_state_dict(arch, seed=TORCHVISION_ARCHS.index(arch))
     variables = from_torchvision(reference, arch)
     assert set(variables) == {"params", "batch_stats"}
     assert_same_state_dict(to_torchvision(variables, arch), reference)

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from kdep_jax.convert import from_torchvision, to_torchvision
-from kdep_jax.models import ARCHS, create_model, feature_dim
+from kdep_jax.models import ARCHS, TORCHVISION_ARCHS, create_model, feature_dim
 from kdep_jax.models.layers import BatchNorm, DepthwiseConv, conv2d, depthwise_conv, torch_linear
 
 PARITY_TOLERANCE = 1e-4
@@ -78,8 +78,8 @@ def as_dict(logits, features) -> dict[str, np.ndarray]:
 @functools.cache
 def random_torchvision_model(arch: str):
     """(eval-mode torchvision model with random weights and BN statistics, its converted variables)."""
-    torch.manual_seed(ARCHS.index(arch))
-    model = randomize_batchnorm(getattr(torchvision.models, arch)(), seed=ARCHS.index(arch)).eval()
+    torch.manual_seed(TORCHVISION_ARCHS.index(arch))
+    model = randomize_batchnorm(getattr(torchvision.models, arch)(), seed=TORCHVISION_ARCHS.index(arch)).eval()
     return model, from_torchvision(model.state_dict(), arch)
 
 
@@ -90,7 +90,7 @@ def images():
     return nchw, nchw.numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
 def test_eval_mode_matches_torchvision(arch, images):
     model, variables = random_torchvision_model(arch)
     expected = torchvision_outputs(model, images[0])
@@ -157,7 +157,7 @@ def test_bfloat16_close_to_float32_with_float32_params(arch, images):
 @pytest.mark.parametrize("arch, width, expected", [
     ("resnet18", 1.0, 512), ("resnet34", 1.0, 512), ("resnet50", 1.0, 2048), ("mobilenet_v2", 1.0, 1280),
     ("resnet18", 0.25, 128), ("resnet34", 0.25, 128), ("resnet50", 0.25, 512), ("mobilenet_v2", 0.25, 1280),
-    ("mobilenet_v2", 1.4, 1792),
+    ("mobilenet_v2", 1.4, 1792), ("efficientnet_lite0", 1.0, 1280), ("efficientnet_lite4", 0.5, 1280),
 ])
 def test_feature_dim(arch, width, expected):
     assert feature_dim(arch, width) == expected
