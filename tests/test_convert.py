@@ -67,6 +67,17 @@ def test_torchvision_to_flax_to_torchvision_is_exact(arch):
     assert_same_state_dict(to_torchvision(variables, arch), reference)
 
 
+def test_variables_are_a_copy_of_the_state_dict():
+    """A torch model in train mode updates its BN buffers in place; the converted variables must not follow."""
+    model = torchvision.models.resnet18()
+    variables = from_torchvision(model.state_dict(), "resnet18")
+    with torch.no_grad():
+        model.bn1.running_mean.fill_(7.0)
+        model.fc.bias.fill_(7.0)
+    assert not (variables["batch_stats"]["bn1"]["mean"] == 7.0).any()
+    assert not (variables["params"]["fc"]["bias"] == 7.0).any()
+
+
 def test_flax_variables_load_strictly_with_identical_outputs():
     """Variables that never came from torch (random, in Flax layouts) -> torchvision -> the same outputs."""
     model = create_model("resnet18")
