@@ -386,7 +386,7 @@ def main(argv=None) -> int:
                   f"sha256 {meta['sha256'][:12]})")
         else:
             output = export_checkpoint(args.arch, args.input, args.output)
-            print(f"wrote {output} (torchvision {args.arch} state_dict)")
+            print(f"wrote {output} (PyTorch {args.arch} state_dict)")
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
