@@ -3,11 +3,13 @@
 Flax module paths mirror torchvision keys with "." written as "_" (`layer1_0/downsample_0/kernel` is
 `layer1.0.downsample.0.weight`), so the mapping is mechanical: conv kernels HWIO <-> OIHW (a depthwise
 (kh, kw, 1, C) kernel is torch's (C, 1, kh, kw) under the same transpose), linear kernels transposed,
-BatchNorm scale/bias/mean/var <-> weight/bias/running_mean/running_var.
+BatchNorm scale/bias/mean/var <-> weight/bias/running_mean/running_var. Families whose PyTorch names do not
+follow that rule (EfficientNet-Lite's `_blocks.0._bn1`) name their keys with a function of their own.
 
 CLI:
   python -m kdep_jax.convert import --arch resnet50 --input resnet50.pth --output DIR
   python -m kdep_jax.convert export --arch resnet18 --input DIR --output student.pth
+  python -m kdep_jax.convert import --arch efficientnet_lite0 --input efficientnet-lite0-57934424.pth --output DIR
 
 A converted directory holds `variables.msgpack` (flax.serialization) and `meta.json` (arch, num_classes,
 sha256 of the msgpack bytes, source). torch is imported only where .pth files are read or written.
@@ -26,23 +28,19 @@ import numpy as np
 from etils import epath
 from flax import serialization, traverse_util
 
-from kdep_jax.models import ARCHS, create_model
+from kdep_jax.models import ARCHS, create_model, efficientnet
+from kdep_jax.models.layers import TORCH_LEAF_NAMES
 
 VARIABLES_FILE = "variables.msgpack"
 META_FILE = "meta.json"
 STUDENT_SUBDIR = "student"  # where the distillation trainer puts the converted student inside its workdir
 
-# Flax (collection, leaf name) -> torch parameter name.
-_LEAF_TO_TORCH = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
-_HEAD = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1"}
+# (collection, Flax path) -> torch key, for the families whose names are not torchvision's "." written as "_".
+_FAMILY_TORCH_KEY = {arch: efficientnet.torch_key for arch in efficientnet.ARCHS}
+_HEAD = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1",
+         **{arch: "_fc" for arch in efficientnet.ARCHS}}
 _LAST_BN = {"resnet18": "layer4.1.bn2", "resnet34": "layer4.2.bn2", "resnet50": "layer4.2.bn3",
-            "mobilenet_v2": "features.18.1"}
+            "mobilenet_v2": "features.18.1", **{arch: "_bn1" for arch in efficientnet.ARCHS}}
 _INSTALL_TORCH = "pip install torch torchvision (or pip install kdep_jax[convert])"
 
 
@@ -55,9 +53,11 @@ def _check_arch(arch: str) -> None:
         raise ConversionError(f"unknown arch {arch!r}; known archs: {', '.join(ARCHS)}")
 
 
-def _torch_key(collection: str, path: tuple[str, ...]) -> str:
+def _torch_key(collection: str, path: tuple[str, ...], arch: str) -> str:
+    if arch in _FAMILY_TORCH_KEY:
+        return _FAMILY_TORCH_KEY[arch](collection, path)
     *modules, leaf = path
-    return ".".join(module.replace("_", ".") for module in modules) + "." + _LEAF_TO_TORCH[(collection, leaf)]
+    return ".".join(module.replace("_", ".") for module in modules) + "." + TORCH_LEAF_NAMES[(collection, leaf)]
 
 
 def _to_torch_layout(array: np.ndarray) -> np.ndarray:
@@ -78,9 +78,9 @@ def _to_flax_layout(array: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _expected_layout(arch: str, num_classes: int | None, width: float = 1.0) -> dict[str, tuple]:
-    """torch key -> (flat Flax key, torch-layout shape), in torchvision's state_dict order; from shapes alone.
+    """torch key -> (flat Flax key, torch-layout shape), in the PyTorch state_dict's order; from shapes alone.
 
-    The order is the order in which layers are called, which for these models is torchvision's module order.
+    The order is the order in which layers are called, which for these models is the PyTorch module order.
     """
     model = create_model(arch, num_classes=num_classes, width=width)
     call_order = {}
@@ -93,11 +93,11 @@ def _expected_layout(arch: str, num_classes: int | None, width: float = 1.0) -> 
     with nn.intercept_methods(record_call):
         shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     leaves = traverse_util.flatten_dict(shapes)
-    leaf_order = list(_LEAF_TO_TORCH)
+    leaf_order = list(TORCH_LEAF_NAMES)
     layout = {}
     for flat_key in sorted(leaves, key=lambda k: (call_order[k[1:-1]], leaf_order.index((k[0], k[-1])))):
         torch_shape = _to_torch_layout(np.empty(leaves[flat_key].shape, dtype=np.uint8)).shape
-        layout[_torch_key(flat_key[0], flat_key[1:])] = (flat_key, torch_shape)
+        layout[_torch_key(flat_key[0], flat_key[1:], arch)] = (flat_key, torch_shape)
     return layout
 
 
@@ -134,6 +134,7 @@ def _to_numpy(value) -> np.ndarray:
 def from_torchvision(state_dict, arch: str, width: float = 1.0) -> dict:
     """torchvision state_dict (torch tensors or numpy arrays) -> Flax {"params", "batch_stats"} (numpy float32).
 
+    For EfficientNet-Lite the state_dict is the efficientnet-lite-pytorch package's (`_blocks.0._bn1.weight`).
     num_batches_tracked is ignored. A state_dict without the head (fc / classifier.1) gives variables without
     a head, for create_model(arch, num_classes=None). Raises ConversionError naming the first missing,
     unexpected or mis-shaped key, and the arch the checkpoint looks like when it matches another one.
@@ -150,13 +151,16 @@ def from_torchvision(state_dict, arch: str, width: float = 1.0) -> dict:
     num_classes = _num_classes(arrays, arch)
     problem = _mismatch(arrays, _expected_layout(arch, num_classes, width))
     if problem:
-        matching = [other for other in ARCHS
-                    if other != arch and not _mismatch(arrays, _expected_layout(other, _num_classes(arrays, other)))]
-        hint = f" It looks like a {matching[0]} checkpoint: pass --arch {matching[0]}." if matching else ""
+        # The first arch that matches: checking one costs a trace of its model.
+        matching = next((other for other in ARCHS if other != arch
+                         and not _mismatch(arrays, _expected_layout(other, _num_classes(arrays, other)))), None)
+        article = "an" if matching and matching[0] in "aeiou" else "a"
+        hint = f" It looks like {article} {matching} checkpoint: pass --arch {matching}." if matching else ""
         raise ConversionError(f"the checkpoint is not a {arch} (width {width}) state_dict: {problem}.{hint}")
     flat = {}
     for key, (flat_key, _) in _expected_layout(arch, num_classes, width).items():
-        flat[flat_key] = np.asarray(_to_flax_layout(arrays[key]), dtype=np.float32)
+        # A copy: a torch model in train mode updates its buffers in place.
+        flat[flat_key] = np.array(_to_flax_layout(arrays[key]), dtype=np.float32)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -164,17 +168,18 @@ def to_torchvision(variables, arch: str) -> dict[str, np.ndarray]:
     """Flax variables -> state_dict of numpy arrays with torchvision's key names, num_batches_tracked included.
 
     `torchvision.models.<arch>().load_state_dict({k: torch.from_numpy(v) ...}, strict=True)` accepts it at
-    width 1. Variables without a head (a student built with num_classes=None) get a zero-filled 1000-class
-    head (fc / classifier.1), so that the strict load works; it outputs zeros and is meant to be replaced.
+    width 1, as does the efficientnet-lite-pytorch package's model for EfficientNet-Lite. Variables without a head
+    (a student built with num_classes=None) get a zero-filled 1000-class head (fc / classifier.1 / _fc), so that
+    the strict load works; it outputs zeros and is meant to be replaced.
     """
     _check_arch(arch)
     state_dict = {}
     collections = {name: variables.get(name, {}) for name in ("params", "batch_stats")}
     for (collection, *path), value in traverse_util.flatten_dict(collections).items():
-        if (collection, path[-1]) not in _LEAF_TO_TORCH:
+        if (collection, path[-1]) not in TORCH_LEAF_NAMES:
             raise ConversionError(f"unexpected Flax variable {'/'.join([collection, *path])} for {arch}")
-        state_dict[_torch_key(collection, tuple(path))] = np.array(_to_torch_layout(np.asarray(value)),
-                                                                   dtype=np.float32, order="C")
+        state_dict[_torch_key(collection, tuple(path), arch)] = np.array(_to_torch_layout(np.asarray(value)),
+                                                                         dtype=np.float32, order="C")
     head = _HEAD[arch]
     if head + ".weight" not in state_dict:
         in_features = state_dict[_LAST_BN[arch] + ".weight"].shape[0]
@@ -196,8 +201,9 @@ def to_torchvision(variables, arch: str) -> dict[str, np.ndarray]:
 
 
 def _head_classes(variables, arch: str) -> int | None:
-    head = variables["params"].get(_HEAD[arch].replace(".", "_"))
-    return None if head is None else int(head["kernel"].shape[-1])
+    _, *head_kernel_path = _expected_layout(arch, 1000)[_HEAD[arch] + ".weight"][0]
+    head_kernel = traverse_util.flatten_dict(variables["params"]).get(tuple(head_kernel_path))
+    return None if head_kernel is None else int(head_kernel.shape[-1])
 
 
 def _atomic_write(path: epath.Path, write) -> None:
@@ -380,7 +386,7 @@ def main(argv=None) -> int:
                   f"sha256 {meta['sha256'][:12]})")
         else:
             output = export_checkpoint(args.arch, args.input, args.output)
-            print(f"wrote {output} (torchvision {args.arch} state_dict)")
+            print(f"wrote {output} (PyTorch {args.arch} state_dict)")
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import torchvision
 
 from kdep_jax import convert
 from kdep_jax.convert import ConversionError, from_torchvision, load_converted, save_converted, to_torchvision
-from kdep_jax.models import ARCHS, create_model
+from kdep_jax.models import TORCHVISION_ARCHS, create_model
 
 
 def random_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -59,12 +59,23 @@ def converted_resnet18(resnet18_state, tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
 def test_torchvision_to_flax_to_torchvision_is_exact(arch):
-    reference = random_state_dict(arch, seed=ARCHS.index(arch))
+    reference = random_state_dict(arch, seed=TORCHVISION_ARCHS.index(arch))
     variables = from_torchvision(reference, arch)
     assert set(variables) == {"params", "batch_stats"}
     assert_same_state_dict(to_torchvision(variables, arch), reference)
+
+
+def test_variables_are_a_copy_of_the_state_dict():
+    """A torch model in train mode updates its BN buffers in place; the converted variables must not follow."""
+    model = torchvision.models.resnet18()
+    variables = from_torchvision(model.state_dict(), "resnet18")
+    with torch.no_grad():
+        model.bn1.running_mean.fill_(7.0)
+        model.fc.bias.fill_(7.0)
+    assert not (variables["batch_stats"]["bn1"]["mean"] == 7.0).any()
+    assert not (variables["params"]["fc"]["bias"] == 7.0).any()
 
 
 def test_flax_variables_load_strictly_with_identical_outputs():

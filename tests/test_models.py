@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from kdep_jax.convert import from_torchvision, to_torchvision
-from kdep_jax.models import ARCHS, create_model, feature_dim
+from kdep_jax.models import ARCHS, TORCHVISION_ARCHS, create_model, feature_dim
 from kdep_jax.models.layers import BatchNorm, DepthwiseConv, conv2d, depthwise_conv, torch_linear
 
 PARITY_TOLERANCE = 1e-4
@@ -78,8 +78,8 @@ def as_dict(logits, features) -> dict[str, np.ndarray]:
 @functools.cache
 def random_torchvision_model(arch: str):
     """(eval-mode torchvision model with random weights and BN statistics, its converted variables)."""
-    torch.manual_seed(ARCHS.index(arch))
-    model = randomize_batchnorm(getattr(torchvision.models, arch)(), seed=ARCHS.index(arch)).eval()
+    torch.manual_seed(TORCHVISION_ARCHS.index(arch))
+    model = randomize_batchnorm(getattr(torchvision.models, arch)(), seed=TORCHVISION_ARCHS.index(arch)).eval()
     return model, from_torchvision(model.state_dict(), arch)
 
 
@@ -90,7 +90,7 @@ def images():
     return nchw, nchw.numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
 def test_eval_mode_matches_torchvision(arch, images):
     model, variables = random_torchvision_model(arch)
     expected = torchvision_outputs(model, images[0])
@@ -157,7 +157,7 @@ def test_bfloat16_close_to_float32_with_float32_params(arch, images):
 @pytest.mark.parametrize("arch, width, expected", [
     ("resnet18", 1.0, 512), ("resnet34", 1.0, 512), ("resnet50", 1.0, 2048), ("mobilenet_v2", 1.0, 1280),
     ("resnet18", 0.25, 128), ("resnet34", 0.25, 128), ("resnet50", 0.25, 512), ("mobilenet_v2", 0.25, 1280),
-    ("mobilenet_v2", 1.4, 1792),
+    ("mobilenet_v2", 1.4, 1792), ("efficientnet_lite0", 1.0, 1280), ("efficientnet_lite4", 0.5, 1280),
 ])
 def test_feature_dim(arch, width, expected):
     assert feature_dim(arch, width) == expected
@@ -202,16 +202,22 @@ def test_initialisers_follow_torchvision():
     assert np.asarray(fc["kernel"]).std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
 
 
-@pytest.mark.parametrize("stride, size", [(1, 7), (2, 7), (2, 8)])
-def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size):
+@pytest.mark.parametrize("stride, size, kernel_size, padding", [
+    (1, 7, 3, None), (2, 7, 3, None), (2, 8, 3, None),
+    (2, 8, 3, ((0, 1), (1, 1))),  # TensorFlow's "SAME" for a 3x3/2 conv on 8 rows, 9 columns (EfficientNet-Lite)
+])
+def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding):
     """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients."""
     rng = np.random.default_rng(stride * size)
     x = jnp.asarray(rng.normal(size=(2, size, size + 1, 6)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 6)), jnp.float32)
-    cotangent = jnp.asarray(rng.normal(size=(2, (size - 1) // stride + 1, size // stride + 1, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), jnp.float32)
+    (top, bottom), (left, right) = padding or ((1, 1), (1, 1))
+    out_shape = (2, (size + top + bottom - kernel_size) // stride + 1,
+                 (size + 1 + left + right - kernel_size) // stride + 1, 6)
+    cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
     def value_and_grads(shifted_sum):
-        out, pullback = jax.vjp(lambda x, k: depthwise_conv(x, k, stride, shifted_sum), x, kernel)
+        out, pullback = jax.vjp(lambda x, k: depthwise_conv(x, k, stride, shifted_sum, padding), x, kernel)
         return (out, *pullback(cotangent))
 
     for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):

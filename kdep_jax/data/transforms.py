@@ -1,4 +1,5 @@
-"""Per-image transforms as torchvision does them (RandomResizedCrop + flip; Resize + CenterCrop), in tf.
+"""Per-image transforms as torchvision does them (RandomResizedCrop + flip; Resize + CenterCrop), in tf, and
+the eval transform of teachers trained in TensorFlow (EfficientNet-Lite).
 
 Randomness is stateless: every draw is a function of the seed passed in, so a pipeline can give each
 example its own seed and the result does not depend on thread scheduling or on which process reads it.
@@ -103,3 +104,21 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
     """[0, 255] -> ImageNet mean/std normalised float32, as ToTensor + Normalize."""
     image = tf.cast(image, tf.float32) / 255.0
     return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+def padded_center_crop_transform(image: tf.Tensor, size: int, crop_padding: int, interpolation: str,
+                                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> tf.Tensor:
+    """TensorFlow's EfficientNet eval transform: float32 (size, size, 3).
+
+    The centred square of side int(size / (size + crop_padding) * shorter side) (offsets rounded up), resized to
+    size x size with tf.image.resize (no antialiasing), then (pixel - mean) / std on 0..255 values. A teacher's
+    own transform: `padded_center_crop_transform(image, **dataclasses.asdict(efficientnet.PREPROCESSING[arch]))`.
+    """
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    crop = tf.cast(size / (size + crop_padding) * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    top = (height - crop + 1) // 2
+    left = (width - crop + 1) // 2
+    resized = tf.image.resize(image[top : top + crop, left : left + crop], [size, size], method=interpolation)
+    resized = tf.ensure_shape(resized, [size, size, 3])
+    return (resized - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)

@@ -2,7 +2,8 @@
 
 Flax's defaults differ from torch in ways that change results: "SAME" padding pads a stride-2 3x3 conv
 (0, 1) where torch pads (1, 1), and flax.linen.BatchNorm updates its running variance with the biased
-batch variance where torch uses the unbiased one. The pieces here follow torch.
+batch variance where torch uses the unbiased one. The pieces here follow torch. Models ported from
+TensorFlow (EfficientNet-Lite) keep TensorFlow's "SAME" padding: the convs take `tf_same_padding`.
 """
 import math
 from typing import Any
@@ -13,22 +14,44 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# The torch parameter and buffer names of the variables these layers create: (collection, leaf name) -> torch name.
+TORCH_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
 # torchvision's conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu"), a plain (not truncated)
 # normal. Flax computes fan_out of an HWIO kernel as kh * kw * O, as torch does for OIHW, depthwise included.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's "SAME" padding of one axis: the output has ceil(size / stride) pixels, and an odd total
+    puts the extra pixel after (a stride-2 3x3 conv on an even size pads (0, 1)). Flax's "SAME" is the same rule.
+    """
+    out_size = -(-size // stride)
+    total = max((out_size - 1) * stride + kernel_size - size, 0)
+    return total // 2, total - total // 2
+
+
 def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.float32,
-           name: str | None = None) -> nn.Conv:
-    """A bias-free conv with torch's symmetric padding kernel_size // 2 (torchvision's convs all use it)."""
+           name: str | None = None, tf_same_padding: bool = False) -> nn.Conv:
+    """A bias-free conv with torch's symmetric padding kernel_size // 2 (torchvision's convs all use it), or
+    with TensorFlow's "SAME" padding when tf_same_padding."""
     pad = kernel_size // 2
-    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+    padding = "SAME" if tf_same_padding else ((pad, pad), (pad, pad))
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
                    use_bias=False, kernel_init=conv_kernel_init, dtype=dtype,
                    param_dtype=jnp.float32, name=name)
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bool) -> jax.Array:
-    """A depthwise conv with torch's padding kernel_size // 2; kernel is HWIO (k, k, 1, C).
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bool,
+                   padding: tuple[tuple[int, int], tuple[int, int]] | None = None) -> jax.Array:
+    """A depthwise conv; kernel is HWIO (k, k, 1, C). padding: ((top, bottom), (left, right)); None is torch's
+    kernel_size // 2 on every side.
 
     shifted_sum: the same conv as a sum of k*k shifted per-channel products, accumulated in float32.
     XLA:CPU runs that far faster than its grouped convolution: ResNet-50 -> MobileNetV2 distillation step,
@@ -36,13 +59,15 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
     convolution, which cuDNN and the TPU compiler implement well.
     """
     k, channels = kernel.shape[0], kernel.shape[-1]
-    pad = k // 2
+    if padding is None:
+        padding = ((k // 2, k // 2), (k // 2, k // 2))
     if not shifted_sum:
-        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
     batch, height, width, _ = x.shape
-    out_height, out_width = (height + 2 * pad - k) // stride + 1, (width + 2 * pad - k) // stride + 1
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(jnp.float32)
+    (top, bottom), (left, right) = padding
+    out_height, out_width = (height + top + bottom - k) // stride + 1, (width + left + right - k) // stride + 1
+    padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).astype(jnp.float32)
     out = jnp.zeros((batch, out_height, out_width, channels), jnp.float32)
     for dy in range(k):
         for dx in range(k):
@@ -54,11 +79,15 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
 
 
 class DepthwiseConv(nn.Module):
-    """A depthwise conv, with the parameter (and init) of nn.Conv(C, feature_group_count=C): "kernel" (k, k, 1, C)."""
+    """A depthwise conv, with the parameter (and init) of nn.Conv(C, feature_group_count=C): "kernel" (k, k, 1, C).
+
+    Torch's symmetric padding kernel_size // 2, or TensorFlow's "SAME" padding when tf_same_padding.
+    """
     features: int
     kernel_size: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    tf_same_padding: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -66,8 +95,11 @@ class DepthwiseConv(nn.Module):
             raise ValueError(f"A depthwise conv of {self.features} channels got {x.shape[-1]} input channels")
         kernel = self.param("kernel", conv_kernel_init, (self.kernel_size, self.kernel_size, 1, self.features),
                             jnp.float32)
+        padding = None
+        if self.tf_same_padding:
+            padding = tuple(same_padding(size, self.kernel_size, self.stride) for size in x.shape[1:3])
         return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
-                              shifted_sum=jax.default_backend() == "cpu")
+                              shifted_sum=jax.default_backend() == "cpu", padding=padding)
 
 
 def torch_linear(features: int, in_features: int, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
