@@ -62,7 +62,8 @@ def kdep_jax_step(args) -> dict:
     alignment = alignment_lib.Alignment(mean=np.zeros(teacher_dim, np.float32), components=components.astype(np.float32),
                                         singular_values=np.ones(dim, np.float32), count=1)
     tx = optim.sgd(optim.step_decay_schedule(0.1, 100, 30, 0.1, 90), 0.9, 5e-4)
-    state = trainer.create_train_state(trainer.init_variables(distill.student_model(config), args.image_size, 0), tx, mesh)
+    state = trainer.create_train_state(trainer.init_variables(distill.student_model(config), args.image_size, 0), tx, mesh,
+                                       seed=0)
     cached = args.framework == "kdep_jax_cached"  # the teacher's targets come with the batch (target cache)
     step = trainer.make_train_step(distill.make_loss_fn(config, dim, cached_targets=cached), tx, mesh)
     constants = () if cached else parallel.replicate((teacher_variables, alignment), mesh)
@@ -109,11 +110,11 @@ def jpeg_batches(args):
 
     from input_pipeline import write_images
 
-    from kdep_jax import data
+    from kdep_jax import config_lib, data
 
     with tempfile.TemporaryDirectory(prefix="kdep_bench_jpegs_") as root:
         write_images(root, num_images=(args.warmup + args.repeats + 2) * args.batch, width=400, height=350)
-        config = data.default_config()
+        config = config_lib.data_config()
         config.name, config.data_dir, config.split, config.image_size = "image_folder", root, "train", args.image_size
         yield from data.train_batches(config, "train", args.batch, seed=0, process_index=0, process_count=1)
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from kdep_jax import data
+from kdep_jax import config_lib, data
 
 
 def write_images(root, num_images, width, height, num_classes=10, seed=0):
@@ -38,7 +38,7 @@ def write_images(root, num_images, width, height, num_classes=10, seed=0):
 
 
 def measure(root, image_size, batch_size, threads, warmup_steps, steps):
-    cfg = data.default_config()
+    cfg = config_lib.data_config()
     cfg.name, cfg.data_dir, cfg.split, cfg.image_size, cfg.threads = (
         "image_folder",
         root,

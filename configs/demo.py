@@ -13,14 +13,14 @@ task far more slowly than this, and a full-width student would have doubled the 
     # as the multi-process, resume and preemption tests run it:
     python -m kdep_jax.main --config=configs/demo.py:tiny_distill --workdir=runs/td --config.teacher.path=runs/tiny/teacher/model
 """
-from kdep_jax import config_lib, data
+from kdep_jax import config_lib
 
 IMAGE_SIZE = 32
 TEACHER_ARCH, STUDENT_ARCH, WIDTH = "resnet18", "resnet18", 0.5
 
 
 def _demo_data(split: str, eval_split: str):
-    data_config = data.default_config()
+    data_config = config_lib.data_config()
     data_config.min_crop_scale = 0.35  # at 32 px a crop of 8% of the image rarely shows the object
     data_config.name = "demo"
     data_config.split = split

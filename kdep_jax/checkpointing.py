@@ -42,6 +42,12 @@ class Checkpointer:
                                                                       meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"]
 
+    def delete_from(self, step: int) -> None:
+        """Deletes the checkpoints at `step` and after (their parameters led to a divergence)."""
+        for saved in self.manager.all_steps():
+            if saved >= step:
+                self.manager.delete(saved)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -2,12 +2,35 @@
 
 Files in `configs/` start from these and change what their experiment changes; every field exists
 here, so a misspelt command-line override (`--config.train.lrr=...`) is an error, not a silent no-op.
+This module imports nothing but ml_collections, so parsing `--config=configs/r18.py` starts no framework.
 """
 from __future__ import annotations
 
 import ml_collections
 
-from kdep_jax import data
+
+def data_config() -> ml_collections.ConfigDict:
+    """Defaults: the built-in demo data, 224 px, no subset, corrupt files are an error."""
+    c = ml_collections.ConfigDict()
+    # "demo", "image_folder", or a TFDS name ("imagenet2012_subset/10pct", "cifar100", "dtd", ...).
+    c.name = "demo"
+    c.split = "upstream_train"  # the training split; `subset` applies to it alone
+    c.eval_split = "upstream_test"  # "<split>:rest": the images of `split` that `subset` leaves out
+    c.data_dir = None  # TFDS data dir, or the image folder root holding root/<split>/<class>/*.jpg|png
+    c.manual_dir = None  # where the ImageNet tar files are, for preparing imagenet2012*
+    c.image_size = 224  # output side S; also the size the demo data is generated at
+    # None, a fraction in (0, 1] of the split (uniform), or an int number of images per class.
+    c.subset = None
+    # RandomResizedCrop's smallest area fraction: 0.08 as in the paper; small images need more context.
+    c.min_crop_scale = 0.08
+    c.subset_seed = 0  # separate from the training seed, so runs with different seeds share one subset
+    c.skip_corrupt = False  # False: a corrupt file is an error; True: scan the split once and leave them out
+    c.demo_seed = 0
+    c.image_key = "image"  # TFDS feature names
+    c.label_key = "label"
+    c.threads = None  # tf.data private thread pool size; None: TensorFlow's default (all cores)
+    c.shuffle_buffer = 10_000  # only for TFDS datasets stored as TFRecord (no random access)
+    return c
 
 
 def _loop_fields(config: ml_collections.ConfigDict) -> None:
@@ -17,6 +40,9 @@ def _loop_fields(config: ml_collections.ConfigDict) -> None:
     config.checkpoint_every_steps = 1000
     config.checkpoint_every_secs = ml_collections.config_dict.placeholder(float)
     config.keep_checkpoints = 3
+    # Fields that may differ from the run already in the workdir when it is resumed, comma-separated dotted
+    # names ("train.lr" after a divergence); fields that change no result never need it (see pipeline.py).
+    config.allow_changes = ""
 
 
 def _sgd_fields(batch_size: int, num_epochs: int, lr: float, decay_every: int) -> ml_collections.ConfigDict:
@@ -31,7 +57,7 @@ def supervised_config() -> ml_collections.ConfigDict:
     config.mode = "transfer"
     config.name = "transfer"
     _loop_fields(config)
-    config.data = data.default_config()
+    config.data = data_config()
     config.model = ml_collections.ConfigDict(dict(arch="resnet18", width=1.0))
     config.init = "scratch"  # 'scratch', 'kdep:WORKDIR' or 'torchvision:FILE'
     config.linear_probe = False
@@ -47,7 +73,7 @@ def kdep_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.mode = "kdep"
     _loop_fields(config)
-    config.data = data.default_config()
+    config.data = data_config()
     config.data.name = "imagenet2012_subset/10pct"
     config.data.split = "train"
     config.teacher = ml_collections.ConfigDict(dict(
@@ -63,7 +89,7 @@ def kdep_config() -> ml_collections.ConfigDict:
     ))
     config.alignment.pts_n = 3.0
     # FKD-style replay: run the teacher once over the whole schedule into a cache (crops, flips and float16
-    # targets, about k * 2 + 20 bytes per image per epoch), then train from it without the teacher.
+    # targets, about k * 2 + 24 bytes per image per epoch), then train from it without the teacher.
     config.target_cache = ml_collections.ConfigDict(dict(enabled=False, path=""))  # path: default WORKDIR/target_cache
     config.train = _sgd_fields(batch_size=512, num_epochs=90, lr=0.3, decay_every=30)
     # 20 for a standard supervised ResNet-50 teacher such as torchvision's; 3 for Microsoft-Vision's.
@@ -72,3 +98,14 @@ def kdep_config() -> ml_collections.ConfigDict:
     config.downstream = None
     config.overwrite = False
     return config
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested dict (a config's JSON) as {"train.lr": value, ...}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 from flax import serialization, traverse_util
 
+from kdep_jax.errors import UserError
 from kdep_jax.models import ARCHS, create_model, efficientnet
 from kdep_jax.models.layers import TORCH_LEAF_NAMES
 
@@ -44,7 +45,7 @@ _LAST_BN = {"resnet18": "layer4.1.bn2", "resnet34": "layer4.2.bn2", "resnet50": 
 _INSTALL_TORCH = "pip install torch torchvision (or pip install kdep_jax[convert])"
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """Bad input to a conversion (file, checkpoint or arch); the message says what is wrong and what to do."""
 
 

@@ -1,6 +1,7 @@
 """KDEP: the alignment statistics of the frozen teacher, then feature distillation into the student."""
 from __future__ import annotations
 
+import json
 import logging
 
 import jax
@@ -9,7 +10,8 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import convert, data, losses, models, parallel, target_cache, trainer
+from kdep_jax import convert, data, faults, losses, models, parallel, target_cache, trainer
+from kdep_jax.errors import ConfigError
 
 
 def teacher_model(config):
@@ -44,7 +46,7 @@ def student_dim(config) -> int:
     k = models.feature_dim(config.student.arch, config.student.width)
     teacher_dim = models.feature_dim(config.teacher.arch, config.teacher.width)
     if k > teacher_dim:
-        raise ValueError(f"The student {config.student.arch} (width {config.student.width}) has {k}-d features, more "
+        raise ConfigError(f"The student {config.student.arch} (width {config.student.width}) has {k}-d features, more "
                          f"than the teacher {config.teacher.arch}'s {teacher_dim}: KDEP aligns the student to the "
                          f"teacher's top-k principal directions, so k cannot exceed the teacher's width. Choose a "
                          f"wider teacher or a narrower student.")
@@ -52,12 +54,10 @@ def student_dim(config) -> int:
 
 
 def load_teacher(config, teacher_dir):
-    """The frozen teacher's variables and the content hash that ties the alignment statistics to it."""
-    teacher_dir = epath.Path(teacher_dir)
-    if not (teacher_dir / "meta.json").exists():
-        raise FileNotFoundError(
-            f"No converted teacher at {teacher_dir} (config.teacher.path). Convert a torchvision checkpoint first: "
-            f"python -m kdep_jax.convert import --arch {config.teacher.arch} --input resnet50.pth --output {teacher_dir}")
+    """The frozen teacher's variables and the content hash that ties the alignment statistics to it.
+
+    `validation.validate` has checked that the directory holds a converted teacher of this arch.
+    """
     variables, meta = convert.load_converted(teacher_dir, config.teacher.arch)
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}, meta["sha256"]
 
@@ -68,24 +68,28 @@ def alignment_data(config):
 
 
 def alignment_provenance(config, teacher_sha256: str) -> dict:
-    """What the statistics depend on; a file whose provenance differs is not reused."""
-    stats_data = alignment_data(config)
+    """What the statistics depend on; a file whose provenance differs is not reused.
+
+    Every data setting (which images, how they are cropped, which corrupt ones are left out), the seed of
+    the augmentation and the compute dtype; only the reader's thread count is left out, it changes no value.
+    """
+    stats_data = alignment_data(config).to_dict()
+    stats_data.pop("threads")
     return {"teacher_sha256": teacher_sha256, "teacher_arch": config.teacher.arch,
-            "teacher_width": config.teacher.width, "data": stats_data.name, "split": stats_data.split,
-            "subset": stats_data.subset, "image_size": stats_data.image_size, "seed": config.seed}
+            "teacher_width": config.teacher.width, "data": stats_data, "seed": config.seed, "dtype": config.dtype}
 
 
 def compute_or_load_alignment(config, workdir, mesh, teacher_variables, teacher_sha256: str):
     """Reuses the statistics file when it was made by this teacher on this data, else recomputes it."""
     path = epath.Path(config.alignment.path or epath.Path(workdir) / "alignment.npz")
-    wanted = alignment_provenance(config, teacher_sha256)
+    wanted = json.loads(json.dumps(alignment_provenance(config, teacher_sha256)))  # as the file records it
     if path.exists():
         alignment, provenance = alignment_lib.load_alignment(path)
         made_by = {key: provenance.get(key) for key in wanted}
         if made_by == wanted:
             logging.info("Reusing the alignment statistics in %s (%d features).", path, alignment.count)
             return alignment
-        differences = ", ".join(f"{k}: {made_by[k]!r} there, {wanted[k]!r} now" for k in wanted if made_by[k] != wanted[k])
+        differences = ", ".join(_differences(made_by, wanted))
         logging.warning("The alignment statistics in %s were made for another teacher or data (%s); recomputing "
                         "them.", path, differences)
     alignment = fit_teacher_alignment(config, mesh, teacher_variables)
@@ -93,6 +97,14 @@ def compute_or_load_alignment(config, workdir, mesh, teacher_variables, teacher_
         alignment_lib.save_alignment(path, alignment, {**wanted, "count": int(alignment.count)})
     logging.info("Alignment statistics from %d teacher features saved to %s.", alignment.count, path)
     return alignment
+
+
+def _differences(there: dict, now: dict, prefix: str = ""):
+    for key in now:
+        if isinstance(now[key], dict) and isinstance(there.get(key), dict):
+            yield from _differences(there[key], now[key], f"{prefix}{key}.")
+        elif there.get(key) != now[key]:
+            yield f"{prefix}{key}: {there.get(key)!r} there, {now[key]!r} now"
 
 
 def fit_teacher_alignment(config, mesh, teacher_variables):
@@ -113,6 +125,7 @@ def fit_teacher_alignment(config, mesh, teacher_variables):
             batch = parallel.shard_batch(batch, mesh)
             yield teacher_features(variables, batch["image"]), batch["mask"]
             progress.update(batch_size)
+            faults.point("alignment.batch")
 
     try:
         return alignment_lib.fit_alignment(features_and_masks())
@@ -124,7 +137,7 @@ def make_loss_fn(config, dim: int, cached_targets: bool = False):
     """The KDEP loss of one batch; with cached_targets the batch brings its "targets" and the teacher is not run."""
     student, targets_of = student_model(config), teacher_targets_fn(config, dim)
 
-    def loss_fn(params, batch_stats, batch, constants):
+    def loss_fn(params, batch_stats, batch, constants, rng):
         if cached_targets:
             targets = batch["targets"].astype(jnp.float32)
         else:
@@ -147,10 +160,10 @@ def distill(config, workdir, mesh, teacher_variables, alignment, teacher_sha256:
     """
     dim = student_dim(config)
     info = data.dataset_info(config.data, config.data.split)
-    parallel.local_batch_size(config.train.batch_size, mesh)
     steps_per_epoch, schedule, tx = trainer.sgd_recipe(config, info.num_examples)
     student = student_model(config)
-    state = trainer.create_train_state(trainer.init_variables(student, config.data.image_size, config.seed), tx, mesh)
+    state = trainer.create_train_state(trainer.init_variables(student, config.data.image_size, config.seed), tx, mesh,
+                                       config.seed)
     # Only the first k directions are used: a (D, k) slice keeps the replicated constant small.
     compact = alignment_lib.Alignment(mean=alignment.mean.astype("float32"),
                                       components=alignment.components[:, :dim].astype("float32"),

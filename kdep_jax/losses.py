@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def _masked_mean(per_example, mask):
@@ -25,8 +26,8 @@ def feature_distillation_loss(student_features, targets, weight, mask=None):
 
 def cross_entropy_loss(logits, labels, mask=None):
     """Softmax cross-entropy with integer labels, averaged over valid rows."""
-    log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    nll = optax.losses.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits, jnp.float32),
+                                                                 labels.astype(jnp.int32))
     return _masked_mean(nll, mask)
 
 

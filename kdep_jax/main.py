@@ -31,15 +31,19 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     xla_flags.apply_defaults()  # before JAX starts a backend, which reads them once
     from kdep_jax import parallel  # imports jax; distributed init must come before any device use
+    from kdep_jax.errors import UserError
 
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
-    from kdep_jax import pipeline, trainer
+    try:
+        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
+    except UserError as error:
+        raise app.UsageError(str(error)) from None
+    from kdep_jax import pipeline
 
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_only_our_info)
     try:
         outputs = pipeline.run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, trainer.TrainingError) as error:
+    except UserError as error:  # anything else is a bug and keeps its traceback
         logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,10 @@ import logging
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kdep_jax.errors import UserError
 
 DATA_AXIS = "data"
 
@@ -25,7 +28,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if not explicit and not multihost:
         return
     if explicit and None in (coordinator_address, num_processes, process_id):
-        raise ValueError("Multi-process runs need all three of --coordinator_address, --num_processes and "
+        raise UserError("Multi-process runs need all three of --coordinator_address, --num_processes and "
                          "--process_id (or only --multihost to detect a TPU pod or Slurm cluster).")
     # Only the CPU backend reads this; on GPU and TPU the accelerator's own collectives are used.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -52,12 +55,15 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """This process's share of a global batch; the global batch must split evenly over devices."""
-    if global_batch_size % mesh.size:
-        raise ValueError(f"The global batch size {global_batch_size} does not split evenly over {mesh.size} "
-                         f"devices; choose a multiple of {mesh.size} (config.train.batch_size).")
+def local_batch_size(global_batch_size: int) -> int:
+    """This process's share of a global batch (`validation.validate` has checked that it splits evenly)."""
     return global_batch_size // jax.process_count()
+
+
+def sync(name: str) -> None:
+    """Waits until every process gets here (after process 0 wrote a file the others read next)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def shard_batch(local_batch: dict, mesh: Mesh) -> dict:

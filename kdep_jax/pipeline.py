@@ -1,8 +1,9 @@
 """The stages of a run, in order, each skipped when its output is already in the workdir.
 
 KDEP: (the demo's teacher training) -> alignment statistics -> distillation -> export of the student
--> (transfer runs listed in `config.downstream`). Transfer configs run the transfer stage alone.
-Rerunning the same command resumes where the last run stopped.
+-> (transfer runs listed in `config.downstream`) -> results.json. Transfer configs run the transfer stage
+alone. Rerunning the same command resumes where the last run stopped, whatever stopped it: every output
+is written atomically, and a stage whose output is missing runs again.
 """
 from __future__ import annotations
 
@@ -12,127 +13,174 @@ import logging
 import jax
 import ml_collections
 from etils import epath
-from jax.experimental import multihost_utils
 
-from kdep_jax import convert, distill, parallel, supervised
+from kdep_jax import config_lib, convert, distill, faults, parallel, supervised, validation
+from kdep_jax.errors import ConfigError
 
 _OUTPUTS = ("checkpoints", "metrics.jsonl", "alignment.npz", "student", "student.pth", "student.safetensors",
-            "teacher", "transfer_kdep", "transfer_scratch", "results.json", "config.json")
+            "teacher", "target_cache", "transfer_kdep", "transfer_scratch", "results.json")
+
+# Fields that change how a run is carried out, not what it computes: a resume may change them freely.
+# Matched at any depth ("downstream.log_every_steps" too).
+RUN_ONLY_FIELDS = ("log_every_steps", "checkpoint_every_steps", "checkpoint_every_secs", "keep_checkpoints",
+                   "eval_batch_size", "data.threads", "overwrite", "allow_changes")
+
+
+class Preempted(Exception):
+    """A stage stopped after a SIGTERM, with its checkpoint saved; the rerun resumes it."""
+
+
+def _run_only(field: str) -> bool:
+    return any(field == name or field.endswith("." + name) for name in RUN_ONLY_FIELDS)
+
+
+def result_differences(previous: dict, current: dict) -> list[str]:
+    """The dotted fields (of two configs' JSON) that differ and can change a result."""
+    previous, current = config_lib.flatten(previous), config_lib.flatten(current)
+    return sorted(field for field in set(previous) | set(current)
+                  if not _run_only(field) and previous.get(field, "<absent>") != current.get(field, "<absent>"))
 
 
 def check_workdir(config, workdir: epath.Path) -> None:
-    """Refuses to mix two experiments in one workdir, unless told to start over."""
+    """Refuses to mix two experiments in one workdir, unless told to start over or to resume with named changes.
+
+    A workdir whose earlier attempt left no output (it failed before its first stage wrote anything) is not a
+    run yet: its config is simply replaced.
+    """
     saved = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
-    current.pop("overwrite", None)
     if saved.exists():
         previous = json.loads(saved.read_text())
-        previous.pop("overwrite", None)
-        if previous != current:
-            if not config.overwrite:
-                changed = sorted(_diff(previous, current))
-                raise ValueError(
-                    f"{workdir} holds a run of a different config (differences: {', '.join(changed[:8])}). Use "
-                    f"another --workdir, or pass --config.overwrite=True to delete that run's outputs and start over.")
+        changed = result_differences(previous, current)
+        allowed = {name.strip() for name in config.allow_changes.split(",") if name.strip()}
+        outputs = [name for name in _OUTPUTS if (workdir / name).exists()]
+        flat_previous, flat_current = config_lib.flatten(previous), config_lib.flatten(current)
+        described = [f"{field}: {flat_previous.get(field, '<absent>')!r} there, {flat_current.get(field, '<absent>')!r} "
+                     f"now" for field in changed]
+        if changed and config.overwrite:
             if jax.process_index() == 0:
                 logging.warning("config.overwrite=True: deleting the previous run's outputs in %s.", workdir)
-                for name in _OUTPUTS:
+                for name in outputs:
                     path = workdir / name
-                    if path.is_dir():
-                        path.rmtree()
-                    elif path.exists():
-                        path.unlink()
+                    path.rmtree() if path.is_dir() else path.unlink()
                 for events in workdir.glob("events.out.tfevents.*"):
                     events.unlink()
+        elif changed and not outputs:
+            logging.info("%s holds the config of an attempt that wrote nothing; replacing it.", workdir)
+        elif changed and set(changed) <= allowed:
+            logging.warning("Resuming the run in %s with changed %s (config.allow_changes); the stages still to run "
+                            "use the new values.", workdir, "; ".join(described))
+        elif changed:
+            not_allowed = [field for field in changed if field not in allowed]
+            raise ConfigError(
+                f"{workdir} holds a run of a different config ({'; '.join(described[:8])}). Use another --workdir; "
+                f"or resume this run with the new values for what has not run yet: --config.allow_changes="
+                f"{','.join(not_allowed)}; or delete that run's outputs and start over: --config.overwrite=True.")
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         # Atomically: the other processes of a multi-process run may be reading it.
         tmp = saved.parent / (saved.name + ".tmp")
         tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
         tmp.replace(saved)
-    if jax.process_count() > 1:  # no process looks at the workdir before process 0 has set it up
-        multihost_utils.sync_global_devices("kdep_jax.pipeline.check_workdir")
-
-
-def _diff(a, b, prefix=""):
-    for key in set(a) | set(b):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            yield from _diff(x, y, f"{prefix}{key}.")
-        elif x != y:
-            yield f"{prefix}{key}"
+    parallel.sync("kdep_jax.pipeline.check_workdir")  # no process looks at the workdir before it is set up
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
-    """Runs every stage the config asks for; returns where the outputs are."""
+    """Runs every stage the config asks for; returns where the outputs are.
+
+    The config is checked against the devices and its inputs first, so a bad setting fails before anything
+    is written (`validation.validate`).
+    """
     workdir = epath.Path(workdir)
-    check_workdir(config, workdir)
     mesh = parallel.make_mesh()
+    validation.validate(config, mesh.size, jax.process_count(), workdir)
+    check_workdir(config, workdir)
     logging.info("%d devices on %d processes; global batch sharded over the 'data' axis.", jax.device_count(),
                  jax.process_count())
-    if config.mode == "transfer":
-        return {"results": transfer(config, workdir, mesh)}
-    if config.mode != "kdep":
-        raise ValueError(f"config.mode={config.mode!r}: expected 'kdep' or 'transfer'.")
+    try:
+        if config.mode == "transfer":
+            return {"results": transfer(config, workdir, mesh)}
+        return _kdep(config, workdir, mesh)
+    except Preempted:
+        return {"workdir": str(workdir), "preempted": True}
+
+
+def _kdep(config, workdir: epath.Path, mesh) -> dict:
     outputs = {"workdir": str(workdir)}
     teacher_dir = config.teacher.path
     if config.teacher.train is not None:
+        faults.point("stage.teacher")
         teacher_dir = train_teacher(config, workdir / "teacher", mesh)
-    student_dir = workdir / "student"
-    if (student_dir / "meta.json").exists():
+    student_dir = workdir / convert.STUDENT_SUBDIR
+    if (student_dir / convert.META_FILE).exists():
         logging.info("The distilled student is already in %s; skipping distillation.", student_dir)
+        student = None
     else:
         teacher_variables, teacher_sha256 = distill.load_teacher(config, teacher_dir)
-        distill.student_dim(config)  # a student wider than the teacher fails before any work
+        faults.point("stage.alignment")
         alignment = distill.compute_or_load_alignment(config, workdir, mesh, teacher_variables, teacher_sha256)
+        faults.point("stage.distill")
         result = distill.distill(config, workdir, mesh, teacher_variables, alignment, teacher_sha256)
         if result.preempted:
-            return {**outputs, "preempted": True}
-        export_student(config, workdir, parallel.to_host({"params": result.state.params,
-                                                           "batch_stats": result.state.batch_stats}))
-    outputs.update(student=str(student_dir), student_pth=str(workdir / "student.pth"))
+            raise Preempted
+        student = parallel.to_host({"params": result.state.params, "batch_stats": result.state.batch_stats})
+    faults.point("stage.export")
+    outputs.update(export_student(config, workdir, student))
     if config.downstream is not None:
-        outputs["results"] = [row for init in (f"kdep:{workdir}", "scratch")
-                              for row in transfer(_with_init(config.downstream, init),
-                                                  workdir / f"transfer_{init.partition(':')[0]}", mesh)]
-        _write_results(workdir / "results.json", outputs["results"])
+        rows = []
+        for init in (f"kdep:{workdir}", "scratch"):
+            kind = init.partition(":")[0]
+            faults.point(f"stage.transfer_{kind}")
+            rows += transfer(_with_init(config.downstream, init), workdir / f"transfer_{kind}", mesh,
+                             field_prefix="downstream.")
+        faults.point("stage.results")
+        _write_results(workdir / "results.json", rows)
+        faults.point("results.written")
+        outputs["results"] = rows
     return outputs
 
 
 def train_teacher(config, teacher_workdir: epath.Path, mesh) -> epath.Path:
     """The demo's teacher: nothing can be downloaded here, so it is trained on the upstream split first."""
     model_dir = teacher_workdir / "model"
-    if (model_dir / "meta.json").exists():
+    if (model_dir / convert.META_FILE).exists():
         logging.info("The teacher is already trained (%s); skipping its training.", model_dir)
         return model_dir
-    teacher_config = config.teacher.train
-    if (teacher_config.model.arch, teacher_config.model.width) != (config.teacher.arch, config.teacher.width):
-        raise ValueError("config.teacher.train.model must be the teacher's architecture and width "
-                         f"({config.teacher.arch}, {config.teacher.width}).")
-    result = supervised.train(teacher_config, teacher_workdir, mesh)
+    result = supervised.train(config.teacher.train, teacher_workdir, mesh, field_prefix="teacher.train.")
     if result.preempted:
-        raise SystemExit(0)
+        raise Preempted
     if jax.process_index() == 0:
         variables = parallel.to_host({"params": result.state.params, "batch_stats": result.state.batch_stats})
         convert.save_converted(model_dir, variables, config.teacher.arch, source=f"trained in {teacher_workdir}")
+    parallel.sync("kdep_jax.pipeline.train_teacher")  # every process reads it next
     return model_dir
 
 
-def export_student(config, workdir: epath.Path, variables) -> None:
-    """The student in the converted form (for transfer here) and as torchvision state dicts (for PyTorch)."""
-    if jax.process_index() != 0:
-        return
-    convert.save_converted(workdir / "student", variables, config.student.arch, source=f"KDEP run in {workdir}")
-    state_dict = convert.to_torchvision(variables, config.student.arch)
-    convert.write_state_dict(state_dict, workdir / "student.safetensors")
-    try:
-        convert.write_state_dict(state_dict, workdir / "student.pth")
-    except convert.ConversionError as error:  # torch is not installed: the safetensors file is there
-        logging.warning("Skipped student.pth: %s", error)
-    logging.info("Student exported to %s (torchvision key names).", workdir)
+def export_student(config, workdir: epath.Path, variables=None) -> dict:
+    """Writes whichever of the student's forms is missing, on process 0: `student/` (the converted form, for
+    transfer here) from `variables`, then `student.safetensors` and `student.pth` (torchvision key names, for
+    PyTorch) from `student/`. Returns the paths that exist."""
+    student_dir = workdir / convert.STUDENT_SUBDIR
+    files = {"student_safetensors": workdir / "student.safetensors", "student_pth": workdir / "student.pth"}
+    if jax.process_index() == 0:
+        if variables is not None:
+            convert.save_converted(student_dir, variables, config.student.arch, source=f"KDEP run in {workdir}")
+            faults.point("export.converted")
+        missing = [path for path in files.values() if not path.exists()]
+        if missing:
+            state_dict = convert.to_torchvision(convert.load_converted(student_dir, config.student.arch)[0],
+                                                config.student.arch)
+            for path in missing:
+                try:
+                    convert.write_state_dict(state_dict, path)
+                except convert.ConversionError as error:  # torch is not installed: the safetensors file is there
+                    logging.warning("Skipped %s: %s", path.name, error)
+            logging.info("Student exported to %s (torchvision key names).", workdir)
+    parallel.sync("kdep_jax.pipeline.export_student")  # every process reads student/ next
+    return {"student": str(student_dir), **{name: str(path) for name, path in files.items() if path.exists()}}
 
 
-def transfer(config, workdir: epath.Path, mesh) -> list[dict]:
+def transfer(config, workdir: epath.Path, mesh, field_prefix: str = "") -> list[dict]:
     """Fine-tunes (or linear-probes) from `config.init`; returns and records the result row."""
     backbone, init_tag = supervised.load_backbone(config.init, config.model.arch, config.model.width)
     run = {"init": config.init.partition(":")[0], "source": init_tag, "dataset": config.data.name,
@@ -144,9 +192,9 @@ def transfer(config, workdir: epath.Path, mesh) -> list[dict]:
         _check_same_run(results_path, rows, run)
         logging.info("Transfer results already in %s; skipping.", results_path)
         return rows
-    result = supervised.train(config, workdir, mesh, backbone=backbone)
+    result = supervised.train(config, workdir, mesh, backbone=backbone, field_prefix=field_prefix)
     if result.preempted:
-        raise SystemExit(0)
+        raise Preempted
     row = {**run, "top1": result.last_eval["eval_top1"], "top5": result.last_eval["eval_top5"]}
     _write_results(results_path, [row])
     return [row]
@@ -158,13 +206,15 @@ def _check_same_run(path: epath.Path, rows, run: dict) -> None:
     differences = [f"{key}: {stored.get(key)!r} there, {value!r} here" for key, value in run.items()
                    if stored.get(key) != value]
     if differences:
-        raise ValueError(f"{path} holds the result of another run ({'; '.join(differences)}). Delete it (and the "
-                         f"checkpoints/ next to it) to run this transfer there, or use another --workdir.")
+        raise ConfigError(f"{path} holds the result of another run ({'; '.join(differences)}). Delete it (and the "
+                          f"checkpoints/ next to it) to run this transfer there, or use another --workdir.")
 
 
 def _with_init(config, init: str):
+    """The downstream config of one init; its loop is named after it ("downstream_kdep") in logs."""
     config = config.copy_and_resolve_references()
     config.init = init
+    config.name = f"{config.name}_{init.partition(':')[0]}"
     return config
 
 

@@ -20,14 +20,16 @@ import sys
 
 from etils import epath
 
+from kdep_jax.errors import UserError
+
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 REQUIRED_KEYS = ("init", "dataset", "top1")
 # Two rows with the same values here describe the same run; with different values, different seeds or runs.
-RUN_KEYS = ("init", "source", "arch", "linear_probe", "dataset", "seed")
+RUN_KEYS = ("init", "source", "arch", "linear_probe", "dataset", "epochs", "seed")
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A results file that is missing or not a list of result rows; the message names the file."""
 
 
@@ -89,12 +91,14 @@ def gather_rows(dirs) -> list[dict]:
 
 
 def row_label(row: dict) -> str:
-    """What the table's row is about: runs that differ only in seed share it."""
+    """What the table's row is about: runs that differ only in seed share it (never runs of other budgets)."""
     parts = [row.get("source") or row["init"]]
     if row.get("arch"):
         parts.append(row["arch"])
     if row.get("linear_probe"):
         parts.append("linear probe")
+    if row.get("epochs") is not None:
+        parts.append(f"{row['epochs']} epochs")
     return " · ".join(parts)
 
 

@@ -81,13 +81,14 @@ def _check_shapes(path, source, target):
 
 
 def make_loss_fn(model, linear_probe: bool):
-    def loss_fn(params, batch_stats, batch, constants):
+    def loss_fn(params, batch_stats, batch, constants, rng):
         variables = {"params": params, "batch_stats": batch_stats}
-        if linear_probe:  # frozen features: BatchNorm stays in eval mode
+        if linear_probe:  # frozen features: BatchNorm (and dropout) stay in eval mode
             logits, _ = model.apply(variables, batch["image"], train=False)
             new_batch_stats = batch_stats
-        else:
-            (logits, _), updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+        else:  # the model's dropout, where it has one (MobileNetV2's classifier, p=0.2 as in torchvision)
+            (logits, _), updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
+                                               rngs={"dropout": rng})
             new_batch_stats = updates["batch_stats"]
         loss = losses.cross_entropy_loss(logits, batch["label"])
         top1 = jnp.mean(losses.top_k_correct(logits, batch["label"], 1))
@@ -125,8 +126,12 @@ def make_evaluator(model, data_config, split: str, global_batch_size: int, mesh)
     return evaluate
 
 
-def train(config, workdir, mesh, backbone=None) -> trainer.FitResult:
-    """Trains `config.model` on `config.data` (see configs/transfer/) in `workdir`."""
+def train(config, workdir, mesh, backbone=None, field_prefix: str = "") -> trainer.FitResult:
+    """Trains `config.model` on `config.data` (see configs/transfer/) in `workdir`.
+
+    field_prefix: where `config` sits in the run's config ("teacher.train."), so that messages name fields
+    the user can set.
+    """
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     info = data.dataset_info(config.data, config.data.split)
@@ -139,9 +144,9 @@ def train(config, workdir, mesh, backbone=None) -> trainer.FitResult:
     if config.linear_probe:
         labels = {name: ("frozen" if name in expected_backbone["params"] else "head") for name in variables["params"]}
         tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)
-    state = trainer.create_train_state(variables, tx, mesh)
-    parallel.local_batch_size(config.train.batch_size, mesh)
-    settings = trainer.loop_settings(config, config.name, steps_per_epoch, steps_per_epoch * config.eval_every_epochs)
+    state = trainer.create_train_state(variables, tx, mesh, config.seed)
+    settings = trainer.loop_settings(config, config.name, steps_per_epoch, steps_per_epoch * config.eval_every_epochs,
+                                     field_prefix)
     evaluate = make_evaluator(model, config.data, config.data.eval_split, config.eval_batch_size, mesh)
     logging.info("%s: %s (%d parameters) on %s/%s, %d examples, %d classes, %d steps.", settings.name,
                  config.model.arch, trainer.count_params(variables["params"]), config.data.name, config.data.split,

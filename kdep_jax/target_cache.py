@@ -2,14 +2,16 @@
 
 The teacher and the alignment are frozen, so the target of one image under one augmentation draw never
 changes. A build pass runs the teacher over the whole distillation schedule and records, for every step
-and every row, the crop box and flip and the k-d target (float16); distillation then rebuilds exactly
-those batches from the deterministic input pipeline (each batch is a function of the seed and the step),
-checks that the crops are the recorded ones, and reads the targets instead of running the teacher.
+and every row, the example's index, its crop box and flip, and the k-d target (float16); distillation then
+rebuilds exactly those batches from the deterministic input pipeline (each batch is a function of the seed
+and the step), checks that the examples and crops are the recorded ones, and reads the targets instead of
+running the teacher.
 
 Each process records and reads only its own rows, so the cache is sharded across hosts as the batches are:
-`crops_p{P}.npy` (steps, L, 5) int32 and `targets_p{P}.npy` (steps, L, k) float16 per process P, and
+`crops_p{P}.npy` (steps, L, 6) int32 and `targets_p{P}.npy` (steps, L, k) float16 per process P, and
 `meta.json`, written last, with what the targets depend on. The files are memory-mapped: the cache may be
-larger than RAM (about k * 2 + 20 bytes per image per epoch; 12 GB for the paper's 10%-ImageNet run).
+larger than RAM (about k * 2 + 24 bytes per image per epoch; 12 GB for the paper's 10%-ImageNet run), and
+must be on a local filesystem (a `gs://` workdir needs `config.target_cache.path` on a local disk).
 """
 from __future__ import annotations
 
@@ -26,19 +28,20 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
 from tqdm.auto import tqdm
 
-from kdep_jax import data, parallel
+from kdep_jax import data, faults, parallel
+from kdep_jax.errors import UserError
 
-CROP_FIELDS = ("top", "left", "height", "width", "flip")
+ROW_FIELDS = ("index", "top", "left", "height", "width", "flip")  # what is recorded of each row
 
 
 @dataclasses.dataclass(frozen=True)
 class TargetCache:
-    crops: np.ndarray  # (steps, L, 5) int32, this process's rows
+    crops: np.ndarray  # (steps, L, 6) int32, this process's rows: ROW_FIELDS
     targets: np.ndarray  # (steps, L, k) float16
 
 
 def bytes_per_image_epoch(dim: int) -> int:
-    return dim * np.dtype(np.float16).itemsize + len(CROP_FIELDS) * np.dtype(np.int32).itemsize
+    return dim * np.dtype(np.float16).itemsize + len(ROW_FIELDS) * np.dtype(np.int32).itemsize
 
 
 def cache_dir(config, workdir) -> epath.Path:
@@ -82,13 +85,13 @@ def build(config, directory, mesh, targets_of, teacher_variables, alignment, wan
     (directory / "meta.json").unlink(missing_ok=True)  # an incomplete cache is never read
     directory.mkdir(parents=True, exist_ok=True)
     num_steps, dim = wanted["num_steps"], wanted["dim"]
-    local = parallel.local_batch_size(config.train.batch_size, mesh)
+    local = parallel.local_batch_size(config.train.batch_size)
     float16_targets = jax.jit(lambda variables, compact, images: targets_of(variables, compact, images).astype(
         jnp.float16))
     variables, compact = parallel.replicate((teacher_variables, alignment), mesh)
     crops_path, targets_path = _paths(directory)
     partial = [epath.Path(f"{path}.partial") for path in (crops_path, targets_path)]
-    crops = np.lib.format.open_memmap(partial[0], "w+", np.int32, (num_steps, local, len(CROP_FIELDS)))
+    crops = np.lib.format.open_memmap(partial[0], "w+", np.int32, (num_steps, local, len(ROW_FIELDS)))
     targets = np.lib.format.open_memmap(partial[1], "w+", np.float16, (num_steps, local, dim))
     batches = data.train_batches(config.data, config.data.split, config.train.batch_size, seed=config.seed,
                                  with_crops=True)
@@ -98,7 +101,8 @@ def build(config, directory, mesh, targets_of, teacher_variables, alignment, wan
         images = parallel.shard_batch({"image": batch["image"]}, mesh)["image"]
         rows = multihost_utils.global_array_to_host_local_array(float16_targets(variables, compact, images), mesh,
                                                                  PartitionSpec("data"))
-        crops[step], targets[step] = batch["crop"], np.asarray(rows)
+        crops[step], targets[step] = _row_record(batch), np.asarray(rows)
+        faults.point("target_cache.step")
     for array, path, final in ((crops, partial[0], crops_path), (targets, partial[1], targets_path)):
         array.flush()
         os.replace(path, final)
@@ -113,13 +117,22 @@ def build(config, directory, mesh, targets_of, teacher_variables, alignment, wan
     return TargetCache(np.load(crops_path, mmap_mode="r"), np.load(targets_path, mmap_mode="r"))
 
 
+def _row_record(batch: dict) -> np.ndarray:
+    """(L, 6) int32: each row's example index, crop box and flip."""
+    return np.concatenate([np.asarray(batch["index"], np.int32)[:, None], np.asarray(batch["crop"], np.int32)], 1)
+
+
 def replay(batches, cache: TargetCache, start_step: int):
-    """The pipeline's batches from `start_step` on with their recorded targets, after checking the crops."""
+    """The pipeline's batches from `start_step` on with their recorded targets, after checking that each row is
+    the recorded example under the recorded crop and flip."""
     for step, batch in enumerate(batches, start=start_step):
-        if not np.array_equal(batch.pop("crop"), cache.crops[step]):
-            raise ValueError(
-                f"Step {step}: the input pipeline's crops differ from those recorded in the target cache, so its "
-                f"targets belong to other images (the data or the pipeline changed since it was built). Delete the "
-                f"cache directory and rerun to rebuild it.")
-        batch.pop("index")
+        recorded, rebuilt = cache.crops[step], _row_record(batch)
+        if not np.array_equal(rebuilt, recorded):
+            row = int(np.argmax(np.any(rebuilt != recorded, axis=1)))
+            raise UserError(
+                f"Step {step}, row {row}: the input pipeline gives example {rebuilt[row, 0]} with crop and flip "
+                f"{rebuilt[row, 1:].tolist()}, the target cache recorded example {recorded[row, 0]} with "
+                f"{recorded[row, 1:].tolist()}, so its targets belong to other images (the data or the pipeline "
+                f"changed since it was built). Delete the cache directory and rerun to rebuild it.")
+        del batch["crop"], batch["index"]
         yield {**batch, "targets": np.asarray(cache.targets[step])}

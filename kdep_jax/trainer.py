@@ -21,12 +21,13 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from kdep_jax import optim, parallel
+from kdep_jax import faults, optim, parallel
 from kdep_jax.checkpointing import Checkpointer
+from kdep_jax.errors import UserError
 from kdep_jax.metrics import MetricWriter, Progress
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot go on (a NaN loss, say); the message says what happened and what to do."""
 
 
@@ -36,19 +37,28 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+    rng: jax.Array  # raw key data (uint32), split once per step: dropout, mixup
 
 
-def create_train_state(variables, tx: optax.GradientTransformation, mesh) -> TrainState:
-    """A replicated train state from host variables (identical on every process)."""
+def create_train_state(variables, tx: optax.GradientTransformation, mesh, seed: int) -> TrainState:
+    """A replicated train state from host variables (identical on every process).
+
+    The step's random stream is separate from the initialisation's (which `init_variables` draws from
+    the same seed), and stored as raw key data so that checkpoints hold plain arrays.
+    """
     variables = parallel.to_host(variables)
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), _TRAIN_STREAM))
     state = TrainState(step=np.zeros((), np.int32), params=params, batch_stats=batch_stats,
-                       opt_state=tx.init(params))
+                       opt_state=tx.init(params), rng=rng)
     return parallel.replicate(jax.tree.map(np.asarray, state), mesh)
 
 
-# loss_fn(params, batch_stats, batch, constants) -> (loss, (new_batch_stats, metrics))
-LossFn = Callable[[Any, Any, dict, Any], tuple[jax.Array, tuple[Any, dict]]]
+_TRAIN_STREAM = 0x7261696E  # folded into the seed's key: the training steps' stream
+
+# loss_fn(params, batch_stats, batch, constants, rng) -> (loss, (new_batch_stats, metrics)); rng is this
+# step's key, the same on every device (a sharded random draw splits it by position, not by device).
+LossFn = Callable[[Any, Any, dict, Any, jax.Array], tuple[jax.Array, tuple[Any, dict]]]
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh):
@@ -59,11 +69,13 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh):
     """
 
     def step(state: TrainState, batch: dict, constants):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, constants)
+        (loss, (batch_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch, constants, step_rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                                  rng=jax.random.key_data(rng))
         return new_state, {"loss": loss, **metrics}
 
     replicated = parallel.replicated_sharding(mesh)
@@ -81,25 +93,27 @@ class LoopSettings:
     checkpoint_every_secs: float | None
     keep_checkpoints: int
     eval_every_steps: int | None = None
+    field_prefix: str = ""  # where this loop's config sits in the run's config ("teacher.train."), for messages
 
 
 def sgd_recipe(config, num_examples: int):
-    """Steps per epoch, the step-decay schedule and SGD of `config.train`, as every trainer uses them."""
+    """Steps per epoch, the step-decay schedule and SGD of `config.train`, as every trainer uses them.
+
+    `validation.validate` has checked that one epoch holds at least one batch.
+    """
     steps_per_epoch = num_examples // config.train.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{config.data.name}/{config.data.split} has {num_examples} examples, fewer than one batch "
-                         f"of config.train.batch_size={config.train.batch_size}; lower the batch size.")
     schedule = optim.step_decay_schedule(config.train.lr, steps_per_epoch, config.train.lr_decay_every_epochs,
                                          config.train.lr_decay_factor, config.train.num_epochs)
     return steps_per_epoch, schedule, optim.sgd(schedule, config.train.momentum, config.train.weight_decay)
 
 
-def loop_settings(config, name: str, steps_per_epoch: int, eval_every_steps: int | None = None) -> LoopSettings:
+def loop_settings(config, name: str, steps_per_epoch: int, eval_every_steps: int | None = None,
+                  field_prefix: str = "") -> LoopSettings:
     return LoopSettings(
         name=name, num_steps=steps_per_epoch * config.train.num_epochs, images_per_step=config.train.batch_size,
         log_every_steps=config.log_every_steps, checkpoint_every_steps=config.checkpoint_every_steps,
         checkpoint_every_secs=config.checkpoint_every_secs, keep_checkpoints=config.keep_checkpoints,
-        eval_every_steps=eval_every_steps)
+        eval_every_steps=eval_every_steps, field_prefix=field_prefix)
 
 
 class _Preemption:
@@ -142,7 +156,7 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
 
     `batches(start_step)` must yield the local batches for steps start_step, start_step + 1, ...;
     the input pipeline makes each batch a function of the seed and the step, so a resumed run sees
-    exactly the batches an uninterrupted one would.
+    exactly the batches an uninterrupted one would. A run restored at its last step only evaluates.
     """
     workdir = epath.Path(workdir)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=settings.keep_checkpoints)
@@ -156,39 +170,51 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
     meta = dict(checkpoint_meta or {})
     last_eval = None
     pending_metrics: list[dict] = []
-    unlogged = None  # the last log step's (step, metrics, images/s), fetched once the next step is queued
+    unlogged = None  # the last log step's (first step, step, metrics, images/s), fetched once the next step is queued
     last_save_time = time.monotonic()
     preempted = False
 
-    def save(step):
-        checkpointer.save(step, state, {**meta, "step": step})
+    def diverged(first_step: int, step: int, what: str):
+        """Keeps only checkpoints whose parameters gave finite losses after them, and says how to go on."""
+        checkpointer.wait()
+        checkpointer.delete_from(first_step - 1)
+        kept = checkpointer.latest_step()
+        lr = float(lr_schedule(np.int64(0)))
+        field = f"{settings.field_prefix}train.lr"
+        where = (f"the last good checkpoint (step {kept}) in {checkpointer.directory} is kept" if kept is not None
+                 else "no checkpoint from before it is left, so the rerun starts this stage over")
+        return TrainingError(
+            f"{settings.name}: {what} at or before step {step}; {where}. Resume with a lower learning rate: rerun "
+            f"the same command with --config.{field}={lr / 10:g} --config.allow_changes={field} (or compute in "
+            f"float32, --config.dtype=float32, if it was bfloat16).")
 
-    def log(step, window, images_per_sec):
+    def log(first_step, step, window, images_per_sec):
         row = _average(window)
         if not math.isfinite(row["loss"]):
-            checkpointer.wait()
-            raise TrainingError(
-                f"{settings.name}: the loss became {row['loss']} at or before step {step}. "
-                f"The last good checkpoint (step {checkpointer.latest_step()}) in "
-                f"{checkpointer.directory} is kept. Lower config.train.lr (or compute in float32 "
-                f"with --config.dtype=float32) and rerun the same command to resume from it.")
+            raise diverged(first_step, step, f"the loss became {row['loss']}")
         row.update(lr=float(lr_schedule(np.int64(step - 1))), images_per_sec=images_per_sec)
         progress.set_postfix(loss=row["loss"], lr=row["lr"])
         writer.write(step, row)
+
+    def save(step):
+        if not _all_finite(state.params):
+            raise diverged(step, step, "the parameters became infinite or NaN")
+        checkpointer.save(step, state, {**meta, "step": step})
 
     try:
         with _Preemption() as preemption:
             data = batches(start_step)
             for step in range(start_step + 1, settings.num_steps + 1):
                 state, metrics = train_step(state, parallel.shard_batch(next(data), mesh), constants)
+                faults.point(f"{settings.name}.step")
                 pending_metrics.append(metrics)
                 progress.update()
                 if unlogged is not None:  # fetching it now leaves the device busy with this step
                     log(*unlogged)
                     unlogged = None
 
-                stop = preemption.reached(step)
                 is_last = step == settings.num_steps
+                stop = preemption.reached(step) and not is_last  # a SIGTERM at the last step: just finish
                 save_due = is_last or stop or step % settings.checkpoint_every_steps == 0
                 log_due = step % settings.log_every_steps == 0
                 if log_due and settings.checkpoint_every_secs:
@@ -196,28 +222,40 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
                 eval_due = evaluate is not None and (
                     is_last or bool(settings.eval_every_steps and step % settings.eval_every_steps == 0))
                 if log_due or save_due:
-                    unlogged = (step, pending_metrics, progress.images_per_sec())
+                    unlogged = (step - len(pending_metrics) + 1, step, pending_metrics, progress.images_per_sec())
                     pending_metrics = []
                 if unlogged is not None and (save_due or eval_due):  # a checkpoint only after its loss is checked
                     log(*unlogged)
                     unlogged = None
+                if save_due:  # before the evaluation, so that a failing evaluation loses no training
+                    save(step)
+                    last_save_time = time.monotonic()
                 if eval_due:
                     last_eval = evaluate(state)
                     writer.write(step, last_eval)
                     logging.info("%s step %d: %s", settings.name, step, _format(last_eval))
-                if save_due:
-                    save(step)
-                    last_save_time = time.monotonic()
                 if stop:
                     preempted = True
                     logging.warning("%s: stopped at step %d after a SIGTERM; the checkpoint is saved. Rerun the "
                                     "same command to resume.", settings.name, step)
                     break
+            if evaluate is not None and last_eval is None and not preempted:  # restored at the last step
+                last_eval = evaluate(state)
+                logging.info("%s step %d: %s", settings.name, settings.num_steps, _format(last_eval))
     finally:
         progress.close()
         checkpointer.close()
         writer.close()
     return FitResult(state=state, preempted=preempted, last_eval=last_eval)
+
+
+@jax.jit
+def _all_finite_on_device(params) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+
+
+def _all_finite(params) -> bool:
+    return bool(parallel.to_host(_all_finite_on_device(params)))
 
 
 def _agree(local_decision: bool) -> bool:

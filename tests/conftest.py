@@ -22,3 +22,48 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # The end-to-end tests compile the same networks several times: let them share compiled programs.
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "kdep_jax_test_xla_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import runpy  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from kdep_jax import config_lib  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 32  # torchvision's networks run at 32 px: small inputs, the same code path
+
+
+def override(config, overrides: dict):
+    """Sets dotted fields ({"train.lr": 0.01}) of a ConfigDict; returns it."""
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            target = target[name]
+        target[leaf] = value
+    return config
+
+
+def tiny_config(variant: str = "tiny", **overrides):
+    """configs/demo.py:<variant>, loaded as `--config=` loads it, with dotted overrides."""
+    return override(runpy.run_path(str(REPO / "configs" / "demo.py"))["get_config"](variant), overrides)
+
+
+def small_kdep_config(**overrides):
+    """A ResNet-50 (width 0.25, 512-d) teacher and a ResNet-18 (width 0.25, 128-d) student, demo data at 32 px."""
+    config = config_lib.kdep_config()
+    config.teacher.update(arch="resnet50", width=0.25)
+    config.student.update(arch="resnet18", width=0.25)
+    config.data = config_lib.data_config()
+    config.data.image_size = IMAGE_SIZE
+    return override(config, overrides)
+
+
+def small_transfer_config(**overrides):
+    """A ResNet-18 at a quarter width on the 32 px demo downstream task: 2 steps of 48 images, one eval."""
+    config = config_lib.supervised_config()
+    config.model.width = 0.25
+    config.data.update(name="demo", split="downstream_train", eval_split="downstream_test", image_size=IMAGE_SIZE)
+    config.train.update(batch_size=48, num_epochs=1, lr=0.1)
+    config.eval_batch_size = 48  # 500 test images: the last batch is padded
+    config.log_every_steps = 1
+    return override(config, overrides)

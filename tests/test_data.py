@@ -14,7 +14,7 @@ from torchvision import transforms as tv
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 import tensorflow_datasets as tfds
 
-from kdep_jax import data
+from kdep_jax import config_lib, data
 from kdep_jax.data import demo, transforms
 
 MEAN, STD = np.array(data.IMAGENET_MEAN), np.array(data.IMAGENET_STD)
@@ -61,7 +61,7 @@ def folder(tmp_path_factory):
 
 
 def _cfg(name="image_folder", data_dir=None, size=16, **kw):
-    cfg = data.default_config()
+    cfg = config_lib.data_config()
     cfg.name, cfg.data_dir, cfg.image_size, cfg.split, cfg.eval_split = name, data_dir, size, "train", "val"
     cfg.update(kw)
     return cfg
@@ -283,7 +283,7 @@ def test_tfds_random_access_with_mock_data():
 
 
 def test_demo_source():
-    cfg = data.default_config()
+    cfg = config_lib.data_config()
     cfg.image_size, cfg.split, cfg.eval_split = 32, "downstream_train", "downstream_test"
     info = data.dataset_info(cfg, "downstream_train")
     assert info == data.DatasetInfo(demo.num_examples("downstream_train"), demo.num_classes("downstream_train"))

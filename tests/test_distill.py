@@ -4,22 +4,14 @@ import numpy as np
 import pytest
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import config_lib, distill, models, optim, parallel, trainer
+from kdep_jax import distill, models, optim, parallel, trainer
+from conftest import IMAGE_SIZE, small_kdep_config
 
-IMAGE_SIZE = 32
-
-
-def small_config():
-    config = config_lib.kdep_config()
-    config.teacher.update(arch="resnet50", width=0.25)
-    config.student.update(arch="resnet18", width=0.25)
-    config.data.image_size = IMAGE_SIZE
-    return config
 
 
 @pytest.fixture(scope="module")
 def setup():
-    config = small_config()
+    config = small_kdep_config()
     dim = distill.student_dim(config)
     teacher_variables = trainer.init_variables(distill.teacher_model(config), IMAGE_SIZE, seed=1)
     # Non-trivial running statistics, so that eval-mode BatchNorm really uses them.
@@ -41,7 +33,7 @@ def run_steps(setup, num_devices, num_steps=2):
     config, dim, teacher_variables, alignment, student_variables, images = setup
     mesh = parallel.make_mesh(jax.devices()[:num_devices])
     tx = optim.sgd(optim.step_decay_schedule(0.1, 10, 30, 0.1, 90), 0.9, 5e-4)
-    state = trainer.create_train_state(student_variables, tx, mesh)
+    state = trainer.create_train_state(student_variables, tx, mesh, seed=0)
     constants = parallel.replicate((teacher_variables, alignment), mesh)
     step = trainer.make_train_step(distill.make_loss_fn(config, dim), tx, mesh)
     losses = []
@@ -92,7 +84,7 @@ def test_teacher_is_frozen_and_loss_follows_the_formula(setup, runs):
 
 
 def test_student_wider_than_teacher_is_refused():
-    config = small_config()
+    config = small_kdep_config()
     config.student.update(arch="mobilenet_v2", width=1.0)  # 1280-d against the teacher's 512
     with pytest.raises(ValueError, match="cannot exceed the teacher"):
         distill.student_dim(config)
@@ -103,10 +95,10 @@ def test_bfloat16_loss_is_within_1e2_of_float32(setup):
     config, dim, teacher_variables, alignment, student_variables, images = setup
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        config = small_config()
+        config = small_kdep_config()
         config.dtype = dtype
         loss_fn = jax.jit(distill.make_loss_fn(config, dim))
         loss, _ = loss_fn(student_variables["params"], student_variables["batch_stats"], {"image": images},
-                          (teacher_variables, alignment))
+                          (teacher_variables, alignment), None)
         losses[dtype] = float(loss)
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-2)

@@ -1,10 +1,12 @@
-"""The whole pipeline on the tiny demo variant: every stage, export, exact resume, and each bad input."""
+"""The whole pipeline on the tiny demo variant: every stage, export, exact resume, and each bad input.
+
+The end-to-end tests share one finished run and are marked slow; `test_one_distillation_step` is the fast
+smoke test (one step of the real trainer on the tiny config).
+"""
 import json
 import os
-import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,20 +15,26 @@ import torch
 import torchvision
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import convert, distill, parallel, pipeline, trainer
+from kdep_jax import convert, data, distill, parallel, pipeline, trainer, validation
+from kdep_jax.errors import ConfigError
+from conftest import REPO, small_transfer_config, tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def tiny_config(**overrides):
-    config = runpy.run_path(str(REPO / "configs" / "demo.py"))["get_config"]("tiny")
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            target = target[name]
-        target[leaf] = value
-    return config
+def test_one_distillation_step():
+    """The smoke test: the tiny config's teacher, alignment, student and SGD step, once, with a finite loss."""
+    config = tiny_config("tiny_distill", **{"teacher.width": 0.25, "student.width": 0.25})
+    mesh = parallel.make_mesh()
+    dim = distill.student_dim(config)
+    teacher = trainer.init_variables(distill.teacher_model(config), config.data.image_size, seed=1)
+    batch = next(data.train_batches(config.data, config.data.split, 32, seed=0))
+    _, features = distill.teacher_model(config).apply(teacher, batch["image"], train=False)
+    alignment = alignment_lib.fit_alignment([np.asarray(features["pre_relu"])])
+    _, schedule, tx = trainer.sgd_recipe(config, 152)
+    state = trainer.create_train_state(
+        trainer.init_variables(distill.student_model(config), config.data.image_size, config.seed), tx, mesh, seed=0)
+    step = trainer.make_train_step(distill.make_loss_fn(config, dim), tx, mesh)
+    state, metrics = step(state, parallel.shard_batch(batch, mesh), parallel.replicate((teacher, alignment), mesh))
+    assert int(parallel.to_host(state.step)) == 1 and np.isfinite(float(parallel.to_host(metrics["loss"])))
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +45,18 @@ def finished_run(tmp_path_factory):
     return workdir, outputs
 
 
+def _copy(workdir, destination, *names):
+    destination.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-r", *(str(workdir / name) for name in names), str(destination)], check=True)
+    return destination
+
+
+def _losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"], row["lr"]) for row in rows if "loss" in row]
+
+
+@pytest.mark.slow
 def test_all_stages_write_their_outputs(finished_run):
     workdir, outputs = finished_run
     for name in ("config.json", "teacher/model/meta.json", "alignment.npz", "checkpoints", "metrics.jsonl",
@@ -51,8 +71,10 @@ def test_all_stages_write_their_outputs(finished_run):
     results = json.loads((workdir / "results.json").read_text())
     assert {row["init"] for row in results} == {"kdep", "scratch"}
     assert all(0.0 <= row["top1"] <= 100.0 for row in results)
+    assert outputs["student_pth"] == str(workdir / "student.pth") and outputs["results"] == results
 
 
+@pytest.mark.slow
 def test_exported_student_loads_into_torchvision_and_matches(finished_run):
     workdir, _ = finished_run
     state_dict = torch.load(workdir / "student.pth", weights_only=True)
@@ -72,6 +94,7 @@ def test_exported_student_loads_into_torchvision_and_matches(finished_run):
     np.testing.assert_allclose(features["pooled"], expected, atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(finished_run, tmp_path):
     """Losing the end of a run (the student and the last checkpoint) and rerunning gives the same student."""
     workdir, _ = finished_run
@@ -88,29 +111,21 @@ def test_killed_run_resumes_to_the_same_result(finished_run, tmp_path):
     again, _ = convert.load_converted(resumed / "student")
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(original)):
         np.testing.assert_array_equal(a, b)
-    def losses(run):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [(row["step"], row["loss"], row["lr"]) for row in rows]
-
-    assert losses(resumed) == losses(workdir)
+    assert _losses(resumed) == _losses(workdir)
 
 
+@pytest.mark.slow
 def test_distillation_from_the_target_cache_follows_the_online_run(finished_run, tmp_path):
     """The same run with the teacher replaced by its cached targets: float16 targets, the same losses to 1e-2."""
     workdir, _ = finished_run
-    cached = tmp_path / "cached"
-    cached.mkdir()
-    subprocess.run(["cp", "-r", str(workdir / "teacher"), str(workdir / "alignment.npz"), str(cached)], check=True)
+    cached = _copy(workdir, tmp_path / "cached", "teacher", "alignment.npz")
     pipeline.run(tiny_config(downstream=None, **{"target_cache.enabled": True}), cached)
     assert (cached / "target_cache" / "meta.json").exists()
-
-    def losses(run):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [row["loss"] for row in rows if "loss" in row]
-
-    np.testing.assert_allclose(losses(cached), losses(workdir), rtol=1e-2)
+    np.testing.assert_allclose([loss for _, loss, _ in _losses(cached)], [loss for _, loss, _ in _losses(workdir)],
+                               rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_repeated(finished_run, caplog):
     workdir, _ = finished_run
     before = (workdir / "student" / "variables.msgpack").read_bytes()
@@ -120,26 +135,59 @@ def test_a_finished_run_is_not_repeated(finished_run, caplog):
     assert (workdir / "student" / "variables.msgpack").read_bytes() == before
 
 
-def test_workdir_of_another_config_is_refused(finished_run):
+@pytest.mark.slow
+def test_workdir_of_another_config_is_refused_and_run_only_fields_are_not_compared(finished_run, tmp_path):
     workdir, _ = finished_run
-    with pytest.raises(ValueError, match="different config.*train.lr.*overwrite"):
-        pipeline.run(tiny_config(**{"train.lr": 0.01}), workdir)
+    with pytest.raises(ConfigError, match="different config.*train.lr: 0.02 there, 0.01 now.*allow_changes=train.lr"
+                                          ".*overwrite"):
+        pipeline.check_workdir(tiny_config(**{"train.lr": 0.01}), workdir)
+    # Logging, checkpointing and reader settings change no result: a resume may change them.
+    copy = _copy(workdir, tmp_path / "copy", "config.json", "alignment.npz")
+    pipeline.check_workdir(tiny_config(**{"log_every_steps": 7, "keep_checkpoints": 1, "data.threads": 1,
+                                          "downstream.eval_batch_size": 4, "teacher.train.log_every_steps": 3}), copy)
+    assert json.loads((copy / "config.json").read_text())["log_every_steps"] == 7
+    assert pipeline.result_differences({"train": {"lr": 1}, "log_every_steps": 1},
+                                       {"train": {"lr": 2}, "log_every_steps": 5}) == ["train.lr"]
 
 
-def test_missing_teacher_says_how_to_convert(tmp_path):
+@pytest.mark.slow
+def test_missing_teacher_says_how_to_convert_and_writes_nothing(tmp_path):
     config = tiny_config(**{"teacher.train": None, "teacher.path": str(tmp_path / "nowhere")})
-    with pytest.raises(FileNotFoundError, match="python -m kdep_jax.convert import"):
+    with pytest.raises(ConfigError, match="config.teacher.path: no converted checkpoint.*python -m kdep_jax.convert "
+                                          "import"):
         pipeline.run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_teacher_of_another_architecture_is_refused(finished_run, tmp_path):
     workdir, _ = finished_run
     # The student (a resnet18) given as a resnet50 teacher.
     config = tiny_config(**{"teacher.train": None, "teacher.path": str(workdir / "student"), "teacher.arch": "resnet50"})
-    with pytest.raises(convert.ConversionError, match="resnet18"):
+    with pytest.raises(ConfigError, match="holds a resnet18 checkpoint, but the config says resnet50"):
         pipeline.run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+def test_a_failed_bad_input_does_not_claim_the_workdir(finished_run, tmp_path):
+    """A typo fails before anything is written, and the corrected command runs in the same workdir."""
+    workdir, _ = finished_run
+    teacher = str(workdir / "teacher" / "model")
+    run = tmp_path / "run"
+    for typo in ({"teacher.path": teacher + "_typo"}, {"data.split": "upstream_trian"}, {"mode": "kdpe"},
+                 {"student.arch": "resnet19"}):
+        with pytest.raises(ConfigError):
+            pipeline.run(tiny_config("tiny_distill", **{"teacher.path": teacher, **typo}), run)
+        assert not run.exists(), typo
+    with pytest.raises(ConfigError, match="config.init='kdep:typo_dir'"):
+        pipeline.run(small_transfer_config(init="kdep:typo_dir"), run)
+    assert not run.exists()
+    outputs = pipeline.run(tiny_config("tiny_distill", **{"teacher.path": teacher}), run)
+    assert (run / "student" / "meta.json").exists() and outputs["student"] == str(run / "student")
+
+
+@pytest.mark.slow
 def test_alignment_of_another_teacher_is_recomputed(finished_run, tmp_path, caplog):
     workdir, _ = finished_run
     alignment, provenance = alignment_lib.load_alignment(workdir / "alignment.npz")
@@ -156,25 +204,91 @@ def test_alignment_of_another_teacher_is_recomputed(finished_run, tmp_path, capl
     np.testing.assert_allclose(recomputed.singular_values, alignment.singular_values, rtol=1e-6)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
+@pytest.mark.parametrize("field,value", [("data.data_dir", "/elsewhere"), ("data.subset_seed", 1),
+                                         ("data.demo_seed", 1), ("data.min_crop_scale", 0.5),
+                                         ("data.skip_corrupt", True), ("dtype", "bfloat16"), ("seed", 1)])
+def test_alignment_statistics_are_tied_to_every_data_setting(field, value):
+    """A shared config.alignment.path is reused only for the same data, augmentation and dtype."""
+    assert (distill.alignment_provenance(tiny_config(**{field: value}), "0" * 64)
+            != distill.alignment_provenance(tiny_config(), "0" * 64))
+    assert (distill.alignment_provenance(tiny_config(**{"data.threads": 3}), "0" * 64)
+            == distill.alignment_provenance(tiny_config(), "0" * 64))
+
+
+@pytest.mark.slow
+def test_divergence_keeps_a_finite_checkpoint_and_the_advice_resumes(finished_run, tmp_path):
+    """lr 1e30 diverges at once: no checkpoint is kept whose parameters led to it, and the command in the
+    message (with a sane lr in place of its suggestion) resumes the same workdir instead of being refused."""
     workdir, _ = finished_run
-    config = tiny_config(**{"teacher.train": None, "teacher.path": str(workdir / "teacher" / "model"),
-                            "downstream": None, "train.lr": 1e30, "log_every_steps": 1,
-                            "checkpoint_every_steps": 1})
-    with pytest.raises(trainer.TrainingError, match="loss became .* at or before step") as error:
-        pipeline.run(config, tmp_path / "run")
-    assert "last good checkpoint" in str(error.value)
-    assert not (tmp_path / "run" / "student").exists()
+    teacher = str(workdir / "teacher" / "model")
+    config = tiny_config("tiny_distill", **{"teacher.path": teacher, "train.lr": 1e30, "log_every_steps": 1,
+                                            "checkpoint_every_steps": 1})
+    run = tmp_path / "run"
+    with pytest.raises(trainer.TrainingError, match="loss became nan at or before step 2") as error:
+        pipeline.run(config, run)
+    message = str(error.value)
+    assert "--config.train.lr=1e+29 --config.allow_changes=train.lr" in message
+    assert "no checkpoint from before it is left" in message and not (run / "checkpoints" / "1").exists()
+    assert not (run / "student").exists()
+    pipeline.run(tiny_config("tiny_distill", **{"teacher.path": teacher, "train.lr": 0.02, "log_every_steps": 1,
+                                                "checkpoint_every_steps": 1, "allow_changes": "train.lr"}), run)
+    assert all(np.isfinite(loss) for _, loss, _ in _losses(run)) and (run / "student" / "meta.json").exists()
 
 
-def test_cli_reports_bad_config_override_and_errors(tmp_path):
+@pytest.mark.slow
+def test_the_summary_lists_only_the_files_written(finished_run, tmp_path, monkeypatch):
+    """Without torch the export writes the safetensors file, warns about student.pth and does not list it."""
+    workdir, _ = finished_run
+    copy = _copy(workdir, tmp_path / "copy", "student")
+
+    def no_torch():
+        raise convert.ConversionError("reading and writing .pth files needs PyTorch (No module named 'torch')")
+
+    monkeypatch.setattr(convert, "_import_torch", no_torch)
+    outputs = pipeline.export_student(tiny_config(), copy)
+    assert (copy / "student.safetensors").exists() and not (copy / "student.pth").exists()
+    assert outputs == {"student": str(copy / "student"), "student_safetensors": str(copy / "student.safetensors")}
+
+
+def test_batches_that_do_not_split_over_the_devices_are_named(tmp_path):
+    """3 devices: a train batch of 33 splits, but the eval and alignment batches must too; checked up front."""
+    for field, value in (("downstream.eval_batch_size", 32), ("alignment.batch_size", 64),
+                         ("teacher.train.eval_batch_size", 256)):
+        config = tiny_config(**{"train.batch_size": 33, "teacher.train.train.batch_size": 33,
+                                "downstream.train.batch_size": 33, "downstream.eval_batch_size": 33,
+                                "teacher.train.eval_batch_size": 33, "alignment.batch_size": 33, field: value})
+        with pytest.raises(ConfigError, match=f"config.{field}={value} does not split evenly over the 3 devices"):
+            validation.validate(config, 3, 1, tmp_path)
+
+
+def test_the_target_cache_needs_a_local_directory_and_random_access(tmp_path):
+    config = tiny_config(**{"target_cache.enabled": True})
+    with pytest.raises(ConfigError, match="needs a local disk, not gs://bucket/run/target_cache"):
+        validation.validate(config, 4, 1, "gs://bucket/run")
+    validation.validate(config, 4, 1, tmp_path)
+
+
+def _cli(tmp_path, *args, code=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    bad_key = subprocess.run([sys.executable, "-m", "kdep_jax.main", "--config=configs/demo.py:tiny",
-                              f"--workdir={tmp_path}", "--config.train.lrr=1"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=120)
+    command = [sys.executable, *(["-c", code] if code else ["-m", "kdep_jax.main"]), *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_cli_reports_bad_config_override_and_errors(tmp_path):
+    bad_key = _cli(tmp_path, "--config=configs/demo.py:tiny", f"--workdir={tmp_path}", "--config.train.lrr=1")
     assert bad_key.returncode != 0 and "lrr" in bad_key.stderr
-    missing_teacher = subprocess.run([sys.executable, "-m", "kdep_jax.main", "--config=configs/r18.py",
-                                      f"--workdir={tmp_path / 'r18'}", f"--config.teacher.path={tmp_path / 'none'}"],
-                                     cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    missing_teacher = _cli(tmp_path, "--config=configs/r18.py", f"--workdir={tmp_path / 'r18'}",
+                           f"--config.teacher.path={tmp_path / 'none'}")
     assert missing_teacher.returncode == 2
-    assert "No converted teacher" in missing_teacher.stderr and "Traceback" not in missing_teacher.stderr
+    assert "no converted checkpoint" in missing_teacher.stderr and "Traceback" not in missing_teacher.stderr
+    no_decay = _cli(tmp_path, "--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'decay'}",
+                    "--config.train.lr_decay_every_epochs=0")
+    assert no_decay.returncode == 2 and "config.train.lr_decay_every_epochs=0" in no_decay.stderr
+    assert "Traceback" not in no_decay.stderr and not (tmp_path / "decay").exists()
+    # A bug (here: a ValueError from inside the pipeline) is not a user error: its traceback is kept.
+    bug = _cli(tmp_path, "--config=configs/demo.py:tiny", f"--workdir={tmp_path / 'bug'}", code=(
+        "import sys; from kdep_jax import main, pipeline\n"
+        "def run(config, workdir): raise ValueError('an internal error')\n"
+        "pipeline.run = run; sys.argv[0] = 'kdep_jax.main'; main.run()"))
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "ValueError: an internal error" in bug.stderr

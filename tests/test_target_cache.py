@@ -1,24 +1,20 @@
-"""The teacher-target cache: recorded targets are the online ones for the same crops, and replay checks the crops."""
+"""The teacher-target cache: recorded targets are the online ones for the same crops, and replay checks the
+examples and crops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import config_lib, data, distill, models, parallel, target_cache, trainer
+from kdep_jax import data, distill, models, parallel, target_cache, trainer
+from conftest import IMAGE_SIZE, small_kdep_config
 
-IMAGE_SIZE = 32
 NUM_STEPS = 3
 
 
 def small_config():
-    config = config_lib.kdep_config()
-    config.teacher.update(arch="resnet18", width=0.25)
-    config.student.update(arch="resnet18", width=0.25)
-    config.data = data.default_config()
-    config.data.update(image_size=IMAGE_SIZE, subset=2, min_crop_scale=0.35)  # 76 demo images
-    config.train.batch_size = 8
-    config.target_cache.enabled = True
+    config = small_kdep_config(**{"teacher.arch": "resnet18", "train.batch_size": 8, "target_cache.enabled": True})
+    config.data.update(subset=2, min_crop_scale=0.35)  # 76 demo images
     return config
 
 
@@ -53,12 +49,13 @@ def test_cached_targets_equal_online_targets_for_the_same_crops(built):
     batches = data.train_batches(config.data, config.data.split, 8, seed=config.seed, with_crops=True)
     for step in range(NUM_STEPS):
         batch = next(batches)
-        np.testing.assert_array_equal(cache.crops[step], batch["crop"])
+        np.testing.assert_array_equal(cache.crops[step][:, 0], batch["index"])
+        np.testing.assert_array_equal(cache.crops[step][:, 1:], batch["crop"])
         expected = online_targets(config, teacher_variables, alignment, dim, batch["image"])
         # float16 keeps 11 significant bits: within 2**-11 of each value.
         np.testing.assert_allclose(cache.targets[step].astype(np.float32), expected, rtol=2**-11, atol=1e-6)
     crops = np.asarray(cache.crops)
-    assert set(np.unique(crops[..., 4])) <= {0, 1} and (crops[..., 2:4] >= 1).all()
+    assert set(np.unique(crops[..., 5])) <= {0, 1} and (crops[..., 3:5] >= 1).all()
 
 
 def test_replayed_batches_bring_the_targets_and_the_loss_matches(built):
@@ -71,10 +68,10 @@ def test_replayed_batches_bring_the_targets_and_the_loss_matches(built):
     np.testing.assert_array_equal(batch["targets"], cache.targets[1])
     student = trainer.init_variables(distill.student_model(config), IMAGE_SIZE, seed=0)
     online = distill.make_loss_fn(config, dim)(student["params"], student["batch_stats"], {"image": batch["image"]},
-                                              (teacher_variables, alignment))[0]
+                                              (teacher_variables, alignment), None)[0]
     cached = distill.make_loss_fn(config, dim, cached_targets=True)(
         student["params"], student["batch_stats"], {"image": batch["image"], "targets": jnp.asarray(batch["targets"])},
-        ())[0]
+        (), None)[0]
     np.testing.assert_allclose(float(cached), float(online), rtol=1e-3)
 
 
@@ -89,5 +86,15 @@ def test_cache_is_reused_only_for_the_same_run(built, caplog):
 def test_replay_refuses_other_crops(built):
     config, mesh, teacher_variables, alignment, dim, directory, cache = built
     other_seed = data.train_batches(config.data, config.data.split, 8, seed=config.seed + 1, with_crops=True)
-    with pytest.raises(ValueError, match="crops differ"):
+    with pytest.raises(ValueError, match="crop and flip .* so its targets belong to other images"):
         next(target_cache.replay(other_seed, cache, start_step=0))
+
+
+def test_replay_refuses_another_example_under_the_same_crop(built):
+    config, mesh, teacher_variables, alignment, dim, directory, cache = built
+    crops = np.array(cache.crops)
+    crops[0, 3, 0] += 1  # the recorded example of row 3, not its crop
+    tampered = target_cache.TargetCache(crops, cache.targets)
+    batches = data.train_batches(config.data, config.data.split, 8, seed=config.seed, with_crops=True)
+    with pytest.raises(ValueError, match=f"Step 0, row 3: the input pipeline gives example {crops[0, 3, 0] - 1} "):
+        next(target_cache.replay(batches, tampered, start_step=0))

@@ -15,22 +15,11 @@ import torchvision
 from etils import epath
 from flax import traverse_util
 
-from kdep_jax import config_lib, convert, data, models, parallel, pipeline, report, supervised, trainer
+from kdep_jax import convert, data, faults, models, parallel, pipeline, report, supervised, trainer
+from conftest import small_transfer_config
 
 NUM_CLASSES = 10  # the demo's downstream task
 TEST_SIZE = 500  # demo downstream_test: 10 classes x 50 images
-
-
-def small_config(**overrides):
-    """A ResNet-18 at a quarter width on the 32 px demo downstream task: 2 steps of 48 images, one eval."""
-    config = config_lib.supervised_config()
-    config.model.width = 0.25
-    config.data.update(name="demo", split="downstream_train", eval_split="downstream_test", image_size=32)
-    config.train.update(batch_size=48, num_epochs=1, lr=0.1)
-    config.eval_batch_size = 48  # 500 test images: the last batch is padded
-    config.log_every_steps = 1
-    config.update(overrides)
-    return config
 
 
 def flat(variables, collection):
@@ -48,8 +37,8 @@ def shaped_like_model(arch, width, num_classes):
 
 @pytest.fixture(scope="module")
 def fresh():
-    """The variables supervised.train starts from for small_config() before a backbone is attached."""
-    config = small_config()
+    """The variables supervised.train starts from for small_transfer_config() before a backbone is attached."""
+    config = small_transfer_config()
     return trainer.init_variables(supervised.create_model(config, NUM_CLASSES), 32, config.seed)
 
 
@@ -70,7 +59,7 @@ def test_kdep_backbone_is_loaded_and_the_head_is_new(student, fresh):
     workdir, source, meta = student
     backbone, tag = supervised.load_backbone(f"kdep:{workdir}", "resnet18", 0.25)
     assert tag == f"kdep:{meta['sha256'][:12]}"
-    merged = supervised.attach_backbone(fresh, backbone, supervised.backbone_shapes(small_config()))
+    merged = supervised.attach_backbone(fresh, backbone, supervised.backbone_shapes(small_transfer_config()))
     for collection in ("params", "batch_stats"):
         merged_flat, source_flat = flat(merged, collection), flat(source, collection)
         head = {key for key in merged_flat if key[0] == "fc"}
@@ -91,7 +80,7 @@ def test_torchvision_backbone_is_loaded_and_the_head_is_new(tmp_path):
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 1.5)
     torch.save(model.state_dict(), tmp_path / "r18.pth")
-    config = small_config()
+    config = small_transfer_config()
     config.model.width = 1.0
     backbone, tag = supervised.load_backbone(f"torchvision:{tmp_path / 'r18.pth'}", "resnet18")
     assert tag == "torchvision:r18.pth"
@@ -110,7 +99,7 @@ def test_torchvision_backbone_is_loaded_and_the_head_is_new(tmp_path):
 
 def test_linear_probe_changes_only_the_head(student, fresh, tmp_path):
     workdir, source, _ = student
-    config = small_config(linear_probe=True)
+    config = small_transfer_config(linear_probe=True)
     backbone, _ = supervised.load_backbone(f"kdep:{workdir}", "resnet18", 0.25)
     result = supervised.train(config, tmp_path, parallel.make_mesh(), backbone=backbone)
     trained = parallel.to_host({"params": result.state.params, "batch_stats": result.state.batch_stats})
@@ -124,7 +113,7 @@ def test_linear_probe_changes_only_the_head(student, fresh, tmp_path):
 
 
 def test_evaluation_counts_each_example_once_on_1_and_4_devices(fresh):
-    config = small_config()
+    config = small_transfer_config()
     model = supervised.create_model(config, NUM_CLASSES)
     assert TEST_SIZE % config.eval_batch_size != 0
     # Reference: the whole split in one unsharded, unpadded batch, scored in numpy.
@@ -133,7 +122,7 @@ def test_evaluation_counts_each_example_once_on_1_and_4_devices(fresh):
     expected_top1 = 100.0 * np.mean(np.argmax(np.asarray(logits), -1) == batch["label"])
     for num_devices in (1, 4):
         mesh = parallel.make_mesh(jax.devices()[:num_devices])
-        state = trainer.create_train_state(fresh, optax.identity(), mesh)
+        state = trainer.create_train_state(fresh, optax.identity(), mesh, seed=0)
         metrics = supervised.make_evaluator(model, config.data, "downstream_test", config.eval_batch_size, mesh)(state)
         assert metrics["eval_count"] == TEST_SIZE, num_devices
         # Batch shapes differ from the reference, so allow one near-tied argmax to flip (0.2% of 500).
@@ -238,7 +227,7 @@ def test_init_of_another_architecture_is_refused(tmp_path):
 
 def test_init_of_another_width_is_refused(student):
     workdir, _, _ = student
-    config = small_config()
+    config = small_transfer_config()
     config.model.width = 0.5
     backbone, _ = supervised.load_backbone(f"kdep:{workdir}", "resnet18", 0.5)
     with pytest.raises(convert.ConversionError, match="has shape .* another architecture or width"):
@@ -248,15 +237,66 @@ def test_init_of_another_width_is_refused(student):
 
 def test_results_of_this_run_are_returned_and_of_another_run_refused(tmp_path, student):
     """A finished run's results.json is returned without training again; another run's is refused, naming
-    what differs. The file is the row a scratch run of small_config() writes (the documented format)."""
+    what differs. The file is the row a scratch run of small_transfer_config() writes (the documented format)."""
     workdir = epath.Path(tmp_path)
     rows = [{"init": "scratch", "source": "scratch", "dataset": "demo", "arch": "resnet18", "linear_probe": False,
              "seed": 0, "epochs": 1, "top1": 31.0, "top5": 80.0}]
     (workdir / "results.json").write_text(json.dumps(rows))
     mesh = parallel.make_mesh()
-    assert pipeline.transfer(small_config(), workdir, mesh) == rows  # done: not trained again
+    assert pipeline.transfer(small_transfer_config(), workdir, mesh) == rows  # done: not trained again
     assert not (workdir / "checkpoints").exists()
     with pytest.raises(ValueError, match=r"results.json holds the result of another run \(seed: 0 there, 1 here\)"):
-        pipeline.transfer(small_config(seed=1), workdir, mesh)
+        pipeline.transfer(small_transfer_config(seed=1), workdir, mesh)
     with pytest.raises(ValueError, match="init: 'scratch' there, 'kdep' here; source: 'scratch' there, 'kdep:"):
-        pipeline.transfer(small_config(init=f"kdep:{student[0]}"), workdir, mesh)
+        pipeline.transfer(small_transfer_config(init=f"kdep:{student[0]}"), workdir, mesh)
+
+
+def test_a_finished_or_last_step_preempted_transfer_completes_on_rerun(tmp_path, monkeypatch):
+    """A SIGTERM during the last step finishes the run (results.json written); a rerun after losing results.json
+    evaluates the final checkpoint again and writes the same row."""
+    config = small_transfer_config()
+    mesh = parallel.make_mesh()
+    monkeypatch.setenv(faults.ENV, "transfer.step:SIGTERM:2")  # a real SIGTERM to this process in the last step
+    rows = pipeline.transfer(config, tmp_path, mesh)
+    monkeypatch.delenv(faults.ENV)
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    (tmp_path / "results.json").unlink()
+    assert pipeline.transfer(config, tmp_path, mesh) == rows
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+
+
+def test_mobilenet_v2_fine_tuning_uses_torchvision_dropout():
+    """torchvision's MobileNetV2 classifier is Dropout(p=0.2) + Linear: the training loss draws a new mask from each
+    step's key, and the logits' mean and variance over masks are those of that dropout."""
+    config = small_transfer_config(**{"model.arch": "mobilenet_v2", "model.width": 0.35})
+    model = supervised.create_model(config, NUM_CLASSES)
+    variables = trainer.init_variables(model, 64, seed=0)
+    # 8 images of 64 px: train-mode BatchNorm of the last 2x2 maps is well conditioned (at 1x1 and 2 images each
+    # channel is normalised from 2 values, and rounding flips the ReLU6 outputs between programs).
+    images = np.random.default_rng(0).normal(size=(8, 64, 64, 3)).astype(np.float32)
+    batch = {"image": images, "label": np.arange(8) % NUM_CLASSES}
+    loss_fn = jax.jit(supervised.make_loss_fn(model, linear_probe=False))
+    losses = [float(loss_fn(variables["params"], variables["batch_stats"], batch, (), jax.random.key(seed))[0])
+              for seed in (0, 0, 1)]
+    assert losses[0] == losses[1] != losses[2]
+
+    @jax.jit
+    def logits(key):
+        return model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0][0]
+
+    samples = np.stack([np.asarray(logits(key), np.float64) for key in jax.random.split(jax.random.key(0), 400)])
+    (_, features), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])  # no key: no dropout
+    pooled = np.asarray(features["pooled"], np.float64)
+    kernel, bias = (np.asarray(variables["params"]["classifier_1"][name], np.float64) for name in ("kernel", "bias"))
+    variance = (pooled**2) @ (kernel**2) * 0.2 / 0.8  # each feature kept with p=0.8 and scaled by 1/0.8
+    np.testing.assert_array_less(np.abs(samples.mean(0) - (pooled @ kernel + bias)), 5 * np.sqrt(variance / 400))
+    np.testing.assert_allclose(samples.var(0), variance, rtol=0.3)
+
+
+def test_report_keeps_runs_of_other_budgets_apart(tmp_path):
+    runs = [write_run(tmp_path / f"r{epochs}", [kdep_row("dtd", 0, top1, epochs=epochs)])
+            for epochs, top1 in ((150, 60.0), (30, 40.0))]
+    table = report.summarize(report.gather_rows(runs))
+    assert [row.label for row in table.rows] == ["kdep:abc123 · resnet18 · 150 epochs",
+                                                 "kdep:abc123 · resnet18 · 30 epochs"]
+    assert [row.cells["dtd"].count for row in table.rows] == [1, 1]

@@ -1,6 +1,5 @@
 """Input pipeline: demo data, image folders and TFDS -> deterministic, sharded NHWC float batches."""
 
-from kdep_jax.data.config import default_config
 from kdep_jax.data.errors import DataError
 from kdep_jax.data.pipeline import DatasetInfo, dataset_info, eval_batches, train_batches
 from kdep_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -11,7 +10,6 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "dataset_info",
-    "default_config",
     "eval_batches",
     "train_batches",
 ]

@@ -1,0 +1,189 @@
+"""Checks a run's config against the devices and its inputs before anything is written to the workdir.
+
+Whatever would make a stage fail later (a path that does not exist, a batch that does not split over the
+devices, an unknown name, a teacher checkpoint of another architecture, a stage the workdir's filesystem
+cannot hold) fails here, as one `ConfigError` naming the field and the fix, so that the corrected command
+simply runs: nothing in the workdir records the failed attempt.
+"""
+from __future__ import annotations
+
+import json
+
+from etils import epath
+
+from kdep_jax import config_lib, convert, data, models
+from kdep_jax.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16")
+MODES = ("kdep", "transfer")
+
+
+def validate(config, num_devices: int, num_processes: int, workdir) -> None:
+    """Raises ConfigError for the first setting of `config` that cannot run on this mesh and these inputs.
+
+    Names and numbers first, then paths, then the data (opening a dataset is the slowest check).
+    """
+    if config.mode not in MODES:
+        raise ConfigError(f"config.mode={config.mode!r} is not a mode; use one of {', '.join(MODES)}.")
+    check_allow_changes(config)
+    if config.mode == "transfer":
+        _check_supervised(config, "", num_devices, num_processes)
+        _check_init(config, "")
+        _check_supervised_data(config, "")
+        return
+    _check_loop(config, "", num_devices, num_processes)
+    _check_arch(config.teacher.arch, config.teacher.width, "teacher")
+    _check_arch(config.student.arch, config.student.width, "student")
+    _check_batch(config.alignment.batch_size, "alignment.batch_size", num_devices, num_processes)
+    teacher_dim = models.feature_dim(config.teacher.arch, config.teacher.width)
+    student_dim = models.feature_dim(config.student.arch, config.student.width)
+    if student_dim > teacher_dim:
+        raise ConfigError(
+            f"The student {config.student.arch} (width {config.student.width}) has {student_dim}-d features, more than "
+            f"the teacher {config.teacher.arch}'s {teacher_dim}: KDEP aligns the student to the teacher's top-k "
+            f"principal directions, so k cannot exceed the teacher's width. Choose a wider teacher "
+            f"(config.teacher.arch / width) or a narrower student (config.student.arch / width).")
+    teacher = config.teacher.train
+    if teacher is not None:
+        if (teacher.model.arch, teacher.model.width) != (config.teacher.arch, config.teacher.width):
+            raise ConfigError(
+                f"config.teacher.train.model is ({teacher.model.arch}, width {teacher.model.width}) but the teacher "
+                f"is ({config.teacher.arch}, width {config.teacher.width}): set both to the same architecture and width.")
+        _check_supervised(teacher, "teacher.train.", num_devices, num_processes)
+    if config.downstream is not None:
+        _check_supervised(config.downstream, "downstream.", num_devices, num_processes)
+        if (config.downstream.model.arch, config.downstream.model.width) != (config.student.arch,
+                                                                           config.student.width):
+            raise ConfigError("config.downstream.model must be the student's architecture and width "
+                              f"({config.student.arch}, {config.student.width}): it fine-tunes the student.")
+    cache_dir = str(config.target_cache.path or epath.Path(workdir) / "target_cache")
+    if config.target_cache.enabled and "://" in cache_dir:
+        raise ConfigError(
+            f"The teacher-target cache is memory-mapped, so it needs a local disk, not {cache_dir}: set "
+            f"--config.target_cache.path to a local directory (the workdir itself may stay on the bucket).")
+    if teacher is None:
+        check_converted(config.teacher.path, config.teacher.arch, "config.teacher.path", fix=(
+            f"Convert the teacher's torchvision checkpoint first: python -m kdep_jax.convert import --arch "
+            f"{config.teacher.arch} --input TEACHER.pth --output {config.teacher.path or 'teachers/' + config.teacher.arch}"))
+
+    info = _check_train_data(config, "")
+    stats_data = config.alignment.data if config.alignment.data is not None else config.data
+    _check_split(stats_data, stats_data.split, "alignment.data" if config.alignment.data is not None else "data")
+    if config.target_cache.enabled and not info.random_access:
+        raise ConfigError(
+            f"config.target_cache.enabled=True needs random access to the data, but TFDS {config.data.name!r} is "
+            f"stored as TFRecord. Convert it once (tfds convert_format ... --out_file_format=array_record) or set "
+            f"--config.target_cache.enabled=False.")
+    for prefix, supervised_config in (("teacher.train.", teacher), ("downstream.", config.downstream)):
+        if supervised_config is not None:
+            _check_supervised_data(supervised_config, prefix)
+
+
+def check_allow_changes(config) -> None:
+    """Every name in config.allow_changes must be a field of the config."""
+    flat = config_lib.flatten(json.loads(config.to_json_best_effort()))
+    for name in filter(None, (part.strip() for part in config.allow_changes.split(","))):
+        if name not in flat:
+            raise ConfigError(f"config.allow_changes names {name!r}, which is not a config field (fields look like "
+                              f"'train.lr' or 'downstream.train.lr').")
+
+
+def check_converted(path, arch: str, field: str, fix: str) -> None:
+    """A directory written by `kdep_jax.convert` (or a run's student), holding this arch."""
+    if not path:
+        raise ConfigError(f"{field} is not set. {fix}")
+    meta_path = epath.Path(path) / convert.META_FILE
+    if not meta_path.exists():
+        raise ConfigError(f"{field}: no converted checkpoint at {path} ({meta_path} does not exist). {fix}")
+    made_for = json.loads(meta_path.read_text()).get("arch")
+    if made_for != arch:
+        raise ConfigError(f"{field}: {path} holds a {made_for} checkpoint, but the config says {arch}. Point it at a "
+                          f"{arch} checkpoint, or set the arch to {made_for}.")
+
+
+def _check_supervised(config, prefix: str, num_devices: int, num_processes: int) -> None:
+    _check_loop(config, prefix, num_devices, num_processes)
+    _check_arch(config.model.arch, config.model.width, f"{prefix}model")
+    _check_batch(config.eval_batch_size, f"{prefix}eval_batch_size", num_devices, num_processes)
+    if config.eval_every_epochs < 1:
+        raise ConfigError(f"config.{prefix}eval_every_epochs={config.eval_every_epochs}: evaluate every 1 or more "
+                          f"epochs.")
+
+
+def _check_supervised_data(config, prefix: str) -> None:
+    _check_train_data(config, prefix)
+    _check_split(config.data, config.data.eval_split, f"{prefix}data", split_field="eval_split")
+
+
+def _check_init(config, prefix: str) -> None:
+    """config.init of a transfer run: its backbone exists and is of the model's architecture."""
+    kind, _, location = config.init.partition(":")
+    field = f"config.{prefix}init"
+    if kind == "scratch" and not location:
+        return
+    if kind == "kdep" and location:
+        directory = epath.Path(location)
+        if not (directory / convert.META_FILE).exists() and (directory / convert.STUDENT_SUBDIR).exists():
+            directory = directory / convert.STUDENT_SUBDIR
+        check_converted(directory, config.model.arch, f"{field}={config.init!r}",
+                        fix="Point it at the workdir of a finished KDEP run or at a directory written by "
+                            "`python -m kdep_jax.convert import`.")
+        return
+    if kind == "torchvision" and location:
+        if not epath.Path(location).is_file():
+            raise ConfigError(f"{field}={config.init!r}: {location} is not a file; point it at a torchvision "
+                              f"{config.model.arch} .pth or .safetensors checkpoint.")
+        return
+    raise ConfigError(f"{field}={config.init!r} is not understood; use 'scratch', 'kdep:WORKDIR' or "
+                      f"'torchvision:FILE'.")
+
+
+def _check_loop(config, prefix: str, num_devices: int, num_processes: int) -> None:
+    """The SGD recipe and loop settings shared by every trainer."""
+    field = f"config.{prefix}"
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"{field}dtype={config.dtype!r}: use one of {', '.join(DTYPES)}.")
+    train = config.train
+    for name in ("num_epochs", "lr_decay_every_epochs"):
+        if train[name] < 1:
+            raise ConfigError(f"{field}train.{name}={train[name]}: it must be a positive number of epochs "
+                              f"(a schedule without decay: set lr_decay_every_epochs to num_epochs).")
+    if not train.lr > 0:
+        raise ConfigError(f"{field}train.lr={train.lr}: the learning rate must be positive.")
+    for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[name] < 1:
+            raise ConfigError(f"{field}{name}={config[name]}: it must be 1 or more.")
+    _check_batch(train.batch_size, f"{prefix}train.batch_size", num_devices, num_processes)
+
+
+def _check_train_data(config, prefix: str):
+    """The training split opens and holds at least one batch; returns its DatasetInfo."""
+    info = _check_split(config.data, config.data.split, f"{prefix}data")
+    if info.num_examples < config.train.batch_size:
+        raise ConfigError(
+            f"{config.data.name} split {config.data.split!r} has {info.num_examples} examples, fewer than one batch "
+            f"of config.{prefix}train.batch_size={config.train.batch_size}: lower the batch size or use more data.")
+    return info
+
+
+def _check_batch(batch_size: int, field: str, num_devices: int, num_processes: int) -> None:
+    if batch_size < 1 or batch_size % num_devices or batch_size % num_processes:
+        multiple = max(num_devices, num_processes)
+        raise ConfigError(f"config.{field}={batch_size} does not split evenly over the {num_devices} devices of "
+                          f"{num_processes} process(es): choose a multiple of {multiple}.")
+
+
+def _check_split(data_config, split: str, field: str, split_field: str = "split"):
+    """Opens the split (data.DataError names the dataset and the fix); returns its DatasetInfo."""
+    try:
+        return data.dataset_info(data_config, split)
+    except data.DataError as error:
+        raise ConfigError(f"config.{field} ({split_field} {split!r}): {error}") from None
+
+
+def _check_arch(arch: str, width: float, field: str) -> None:
+    try:
+        models.check_arch(arch)
+        models.feature_dim(arch, width)
+    except ValueError as error:
+        raise ConfigError(f"config.{field}.arch / width: {error}") from None
