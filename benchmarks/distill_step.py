@@ -48,25 +48,27 @@ def kdep_jax_step(args) -> dict:
     import jax
 
     from kdep_jax import alignment as alignment_lib
-    from kdep_jax import config_lib, distill, models, optim, parallel, target_cache, trainer
+    from kdep_jax import config_lib, distill, methods, models, optim, parallel, target_cache, trainer
+    from kdep_jax import teacher as teacher_lib
 
     config = config_lib.kdep_config()
     config.student.arch = args.student
     config.dtype = args.dtype
     config.train.batch_size = args.batch
     mesh = parallel.make_mesh()
-    dim = distill.student_dim(config)
-    teacher_variables = trainer.init_variables(distill.teacher_model(config), args.image_size, 1)
+    method = methods.create(config)
+    dim = method.dim
+    teacher = teacher_lib.Teacher(trainer.init_variables(teacher_lib.model(config), args.image_size, 1), "", None)
     teacher_dim = models.feature_dim(config.teacher.arch)
     components = np.linalg.qr(np.random.default_rng(0).normal(size=(teacher_dim, teacher_dim)))[0][:, :dim]
     alignment = alignment_lib.Alignment(mean=np.zeros(teacher_dim, np.float32), components=components.astype(np.float32),
                                         singular_values=np.ones(dim, np.float32), count=1)
     tx = optim.sgd(optim.step_decay_schedule(0.1, 100, 30, 0.1, 90), 0.9, 5e-4)
-    state = trainer.create_train_state(trainer.init_variables(distill.student_model(config), args.image_size, 0), tx, mesh,
-                                       seed=0)
+    config.data.image_size = args.image_size
+    state = trainer.create_train_state(distill.initial_variables(config, method, teacher, alignment), tx, mesh, seed=0)
     cached = args.framework == "kdep_jax_cached"  # the teacher's targets come with the batch (target cache)
-    step = trainer.make_train_step(distill.make_loss_fn(config, dim, cached_targets=cached), tx, mesh)
-    constants = () if cached else parallel.replicate((teacher_variables, alignment), mesh)
+    step = trainer.make_train_step(distill.make_loss_fn(config, method, None, cached_targets=cached), tx, mesh)
+    constants = () if cached else parallel.replicate((teacher.variables, alignment), mesh)
     host_batches = jpeg_batches(args) if args.input == "jpeg" else synthetic_batches(args)
     rng = np.random.default_rng(0)
 

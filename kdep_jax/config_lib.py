@@ -81,7 +81,11 @@ def kdep_config() -> ml_collections.ConfigDict:
         path="",  # a directory written by `python -m kdep_jax.convert import`
         train=None,  # the demo trains its own teacher: a supervised_config() here
     ))
-    config.student = ml_collections.ConfigDict(dict(arch="resnet18", width=1.0))
+    # The distillation objective: kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs (kdep_jax.methods).
+    config.method = "kdep"
+    # projection: a learned linear map of the student feature onto the teacher's aligned directions (KDEP's
+    # parametric alignment), so that a student wider than its teacher can learn from it. Off: the paper's KDEP.
+    config.student = ml_collections.ConfigDict(dict(arch="resnet18", width=1.0, projection=False))
     config.alignment = ml_collections.ConfigDict(dict(
         path="",  # default WORKDIR/alignment.npz; set it to share one file between runs
         batch_size=256, pts_t=0.1, pts_n=ml_collections.config_dict.placeholder(float),
@@ -94,6 +98,12 @@ def kdep_config() -> ml_collections.ConfigDict:
     config.train = _sgd_fields(batch_size=512, num_epochs=90, lr=0.3, decay_every=30)
     # 20 for a standard supervised ResNet-50 teacher such as torchvision's; 3 for Microsoft-Vision's.
     config.train.loss_weight = 20.0
+    # The other methods' settings (each method reads its own section).
+    config.logit_kd = ml_collections.ConfigDict(dict(temperature=4.0))  # the KDEP paper's logit baseline
+    config.fm = ml_collections.ConfigDict(dict(temperature=1.0, mixup_alpha=1.0))  # function matching
+    # TCS (kdep_jax/methods/tcs.py says which of these the paper fixes and which are this implementation's choice).
+    config.tcs = ml_collections.ConfigDict(dict(dim=0, loss_weight=1.0, prune_start_epoch=1.0, prune_every_epochs=1.0,
+                                                prune_fraction=0.25, min_keep_fraction=0.5))
     # Transfer runs after pre-training (the demo's last stage): one supervised config per init.
     config.downstream = None
     config.overwrite = False

@@ -14,7 +14,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from kdep_jax import config_lib, convert, distill, faults, parallel, supervised, validation
+from kdep_jax import config_lib, convert, distill, faults, methods, parallel, supervised, validation
+from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 
 _OUTPUTS = ("checkpoints", "metrics.jsonl", "alignment.npz", "student", "student.pth", "student.safetensors",
@@ -116,14 +117,14 @@ def _kdep(config, workdir: epath.Path, mesh) -> dict:
         logging.info("The distilled student is already in %s; skipping distillation.", student_dir)
         student = None
     else:
-        teacher_variables, teacher_sha256 = distill.load_teacher(config, teacher_dir)
-        faults.point("stage.alignment")
-        alignment = distill.compute_or_load_alignment(config, workdir, mesh, teacher_variables, teacher_sha256)
-        faults.point("stage.distill")
-        result = distill.distill(config, workdir, mesh, teacher_variables, alignment, teacher_sha256)
+        method = methods.create(config)
+        teacher = teacher_lib.load(config, teacher_dir)
+        faults.point("stage.statistics")
+        statistics = method.statistics(workdir, mesh, teacher)
+        result = distill.distill(config, workdir, mesh, teacher, method, statistics)
         if result.preempted:
             raise Preempted
-        student = parallel.to_host({"params": result.state.params, "batch_stats": result.state.batch_stats})
+        student = distill.exported_student(config, method, result.state)
     faults.point("stage.export")
     outputs.update(export_student(config, workdir, student))
     if config.downstream is not None:

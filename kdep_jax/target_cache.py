@@ -48,11 +48,14 @@ def cache_dir(config, workdir) -> epath.Path:
     return epath.Path(config.target_cache.path or epath.Path(workdir) / "target_cache")
 
 
-def provenance(config, alignment_provenance: dict, dim: int, num_steps: int) -> dict:
-    """Everything the recorded crops and targets depend on; a cache made for anything else is rebuilt."""
-    return {**alignment_provenance, "dim": dim, "num_steps": num_steps, "pts_t": config.alignment.pts_t,
-            "pts_n": config.alignment.pts_n, "batch_size": config.train.batch_size,
-            "process_count": jax.process_count(), "train_seed": config.seed, "train_data": config.data.to_dict()}
+def provenance(config, teacher_and_method: dict, dim: int, num_steps: int) -> dict:
+    """Everything the recorded crops and targets depend on; a cache made for anything else is rebuilt.
+
+    teacher_and_method: the teacher, its data and the method's settings (`teacher.data_provenance`,
+    `Method.provenance`).
+    """
+    return {**teacher_and_method, "dim": dim, "num_steps": num_steps, "batch_size": config.train.batch_size,
+            "process_count": jax.process_count(), "train_seed": config.seed}
 
 
 def _paths(directory: epath.Path):
@@ -76,10 +79,10 @@ def load(directory, wanted: dict) -> TargetCache | None:
     return TargetCache(np.load(crops_path, mmap_mode="r"), np.load(targets_path, mmap_mode="r"))
 
 
-def build(config, directory, mesh, targets_of, teacher_variables, alignment, wanted: dict) -> TargetCache:
+def build(config, directory, mesh, targets_of, teacher_variables, constants, wanted: dict) -> TargetCache:
     """One pass of the teacher over the whole schedule; this process's rows go to its own files.
 
-    `targets_of(teacher_variables, alignment, images)` is the online step's target function.
+    `targets_of(teacher_variables, constants, images)` is the online step's target function.
     """
     directory = epath.Path(directory)
     (directory / "meta.json").unlink(missing_ok=True)  # an incomplete cache is never read
@@ -88,7 +91,7 @@ def build(config, directory, mesh, targets_of, teacher_variables, alignment, wan
     local = parallel.local_batch_size(config.train.batch_size)
     float16_targets = jax.jit(lambda variables, compact, images: targets_of(variables, compact, images).astype(
         jnp.float16))
-    variables, compact = parallel.replicate((teacher_variables, alignment), mesh)
+    variables, compact = parallel.replicate((teacher_variables, constants), mesh)
     crops_path, targets_path = _paths(directory)
     partial = [epath.Path(f"{path}.partial") for path in (crops_path, targets_path)]
     crops = np.lib.format.open_memmap(partial[0], "w+", np.int32, (num_steps, local, len(ROW_FIELDS)))

@@ -11,7 +11,7 @@ import json
 
 from etils import epath
 
-from kdep_jax import config_lib, convert, data, models
+from kdep_jax import config_lib, convert, data, methods, models
 from kdep_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -35,14 +35,10 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
     _check_arch(config.teacher.arch, config.teacher.width, "teacher")
     _check_arch(config.student.arch, config.student.width, "student")
     _check_batch(config.alignment.batch_size, "alignment.batch_size", num_devices, num_processes)
-    teacher_dim = models.feature_dim(config.teacher.arch, config.teacher.width)
-    student_dim = models.feature_dim(config.student.arch, config.student.width)
-    if student_dim > teacher_dim:
-        raise ConfigError(
-            f"The student {config.student.arch} (width {config.student.width}) has {student_dim}-d features, more than "
-            f"the teacher {config.teacher.arch}'s {teacher_dim}: KDEP aligns the student to the teacher's top-k "
-            f"principal directions, so k cannot exceed the teacher's width. Choose a wider teacher "
-            f"(config.teacher.arch / width) or a narrower student (config.student.arch / width).")
+    method = methods.create(config)
+    if config.target_cache.enabled and not (method.cacheable or method.per_example_targets):
+        raise ConfigError(f"config.method={config.method!r} cannot use the target cache (its targets change from one "
+                          f"step to the next): set --config.target_cache.enabled=False.")
     teacher = config.teacher.train
     if teacher is not None:
         if (teacher.model.arch, teacher.model.width) != (config.teacher.arch, config.teacher.width):
@@ -65,10 +61,23 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         check_converted(config.teacher.path, config.teacher.arch, "config.teacher.path", fix=(
             f"Convert the teacher's torchvision checkpoint first: python -m kdep_jax.convert import --arch "
             f"{config.teacher.arch} --input TEACHER.pth --output {config.teacher.path or 'teachers/' + config.teacher.arch}"))
+        teacher_classes = json.loads((epath.Path(config.teacher.path) / convert.META_FILE).read_text())["num_classes"]
+        method.check(models.feature_dim(config.teacher.arch, config.teacher.width),
+                     models.feature_dim(config.student.arch, config.student.width), teacher_classes)
 
     info = _check_train_data(config, "")
     stats_data = config.alignment.data if config.alignment.data is not None else config.data
     _check_split(stats_data, stats_data.split, "alignment.data" if config.alignment.data is not None else "data")
+    if method.per_example_targets and not info.random_access:
+        raise ConfigError(
+            f"config.method={config.method!r} looks its targets up by example, which needs random access to the data, "
+            f"but TFDS {config.data.name!r} is stored as TFRecord. Convert it once (tfds convert_format ... "
+            f"--out_file_format=array_record).")
+    if method.needs_labels and info.num_classes == 0:
+        raise ConfigError(
+            f"config.method={config.method!r} uses labels, but config.data ({config.data.name} split "
+            f"{config.data.split!r}) is a folder of unlabeled images. Use labelled data (<split>/<class>/*.jpg) or "
+            f"a label-free method (its label-free variant, or 'kdep').")
     if config.target_cache.enabled and not info.random_access:
         raise ConfigError(
             f"config.target_cache.enabled=True needs random access to the data, but TFDS {config.data.name!r} is "
@@ -77,6 +86,10 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
     for prefix, supervised_config in (("teacher.train.", teacher), ("downstream.", config.downstream)):
         if supervised_config is not None:
             _check_supervised_data(supervised_config, prefix)
+    if teacher is not None:  # the teacher trained here classifies its training data's classes
+        method.check(models.feature_dim(config.teacher.arch, config.teacher.width),
+                     models.feature_dim(config.student.arch, config.student.width),
+                     data.dataset_info(teacher.data, teacher.data.split).num_classes)
 
 
 def check_allow_changes(config) -> None:
@@ -111,7 +124,10 @@ def _check_supervised(config, prefix: str, num_devices: int, num_processes: int)
 
 
 def _check_supervised_data(config, prefix: str) -> None:
-    _check_train_data(config, prefix)
+    info = _check_train_data(config, prefix)
+    if info.num_classes == 0:
+        raise ConfigError(f"config.{prefix}data ({config.data.name} split {config.data.split!r}) is a folder of "
+                          f"unlabeled images, but supervised training needs labels: <split>/<class>/*.jpg.")
     _check_split(config.data, config.data.eval_split, f"{prefix}data", split_field="eval_split")
 
 

@@ -4,38 +4,40 @@ import numpy as np
 import pytest
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import distill, models, optim, parallel, trainer
+from kdep_jax import distill, methods, models, optim, parallel, trainer
+from kdep_jax import teacher as teacher_lib
+from kdep_jax.errors import ConfigError
 from conftest import IMAGE_SIZE, small_kdep_config
-
 
 
 @pytest.fixture(scope="module")
 def setup():
     config = small_kdep_config()
-    dim = distill.student_dim(config)
-    teacher_variables = trainer.init_variables(distill.teacher_model(config), IMAGE_SIZE, seed=1)
+    method = methods.create(config)
+    teacher_variables = trainer.init_variables(teacher_lib.model(config), IMAGE_SIZE, seed=1)
     # Non-trivial running statistics, so that eval-mode BatchNorm really uses them.
     rng = np.random.default_rng(0)
     teacher_variables = jax.tree_util.tree_map_with_path(
         lambda path, x: (x + rng.uniform(0.1, 0.5, x.shape).astype(x.dtype)) if "var" in jax.tree_util.keystr(path)
         else x, teacher_variables)
+    teacher = teacher_lib.Teacher(teacher_variables, "0" * 64, None)
     teacher_dim = models.feature_dim("resnet50", 0.25)
     components = np.linalg.qr(rng.normal(size=(teacher_dim, teacher_dim)))[0]
     alignment = alignment_lib.Alignment(mean=rng.normal(size=teacher_dim).astype(np.float32),
                                         components=components.astype(np.float32),
                                         singular_values=np.ones(teacher_dim, np.float32), count=100)
-    student_variables = trainer.init_variables(distill.student_model(config), IMAGE_SIZE, seed=0)
+    variables = distill.initial_variables(config, method, teacher, alignment)
     images = rng.normal(size=(8, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
-    return config, dim, teacher_variables, alignment, student_variables, images
+    return config, method, teacher, alignment, variables, images
 
 
 def run_steps(setup, num_devices, num_steps=2):
-    config, dim, teacher_variables, alignment, student_variables, images = setup
+    config, method, teacher, alignment, variables, images = setup
     mesh = parallel.make_mesh(jax.devices()[:num_devices])
     tx = optim.sgd(optim.step_decay_schedule(0.1, 10, 30, 0.1, 90), 0.9, 5e-4)
-    state = trainer.create_train_state(student_variables, tx, mesh, seed=0)
-    constants = parallel.replicate((teacher_variables, alignment), mesh)
-    step = trainer.make_train_step(distill.make_loss_fn(config, dim), tx, mesh)
+    state = trainer.create_train_state(variables, tx, mesh, seed=0)
+    constants = parallel.replicate((teacher.variables, method.constants(alignment)), mesh)
+    step = trainer.make_train_step(distill.make_loss_fn(config, method, None), tx, mesh)
     losses = []
     for _ in range(num_steps):
         state, metrics = step(state, parallel.shard_batch({"image": images}, mesh), constants)
@@ -66,15 +68,17 @@ def test_step_on_four_devices_equals_one_device(runs):
 
 
 def test_teacher_is_frozen_and_loss_follows_the_formula(setup, runs):
-    config, dim, teacher_variables, alignment, student_variables, images = setup
+    config, method, teacher, alignment, variables, images = setup
     state, losses, teacher_after = runs[4]
-    for a, b in zip(jax.tree.leaves(teacher_after), jax.tree.leaves(teacher_variables)):
+    for a, b in zip(jax.tree.leaves(teacher_after), jax.tree.leaves(teacher.variables)):
         np.testing.assert_array_equal(a, b)
     # The first step's loss, recomputed in float64 numpy from the two networks' features.
-    teacher = distill.teacher_model(config)
-    student = distill.student_model(config)
-    f_t = np.asarray(teacher.apply(teacher_variables, images, train=False)[1]["pre_relu"], np.float64)
-    (_, student_features), _ = student.apply(student_variables, images, train=True, mutable=["batch_stats"])
+    dim = method.dim
+    f_t = np.asarray(teacher_lib.model(config).apply(teacher.variables, images, train=False)[1]["pre_relu"],
+                     np.float64)
+    student_variables = {"params": variables["params"]["student"], "batch_stats": variables["batch_stats"]["student"]}
+    (_, student_features), _ = distill.student_model(config).apply(student_variables, images, train=True,
+                                                                   mutable=["batch_stats"])
     f_s = np.asarray(student_features["pre_relu"], np.float64)
     z = (f_t - alignment.mean) @ np.asarray(alignment.components, np.float64)[:, :dim]
     targets = np.sign(z) * np.abs(z / 0.1) ** (1 / 3)
@@ -83,22 +87,24 @@ def test_teacher_is_frozen_and_loss_follows_the_formula(setup, runs):
     assert losses[-1] < losses[0]
 
 
-def test_student_wider_than_teacher_is_refused():
+def test_student_wider_than_teacher_is_refused_with_a_way_forward():
     config = small_kdep_config()
     config.student.update(arch="mobilenet_v2", width=1.0)  # 1280-d against the teacher's 512
-    with pytest.raises(ValueError, match="cannot exceed the teacher"):
-        distill.student_dim(config)
+    with pytest.raises(ConfigError, match="1280-d features, more than the teacher resnet50's 512.*"
+                                          "--config.student.projection=True"):
+        methods.create(config).check(512, 1280, None)
+    config.student.projection = True
+    methods.create(config).check(512, 1280, None)
 
 
 def test_bfloat16_loss_is_within_1e2_of_float32(setup):
     """bfloat16 convolutions, float32 parameters, statistics and loss: the loss moves by well under 1%."""
-    config, dim, teacher_variables, alignment, student_variables, images = setup
+    _, method, teacher, alignment, variables, images = setup
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        config = small_kdep_config()
-        config.dtype = dtype
-        loss_fn = jax.jit(distill.make_loss_fn(config, dim))
-        loss, _ = loss_fn(student_variables["params"], student_variables["batch_stats"], {"image": images},
-                          (teacher_variables, alignment), None)
+        config = small_kdep_config(dtype=dtype)
+        loss_fn = jax.jit(distill.make_loss_fn(config, methods.create(config), None))
+        loss, _ = loss_fn(variables["params"], variables["batch_stats"], {"image": images},
+                          (teacher.variables, method.constants(alignment)), jax.random.key(0))
         losses[dtype] = float(loss)
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-2)

@@ -15,7 +15,9 @@ import torch
 import torchvision
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import convert, data, distill, parallel, pipeline, trainer, validation
+from kdep_jax import convert, data, distill, methods, parallel, pipeline, trainer, validation
+from kdep_jax import teacher as teacher_lib
+from kdep_jax.methods import kdep as kdep_method
 from kdep_jax.errors import ConfigError
 from conftest import REPO, small_transfer_config, tiny_config
 
@@ -24,16 +26,17 @@ def test_one_distillation_step():
     """The smoke test: the tiny config's teacher, alignment, student and SGD step, once, with a finite loss."""
     config = tiny_config("tiny_distill", **{"teacher.width": 0.25, "student.width": 0.25})
     mesh = parallel.make_mesh()
-    dim = distill.student_dim(config)
-    teacher = trainer.init_variables(distill.teacher_model(config), config.data.image_size, seed=1)
+    method = methods.create(config)
+    teacher = teacher_lib.Teacher(trainer.init_variables(teacher_lib.model(config), config.data.image_size, seed=1),
+                                  "0" * 64, None)
     batch = next(data.train_batches(config.data, config.data.split, 32, seed=0))
-    _, features = distill.teacher_model(config).apply(teacher, batch["image"], train=False)
+    _, features = teacher_lib.model(config).apply(teacher.variables, batch["image"], train=False)
     alignment = alignment_lib.fit_alignment([np.asarray(features["pre_relu"])])
     _, schedule, tx = trainer.sgd_recipe(config, 152)
-    state = trainer.create_train_state(
-        trainer.init_variables(distill.student_model(config), config.data.image_size, config.seed), tx, mesh, seed=0)
-    step = trainer.make_train_step(distill.make_loss_fn(config, dim), tx, mesh)
-    state, metrics = step(state, parallel.shard_batch(batch, mesh), parallel.replicate((teacher, alignment), mesh))
+    state = trainer.create_train_state(distill.initial_variables(config, method, teacher, alignment), tx, mesh, seed=0)
+    step = trainer.make_train_step(distill.make_loss_fn(config, method, None), tx, mesh)
+    state, metrics = step(state, parallel.shard_batch(batch, mesh),
+                          parallel.replicate((teacher.variables, method.constants(alignment)), mesh))
     assert int(parallel.to_host(state.step)) == 1 and np.isfinite(float(parallel.to_host(metrics["loss"])))
 
 
@@ -193,10 +196,9 @@ def test_alignment_of_another_teacher_is_recomputed(finished_run, tmp_path, capl
     alignment, provenance = alignment_lib.load_alignment(workdir / "alignment.npz")
     alignment_lib.save_alignment(tmp_path / "alignment.npz", alignment, {**provenance, "teacher_sha256": "0" * 64})
     config = tiny_config()
-    teacher_variables, teacher_sha256 = distill.load_teacher(config, workdir / "teacher" / "model")
+    teacher = teacher_lib.load(config, workdir / "teacher" / "model")
     with caplog.at_level("WARNING"):
-        recomputed = distill.compute_or_load_alignment(config, tmp_path, parallel.make_mesh(), teacher_variables,
-                                                       teacher_sha256)
+        recomputed = kdep_method.compute_or_load_alignment(config, tmp_path, parallel.make_mesh(), teacher)
     assert "another teacher or data" in caplog.text and "teacher_sha256" in caplog.text
     _, new_provenance = alignment_lib.load_alignment(tmp_path / "alignment.npz")
     assert new_provenance["teacher_sha256"] == provenance["teacher_sha256"]
@@ -209,10 +211,11 @@ def test_alignment_of_another_teacher_is_recomputed(finished_run, tmp_path, capl
                                          ("data.skip_corrupt", True), ("dtype", "bfloat16"), ("seed", 1)])
 def test_alignment_statistics_are_tied_to_every_data_setting(field, value):
     """A shared config.alignment.path is reused only for the same data, augmentation and dtype."""
-    assert (distill.alignment_provenance(tiny_config(**{field: value}), "0" * 64)
-            != distill.alignment_provenance(tiny_config(), "0" * 64))
-    assert (distill.alignment_provenance(tiny_config(**{"data.threads": 3}), "0" * 64)
-            == distill.alignment_provenance(tiny_config(), "0" * 64))
+    teacher = teacher_lib.Teacher({}, "0" * 64, None)
+    assert (kdep_method.alignment_provenance(tiny_config(**{field: value}), teacher)
+            != kdep_method.alignment_provenance(tiny_config(), teacher))
+    assert (kdep_method.alignment_provenance(tiny_config(**{"data.threads": 3}), teacher)
+            == kdep_method.alignment_provenance(tiny_config(), teacher))
 
 
 @pytest.mark.slow

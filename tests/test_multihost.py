@@ -1,15 +1,17 @@
-"""Scale-out and reliability on one CPU machine, through the real command line (issue 6).
+"""Scale-out and reliability on one CPU machine, through the real command line.
 
-Every run here is `python -m kdep_jax.main --config=configs/demo.py:tiny_distill` started by the test as
-subprocesses (bounded in time, free ports, every child killed on failure), on a small teacher made here:
+Every run here is `python -m kdep_jax.main --config=configs/demo.py:tiny` at a quarter width (teacher
+training, alignment statistics, distillation, export, both downstream runs, results.json), started by the
+test as subprocesses (bounded in time, free ports, every child killed on failure):
 
 - the reference: 1 process with 2 CPU devices, never interrupted;
 - 2 processes with 1 CPU device each (gloo collectives), SIGTERM'd to both mid-distillation as a
-  scheduler would, then rerun with the same command: bit-identical alignment statistics, losses and
-  student to the reference;
-- 1 process with 2 devices, SIGTERM'd (saves and exits 0), rerun and SIGKILL'd while it writes its next
-  checkpoint, given a half-written checkpoint directory, and rerun: bit-identical losses, learning rates
-  and student to the reference (exact resume, and determinism on the same machine and device count).
+  scheduler would, then rerun with the same command: bit-identical teacher, alignment statistics, losses,
+  student and results.json to the reference;
+- 1 process with 2 devices from the reference's teacher and statistics, SIGTERM'd (saves and exits 0),
+  rerun and SIGKILL'd while it writes its next checkpoint, given a half-written checkpoint directory, and
+  rerun: bit-identical losses, learning rates and student to the reference (exact resume, and determinism
+  on the same machine and device count).
 
 A persistent compilation cache shared by the runs keeps the reruns from compiling again; cached
 executables are the same programs, so it does not change any number compared here.
@@ -24,18 +26,16 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import convert, models
+from kdep_jax import convert
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-STUDENT_WIDTH = 0.25  # a 128-d ResNet-18 student: the same code path, a fraction of the work
-FEATURE_DIM = models.feature_dim("resnet18", STUDENT_WIDTH)
-NUM_STEPS = 8  # 2 epochs of the tiny demo data (152 images, batches of 32); checkpoints every 2 steps
-RUN_TIMEOUT = 420  # seconds for one launch (the first one compiles everything on a shared 2-core machine)
+WIDTH = 0.25  # ResNet-18s of 128-d features: the same code path, a fraction of the work
+NUM_STEPS = 8  # distillation: 2 epochs of the tiny demo data (152 images, batches of 32); checkpoints every 2 steps
+RUN_TIMEOUT = 600  # seconds for one launch (the first ones compile everything on a shared 2-core machine)
 
 pytestmark = pytest.mark.slow
 
@@ -49,12 +49,13 @@ def _free_port() -> int:
 class _Launch:
     """One launch of the command line as `num_processes` processes with `devices` CPU devices each."""
 
-    def __init__(self, ctx, workdir: Path, name: str, num_processes: int = 1, devices: int = 2):
+    def __init__(self, ctx, workdir: Path, name: str, num_processes: int = 1, devices: int = 2,
+                 downstream: bool = True):
         self.logs = [ctx.logdir / f"{name}.p{i}.log" for i in range(num_processes)]
-        args = [sys.executable, "-m", "kdep_jax.main", "--config=configs/demo.py:tiny_distill",
-                f"--workdir={workdir}", f"--config.teacher.path={ctx.teacher}", "--config.teacher.arch=resnet50",
-                "--config.teacher.width=0.25", "--config.train.num_epochs=2",
-                f"--config.student.width={STUDENT_WIDTH}"]
+        args = [sys.executable, "-m", "kdep_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
+                f"--config.teacher.width={WIDTH}", f"--config.teacher.train.model.width={WIDTH}",
+                f"--config.student.width={WIDTH}", f"--config.downstream.model.width={WIDTH}",
+                "--config.train.num_epochs=2", *([] if downstream else ["--config.downstream=None"])]
         port = _free_port() if num_processes > 1 else None
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -111,37 +112,17 @@ class _Launch:
 
 
 class _Context:
-    def __init__(self, root: Path, teacher: Path):
-        self.root, self.teacher = root, teacher
+    def __init__(self, root: Path):
+        self.root = root
         self.logdir = root / "logs"
         self.cache = root / "compilation_cache"
         self.logdir.mkdir()
         self.children: list[subprocess.Popen] = []
 
 
-def _make_teacher(directory: Path) -> None:
-    """A random ResNet-50 (width 0.25, 512-d features) whose BatchNorm statistics are calibrated on
-    random images, so its features are O(1) and the alignment statistics well conditioned (an
-    uncalibrated one has features near 1e9, whose small principal directions are float64 noise)."""
-    model = models.create_model("resnet50", num_classes=None, width=0.25)
-    images = jnp.asarray(np.random.default_rng(0).normal(size=(32, 32, 32, 3)), jnp.float32)
-    variables = jax.jit(lambda key: model.init(key, images[:1], train=False))(jax.random.key(1))
-
-    @jax.jit
-    def calibrate(variables):
-        _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        return {"params": variables["params"], "batch_stats": updates["batch_stats"]}
-
-    for _ in range(40):  # running statistics -> batch statistics (Flax momentum 0.9)
-        variables = calibrate(variables)
-    convert.save_converted(directory, jax.device_get(variables), "resnet50", source="tests/test_multihost.py")
-
-
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multihost")
-    _make_teacher(root / "teacher")
-    context = _Context(root, root / "teacher")
+    context = _Context(tmp_path_factory.mktemp("multihost"))
     yield context
     for p in context.children:  # nothing outlives the tests, whatever failed
         if p.poll() is None:
@@ -155,8 +136,8 @@ def runs(ctx):
     reference, multi = ctx.root / "reference", ctx.root / "multi"
     ref = _Launch(ctx, reference, "reference")
     first = _Launch(ctx, multi, "multi_first", num_processes=2, devices=1)
-    # SIGTERM both processes once the second step is logged (inside the loop, where it is handled).
-    first.wait_for(lambda: _logged_steps(multi) >= 2, "step 2 was logged")
+    # SIGTERM both processes once the second distillation step is logged (inside the loop, where it is handled).
+    first.wait_for(lambda: _logged_steps(multi) >= 2, "distillation step 2 was logged")
     first.signal(signal.SIGTERM)
     first_codes = first.wait()
     stopped_at = _logged_steps(multi)
@@ -184,13 +165,17 @@ def _checkpoint_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
-def _student(workdir: Path):
-    variables, _ = convert.load_converted(workdir / "student", "resnet18")
+def _leaves(directory: Path):
+    variables, _ = convert.load_converted(directory, "resnet18")
     return jax.tree_util.tree_leaves_with_path(variables)
 
 
+def _student(workdir: Path):
+    return _leaves(workdir / "student")
+
+
 def test_two_processes_match_one_process(runs):
-    """Bit-identical, as the README promises: the same 2 devices, in 1 process or spread over 2 (with the
+    """Every stage, bit for bit, as the README promises: the same 2 devices, in 1 process or spread over 2 (with the
     library's default XLA flags; the alignment statistics are merged by a layout-independent tree)."""
     assert runs["ref_codes"] == [0] and runs["second_codes"] == [0, 0]
     reference, multi = runs["reference"], runs["multi"]
@@ -198,7 +183,9 @@ def test_two_processes_match_one_process(runs):
     assert [r["step"] for r in ref_rows] == [r["step"] for r in multi_rows] == list(range(1, NUM_STEPS + 1))
     assert [(r["loss"], r["lr"]) for r in multi_rows] == [(r["loss"], r["lr"]) for r in ref_rows], (
         [r["loss"] for r in ref_rows], [r["loss"] for r in multi_rows])
-
+    for (path, a), (_, b) in zip(_leaves(multi / "teacher" / "model"), _leaves(reference / "teacher" / "model"),
+                                 strict=True):
+        np.testing.assert_array_equal(a, b, err_msg="teacher" + jax.tree_util.keystr(path))
     ref_alignment, _ = alignment_lib.load_alignment(reference / "alignment.npz")
     multi_alignment, _ = alignment_lib.load_alignment(multi / "alignment.npz")
     assert multi_alignment.count == ref_alignment.count == 152
@@ -206,6 +193,9 @@ def test_two_processes_match_one_process(runs):
         np.testing.assert_array_equal(getattr(multi_alignment, name), getattr(ref_alignment, name), err_msg=name)
     for (path, a), (_, b) in zip(_student(multi), _student(reference), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    results = json.loads((reference / "results.json").read_text())
+    assert {row["init"] for row in results} == {"kdep", "scratch"}
+    assert json.loads((multi / "results.json").read_text()) == results
 
 
 def test_only_process_zero_writes_logs_and_the_export(runs):
@@ -233,17 +223,18 @@ def interrupted(ctx, runs):
     """1 process, 2 devices: SIGTERM, rerun and SIGKILL while it writes a checkpoint, rerun to the end."""
     workdir = ctx.root / "interrupted"
     workdir.mkdir()
-    for name in ("alignment.npz", "config.json"):  # the statistics are the reference's: skip that stage
-        (workdir / name).write_bytes((runs["reference"] / name).read_bytes())
+    # The reference's teacher and statistics: those stages are skipped, and the downstream runs are left out.
+    subprocess.run(["cp", "-r", str(runs["reference"] / "teacher"), str(runs["reference"] / "alignment.npz"),
+                    str(workdir)], check=True)
     result = {"workdir": workdir}
 
-    first = _Launch(ctx, workdir, "interrupted_first")
+    first = _Launch(ctx, workdir, "interrupted_first", downstream=False)
     first.wait_for(lambda: _logged_steps(workdir) >= 1, "step 1 was logged")
     first.signal(signal.SIGTERM)
     result.update(term=first, term_codes=first.wait(), term_steps=_checkpoint_steps(workdir),
                   term_logged=_logged_steps(workdir))
 
-    second = _Launch(ctx, workdir, "interrupted_second")
+    second = _Launch(ctx, workdir, "interrupted_second", downstream=False)
     last = max(result["term_steps"], default=0)
 
     def saving_or_saved():  # a checkpoint after the resume point is being written (or just was)
@@ -260,7 +251,7 @@ def interrupted(ctx, runs):
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "half_written").write_bytes(b"\0" * 100)
 
-    third = _Launch(ctx, workdir, "interrupted_third")
+    third = _Launch(ctx, workdir, "interrupted_third", downstream=False)
     result.update(final=third, final_codes=third.wait(), partial=partial)
     return result
 

@@ -62,11 +62,14 @@ def train_batches(
     process_index=None,
     process_count=None,
     with_crops: bool = False,
+    augment: bool = True,
 ):
     """Endless {"image": float32 (L, S, S, 3), "label": int32 (L,)} batches from `start_step` on.
 
     with_crops=True adds each row's augmentation draw, "crop": int32 (L, 5) [top, left, height, width, flip],
     and its example's "index" (L,), which a teacher-target cache records and checks on replay.
+    augment=False: the eval transform instead of the random crop and flip (its "crop" is all zeros), for
+    methods whose targets were computed once per example without augmentation.
     """
     p, count, local = _layout(global_batch_size, process_index, process_count)
     s = _open(data_config, split)
@@ -109,9 +112,13 @@ def train_batches(
     def load(k):
         index, epoch = example(k)
         image, label = s.source.read(index)
-        example_seed = tf.random.experimental.stateless_fold_in(tf.stack([tf.cast(seed, tf.int64), epoch]), index)
-        crop = train_crop(tf.shape(image), example_seed, data_config.min_crop_scale)
-        row = {"image": apply_crop(image, crop, size), "label": label}
+        if augment:
+            example_seed = tf.random.experimental.stateless_fold_in(tf.stack([tf.cast(seed, tf.int64), epoch]), index)
+            crop = train_crop(tf.shape(image), example_seed, data_config.min_crop_scale)
+            row = {"image": apply_crop(image, crop, size), "label": label}
+        else:
+            crop = tf.zeros([5], tf.int32)
+            row = {"image": eval_transform(image, size), "label": label}
         if with_crops:
             row.update(crop=crop, index=index)
         return row
@@ -122,12 +129,19 @@ def train_batches(
 
 
 def eval_batches(
-    data_config, split: str, global_batch_size: int, process_index=None, process_count=None, augment_seed=None
+    data_config,
+    split: str,
+    global_batch_size: int,
+    process_index=None,
+    process_count=None,
+    augment_seed=None,
+    with_index: bool = False,
 ):
     """One pass: {"image", "label", "mask" (bool, False on padding)}; every example once over processes.
 
     Every process yields ceil(N / G) batches (the last padded), so batches can be assembled collectively.
-    With `augment_seed`, images get the training augmentation (seeded per example) instead.
+    With `augment_seed`, images get the training augmentation (seeded per example) instead. with_index adds each
+    row's example index, "index" int64 (-1 on padding), for per-example tables (needs random access).
     """
     p, count, local = _layout(global_batch_size, process_index, process_count)
     s = _open(data_config, split)
@@ -136,8 +150,15 @@ def eval_batches(
         transform = lambda image, _: eval_transform(image, size)
     else:
         transform = lambda image, example_seed: train_transform(image, example_seed, size, data_config.min_crop_scale)
-    pad = lambda: {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(False)}
+    pad = lambda: {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(False),
+                   **({"index": tf.constant(-1, tf.int64)} if with_index else {})}
     if isinstance(s.source, SequentialSource):
+        if with_index:
+            raise DataError(
+                f"Per-example teacher outputs need random access, but TFDS {data_config.name!r} is stored as TFRecord. "
+                f"Convert it once: tfds convert_format --dataset_version_dir={s.source.builder.data_path} "
+                f"--out_file_format=array_record"
+            )
         ds = sequential.eval_examples(s.source, transform, pad, local, augment_seed, p, count)
         return _iterate(ds.batch(local), data_config, s, None)
     n = len(s.indices)
@@ -155,7 +176,8 @@ def eval_batches(
         def real():
             image, label = s.source.read(index)
             example_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
-            return {"image": transform(image, example_seed), "label": label, "mask": tf.constant(True)}
+            row = {"image": transform(image, example_seed), "label": label, "mask": tf.constant(True)}
+            return {**row, "index": index} if with_index else row
 
         return tf.cond(t < n, real, pad)
 

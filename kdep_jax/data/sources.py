@@ -73,13 +73,28 @@ def _demo(split, image_size, seed):
 
 
 def _folder(root, split, train_split):
-    """root/split/class/*.jpg|png; the label space is the sorted class folders of the training split."""
+    """root/split/class/*.jpg|png; the label space is the sorted class folders of the training split.
+
+    A split folder that holds images and no class folders is unlabeled (num_classes 0, every label 0): enough
+    for distillation, which needs no labels.
+    """
     if not root:
         raise DataError(
-            "config.data.name='image_folder' needs config.data.data_dir: the folder holding <split>/<class>/*.jpg|png."
+            "config.data.name='image_folder' needs config.data.data_dir: the folder holding <split>/<class>/*.jpg|png "
+            "(or <split>/*.jpg|png for unlabeled images)."
+        )
+    split_dir = os.path.join(root, split)
+    if _is_unlabeled(split_dir):
+        files = [os.path.join(split_dir, f) for f in _image_files(split_dir)]
+        paths_t = tf.constant(files)
+        return Source(
+            num_examples=len(files),
+            num_classes=0,
+            read=lambda i: (decode(tf.io.read_file(tf.gather(paths_t, i))), tf.constant(0, tf.int32)),
+            labels=lambda: np.zeros(len(files), np.int32),
+            describe=lambda i: f"file {files[i]}",
         )
     classes = _class_folders(root, train_split)
-    split_dir = os.path.join(root, split)
     present = _class_folders(root, split) if split != train_split else classes
     unknown = sorted(set(present) - set(classes))
     if unknown:
@@ -91,9 +106,7 @@ def _folder(root, split, train_split):
     files, labels = [], []
     for name in present:
         class_dir = os.path.join(split_dir, name)
-        images = sorted(
-            f for f in tf.io.gfile.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
-        )
+        images = _image_files(class_dir)
         if not images:
             raise DataError(
                 f"Class folder {class_dir} has no images (*{'|*'.join(IMAGE_EXTENSIONS)}). "
@@ -110,6 +123,21 @@ def _folder(root, split, train_split):
         labels=lambda: labels_np,
         describe=lambda i: f"file {files[i]}",
     )
+
+
+def _image_files(directory):
+    return sorted(
+        f for f in tf.io.gfile.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+    )
+
+
+def _is_unlabeled(split_dir) -> bool:
+    """Images directly in the split folder, and no class folders."""
+    if not tf.io.gfile.isdir(split_dir):
+        return False
+    entries = tf.io.gfile.listdir(split_dir)
+    has_folders = any(tf.io.gfile.isdir(os.path.join(split_dir, e)) and not e.startswith(".") for e in entries)
+    return not has_folders and bool(_image_files(split_dir))
 
 
 def _class_folders(root, split):

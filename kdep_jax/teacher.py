@@ -1,0 +1,86 @@
+"""The frozen teacher: loading it, what it outputs, and one pass of it over a dataset.
+
+The teacher is never trained and never checkpointed with the student: it is read from its converted
+directory each run, and its content hash ties whatever is computed from it (alignment statistics, a
+target cache) to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from kdep_jax import convert, data, faults, models, parallel
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    variables: dict  # {"params", "batch_stats"}
+    sha256: str  # of the converted file: what statistics and caches record
+    num_classes: int | None  # its classifier's width; None when it was converted without one
+
+
+def load(config, directory) -> Teacher:
+    """The converted teacher (`validation.validate` has checked that it exists and is of this arch)."""
+    variables, meta = convert.load_converted(directory, config.teacher.arch)
+    return Teacher({"params": variables["params"], "batch_stats": variables["batch_stats"]}, meta["sha256"],
+                   meta.get("num_classes"))
+
+
+def model(config, num_classes: int | None = None):
+    return models.create_model(config.teacher.arch, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
+                               width=config.teacher.width)
+
+
+def outputs_fn(config, names: tuple[str, ...], num_classes: int | None = None):
+    """(variables, images) -> {name: float32 array} of the teacher in eval mode: "logits" and any of its features
+    ("pre_relu", "pooled", "stage1".."stage4")."""
+    network = model(config, num_classes if "logits" in names else None)
+
+    def outputs(variables, images):
+        logits, features = network.apply(variables, images, train=False)
+        available = {"logits": logits, **features}
+        return {name: available[name].astype(jnp.float32) for name in names}
+
+    return outputs
+
+
+def data_provenance(config, teacher: Teacher, data_config) -> dict:
+    """What a pass of the teacher over `data_config` depends on; a file whose provenance differs is not reused.
+
+    Every data setting (which images, how they are cropped, which corrupt ones are left out), the seed of
+    the augmentation and the compute dtype; only the reader's thread count is left out, it changes no value.
+    """
+    settings = data_config.to_dict()
+    settings.pop("threads")
+    return {"teacher_sha256": teacher.sha256, "teacher_arch": config.teacher.arch,
+            "teacher_width": config.teacher.width, "data": settings, "seed": config.seed, "dtype": config.dtype}
+
+
+def feature_pass(config, mesh, teacher: Teacher, data_config, batch_size: int, output: str = "pre_relu",
+                 augment: bool = True, description: str = "teacher pass"):
+    """One pass of the teacher over `data_config`'s split: yields (features, mask, index) per global batch, the
+    features sharded over the devices, the mask marking real rows, the index each row's example.
+
+    augment: the training augmentation, each example's draw seeded by (config.seed + 1, example), as KDEP's
+    statistics use it; otherwise the eval transform.
+    """
+    features_of = jax.jit(lambda variables, images: outputs_fn(config, (output,))(variables, images)[output],
+                          in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)),
+                          out_shardings=parallel.batch_sharding(mesh))
+    variables = parallel.replicate(teacher.variables, mesh)
+    info = data.dataset_info(data_config, data_config.split)
+    progress = tqdm(total=info.num_examples, desc=description, unit="img", unit_scale=True,
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    try:
+        for batch in data.eval_batches(data_config, data_config.split, batch_size,
+                                       augment_seed=config.seed + 1 if augment else None, with_index=True):
+            index = batch.pop("index")
+            batch = parallel.shard_batch(batch, mesh)
+            yield features_of(variables, batch["image"]), batch["mask"], index
+            progress.update(batch_size)
+            faults.point("statistics.batch")
+    finally:
+        progress.close()

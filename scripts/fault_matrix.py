@@ -1,0 +1,193 @@
+"""The fault matrix: the tiny demo stopped by SIGKILL and by SIGTERM at every stage boundary and inside every
+stage, each time rerun with the same command, must end with the same results.json as an uninterrupted run.
+
+    python scripts/fault_matrix.py --workdir runs/faults             # both signals, every point (about 35 runs)
+    python scripts/fault_matrix.py --workdir runs/faults --signals SIGTERM --stages teacher,distillation
+    (tests/test_faults.py runs half of it: every stage with both signals, each stage boundary and inside once)
+
+Each signal gets one workdir and one chain of launches of `python -m kdep_jax.main --config=configs/demo.py:tiny`
+(with the teacher-target cache on, so that its stage is in the matrix): launch k is stopped at fault k by
+`kdep_jax.faults` (the process sends itself the signal at that point, as a scheduler or the kernel would), and
+launch k+1 is the same command, which resumes and is stopped at fault k+1; a last launch runs to the end. Every
+launch must stop where its fault is (SIGKILL: killed; SIGTERM inside a training loop: the checkpoint saved and
+exit 0; SIGTERM elsewhere: terminated), and the chain's results.json, student and losses must equal the
+uninterrupted run's, bit for bit (the README's determinism promise: same machine, devices and threads).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The tiny demo at a quarter width with the target cache: every stage, a few steps each.
+OVERRIDES = ("--config.teacher.width=0.25", "--config.teacher.train.model.width=0.25", "--config.student.width=0.25",
+             "--config.downstream.model.width=0.25", "--config.target_cache.enabled=True")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    stage: str
+    where: str  # "boundary" (before the stage starts) or "inside"
+    point: str  # a kdep_jax.faults point
+    count: int = 1  # stop the n-th time the point is reached (inside a loop: after a checkpoint was saved)
+
+    def in_training_loop(self) -> bool:
+        return self.point.endswith(".step") and self.point != "target_cache.step"
+
+
+# In pipeline order. The tiny demo: teacher 4 steps, alignment 3 batches, target cache and distillation 4 steps,
+# each downstream run 3 steps; checkpoints every 2 steps.
+FAULTS = (
+    Fault("teacher", "boundary", "stage.teacher"), Fault("teacher", "inside", "teacher.step", 3),
+    Fault("alignment statistics", "boundary", "stage.statistics"),
+    Fault("alignment statistics", "inside", "statistics.batch", 2),
+    Fault("target cache", "boundary", "stage.target_cache"), Fault("target cache", "inside", "target_cache.step", 2),
+    Fault("distillation", "boundary", "stage.distill"), Fault("distillation", "inside", "distill.step", 3),
+    Fault("export", "boundary", "stage.export"), Fault("export", "inside", "export.converted"),
+    Fault("downstream (KDEP)", "boundary", "stage.transfer_kdep"),
+    Fault("downstream (KDEP)", "inside", "downstream_kdep.step", 2),
+    Fault("downstream (scratch)", "boundary", "stage.transfer_scratch"),
+    Fault("downstream (scratch)", "inside", "downstream_scratch.step", 2),
+    Fault("report", "boundary", "stage.results"), Fault("report", "inside", "results.written"),
+)
+SIGNALS = ("SIGKILL", "SIGTERM")
+
+
+@dataclasses.dataclass
+class Stop:
+    fault: Fault
+    signal: str
+    exit_code: int
+    as_expected: bool
+    seconds: float
+
+
+def launch(workdir: Path, env: dict, log: Path, fault: Fault | None = None, signal_name: str = "") -> tuple[int, str]:
+    """One run of the command; returns (exit code, its output)."""
+    env = dict(env)
+    if fault is not None:
+        env["KDEP_JAX_FAULT"] = f"{fault.point}:{signal_name}:{fault.count}"
+    command = [sys.executable, "-m", "kdep_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
+               *OVERRIDES]
+    with log.open("w") as out:
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900).returncode
+    return code, log.read_text(errors="replace")
+
+
+def expected_stop(fault: Fault, signal_name: str, code: int, output: str) -> bool:
+    """Did the launch stop at its fault, the way that signal stops a run there?"""
+    if signal_name == "SIGKILL":
+        return code == -signal.SIGKILL
+    if fault.in_training_loop():  # the loop saves a checkpoint at the step boundary and exits cleanly
+        return code == 0 and '"preempted": true' in output
+    return code == -signal.SIGTERM
+
+
+def run_chain(signal_name: str, workdir: Path, env: dict, faults=FAULTS) -> list[Stop]:
+    """Stops the run at each fault in turn, then lets it finish; returns what each stop did."""
+    stops = []
+    for index, fault in enumerate(faults):
+        start = time.monotonic()
+        code, output = launch(workdir, env, workdir.parent / f"{workdir.name}.{index:02d}.log", fault, signal_name)
+        stops.append(Stop(fault, signal_name, code, expected_stop(fault, signal_name, code, output),
+                          time.monotonic() - start))
+    code, output = launch(workdir, env, workdir.parent / f"{workdir.name}.final.log")
+    if code != 0:
+        raise RuntimeError(f"The last launch of the {signal_name} chain failed ({code}):\n{output[-4000:]}")
+    return stops
+
+
+def outcome(workdir: Path) -> dict:
+    """What must not change: results.json, the student's bytes, the distillation losses."""
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {"results": json.loads((workdir / "results.json").read_text()),
+            "student": (workdir / "student" / "variables.msgpack").read_bytes(),
+            "losses": [(row["step"], row["loss"]) for row in metrics if "loss" in row]}
+
+
+def environment(cache_dir: Path) -> dict:
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def full_plan(stages=None) -> dict[str, list[Fault]]:
+    """Every fault with every signal (of the given stages)."""
+    faults = [fault for fault in FAULTS if not stages or fault.stage.split(" ")[0] in stages]
+    return {name: faults for name in SIGNALS}
+
+
+def interleaved_plan() -> dict[str, list[Fault]]:
+    """Half the matrix, for the test suite: every stage stopped by both signals, each (stage, where) once, SIGKILL
+    at the boundaries of even stages and inside odd ones, SIGTERM the other way round."""
+    stages = list(dict.fromkeys(fault.stage for fault in FAULTS))
+    kill = [fault for fault in FAULTS if (stages.index(fault.stage) + (fault.where == "inside")) % 2 == 0]
+    return {"SIGKILL": kill, "SIGTERM": [fault for fault in FAULTS if fault not in kill]}
+
+
+def run_matrix(root: Path, plan: dict[str, list[Fault]]) -> dict:
+    """The uninterrupted reference and one chain per signal of `plan`, side by side; returns the stops and whether
+    each chain ended equal to the reference."""
+    root.mkdir(parents=True, exist_ok=True)
+    env = environment(root / "compilation_cache")
+    with futures.ThreadPoolExecutor(len(plan) + 1) as pool:
+        reference = pool.submit(launch, root / "reference", env, root / "reference.log")
+        chains = {name: pool.submit(run_chain, name, root / name, env, faults) for name, faults in plan.items()}
+        code, output = reference.result()
+        if code != 0:
+            raise RuntimeError(f"The uninterrupted run failed ({code}):\n{output[-4000:]}")
+        stops = {name: chain.result() for name, chain in chains.items()}
+    expected = outcome(root / "reference")
+    return {"stops": stops, "equal": {name: outcome(root / name) == expected for name in plan}}
+
+
+def table(matrix: dict) -> str:
+    """The README's table: one row per fault, one column per signal."""
+    signals = list(matrix["stops"])
+    by_fault = {(stop.fault, name): stop for name in signals for stop in matrix["stops"][name]}
+    lines = ["| stage | where | " + " | ".join(signals) + " |", "|---|---|" + "---|" * len(signals)]
+    for fault in FAULTS:
+        stops = [by_fault.get((fault, name)) for name in signals]
+        if any(stops):
+            cells = ["–" if stop is None else "stopped, resumed" if stop.as_expected else
+                     f"UNEXPECTED exit {stop.exit_code}" for stop in stops]
+            lines.append(f"| {fault.stage} | {fault.where} | " + " | ".join(cells) + " |")
+    equal = ", ".join(f"{name}: {'equal' if same else 'DIFFERENT'}" for name, same in matrix["equal"].items())
+    tried = sum(len(stops) for stops in matrix["stops"].values())
+    recovered = sum(stop.as_expected for stops in matrix["stops"].values() for stop in stops)
+    return "\n".join(lines) + (f"\n\n{tried} stops tried, {recovered} stopped where and as expected and resumed; "
+                               f"final results.json, student and losses vs the uninterrupted run: {equal}.\n")
+
+
+def succeeded(matrix: dict) -> bool:
+    return all(matrix["equal"].values()) and all(stop.as_expected for stops in matrix["stops"].values()
+                                                 for stop in stops)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default=None, help="where the runs go (default: a temporary directory)")
+    parser.add_argument("--signals", default=",".join(SIGNALS))
+    parser.add_argument("--stages", default="", help="comma-separated stage names (default: all)")
+    args = parser.parse_args(argv)
+    stages = {name.strip() for name in args.stages.split(",") if name.strip()}
+    plan = {name: faults for name, faults in full_plan(stages).items() if name in args.signals.split(",")}
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="kdep_fault_matrix_"))
+    start = time.monotonic()
+    matrix = run_matrix(root, plan)
+    print(table(matrix))
+    print(f"({time.monotonic() - start:.0f} s; logs in {root})")
+    return 0 if succeeded(matrix) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
