@@ -9,6 +9,8 @@ task far more slowly than this, and a full-width student would have doubled the 
 
     python -m kdep_jax.main --config=configs/demo.py --workdir=runs/demo
     python -m kdep_jax.main --config=configs/demo.py:tiny --workdir=runs/tiny   # seconds, for tests
+    # Every distillation method side by side (same teacher, data, budget and seed), each fine-tuned with 2 seeds:
+    python -m kdep_jax.main --config=configs/demo.py:compare --workdir=runs/compare
     # Only the tiny distillation (statistics, distillation, export) from an existing converted teacher,
     # as the multi-process, resume and preemption tests run it:
     python -m kdep_jax.main --config=configs/demo.py:tiny_distill --workdir=runs/td --config.teacher.path=runs/tiny/teacher/model
@@ -17,6 +19,7 @@ from kdep_jax import config_lib
 
 IMAGE_SIZE = 32
 TEACHER_ARCH, STUDENT_ARCH, WIDTH = "resnet18", "resnet18", 0.5
+COMPARE_DISTILL_EPOCHS, COMPARE_DOWNSTREAM_EPOCHS = 5, 20
 
 
 def _demo_data(split: str, eval_split: str):
@@ -30,8 +33,10 @@ def _demo_data(split: str, eval_split: str):
 
 
 def get_config(variant: str = ""):
-    if variant not in ("", "tiny", "tiny_distill"):
-        raise ValueError(f"configs/demo.py takes no variant, ':tiny' or ':tiny_distill', not {variant!r}.")
+    variants = ("", "tiny", "tiny_distill", "compare", "tiny_compare")
+    if variant not in variants:
+        raise ValueError(f"configs/demo.py takes no variant or one of {', '.join(':' + v for v in variants[1:])}, "
+                         f"not {variant!r}.")
     config = config_lib.kdep_config()
     config.log_every_steps = 10
     config.checkpoint_every_steps = 200
@@ -61,7 +66,13 @@ def get_config(variant: str = ""):
     downstream.log_every_steps = 5
     config.downstream = downstream
 
-    if variant in ("tiny", "tiny_distill"):  # every stage, a few steps each, on 4 upstream images per class
+    if variant in ("compare", "tiny_compare"):
+        config.mode = "compare"
+        # Sized so that 8 pre-trainings and 18 fine-tunings fit in 30 minutes on a 2-core CPU.
+        config.train.update(num_epochs=COMPARE_DISTILL_EPOCHS, lr_decay_every_epochs=COMPARE_DISTILL_EPOCHS)
+        downstream.train.update(num_epochs=COMPARE_DOWNSTREAM_EPOCHS, lr_decay_every_epochs=COMPARE_DOWNSTREAM_EPOCHS)
+        downstream.eval_every_epochs = COMPARE_DOWNSTREAM_EPOCHS
+    if variant in ("tiny", "tiny_distill", "tiny_compare"):  # every stage, a few steps each, 4 images per class
         # Full width, so the exported student is exactly torchvision's resnet18 (the tests load it there).
         teacher.model.width = config.teacher.width = config.student.width = downstream.model.width = 1.0
         for run in (teacher, config, downstream):

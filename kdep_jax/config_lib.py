@@ -106,6 +106,10 @@ def kdep_config() -> ml_collections.ConfigDict:
                                                 prune_fraction=0.25, min_keep_fraction=0.5))
     # Transfer runs after pre-training (the demo's last stage): one supervised config per init.
     config.downstream = None
+    # mode="compare": one student per method (comma-separated names) from the same teacher, data, budget and seed,
+    # each fine-tuned downstream with every seed (and a from-scratch network beside them).
+    config.compare = ml_collections.ConfigDict(dict(methods="kdep,kdep_no_pts,kdep_conv,logit_kd,ssld,ssld_ce,fm,tcs",
+                                                    seeds="0,1"))
     config.overwrite = False
     return config
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import jax
 import ml_collections
 from etils import epath
 
-from kdep_jax import config_lib, convert, distill, faults, methods, parallel, supervised, validation
+from kdep_jax import config_lib, convert, data, distill, faults, methods, parallel, supervised, validation
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 
@@ -101,6 +102,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     try:
         if config.mode == "transfer":
             return {"results": transfer(config, workdir, mesh)}
+        if config.mode == "compare":
+            return compare(config, workdir, mesh)
         return _kdep(config, workdir, mesh)
     except Preempted:
         return {"workdir": str(workdir), "preempted": True}
@@ -139,6 +142,78 @@ def _kdep(config, workdir: epath.Path, mesh) -> dict:
         faults.point("results.written")
         outputs["results"] = rows
     return outputs
+
+
+def compare(config, workdir: epath.Path, mesh) -> dict:
+    """One student per method of `config.compare.methods`, all from the same teacher (trained or converted once),
+    data, budget and seed, each fine-tuned downstream with every seed of `config.compare.seeds`, beside a network
+    trained from scratch with the same seeds; writes results.json and comparison.md (`report.comparison_table`)."""
+    from kdep_jax import report  # matplotlib, only here
+
+    teacher_path = config.teacher.path
+    if config.teacher.train is not None:
+        faults.point("stage.teacher")
+        teacher_path = str(train_teacher(config, workdir / "teacher", mesh))
+    rows, pretraining = [], {}
+    steps_per_epoch = data.dataset_info(config.data, config.data.split).num_examples // config.train.batch_size
+    for name in method_names(config):
+        method_dir = workdir / name
+        with _timed(method_dir / "pretraining.json") as record:
+            _kdep(method_config(config, name, teacher_path), method_dir, mesh)
+        images = steps_per_epoch * config.train.num_epochs * config.train.batch_size
+        pretraining[name] = {**record(), "images": images}
+    for init_name, init in [(name, f"kdep:{workdir / name}") for name in method_names(config)] + [("scratch",
+                                                                                                   "scratch")]:
+        for seed in compare_seeds(config):
+            downstream = _with_init(config.downstream, init)
+            downstream.seed = seed
+            run_rows = transfer(downstream, workdir / init_name / f"transfer_seed{seed}", mesh,
+                                field_prefix="downstream.")
+            rows += [{**row, "method": init_name} for row in run_rows]
+    _write_results(workdir / "results.json", rows)
+    table = report.comparison_table(rows, pretraining)
+    if jax.process_index() == 0:
+        (workdir / "comparison.md").write_text(table)
+        print(table)
+    return {"workdir": str(workdir), "results": rows, "comparison": str(workdir / "comparison.md")}
+
+
+def method_names(config) -> list[str]:
+    return [name.strip() for name in config.compare.methods.split(",") if name.strip()]
+
+
+def compare_seeds(config) -> list[int]:
+    return [int(seed) for seed in config.compare.seeds.split(",") if seed.strip()]
+
+
+def method_config(config, name: str, teacher_path: str):
+    """The KDEP-mode config of one method of a comparison: its own workdir, the shared teacher, no transfer."""
+    config = config.copy_and_resolve_references()
+    config.mode, config.method = "kdep", name
+    config.teacher.path, config.teacher.train, config.downstream = teacher_path, None, None
+    return config
+
+
+class _timed:
+    """Adds this attempt's wall time and the images it saw to a JSON record, whether it finishes or is stopped, so
+    that a resumed stage reports its whole cost. Calling the context's value returns the record."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+
+    def __enter__(self):
+        self.start = time.monotonic()
+        return lambda: json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def __exit__(self, *exc):
+        if jax.process_index() == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            record = json.loads(self.path.read_text()) if self.path.exists() else {"seconds": 0.0}
+            record["seconds"] += time.monotonic() - self.start
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(self.path)
+        return False
 
 
 def train_teacher(config, teacher_workdir: epath.Path, mesh) -> epath.Path:

@@ -157,6 +157,21 @@ def to_csv(table: Table) -> str:
     return buffer.getvalue()
 
 
+def comparison_table(rows: list[dict], pretraining: dict[str, dict]) -> str:
+    """The methods comparison (`configs/demo.py:compare`) as markdown: per pre-training method (and scratch), its
+    wall time and the images its student saw, and the downstream top-1 mean ± std over seeds."""
+    lines = ["| method | pre-training wall time | images seen | downstream top-1 (mean ± std over seeds) |",
+             "|---|---:|---:|---:|"]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    for method in methods:
+        cell = _cell([float(row["top1"]) for row in rows if row["method"] == method])
+        record = pretraining.get(method)
+        wall = f"{record['seconds'] / 60:.1f} min" if record else "–"
+        images = f"{record['images']:,}" if record else "–"
+        lines.append(f"| {method} | {wall} | {images} | {_format_cell(cell)} |")
+    return "\n".join(lines) + "\n"
+
+
 def curve_runs(dirs) -> list[tuple[str, list[tuple[int, float]]]]:
     """(label, [(step, eval_top1), ...]) for each finished transfer run in `dirs` and their transfer_* subdirs."""
     curves = []

@@ -15,7 +15,7 @@ from kdep_jax import config_lib, convert, data, methods, models
 from kdep_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
-MODES = ("kdep", "transfer")
+MODES = ("kdep", "transfer", "compare")
 
 
 def validate(config, num_devices: int, num_processes: int, workdir) -> None:
@@ -26,6 +26,9 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
     if config.mode not in MODES:
         raise ConfigError(f"config.mode={config.mode!r} is not a mode; use one of {', '.join(MODES)}.")
     check_allow_changes(config)
+    if config.mode == "compare":
+        _check_compare(config, num_devices, num_processes, workdir)
+        return
     if config.mode == "transfer":
         _check_supervised(config, "", num_devices, num_processes)
         _check_init(config, "")
@@ -90,6 +93,27 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         method.check(models.feature_dim(config.teacher.arch, config.teacher.width),
                      models.feature_dim(config.student.arch, config.student.width),
                      data.dataset_info(teacher.data, teacher.data.split).num_classes)
+
+
+def _check_compare(config, num_devices: int, num_processes: int, workdir) -> None:
+    """A comparison: its methods and seeds, and each method's run as a KDEP-mode config would be checked."""
+    names = [name.strip() for name in config.compare.methods.split(",") if name.strip()]
+    if not names:
+        raise ConfigError("config.compare.methods is empty: name the methods to compare, comma-separated "
+                          f"(known: {', '.join(methods.METHODS)}).")
+    try:
+        seeds = [int(seed) for seed in config.compare.seeds.split(",") if seed.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise ConfigError(f"config.compare.seeds={config.compare.seeds!r}: give the downstream seeds as comma-separated "
+                          f"integers, e.g. '0,1'.")
+    if config.downstream is None:
+        raise ConfigError("config.mode='compare' fine-tunes every student downstream: config.downstream must be set.")
+    for name in names:
+        per_method = config.copy_and_resolve_references()
+        per_method.mode, per_method.method = "kdep", name
+        validate(per_method, num_devices, num_processes, workdir)
 
 
 def check_allow_changes(config) -> None:

@@ -91,6 +91,7 @@ class TCS(Method):
                             path, ", ".join(_differences(made_by, wanted)))
         coordinates = self._coordinates(mesh, teacher)
         if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".{path.name}.tmp"
             with tmp.open("wb") as file:
                 np.savez(file, coordinates=coordinates, provenance=np.asarray(json.dumps(wanted)))
