@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, conv_bn, global_avg_pool
+from kdep_jax.models.naming import TorchNaming
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in torchvision.
 INVERTED_RESIDUAL_SETTING = (
@@ -76,6 +77,8 @@ class MobileNetV2(nn.Module):
     width: float = 1.0
     dropout_rate: float = 0.2
     dtype: Dtype = jnp.float32
+
+    torch_naming = TorchNaming(head="classifier.1")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):

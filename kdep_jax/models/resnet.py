@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, global_avg_pool, torch_linear
+from kdep_jax.models.naming import TorchNaming
 
 
 class ResNetBlock(nn.Module):
@@ -56,6 +57,8 @@ class ResNet(nn.Module):
     num_classes: int | None = 1000
     base_width: int = 64
     dtype: Dtype = jnp.float32
+
+    torch_naming = TorchNaming(head="fc")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
