@@ -10,12 +10,13 @@ with a `kdep_jax.models.naming.TorchNaming`, set as the class attribute `torch_n
                                                    (C, 1, kh, kw) under the same transpose; Dense kernels
                                                    transposed; anything else as it is)
   buffers(torch_key, torch_array) -> {key: array}  entries that are not variables, written after that key on
-                                                   export and ignored on import (BatchNorm's num_batches_tracked)
-  current_key(key) -> key                          renames older checkpoints' keys on import
-  head                                             the classifier's torch module ("fc", "classifier.1")
+                                                   export and ignored on import (BatchNorm's num_batches_tracked,
+                                                   Swin's relative_position_index)
+  current_key(key) -> key                          renames older checkpoints' keys on import (ViT's mlp.linear_1)
+  head                                             the classifier's torch module ("fc", "heads.head")
 
-The CNNs use the default torch_key (module names are torch paths with "." written as "_", BatchNorm
-scale/bias/mean/var are weight/bias/running_mean/running_var). A new family
+The CNNs, Swin and ConvNeXt use the default torch_key (module names are torch paths with "." written as "_",
+BatchNorm scale/bias/mean/var are weight/bias/running_mean/running_var); ViT spells out its own. A new family
 (EfficientNet's `_blocks.0._depthwise_conv.weight`, say) sets `torch_naming = TorchNaming(head="_fc",
 torch_key=its_function)` on its module and adds its archs to kdep_jax.models; from_torchvision,
 to_torchvision and the CLI then work for it. Names and shapes are checked against the model itself
@@ -66,8 +67,9 @@ def _check_arch(arch: str) -> None:
 def _naming(model: nn.Module) -> TorchNaming:
     naming = getattr(model, "torch_naming", None)
     if not isinstance(naming, TorchNaming):
-        raise ConversionError(f"{type(model).__name__} has no torch_naming, so it cannot be converted to or from a "
-                              f"PyTorch state_dict: give the class a kdep_jax.models.TorchNaming (see kdep_jax.convert)")
+        raise ConversionError(f"{type(model).__name__} has no torch_naming, so it cannot be converted to or from "
+                              f"a PyTorch state_dict: give the class a kdep_jax.models.TorchNaming (see "
+                              f"kdep_jax.convert)")
     return naming
 
 
@@ -81,7 +83,8 @@ def _expected_layout(model: nn.Module) -> dict[str, tuple]:
     """torch key -> (flat Flax key, torch-layout shape) of model's variables, from shapes alone.
 
     In the order the model calls its layers, each module's own variables first (weight before bias): that is
-    torchvision's state_dict order for the CNNs (the order matters to no loader).
+    torchvision's state_dict order for every family here except Swin, whose PatchMerging torch lists reduction
+    before norm (the order matters to no loader).
     """
     naming = _naming(model)
     call_order = {}
@@ -91,8 +94,9 @@ def _expected_layout(model: nn.Module) -> dict[str, tuple]:
             call_order.setdefault(context.module.path, len(call_order))
         return next_fun(*args, **kwargs)
 
+    size = getattr(model, "image_size", 32)  # a ViT takes only the size it is built for; the others any
     with nn.intercept_methods(record_call):
-        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     leaves = traverse_util.flatten_dict(shapes)
     torch_keys = {flat_key: naming.torch_key(flat_key[0], flat_key[1:]) for flat_key in leaves}
     if len(set(torch_keys.values())) != len(torch_keys):
@@ -177,17 +181,29 @@ def _arch_model(arrays: dict[str, np.ndarray], arch: str, width: float = 1.0) ->
     """arch's model with the checkpoint's number of classes (None when it has no head)."""
     try:
         head = _naming(create_model(arch, num_classes=None, width=width)).head + ".weight"
-    except ValueError as error:
+    except ValueError as error:  # a width the family does not have
         raise ConversionError(str(error)) from None
     num_classes = int(arrays[head].shape[0]) if head in arrays else None
     return create_model(arch, num_classes=num_classes, width=width)
 
 
+def _matching_arch(arrays: dict[str, np.ndarray], arch: str) -> str | None:
+    """Another arch at width 1 that the checkpoint fits, for the error message, or None.
+
+    Each try traces a model, so only the archs whose head the checkpoint holds are tried (all when it holds none).
+    """
+    heads = {other: _naming(create_model(other, num_classes=None)).head + ".weight" for other in ARCHS}
+    candidates = [other for other in ARCHS if heads[other] in arrays] or ARCHS
+    return next((other for other in candidates
+                 if other != arch and not _model_variables(arrays, _arch_model(arrays, other))[1]), None)
+
+
 def from_torchvision(state_dict, arch: str, width: float = 1.0) -> dict:
     """torchvision state_dict (torch tensors or numpy arrays) -> Flax {"params", "batch_stats"} (numpy float32).
 
-    Buffers (num_batches_tracked) are ignored. A state_dict without the head (fc / classifier.1) gives
-    variables without a head, for create_model(arch, num_classes=None).
+    Buffers (num_batches_tracked, Swin's relative_position_index) are ignored; older key names are accepted
+    (ViT's mlp.linear_1/2). A state_dict without the head (fc, classifier.1, heads.head, ...) gives variables
+    without a head, for create_model(arch, num_classes=None). A ViT is expected at its 224 px position embedding.
     Raises ConversionError naming the first missing, unexpected or mis-shaped key, and the arch the checkpoint
     looks like when it matches another one.
     """
@@ -196,8 +212,7 @@ def from_torchvision(state_dict, arch: str, width: float = 1.0) -> dict:
     model = _arch_model(arrays, arch, width)
     current, problem = _model_variables(arrays, model)
     if problem:
-        matching = next((other for other in ARCHS
-                         if other != arch and not _model_variables(arrays, _arch_model(arrays, other))[1]), None)
+        matching = _matching_arch(arrays, arch)
         hint = f" It looks like a {matching} checkpoint: pass --arch {matching}." if matching else ""
         raise ConversionError(f"the checkpoint is not a {arch} (width {width}) state_dict: {problem}.{hint}")
     return _to_flax(current, model)
@@ -242,7 +257,7 @@ def to_torch_state_dict(variables, model: nn.Module) -> dict[str, np.ndarray]:
 
 def to_torchvision(variables, arch: str) -> dict[str, np.ndarray]:
     """Flax variables -> state_dict of numpy arrays with torchvision's key names, buffers included
-    (num_batches_tracked as 0).
+    (num_batches_tracked as 0, Swin's relative_position_index).
 
     `torchvision.models.<arch>().load_state_dict({k: torch.from_numpy(v) ...}, strict=True)` accepts it at
     width 1. Variables without a head (a student built with num_classes=None) get a zero-filled 1000-class

@@ -80,6 +80,10 @@ class MobileNetV2(nn.Module):
 
     torch_naming = TorchNaming(head="classifier.1")
 
+    @property
+    def feature_dim(self) -> int:
+        return last_channel(self.width)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
         x = x.astype(self.dtype)

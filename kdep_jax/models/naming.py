@@ -3,16 +3,17 @@
 Every backbone class carries a `torch_naming` (a TorchNaming): the rules `kdep_jax.convert` applies to
 convert its variables to and from a state_dict. The convert module holds the generic machinery (key and
 shape checks, error messages, files); a family only says how one variable is spelled and laid out in torch.
-The defaults here are the torchvision CNNs' rules; a family with other names (EfficientNet's
-`_blocks.0._depthwise_conv`) passes its own `torch_key`, and so on.
+The defaults here are the torchvision CNNs' rules; a family with other names (ViT's `encoder_layer_0`,
+EfficientNet's `_blocks.0._depthwise_conv`) passes its own `torch_key`, and so on.
 """
 import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 
-# Flax (collection, leaf name) -> torch name of the standard layers' variables. Any other leaf is a parameter
-# that carries its torch name and is stored in torch's layout, so that it converts as it is.
+# Flax (collection, leaf name) -> torch name of the standard layers' variables. Any other leaf (class_token,
+# in_proj_weight, relative_position_bias_table, layer_scale) is a parameter that carries its torch name and is
+# stored in torch's layout, so that it converts as it is.
 TORCH_LEAF_NAMES = {
     ("params", "kernel"): "weight",
     ("params", "scale"): "weight",
@@ -29,7 +30,7 @@ def torch_leaf(collection: str, leaf: str) -> str:
 
 def flattened_torch_key(collection: str, path: tuple[str, ...]) -> str:
     """Module names are torch module paths with "." written as "_": `layer1_0/downsample_0/kernel` is
-    `layer1.0.downsample.0.weight`. The rule of the torchvision CNNs."""
+    `layer1.0.downsample.0.weight`. The rule of the torchvision CNNs, Swin and ConvNeXt."""
     *modules, leaf = path
     return ".".join([*(module.replace("_", ".") for module in modules), torch_leaf(collection, leaf)])
 
@@ -72,12 +73,12 @@ def same_key(key: str) -> str:
 class TorchNaming:
     """One family's rules; kdep_jax.convert applies them (see its docstring).
 
-    head: the torch module of the classifier ("fc", "classifier.1"), whose rows give the number of classes.
+    head: the torch module of the classifier ("fc", "heads.head"), whose rows give the number of classes.
     torch_key: (collection, Flax path without the collection) -> torch key.
     to_torch / to_flax: (Flax path, array) -> the array in the other framework's layout.
     buffers: (torch key, torch-layout array) -> state_dict entries that are not Flax variables, written right
         after that key on export (so that `load_state_dict(strict=True)` works) and ignored on import.
-    current_key: renames a key of an older checkpoint to today's name on import.
+    current_key: renames a key of an older checkpoint to today's name on import (ViT's mlp.linear_1 -> mlp.0).
     """
     head: str
     torch_key: Callable[[str, tuple[str, ...]], str] = flattened_torch_key

@@ -60,6 +60,10 @@ class ResNet(nn.Module):
 
     torch_naming = TorchNaming(head="fc")
 
+    @property
+    def feature_dim(self) -> int:
+        return self.base_width * 8 * (4 if self.bottleneck else 1)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
         x = x.astype(self.dtype)
