@@ -136,7 +136,9 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
         batch, height, width, _ = x.shape
-        if self.image_size % self.patch_size or (height, width) != (self.image_size, self.image_size):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if (height, width) != (self.image_size, self.image_size):
             raise ValueError(f"this ViT takes {self.image_size}x{self.image_size} images (its position embedding "
                              f"has one entry per {self.patch_size}-pixel patch), got {height}x{width}: resize "
                              f"the images or build the model with image_size={height}")
