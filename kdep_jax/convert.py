@@ -20,7 +20,9 @@ BatchNorm scale/bias/mean/var are weight/bias/running_mean/running_var); ViT spe
 (EfficientNet's `_blocks.0._depthwise_conv.weight`, say) sets `torch_naming = TorchNaming(head="_fc",
 torch_key=its_function)` on its module and adds its archs to kdep_jax.models; from_torchvision,
 to_torchvision and the CLI then work for it. Names and shapes are checked against the model itself
-(`jax.eval_shape` of its init), so a naming mistake shows as a missing or unexpected key, never a silent swap.
+(`jax.eval_shape` of its init on 32 px images, or on its `image_size` when it has one), so a naming mistake
+shows as a missing or unexpected key, never a silent swap. Exporting variables without a head writes a zero
+head whose input width is the length of the variable just before it (each family here ends in a norm).
 
 CLI:
   python -m kdep_jax.convert import --arch resnet50 --input resnet50.pth --output DIR
