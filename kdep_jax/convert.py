@@ -1,10 +1,28 @@
 """Checkpoint conversion between torchvision state_dicts and this project's Flax variables, both ways.
 
-Flax module paths mirror torchvision keys with "." written as "_" (`layer1_0/downsample_0/kernel` is
-`layer1.0.downsample.0.weight`), so the mapping is mechanical: conv kernels HWIO <-> OIHW (a depthwise
-(kh, kw, 1, C) kernel is torch's (C, 1, kh, kw) under the same transpose), linear kernels transposed,
-BatchNorm scale/bias/mean/var <-> weight/bias/running_mean/running_var. Families whose PyTorch names do not
-follow that rule (EfficientNet-Lite's `_blocks.0._bn1`) name their keys with a function of their own.
+The machinery here is generic; each model family says how its variables are spelled and laid out in torch
+with a `kdep_jax.models.naming.TorchNaming`, set as the class attribute `torch_naming` of its Flax module:
+
+  torch_key(collection, flax_path) -> torch key    e.g. ("params", ("layer1_0", "conv1", "kernel")) ->
+                                                   "layer1.0.conv1.weight"
+  to_torch(flax_path, array) / to_flax(...)        per-variable layout changes (default: conv kernels
+                                                   HWIO <-> OIHW, a depthwise (kh, kw, 1, C) kernel being torch's
+                                                   (C, 1, kh, kw) under the same transpose; Dense kernels
+                                                   transposed; anything else as it is)
+  buffers(torch_key, torch_array) -> {key: array}  entries that are not variables, written after that key on
+                                                   export and ignored on import (BatchNorm's num_batches_tracked,
+                                                   Swin's relative_position_index)
+  current_key(key) -> key                          renames older checkpoints' keys on import (ViT's mlp.linear_1)
+  head                                             the classifier's torch module ("fc", "heads.head")
+
+The CNNs, Swin and ConvNeXt use the default torch_key (module names are torch paths with "." written as "_",
+BatchNorm scale/bias/mean/var are weight/bias/running_mean/running_var); ViT spells out its own. A new family
+(EfficientNet-Lite's `_blocks.0._depthwise_conv.weight`) sets `torch_naming = TorchNaming(head="_fc",
+torch_key=its_function)` on its module and adds its archs to kdep_jax.models; from_torchvision,
+to_torchvision and the CLI then work for it. Names and shapes are checked against the model itself
+(`jax.eval_shape` of its init on 32 px images, or on its `image_size` when it has one), so a naming mistake
+shows as a missing or unexpected key, never a silent swap. Exporting variables without a head writes a zero
+head whose input width is the length of the variable just before it (each family here ends in a norm).
 
 CLI:
   python -m kdep_jax.convert import --arch resnet50 --input resnet50.pth --output DIR
@@ -29,19 +47,15 @@ from etils import epath
 from flax import serialization, traverse_util
 
 from kdep_jax.errors import UserError
-from kdep_jax.models import ARCHS, create_model, efficientnet
-from kdep_jax.models.layers import TORCH_LEAF_NAMES
+from kdep_jax.models import ARCHS, create_model
+from kdep_jax.models.naming import TorchNaming
 
 VARIABLES_FILE = "variables.msgpack"
 META_FILE = "meta.json"
 STUDENT_SUBDIR = "student"  # where the distillation trainer puts the converted student inside its workdir
 
-# (collection, Flax path) -> torch key, for the families whose names are not torchvision's "." written as "_".
-_FAMILY_TORCH_KEY = {arch: efficientnet.torch_key for arch in efficientnet.ARCHS}
-_HEAD = {"resnet18": "fc", "resnet34": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1",
-         **{arch: "_fc" for arch in efficientnet.ARCHS}}
-_LAST_BN = {"resnet18": "layer4.1.bn2", "resnet34": "layer4.2.bn2", "resnet50": "layer4.2.bn3",
-            "mobilenet_v2": "features.18.1", **{arch: "_bn1" for arch in efficientnet.ARCHS}}
+# torch saves a module's own parameters weight first, then bias, then BatchNorm's running statistics.
+_LEAF_ORDER = ("weight", "bias", "running_mean", "running_var")
 _INSTALL_TORCH = "pip install torch torchvision (or pip install kdep_jax[convert])"
 
 
@@ -54,36 +68,29 @@ def _check_arch(arch: str) -> None:
         raise ConversionError(f"unknown arch {arch!r}; known archs: {', '.join(ARCHS)}")
 
 
-def _torch_key(collection: str, path: tuple[str, ...], arch: str) -> str:
-    if arch in _FAMILY_TORCH_KEY:
-        return _FAMILY_TORCH_KEY[arch](collection, path)
-    *modules, leaf = path
-    return ".".join(module.replace("_", ".") for module in modules) + "." + TORCH_LEAF_NAMES[(collection, leaf)]
+def _naming(model: nn.Module) -> TorchNaming:
+    naming = getattr(model, "torch_naming", None)
+    if not isinstance(naming, TorchNaming):
+        raise ConversionError(f"{type(model).__name__} has no torch_naming, so it cannot be converted to or from "
+                              f"a PyTorch state_dict: give the class a kdep_jax.models.TorchNaming (see "
+                              f"kdep_jax.convert)")
+    return naming
 
 
-def _to_torch_layout(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 4:  # HWIO -> OIHW
-        return array.transpose(3, 2, 0, 1)
-    if array.ndim == 2:  # (in, out) -> (out, in)
-        return array.T
-    return array
-
-
-def _to_flax_layout(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 4:  # OIHW -> HWIO
-        return array.transpose(2, 3, 1, 0)
-    if array.ndim == 2:
-        return array.T
-    return array
+def _leaf_rank(torch_key: str) -> int:
+    name = torch_key.rsplit(".", 1)[-1]
+    return next((rank for rank, suffix in enumerate(_LEAF_ORDER) if name.endswith(suffix)), len(_LEAF_ORDER))
 
 
 @functools.cache
-def _expected_layout(arch: str, num_classes: int | None, width: float = 1.0) -> dict[str, tuple]:
-    """torch key -> (flat Flax key, torch-layout shape), in the PyTorch state_dict's order; from shapes alone.
+def _expected_layout(model: nn.Module) -> dict[str, tuple]:
+    """torch key -> (flat Flax key, torch-layout shape) of model's variables, from shapes alone.
 
-    The order is the order in which layers are called, which for these models is the PyTorch module order.
+    In the order the model calls its layers, each module's own variables first (weight before bias): that is
+    torchvision's state_dict order for every family here except Swin, whose PatchMerging torch lists reduction
+    before norm (the order matters to no loader).
     """
-    model = create_model(arch, num_classes=num_classes, width=width)
+    naming = _naming(model)
     call_order = {}
 
     def record_call(next_fun, args, kwargs, context):
@@ -91,15 +98,26 @@ def _expected_layout(arch: str, num_classes: int | None, width: float = 1.0) -> 
             call_order.setdefault(context.module.path, len(call_order))
         return next_fun(*args, **kwargs)
 
+    size = getattr(model, "image_size", 32)  # a ViT takes only the size it is built for; the others any
     with nn.intercept_methods(record_call):
-        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+        shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     leaves = traverse_util.flatten_dict(shapes)
-    leaf_order = list(TORCH_LEAF_NAMES)
+    torch_keys = {flat_key: naming.torch_key(flat_key[0], flat_key[1:]) for flat_key in leaves}
+    if len(set(torch_keys.values())) != len(torch_keys):
+        raise ValueError(f"the torch_naming of {type(model).__name__} gives two variables the same torch key")
     layout = {}
-    for flat_key in sorted(leaves, key=lambda k: (call_order[k[1:-1]], leaf_order.index((k[0], k[-1])))):
-        torch_shape = _to_torch_layout(np.empty(leaves[flat_key].shape, dtype=np.uint8)).shape
-        layout[_torch_key(flat_key[0], flat_key[1:], arch)] = (flat_key, torch_shape)
+    for flat_key in sorted(leaves, key=lambda k: (call_order[k[1:-1]], _leaf_rank(torch_keys[k]))):
+        torch_shape = naming.to_torch(flat_key[1:], np.empty(leaves[flat_key].shape, dtype=np.uint8)).shape
+        layout[torch_keys[flat_key]] = (flat_key, torch_shape)
     return layout
+
+
+@functools.cache
+def _buffer_keys(model: nn.Module) -> frozenset[str]:
+    """The state_dict keys of model that are not variables (written on export, ignored on import)."""
+    naming = _naming(model)
+    return frozenset(buffer for key, (_, shape) in _expected_layout(model).items()
+                     for buffer in naming.buffers(key, np.broadcast_to(np.float32(0), shape)))
 
 
 def _mismatch(arrays: dict[str, np.ndarray], layout: dict[str, tuple]) -> str | None:
@@ -119,11 +137,6 @@ def _mismatch(arrays: dict[str, np.ndarray], layout: dict[str, tuple]) -> str | 
     return "; ".join(problems) or None
 
 
-def _num_classes(arrays: dict[str, np.ndarray], arch: str) -> int | None:
-    head = arrays.get(_HEAD[arch] + ".weight")
-    return None if head is None else int(head.shape[0])
-
-
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor; bfloat16/float16 go through float32, numpy lacks bfloat16
         value = value.detach().cpu()
@@ -132,79 +145,143 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def from_torchvision(state_dict, arch: str, width: float = 1.0) -> dict:
-    """torchvision state_dict (torch tensors or numpy arrays) -> Flax {"params", "batch_stats"} (numpy float32).
-
-    For EfficientNet-Lite the state_dict is the efficientnet-lite-pytorch package's (`_blocks.0._bn1.weight`).
-    num_batches_tracked is ignored. A state_dict without the head (fc / classifier.1) gives variables without
-    a head, for create_model(arch, num_classes=None). Raises ConversionError naming the first missing,
-    unexpected or mis-shaped key, and the arch the checkpoint looks like when it matches another one.
-    """
-    _check_arch(arch)
+def _numpy_state_dict(state_dict) -> dict[str, np.ndarray]:
     arrays = {}
     for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            continue
         if not (hasattr(value, "shape") and hasattr(value, "dtype")):
             raise ConversionError(f"not a state_dict: the value of key {key!r} is a {type(value).__name__}, "
                                   f"not a tensor")
         arrays[key] = _to_numpy(value)
-    num_classes = _num_classes(arrays, arch)
-    problem = _mismatch(arrays, _expected_layout(arch, num_classes, width))
+    return arrays
+
+
+def _model_variables(arrays: dict[str, np.ndarray], model: nn.Module) -> tuple[dict[str, np.ndarray], str | None]:
+    """(the checkpoint's variables under today's names, buffers dropped; what does not fit model, or None)."""
+    naming, buffers = _naming(model), _buffer_keys(model)
+    current = {naming.current_key(key): value for key, value in arrays.items()}
+    current = {key: value for key, value in current.items() if key not in buffers}
+    return current, _mismatch(current, _expected_layout(model))
+
+
+def _to_flax(arrays: dict[str, np.ndarray], model: nn.Module) -> dict:
+    """{"params", "batch_stats"}, batch_stats empty for a family without BatchNorm (so every backbone's
+    variables have the same two collections)."""
+    naming = _naming(model)
+    # Copies: a torch model in train mode updates its buffers in place, which must not reach the variables.
+    flat = {flat_key: np.array(naming.to_flax(flat_key[1:], arrays[key]), dtype=np.float32)
+            for key, (flat_key, _) in _expected_layout(model).items()}
+    return {"params": {}, "batch_stats": {}, **traverse_util.unflatten_dict(flat)}
+
+
+def from_torch_state_dict(state_dict, model: nn.Module) -> dict:
+    """A state_dict (torch tensors or numpy arrays) -> the Flax {"params", "batch_stats"} of model, any module
+    with a torch_naming (e.g. a smaller configuration of a family); from_torchvision does it for a named arch."""
+    arrays, problem = _model_variables(_numpy_state_dict(state_dict), model)
     if problem:
-        # The first arch that matches: checking one costs a trace of its model.
-        matching = next((other for other in ARCHS if other != arch
-                         and not _mismatch(arrays, _expected_layout(other, _num_classes(arrays, other)))), None)
+        raise ConversionError(f"the checkpoint does not fit this {type(model).__name__}: {problem}")
+    return _to_flax(arrays, model)
+
+
+def _arch_model(arrays: dict[str, np.ndarray], arch: str, width: float = 1.0) -> nn.Module:
+    """arch's model with the checkpoint's number of classes (None when it has no head)."""
+    try:
+        head = _naming(create_model(arch, num_classes=None, width=width)).head + ".weight"
+    except ValueError as error:  # a width the family does not have
+        raise ConversionError(str(error)) from None
+    num_classes = int(arrays[head].shape[0]) if head in arrays else None
+    return create_model(arch, num_classes=num_classes, width=width)
+
+
+def _matching_arch(arrays: dict[str, np.ndarray], arch: str) -> str | None:
+    """Another arch at width 1 that the checkpoint fits, for the error message, or None.
+
+    Each try traces a model, so only the archs whose head the checkpoint holds are tried (all when it holds none).
+    """
+    heads = {other: _naming(create_model(other, num_classes=None)).head + ".weight" for other in ARCHS}
+    candidates = [other for other in ARCHS if heads[other] in arrays] or ARCHS
+    return next((other for other in candidates
+                 if other != arch and not _model_variables(arrays, _arch_model(arrays, other))[1]), None)
+
+
+def from_torchvision(state_dict, arch: str, width: float = 1.0) -> dict:
+    """torchvision state_dict (torch tensors or numpy arrays) -> Flax {"params", "batch_stats"} (numpy float32).
+
+    Buffers (num_batches_tracked, Swin's relative_position_index) are ignored; older key names are accepted
+    (ViT's mlp.linear_1/2). A state_dict without the head (fc, classifier.1, heads.head, ...) gives variables
+    without a head, for create_model(arch, num_classes=None). A ViT is expected at its 224 px position embedding.
+    Raises ConversionError naming the first missing, unexpected or mis-shaped key, and the arch the checkpoint
+    looks like when it matches another one.
+    """
+    _check_arch(arch)
+    arrays = _numpy_state_dict(state_dict)
+    model = _arch_model(arrays, arch, width)
+    current, problem = _model_variables(arrays, model)
+    if problem:
+        matching = _matching_arch(arrays, arch)
         article = "an" if matching and matching[0] in "aeiou" else "a"
         hint = f" It looks like {article} {matching} checkpoint: pass --arch {matching}." if matching else ""
         raise ConversionError(f"the checkpoint is not a {arch} (width {width}) state_dict: {problem}.{hint}")
-    flat = {}
-    for key, (flat_key, _) in _expected_layout(arch, num_classes, width).items():
-        # A copy: a torch model in train mode updates its buffers in place.
-        flat[flat_key] = np.array(_to_flax_layout(arrays[key]), dtype=np.float32)
-    return traverse_util.unflatten_dict(flat)
+    return _to_flax(current, model)
 
 
-def to_torchvision(variables, arch: str) -> dict[str, np.ndarray]:
-    """Flax variables -> state_dict of numpy arrays with torchvision's key names, num_batches_tracked included.
-
-    `torchvision.models.<arch>().load_state_dict({k: torch.from_numpy(v) ...}, strict=True)` accepts it at
-    width 1, as does the efficientnet-lite-pytorch package's model for EfficientNet-Lite. Variables without a head
-    (a student built with num_classes=None) get a zero-filled 1000-class head (fc / classifier.1 / _fc), so that
-    the strict load works; it outputs zeros and is meant to be replaced.
-    """
-    _check_arch(arch)
+def _torch_state_dict(variables, model: nn.Module) -> tuple[dict[str, np.ndarray], str | None]:
+    """(state_dict of variables in model's names and order, buffers included; what does not match, or None)."""
+    naming, layout = _naming(model), _expected_layout(model)
     state_dict = {}
     collections = {name: variables.get(name, {}) for name in ("params", "batch_stats")}
     for (collection, *path), value in traverse_util.flatten_dict(collections).items():
-        if (collection, path[-1]) not in TORCH_LEAF_NAMES:
-            raise ConversionError(f"unexpected Flax variable {'/'.join([collection, *path])} for {arch}")
-        state_dict[_torch_key(collection, tuple(path), arch)] = np.array(_to_torch_layout(np.asarray(value)),
-                                                                         dtype=np.float32, order="C")
-    head = _HEAD[arch]
-    if head + ".weight" not in state_dict:
-        in_features = state_dict[_LAST_BN[arch] + ".weight"].shape[0]
-        state_dict[head + ".weight"] = np.zeros((1000, in_features), np.float32)
-        state_dict[head + ".bias"] = np.zeros((1000,), np.float32)
-    expected = _expected_layout(arch, 1000)  # key names do not depend on width or the number of classes
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
+        state_dict[naming.torch_key(collection, tuple(path))] = np.array(
+            naming.to_torch(tuple(path), np.asarray(value)), dtype=np.float32, order="C")
+    head = naming.head + ".weight"
+    if head in layout and head not in state_dict:
+        # Every family's head follows its final norm, whose length is the head's input width.
+        keys = list(layout)
+        in_features = state_dict[keys[keys.index(head) - 1]].shape[0]
+        state_dict[head] = np.zeros((layout[head][1][0], in_features), np.float32)
+        state_dict[naming.head + ".bias"] = np.zeros((layout[head][1][0],), np.float32)
+    missing = [key for key in layout if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in layout]
     if missing or unexpected:
         first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-        raise ConversionError(f"the variables are not a {arch}: {len(missing)} missing and {len(unexpected)} "
-                              f"unexpected key(s), first {first}")
+        return {}, f"{len(missing)} missing and {len(unexpected)} unexpected key(s), first {first}"
     ordered = {}
-    for key in expected:  # torchvision's order, num_batches_tracked after each running_var
+    for key in layout:
         ordered[key] = state_dict[key]
-        if key.endswith(".running_var"):
-            ordered[key.removesuffix("running_var") + "num_batches_tracked"] = np.zeros((), np.int64)
-    return ordered
+        ordered.update(naming.buffers(key, state_dict[key]))
+    return ordered, None
+
+
+def to_torch_state_dict(variables, model: nn.Module) -> dict[str, np.ndarray]:
+    """Flax variables of model (any module with a torch_naming) -> its state_dict of numpy arrays, buffers
+    included. Names are checked against model, shapes are not (the same names serve every width). Variables
+    without a head get a zero-filled head of model.num_classes rows."""
+    state_dict, problem = _torch_state_dict(variables, model)
+    if problem:
+        raise ConversionError(f"the variables are not this {type(model).__name__}'s: {problem}")
+    return state_dict
+
+
+def to_torchvision(variables, arch: str) -> dict[str, np.ndarray]:
+    """Flax variables -> state_dict of numpy arrays with torchvision's key names, buffers included
+    (num_batches_tracked as 0, Swin's relative_position_index).
+
+    `torchvision.models.<arch>().load_state_dict({k: torch.from_numpy(v) ...}, strict=True)` accepts it at
+    width 1. Variables without a head (a student built with num_classes=None) get a zero-filled 1000-class
+    head, so that the strict load works; it outputs zeros and is meant to be replaced.
+    """
+    _check_arch(arch)
+    state_dict, problem = _torch_state_dict(variables, create_model(arch, 1000))  # names do not depend on width
+    if problem:
+        raise ConversionError(f"the variables are not a {arch}: {problem}")
+    return state_dict
 
 
 def _head_classes(variables, arch: str) -> int | None:
-    _, *head_kernel_path = _expected_layout(arch, 1000)[_HEAD[arch] + ".weight"][0]
-    head_kernel = traverse_util.flatten_dict(variables["params"]).get(tuple(head_kernel_path))
-    return None if head_kernel is None else int(head_kernel.shape[-1])
+    naming = _naming(create_model(arch))
+    for (collection, *path), value in traverse_util.flatten_dict(dict(variables)).items():
+        if naming.torch_key(collection, tuple(path)) == naming.head + ".weight":
+            return int(naming.to_torch(tuple(path), np.asarray(value)).shape[0])
+    return None
 
 
 def _atomic_write(path: epath.Path, write) -> None:

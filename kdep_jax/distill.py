@@ -48,7 +48,7 @@ def make_loss_fn(config, method: methods.Method, teacher_classes: int | None, ca
             mutable=["batch_stats"], rngs={"dropout": dropout_rng})
         loss, head_state, metrics = method.loss(params["head"], batch_stats["head"], {"logits": logits, **features},
                                                 jax.lax.stop_gradient(targets))
-        return loss, ({"student": updates["batch_stats"], "head": head_state}, metrics)
+        return loss, ({"student": updates.get("batch_stats", {}), "head": head_state}, metrics)
 
     return loss_fn
 

@@ -89,7 +89,7 @@ def make_loss_fn(model, linear_probe: bool):
         else:  # the model's dropout, where it has one (MobileNetV2's classifier, p=0.2 as in torchvision)
             (logits, _), updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
                                                rngs={"dropout": rng})
-            new_batch_stats = updates["batch_stats"]
+            new_batch_stats = updates.get("batch_stats", {})
         loss = losses.cross_entropy_loss(logits, batch["label"])
         top1 = jnp.mean(losses.top_k_correct(logits, batch["label"], 1))
         return loss, (new_batch_stats, {"train_top1": top1})

@@ -2,6 +2,7 @@
 import json
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -10,8 +11,13 @@ import torch
 import torchvision
 
 from kdep_jax import convert
-from kdep_jax.convert import ConversionError, from_torchvision, load_converted, save_converted, to_torchvision
-from kdep_jax.models import TORCHVISION_ARCHS, create_model
+from kdep_jax.convert import (ConversionError, from_torch_state_dict, from_torchvision, load_converted,
+                              save_converted, to_torch_state_dict, to_torchvision)
+from kdep_jax.models import TorchNaming, create_model
+from kdep_jax.models.layers import BatchNorm, conv2d, global_avg_pool
+from kdep_jax.models.naming import torch_leaf
+
+CNN_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")  # the transformers: test_transformers.py
 
 
 def random_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -59,9 +65,9 @@ def converted_resnet18(resnet18_state, tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+@pytest.mark.parametrize("arch", CNN_ARCHS)
 def test_torchvision_to_flax_to_torchvision_is_exact(arch):
-    reference = random_state_dict(arch, seed=TORCHVISION_ARCHS.index(arch))
+    reference = random_state_dict(arch, seed=CNN_ARCHS.index(arch))
     variables = from_torchvision(reference, arch)
     assert set(variables) == {"params", "batch_stats"}
     assert_same_state_dict(to_torchvision(variables, arch), reference)
@@ -272,3 +278,53 @@ def test_safetensors_export_needs_no_torch(converted_resnet18, tmp_path, monkeyp
     assert convert.main(["export", "--arch", "resnet18", "--input", str(converted_resnet18), "--output",
                          str(output)]) == 0
     assert "fc.weight" in safetensors.numpy.load_file(output)
+
+
+def nested_torch_key(collection: str, path: tuple[str, ...]) -> str:
+    """Module names are the torch attribute names themselves: ("_bn0", "mean") -> "_bn0.running_mean"."""
+    *modules, leaf = path
+    return ".".join([*modules, torch_leaf(collection, leaf)])
+
+
+class UnderscoreNet(nn.Module):
+    """A family named like efficientnet_pytorch (`_conv_stem`, `_bn0`, `_fc`), plugged in by its torch_naming."""
+    num_classes: int | None = 10
+    torch_naming = TorchNaming(head="_fc", torch_key=nested_torch_key)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(BatchNorm(name="_bn0")(conv2d(8, 3, name="_conv_stem")(x), train))
+        pooled = global_avg_pool(x)
+        return nn.Dense(self.num_classes, name="_fc")(pooled), {"pre_relu": pooled, "pooled": pooled}
+
+
+class TorchUnderscoreNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self._bn0 = torch.nn.BatchNorm2d(8)
+        self._fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self._fc(torch.relu(self._bn0(self._conv_stem(x))).mean((2, 3)))
+
+
+def test_a_family_with_its_own_names_converts_both_ways_through_its_torch_naming():
+    torch.manual_seed(0)
+    torch_model = TorchUnderscoreNet().eval()
+    with torch.no_grad():
+        torch_model._bn0.running_var.uniform_(0.5, 1.5)
+        torch_model._bn0.bias.normal_()
+    images = torch.randn(2, 3, 16, 16)
+    variables = from_torch_state_dict(torch_model.state_dict(), UnderscoreNet())
+    logits, _ = UnderscoreNet().apply(variables, images.numpy().transpose(0, 2, 3, 1))
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, torch_model(images).numpy(), rtol=1e-5, atol=1e-5)
+    exported = to_torch_state_dict(variables, UnderscoreNet())
+    assert_same_state_dict(exported, torch_model.state_dict())
+    TorchUnderscoreNet().load_state_dict({key: torch.from_numpy(value) for key, value in exported.items()}, strict=True)
+
+
+def test_a_module_without_torch_naming_cannot_be_converted():
+    with pytest.raises(ConversionError, match="Dense has no torch_naming.*TorchNaming"):
+        from_torch_state_dict({}, nn.Dense(3))

@@ -10,10 +10,11 @@ import torch
 import torchvision
 
 from kdep_jax.convert import from_torchvision, to_torchvision
-from kdep_jax.models import ARCHS, TORCHVISION_ARCHS, create_model, feature_dim
+from kdep_jax.models import create_model, feature_dim
 from kdep_jax.models.layers import BatchNorm, DepthwiseConv, conv2d, depthwise_conv, torch_linear
 
 PARITY_TOLERANCE = 1e-4
+CNN_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")  # the transformers: test_transformers.py
 
 
 def relative_error(ours, reference) -> float:
@@ -37,9 +38,15 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def torchvision_outputs(model: torch.nn.Module, images_nchw: torch.Tensor) -> dict[str, np.ndarray]:
-    """logits, pre-ReLU and pooled features, the features read from torchvision's own layers by hooks."""
+    """logits, pre-ReLU and pooled features and the stage maps (as NHWC), read from torchvision's own layers by
+    hooks: ResNet's layer1..layer4, MobileNetV2's features.3, .6, .13 and .18."""
     captured = {}
-    hooks = []
+    if isinstance(model, torchvision.models.MobileNetV2):
+        stages = [model.features[index] for index in (3, 6, 13, 18)]
+    else:
+        stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    hooks = [stage.register_forward_hook(lambda m, i, o, name=f"stage{index}": captured.__setitem__(name, o.clone()))
+             for index, stage in enumerate(stages, start=1)]
     if isinstance(model, torchvision.models.MobileNetV2):
         final_bn = model.features[-1][1]
         hooks.append(final_bn.register_forward_hook(lambda m, i, o: captured.__setitem__("pre_relu", o.clone())))
@@ -59,7 +66,8 @@ def torchvision_outputs(model: torch.nn.Module, images_nchw: torch.Tensor) -> di
     for hook in hooks:
         hook.remove()
     return {"logits": logits.numpy(), "pre_relu": captured["pre_relu"].mean((2, 3)).numpy(),
-            "pooled": captured["last"].mean((2, 3)).numpy()}
+            "pooled": captured["last"].mean((2, 3)).numpy(),
+            **{f"stage{index}": captured[f"stage{index}"].numpy().transpose(0, 2, 3, 1) for index in range(1, 5)}}
 
 
 @functools.cache
@@ -78,8 +86,8 @@ def as_dict(logits, features) -> dict[str, np.ndarray]:
 @functools.cache
 def random_torchvision_model(arch: str):
     """(eval-mode torchvision model with random weights and BN statistics, its converted variables)."""
-    torch.manual_seed(TORCHVISION_ARCHS.index(arch))
-    model = randomize_batchnorm(getattr(torchvision.models, arch)(), seed=TORCHVISION_ARCHS.index(arch)).eval()
+    torch.manual_seed(CNN_ARCHS.index(arch))
+    model = randomize_batchnorm(getattr(torchvision.models, arch)(), seed=CNN_ARCHS.index(arch)).eval()
     return model, from_torchvision(model.state_dict(), arch)
 
 
@@ -90,7 +98,7 @@ def images():
     return nchw, nchw.numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("arch", TORCHVISION_ARCHS)
+@pytest.mark.parametrize("arch", CNN_ARCHS)
 def test_eval_mode_matches_torchvision(arch, images):
     model, variables = random_torchvision_model(arch)
     expected = torchvision_outputs(model, images[0])
@@ -163,7 +171,7 @@ def test_feature_dim(arch, width, expected):
     assert feature_dim(arch, width) == expected
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", CNN_ARCHS)
 def test_narrow_model_features_have_feature_dim(arch):
     model = create_model(arch, num_classes=None, width=0.25)
     (logits, features), _ = jax.eval_shape(model.init_with_output, jax.random.key(0), jnp.zeros((2, 32, 32, 3)))

@@ -23,9 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import (TORCH_LEAF_NAMES, BatchNorm, DepthwiseConv, Dtype, conv2d, global_avg_pool,
-                                    torch_linear)
+from kdep_jax.models.layers import BatchNorm, DepthwiseConv, Dtype, conv2d, global_avg_pool, torch_linear
 from kdep_jax.models.mobilenet_v2 import make_divisible
+from kdep_jax.models.naming import TorchNaming, torch_leaf
 
 # (repeats, kernel size, first stride, expand ratio, output channels) of the seven stages at width and depth 1:
 # the package's 'r1_k3_s11_e1_i32_o16', ..., 'r1_k3_s11_e6_i192_o320'.
@@ -103,7 +103,7 @@ def torch_key(collection: str, path: tuple[str, ...]) -> str:
     "_blocks.3._bn1.weight"."""
     *modules, leaf = path
     names = ["_" + re.sub(r"_(\d+)$", r".\1", module) for module in modules]
-    return ".".join([*names, TORCH_LEAF_NAMES[(collection, leaf)]])
+    return ".".join([*names, torch_leaf(collection, leaf)])
 
 
 def _batch_norm(dtype: Dtype, name: str) -> BatchNorm:
@@ -155,6 +155,13 @@ class EfficientNetLite(nn.Module):
     num_classes: int | None = 1000
     dtype: Dtype = jnp.float32
 
+    # The efficientnet-lite-pytorch package's state_dict names (`_blocks.3._bn1.weight`, head `_fc`).
+    torch_naming = TorchNaming(head="_fc", torch_key=torch_key)
+
+    @property
+    def feature_dim(self) -> int:
+        return HEAD_CHANNELS
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
         x = x.astype(self.dtype)
@@ -182,11 +189,3 @@ class EfficientNetLite(nn.Module):
             logits = torch_linear(self.num_classes, HEAD_CHANNELS, self.dtype, name="fc")(pooled)
             logits = logits.astype(jnp.float32)
         return logits, features
-
-
-def create(arch: str, num_classes: int | None = 1000, dtype: Dtype = jnp.float32,
-           width: float = 1.0) -> EfficientNetLite:
-    """The variant arch, its width coefficient multiplied by width (1.0: the package's architecture)."""
-    variant = VARIANTS[arch]
-    return EfficientNetLite(width=variant.width * width, depth=variant.depth, dropout_rate=variant.dropout_rate,
-                            num_classes=num_classes, dtype=dtype)

@@ -14,15 +14,6 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-# The torch parameter and buffer names of the variables these layers create: (collection, leaf name) -> torch name.
-TORCH_LEAF_NAMES = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
-
 # torchvision's conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu"), a plain (not truncated)
 # normal. Flax computes fan_out of an HWIO kernel as kh * kw * O, as torch does for OIHW, depthwise included.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -79,7 +70,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
 
 
 class DepthwiseConv(nn.Module):
-    """A depthwise conv, with the parameter (and init) of nn.Conv(C, feature_group_count=C): "kernel" (k, k, 1, C).
+    """A depthwise conv, with the parameters of nn.Conv(C, feature_group_count=C): "kernel" (k, k, 1, C), "bias".
 
     Torch's symmetric padding kernel_size // 2, or TensorFlow's "SAME" padding when tf_same_padding.
     """
@@ -88,29 +79,73 @@ class DepthwiseConv(nn.Module):
     stride: int = 1
     dtype: Dtype = jnp.float32
     tf_same_padding: bool = False
+    use_bias: bool = False
+    kernel_init: Any = conv_kernel_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.features:
             raise ValueError(f"A depthwise conv of {self.features} channels got {x.shape[-1]} input channels")
-        kernel = self.param("kernel", conv_kernel_init, (self.kernel_size, self.kernel_size, 1, self.features),
+        kernel = self.param("kernel", self.kernel_init, (self.kernel_size, self.kernel_size, 1, self.features),
                             jnp.float32)
         padding = None
         if self.tf_same_padding:
             padding = tuple(same_padding(size, self.kernel_size, self.stride) for size in x.shape[1:3])
-        return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
-                              shifted_sum=jax.default_backend() == "cpu", padding=padding)
+        y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
+                           shifted_sum=jax.default_backend() == "cpu", padding=padding)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+        return y
 
 
-def torch_linear(features: int, in_features: int, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
-    """A Dense layer with torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
-    bound = 1.0 / math.sqrt(in_features)
+# torch.nn.Linear's and Conv2d's default weight init, kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int):
+    """torch.nn.Linear's and Conv2d's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
 
     def bias_init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return nn.Dense(features, kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-                    bias_init=bias_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+    return bias_init
+
+
+def torch_linear(features: int, in_features: int, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+    """A Dense layer with torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+    return nn.Dense(features, kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(in_features),
+                    dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def dense(features: int, kernel_init, dtype: Dtype, name: str, use_bias: bool = True,
+          bias_init=nn.initializers.zeros) -> nn.Dense:
+    """A Dense layer with float32 parameters, for the transformers (whose inits differ from torch's default)."""
+    return nn.Dense(features, use_bias=use_bias, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
+                    param_dtype=jnp.float32, name=name)
+
+
+def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+    """torch.nn.LayerNorm over the last axis. Statistics in float32 and in two passes, as torch computes them
+    (flax's default one-pass variance E[x^2] - E[x]^2 loses digits when the mean is large)."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False, name=name)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """torch.nn.GELU(): the exact, erf form (flax's nn.gelu defaults to the tanh approximation)."""
+    return nn.gelu(x, approximate=False)
+
+
+def stochastic_depth(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
+    """torchvision's StochasticDepth(rate, "row") on a residual branch x, called from module's compact method.
+
+    In train mode, and only when the caller passes a "dropout" rng (as for MobileNetV2's dropout), each sample's
+    branch is zeroed with probability rate and the others scaled by 1 / (1 - rate); otherwise x is returned.
+    """
+    if not train or rate == 0.0 or not module.has_rng("dropout"):
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * keep.astype(x.dtype) / (1.0 - rate)
 
 
 class BatchNorm(nn.Module):

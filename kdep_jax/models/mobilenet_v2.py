@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, conv_bn, global_avg_pool
+from kdep_jax.models.naming import TorchNaming
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in torchvision.
 INVERTED_RESIDUAL_SETTING = (
@@ -19,6 +20,10 @@ INVERTED_RESIDUAL_SETTING = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
+# The blocks whose outputs are features["stage1".."stage3"]: the last ones at strides 4, 8 and 16 (24, 32 and 96
+# channels at width 1). features["stage4"] is the output of the final 1x1 conv, features.18, after its ReLU6
+# (stride 32): the map "pooled" averages.
+STAGE_ENDS = {3: "stage1", 6: "stage2", 13: "stage3"}
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -63,7 +68,8 @@ class MobileNetV2(nn.Module):
     """Returns (logits, features); logits is None when num_classes is None.
 
     features["pre_relu"]: pooled output of the final 1x1 conv + BN before ReLU6; features["pooled"]: the usual
-    penultimate feature (after ReLU6, pooled). Logits and features are float32 whatever the dtype.
+    penultimate feature (after ReLU6, pooled); features["stage1".."stage4"]: the outputs of features.3, .6, .13
+    and .18 (see STAGE_ENDS), NHWC. Logits and features are float32 whatever the dtype.
     The classifier's dropout (torchvision's p=0.2) is applied only in train mode and only when the caller
     passes a "dropout" rng, so `apply(..., train=True, mutable=["batch_stats"])` works without one.
     """
@@ -72,20 +78,29 @@ class MobileNetV2(nn.Module):
     dropout_rate: float = 0.2
     dtype: Dtype = jnp.float32
 
+    torch_naming = TorchNaming(head="classifier.1")
+
+    @property
+    def feature_dim(self) -> int:
+        return last_channel(self.width)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
         x = x.astype(self.dtype)
         x = jax.nn.relu6(conv_bn(x, make_divisible(32 * self.width), 3, 2, train, "features_0", dtype=self.dtype))
+        features = {}
         index = 1
         for expand_ratio, channels, repeats, first_stride in INVERTED_RESIDUAL_SETTING:
             for repeat in range(repeats):
                 stride = first_stride if repeat == 0 else 1
                 x = InvertedResidual(make_divisible(channels * self.width), stride, expand_ratio, self.dtype,
                                      name=f"features_{index}")(x, train)
+                if index in STAGE_ENDS:
+                    features[STAGE_ENDS[index]] = x.astype(jnp.float32)
                 index += 1
         pre_relu = conv_bn(x, last_channel(self.width), 1, 1, train, f"features_{index}", dtype=self.dtype)
         x = jax.nn.relu6(pre_relu)
-        features = {"pre_relu": global_avg_pool(pre_relu), "pooled": global_avg_pool(x)}
+        features.update(stage4=x.astype(jnp.float32), pre_relu=global_avg_pool(pre_relu), pooled=global_avg_pool(x))
         logits = None
         if self.num_classes is not None:
             use_dropout = train and self.has_rng("dropout")

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, global_avg_pool, torch_linear
+from kdep_jax.models.naming import TorchNaming
 
 
 class ResNetBlock(nn.Module):
@@ -48,7 +49,8 @@ class ResNet(nn.Module):
     """Returns (logits, features); logits is None when num_classes is None.
 
     features["pre_relu"]: pooled residual sum of the last block before its ReLU; features["pooled"]: the usual
-    penultimate feature (after the ReLU, pooled). Logits and features are float32 whatever the dtype.
+    penultimate feature (after the ReLU, pooled); features["stage1".."stage4"]: the outputs of layer1..layer4
+    (after their ReLU, NHWC). Logits and features are float32 whatever the dtype.
     """
     stage_sizes: Sequence[int]
     bottleneck: bool
@@ -56,19 +58,27 @@ class ResNet(nn.Module):
     base_width: int = 64
     dtype: Dtype = jnp.float32
 
+    torch_naming = TorchNaming(head="fc")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.base_width * 8 * (4 if self.bottleneck else 1)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
         x = x.astype(self.dtype)
         x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # flax pads max_pool with -inf
+        features = {}
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
                 pre_relu = ResNetBlock(self.base_width * 2**stage, stride, self.bottleneck, self.dtype,
                                        name=f"layer{stage + 1}_{block}")(x, train)
                 x = nn.relu(pre_relu)
-        features = {"pre_relu": global_avg_pool(pre_relu), "pooled": global_avg_pool(x)}
+            features[f"stage{stage + 1}"] = x.astype(jnp.float32)
+        features.update(pre_relu=global_avg_pool(pre_relu), pooled=global_avg_pool(x))
         logits = None
         if self.num_classes is not None:
             pooled = features["pooled"]
