@@ -19,6 +19,10 @@ def data_config() -> ml_collections.ConfigDict:
     c.data_dir = None  # TFDS data dir, or the image folder root holding root/<split>/<class>/*.jpg|png
     c.manual_dir = None  # where the ImageNet tar files are, for preparing imagenet2012*
     c.image_size = 224  # output side S; also the size the demo data is generated at
+    # The eval transform: Resize(round(S * ratio), interpolation) + CenterCrop(S). A teacher's pass without
+    # augmentation uses its own (torchvision's Swin: 232/224 bicubic; kdep_jax.models.preprocessing).
+    c.eval_resize_ratio = 256 / 224
+    c.eval_interpolation = "bilinear"
     # None, a fraction in (0, 1] of the split (uniform), or an int number of images per class.
     c.subset = None
     # RandomResizedCrop's smallest area fraction: 0.08 as in the paper; small images need more context.
@@ -31,6 +35,12 @@ def data_config() -> ml_collections.ConfigDict:
     c.threads = None  # tf.data private thread pool size; None: TensorFlow's default (all cores)
     c.shuffle_buffer = 10_000  # only for TFDS datasets stored as TFRecord (no random access)
     return c
+
+
+def _backbone(arch: str) -> ml_collections.ConfigDict:
+    """A network: arch (a kdep_jax.models name, or your own Flax module as "package.module:Class"), width, and
+    overrides: fields of the family's module (a smaller ViT for tests: image_size, patch_size, num_layers, ...)."""
+    return ml_collections.ConfigDict(dict(arch=arch, width=1.0, overrides=ml_collections.ConfigDict()))
 
 
 def _loop_fields(config: ml_collections.ConfigDict) -> None:
@@ -58,7 +68,7 @@ def supervised_config() -> ml_collections.ConfigDict:
     config.name = "transfer"
     _loop_fields(config)
     config.data = data_config()
-    config.model = ml_collections.ConfigDict(dict(arch="resnet18", width=1.0))
+    config.model = _backbone("resnet18")
     config.init = "scratch"  # 'scratch', 'kdep:WORKDIR' or 'torchvision:FILE'
     config.linear_probe = False
     config.train = _sgd_fields(batch_size=64, num_epochs=150, lr=0.001, decay_every=50)
@@ -76,16 +86,15 @@ def kdep_config() -> ml_collections.ConfigDict:
     config.data = data_config()
     config.data.name = "imagenet2012_subset/10pct"
     config.data.split = "train"
-    config.teacher = ml_collections.ConfigDict(dict(
-        arch="resnet50", width=1.0,
-        path="",  # a directory written by `python -m kdep_jax.convert import`
-        train=None,  # the demo trains its own teacher: a supervised_config() here
-    ))
+    config.teacher = _backbone("resnet50")
+    config.teacher.path = ""  # a directory written by `python -m kdep_jax.convert import`
+    config.teacher.train = None  # the demo trains its own teacher: a supervised_config() here
     # The distillation objective: kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs (kdep_jax.methods).
     config.method = "kdep"
     # projection: a learned linear map of the student feature onto the teacher's aligned directions (KDEP's
     # parametric alignment), so that a student wider than its teacher can learn from it. Off: the paper's KDEP.
-    config.student = ml_collections.ConfigDict(dict(arch="resnet18", width=1.0, projection=False))
+    config.student = _backbone("resnet18")
+    config.student.projection = False
     config.alignment = ml_collections.ConfigDict(dict(
         path="",  # default WORKDIR/alignment.npz; set it to share one file between runs
         batch_size=256, pts_t=0.1, pts_n=ml_collections.config_dict.placeholder(float),

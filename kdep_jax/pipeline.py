@@ -243,15 +243,17 @@ def export_student(config, workdir: epath.Path, variables=None) -> dict:
             convert.save_converted(student_dir, variables, config.student.arch, source=f"KDEP run in {workdir}")
             faults.point("export.converted")
         missing = [path for path in files.values() if not path.exists()]
-        if missing:
+        try:
             state_dict = convert.to_torchvision(convert.load_converted(student_dir, config.student.arch)[0],
-                                                config.student.arch)
-            for path in missing:
-                try:
-                    convert.write_state_dict(state_dict, path)
-                except convert.ConversionError as error:  # torch is not installed: the safetensors file is there
-                    logging.warning("Skipped %s: %s", path.name, error)
-            logging.info("Student exported to %s (torchvision key names).", workdir)
+                                                config.student.arch) if missing else {}
+        except convert.ConversionError as error:  # a user's own architecture, or a resized one: no torch layout
+            logging.warning("The student has no PyTorch state_dict (%s); its Flax form is in %s.", error, student_dir)
+            missing = []
+        for path in missing:
+            try:
+                convert.write_state_dict(state_dict, path)
+            except convert.ConversionError as error:  # torch is not installed: the safetensors file is there
+                logging.warning("Skipped %s: %s", path.name, error)
     parallel.sync("kdep_jax.pipeline.export_student")  # every process reads student/ next
     return {"student": str(student_dir), **{name: str(path) for name, path in files.items() if path.exists()}}
 

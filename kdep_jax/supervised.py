@@ -18,8 +18,7 @@ from kdep_jax import convert, data, losses, models, parallel, trainer
 
 
 def create_model(config, num_classes):
-    return models.create_model(config.model.arch, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
-                               width=config.model.width)
+    return models.from_config(config.model, num_classes=num_classes, dtype=jnp.dtype(config.dtype))
 
 
 def load_backbone(init: str, arch: str, width: float = 1.0):

@@ -35,8 +35,8 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         _check_supervised_data(config, "")
         return
     _check_loop(config, "", num_devices, num_processes)
-    _check_arch(config.teacher.arch, config.teacher.width, "teacher")
-    _check_arch(config.student.arch, config.student.width, "student")
+    _check_arch(config.teacher, "teacher")
+    _check_arch(config.student, "student")
     _check_batch(config.alignment.batch_size, "alignment.batch_size", num_devices, num_processes)
     method = methods.create(config)
     if config.target_cache.enabled and not (method.cacheable or method.per_example_targets):
@@ -44,17 +44,17 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
                           f"step to the next): set --config.target_cache.enabled=False.")
     teacher = config.teacher.train
     if teacher is not None:
-        if (teacher.model.arch, teacher.model.width) != (config.teacher.arch, config.teacher.width):
+        if _network(teacher.model) != _network(config.teacher):
             raise ConfigError(
-                f"config.teacher.train.model is ({teacher.model.arch}, width {teacher.model.width}) but the teacher "
-                f"is ({config.teacher.arch}, width {config.teacher.width}): set both to the same architecture and width.")
+                f"config.teacher.train.model is {_network(teacher.model)} but the teacher is "
+                f"{_network(config.teacher)}: set both to the same architecture, width and overrides.")
         _check_supervised(teacher, "teacher.train.", num_devices, num_processes)
     if config.downstream is not None:
         _check_supervised(config.downstream, "downstream.", num_devices, num_processes)
-        if (config.downstream.model.arch, config.downstream.model.width) != (config.student.arch,
-                                                                           config.student.width):
-            raise ConfigError("config.downstream.model must be the student's architecture and width "
-                              f"({config.student.arch}, {config.student.width}): it fine-tunes the student.")
+        if _network(config.downstream.model) != _network(config.student):
+            raise ConfigError(f"config.downstream.model is {_network(config.downstream.model)} but the student is "
+                              f"{_network(config.student)}: it fine-tunes the student, so set the same architecture, "
+                              f"width and overrides.")
     cache_dir = str(config.target_cache.path or epath.Path(workdir) / "target_cache")
     if config.target_cache.enabled and "://" in cache_dir:
         raise ConfigError(
@@ -65,8 +65,8 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
             f"Convert the teacher's torchvision checkpoint first: python -m kdep_jax.convert import --arch "
             f"{config.teacher.arch} --input TEACHER.pth --output {config.teacher.path or 'teachers/' + config.teacher.arch}"))
         teacher_classes = json.loads((epath.Path(config.teacher.path) / convert.META_FILE).read_text())["num_classes"]
-        method.check(models.feature_dim(config.teacher.arch, config.teacher.width),
-                     models.feature_dim(config.student.arch, config.student.width), teacher_classes)
+        method.check(models.dim_from_config(config.teacher),
+                     models.dim_from_config(config.student), teacher_classes)
 
     info = _check_train_data(config, "")
     stats_data = config.alignment.data if config.alignment.data is not None else config.data
@@ -90,8 +90,8 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         if supervised_config is not None:
             _check_supervised_data(supervised_config, prefix)
     if teacher is not None:  # the teacher trained here classifies its training data's classes
-        method.check(models.feature_dim(config.teacher.arch, config.teacher.width),
-                     models.feature_dim(config.student.arch, config.student.width),
+        method.check(models.dim_from_config(config.teacher),
+                     models.dim_from_config(config.student),
                      data.dataset_info(teacher.data, teacher.data.split).num_classes)
 
 
@@ -140,7 +140,7 @@ def check_converted(path, arch: str, field: str, fix: str) -> None:
 
 def _check_supervised(config, prefix: str, num_devices: int, num_processes: int) -> None:
     _check_loop(config, prefix, num_devices, num_processes)
-    _check_arch(config.model.arch, config.model.width, f"{prefix}model")
+    _check_arch(config.model, f"{prefix}model")
     _check_batch(config.eval_batch_size, f"{prefix}eval_batch_size", num_devices, num_processes)
     if config.eval_every_epochs < 1:
         raise ConfigError(f"config.{prefix}eval_every_epochs={config.eval_every_epochs}: evaluate every 1 or more "
@@ -221,9 +221,17 @@ def _check_split(data_config, split: str, field: str, split_field: str = "split"
         raise ConfigError(f"config.{field} ({split_field} {split!r}): {error}") from None
 
 
-def _check_arch(arch: str, width: float, field: str) -> None:
+def _network(section) -> tuple:
+    return section.arch, section.width, section.overrides.to_dict()
+
+
+def _check_arch(section, field: str) -> None:
+    """The arch exists (or imports), takes the width and overrides, and (a user's own) returns what methods read."""
     try:
-        models.check_arch(arch)
-        models.feature_dim(arch, width)
-    except ValueError as error:
-        raise ConfigError(f"config.{field}.arch / width: {error}") from None
+        models.check_arch(section.arch)
+        network = models.from_config(section, num_classes=None)
+        if models.is_custom(section.arch):
+            models.check_outputs(network)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config.{field}.arch={section.arch!r} (width {section.width}, overrides "
+                          f"{section.overrides.to_dict()}): {error}") from None

@@ -142,13 +142,18 @@ def test_eval_covers_every_example_once_with_padding_mask(folder, count):
     assert aug["image"].shape == (6, 16, 16, 3) and aug["mask"].all()
 
 
-@pytest.mark.parametrize("h,w,size", [(37, 53, 16), (60, 41, 16), (30, 30, 24), (19, 25, 32)])
-def test_eval_transform_matches_torchvision(h, w, size):
+@pytest.mark.parametrize(
+    "h,w,size,ratio,interpolation",
+    [(37, 53, 16, 256 / 224, "bilinear"), (60, 41, 16, 256 / 224, "bilinear"), (30, 30, 24, 256 / 224, "bilinear"),
+     (19, 25, 32, 256 / 224, "bilinear"), (61, 47, 28, 232 / 224, "bicubic")],  # the last: Swin_T_Weights' transform
+)
+def test_eval_transform_matches_torchvision(h, w, size, ratio, interpolation):
     image = _smooth(np.random.default_rng(h), h, w)
-    ours = transforms.eval_transform(tf.constant(image), size).numpy()
+    ours = transforms.eval_transform(tf.constant(image), size, ratio, interpolation).numpy()
+    mode = {"bilinear": tv.InterpolationMode.BILINEAR, "bicubic": tv.InterpolationMode.BICUBIC}[interpolation]
     ref = tv.Compose(
         [
-            tv.Resize(round(size * 256 / 224)),
+            tv.Resize(round(size * ratio), interpolation=mode),
             tv.CenterCrop(size),
             tv.ToTensor(),
             tv.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),

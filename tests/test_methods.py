@@ -2,6 +2,7 @@
 end to end (statistics, distillation, export) from a converted teacher on a folder of unlabeled images."""
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import convert, data, methods, pipeline
+from kdep_jax import convert, data, methods, models, pipeline
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 from conftest import small_kdep_config, tiny_config
@@ -186,3 +187,62 @@ def check_tcs_coordinates(config, table):
     expected = centred @ vt[:32].T / (s[:32] / np.sqrt(len(features) - 1))
     signs = np.sign(np.sum(table * expected, axis=0))  # each direction's sign is a convention
     np.testing.assert_allclose(table * signs, expected, atol=2e-3 * np.abs(expected).max())
+
+
+class NoFeatures(nn.Module):
+    """A user's module that returns only logits: refused with a message saying what to return."""
+    num_classes: int | None = 1000
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.slow
+def test_a_users_own_student_and_a_wider_projected_student_distil(teacher_and_images):
+    """examples/custom_student.py (256-d, twice the teacher's width, so with KDEP's learned projection onto the
+    teacher's directions) through the tiny distillation: no PyTorch form, its Flax one is exported; and a ResNet-18
+    twice as wide as the teacher the same way."""
+    teacher, _, root = teacher_and_images
+    common = {"teacher.path": str(teacher), "teacher.width": 0.25, "data.subset": 2}
+    outputs = pipeline.run(tiny_config("tiny_distill", **common, **{"student.arch": "examples.custom_student:TinyNet",
+                                                                   "student.projection": True}), root / "custom")
+    assert set(outputs) == {"workdir", "student"}
+    variables, meta = convert.load_converted(outputs["student"], "examples.custom_student:TinyNet")
+    assert meta["num_classes"] is None and "Conv_3" in variables["params"]
+    pipeline.run(tiny_config("tiny_distill", **common, **{"student.width": 0.5, "student.projection": True}),
+                 root / "projected")
+    rows = [json.loads(line) for line in (root / "projected" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(row["loss"]) for row in rows)
+
+
+@pytest.mark.parametrize("arch,message", [
+    ("examples.no_such_module:Net", "cannot import examples.no_such_module"),
+    ("examples.custom_student:Missing", "has no Flax module 'Missing'"),
+    ("test_methods:NoFeatures", r"must return \(logits, features\)"),
+])
+def test_a_bad_student_module_is_named_and_nothing_is_written(arch, message, tmp_path):
+    config = tiny_config(**{"student.arch": arch, "downstream.model.arch": arch})
+    with pytest.raises(ConfigError, match=f"config.student.arch='{arch}'.*{message}"):
+        pipeline.run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_tiny_demo_with_a_transformer_teacher(tmp_path):
+    """configs/demo.py:tiny_vit: a small ViT (torchvision's code) trained as the teacher, its class token distilled
+    into a ResNet-18, both fine-tuned downstream."""
+    outputs = pipeline.run(tiny_config("tiny_vit"), tmp_path)
+    assert {row["init"] for row in outputs["results"]} == {"kdep", "scratch"}
+    assert json.loads((tmp_path / "teacher" / "model" / "meta.json").read_text())["arch"] == "vit_b_16"
+
+
+def test_a_teacher_gets_its_own_normalisation():
+    """EfficientNet-Lite's TensorFlow weights expect (x - 127) / 128 of the pixels, not ImageNet's mean/std."""
+    pixels = RNG.uniform(0, 255, size=(2, 4, 4, 3)).astype(np.float32)
+    imagenet = (pixels / 255 - np.asarray(data.IMAGENET_MEAN)) / np.asarray(data.IMAGENET_STD)
+    own = models.preprocessing.to_own_normalisation(jnp.asarray(imagenet, jnp.float32),
+                                                    models.EfficientNetLite.preprocessing)
+    np.testing.assert_allclose(np.asarray(own), (pixels - 127) / 128, atol=1e-5)
+    assert models.preprocessing.to_own_normalisation(imagenet, models.ResNet.preprocessing) is imagenet

@@ -20,8 +20,8 @@ class KDEPRegressor(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.student_dim = models.feature_dim(config.student.arch, config.student.width)
-        self.teacher_dim = models.feature_dim(config.teacher.arch, config.teacher.width)
+        self.student_dim = models.dim_from_config(config.student)
+        self.teacher_dim = models.dim_from_config(config.teacher)
 
     def _regressor(self):
         return torch_linear(self.teacher_dim, self.student_dim)

@@ -59,8 +59,8 @@ class TCS(Method):
     def __init__(self, config):
         super().__init__(config)
         self.settings = config.tcs
-        self.student_dim = models.feature_dim(config.student.arch, config.student.width)
-        teacher_dim = models.feature_dim(config.teacher.arch, config.teacher.width)
+        self.student_dim = models.dim_from_config(config.student)
+        teacher_dim = models.dim_from_config(config.teacher)
         self.dim = min(self.settings.dim or self.student_dim, teacher_dim)
         self.min_keep = max(1, int(np.ceil(self.settings.min_keep_fraction * self.dim)))
 
