@@ -54,8 +54,8 @@ class _Launch:
         self.logs = [ctx.logdir / f"{name}.p{i}.log" for i in range(num_processes)]
         args = [sys.executable, "-m", "kdep_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
                 f"--config.teacher.width={WIDTH}", f"--config.teacher.train.model.width={WIDTH}",
-                f"--config.student.width={WIDTH}", f"--config.downstream.model.width={WIDTH}",
-                "--config.train.num_epochs=2", *([] if downstream else ["--config.downstream=None"])]
+                f"--config.student.width={WIDTH}", "--config.train.num_epochs=2",
+                f"--config.downstream.model.width={WIDTH}" if downstream else "--config.downstream=None"]
         port = _free_port() if num_processes > 1 else None
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "TF_CPP_MIN_LOG_LEVEL": "2",
