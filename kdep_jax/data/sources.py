@@ -1,4 +1,5 @@
-"""Where examples come from: the demo data, image folders, and TFDS, each opened as an indexable split.
+"""Where examples come from: the demo data, scikit-image's photos and faces, image folders, and TFDS, each
+opened as an indexable split.
 
 Random access (read example i) lets the pipeline choose the order and the sharding itself, which is what
 makes batches a function of (seed, step) alone. TFDS datasets stored as TFRecord cannot be read by index;
@@ -15,6 +16,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import tqdm
 
+from kdep_jax.data import photos
 from kdep_jax.data.errors import DataError
 from kdep_jax.data.transforms import decode
 
@@ -49,6 +51,10 @@ def open_source(cfg, split: str) -> Source | SequentialSource:
     """Opens `split` of the dataset named by `cfg.name` (see config.py)."""
     if cfg.name == "demo":
         return _demo(split, cfg.image_size, cfg.demo_seed)
+    if cfg.name == "photo_patches":
+        return _photo_patches(split, cfg.demo_seed)
+    if cfg.name == "lfw_subset":
+        return _lfw_subset(split)
     if cfg.name == "image_folder":
         return _folder(cfg.data_dir, split, cfg.split)
     return _tfds(cfg, split)
@@ -69,6 +75,45 @@ def _demo(split, image_size, seed):
         read=lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i)),
         labels=lambda: np.asarray(labels),
         describe=lambda i: f"demo {split} example {i}",
+    )
+
+
+def _photo_patches(split, seed):
+    """Unlabeled crops of scikit-image's photos (photos.py), cut from the photos when read: the photos are held
+    once (19 MB, flattened), each example is a row of the box table."""
+    boxes = photos.patch_boxes(split, seed)
+    images = photos.photos()
+    pixels_t = tf.constant(np.concatenate([image.ravel() for image in images]))
+    offsets_t = tf.constant(np.cumsum([0] + [image.size for image in images[:-1]]), tf.int64)
+    shapes_t = tf.constant([image.shape for image in images], tf.int64)
+    boxes_t = tf.constant(boxes)
+
+    def read(i):
+        photo, top, left, height, width = tf.unstack(tf.gather(boxes_t, i))
+        shape = tf.gather(shapes_t, photo)
+        start = tf.gather(offsets_t, photo)
+        image = tf.reshape(pixels_t[start:start + tf.reduce_prod(shape)], shape)
+        return image[top:top + height, left:left + width], tf.constant(0, tf.int32)
+
+    return Source(
+        num_examples=len(boxes),
+        num_classes=0,
+        read=read,
+        labels=lambda: np.zeros(len(boxes), np.int32),
+        describe=lambda i: f"photo_patches {split} example {i} ({photos.PHOTOS[boxes[i][0]]} {boxes[i][1:].tolist()})",
+    )
+
+
+def _lfw_subset(split):
+    photos.check_split("lfw_subset", split, photos.LFW_SPLITS)
+    images, labels = photos.lfw_subset()
+    images_t, labels_t = tf.constant(images), tf.constant(labels)
+    return Source(
+        num_examples=len(labels),
+        num_classes=len(photos.LFW_CLASSES),
+        read=lambda i: (tf.gather(images_t, i), tf.gather(labels_t, i)),
+        labels=lambda: np.asarray(labels),
+        describe=lambda i: f"lfw_subset example {i}",
     )
 
 
@@ -163,8 +208,8 @@ def _tfds(cfg, split):
         builder = tfds.builder(cfg.name, data_dir=cfg.data_dir, try_gcs=False)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(
-            f"Unknown dataset config.data.name={cfg.name!r}: use 'demo', 'image_folder', or a "
-            f"TFDS name such as 'imagenet2012_subset/10pct' or 'cifar100'. ({e})"
+            f"Unknown dataset config.data.name={cfg.name!r}: use 'demo', 'photo_patches', 'lfw_subset', 'image_folder', "
+            f"or a TFDS name such as 'imagenet2012_subset/10pct' or 'cifar100'. ({e})"
         ) from None
     if not builder.is_prepared():
         raise DataError(_not_prepared_message(cfg, builder))
