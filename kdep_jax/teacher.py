@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from tqdm.auto import tqdm
 
 from kdep_jax import convert, data, faults, models, parallel
@@ -20,6 +21,12 @@ class Teacher:
     variables: dict  # {"params", "batch_stats"}
     sha256: str  # of the converted file: what statistics and caches record
     num_classes: int | None  # its classifier's width; None when it was converted without one
+
+
+def directory(config, workdir) -> epath.Path:
+    """Where a run reads its converted teacher: config.teacher.path, or WORKDIR/teacher/model, where the run
+    converts config.teacher.checkpoint or saves the teacher it trains (config.teacher.train)."""
+    return epath.Path(config.teacher.path) if config.teacher.path else epath.Path(workdir) / "teacher" / "model"
 
 
 def load(config, directory) -> Teacher:

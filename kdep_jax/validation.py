@@ -42,6 +42,7 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
     if config.target_cache.enabled and not (method.cacheable or method.per_example_targets):
         raise ConfigError(f"config.method={config.method!r} cannot use the target cache (its targets change from one "
                           f"step to the next): set --config.target_cache.enabled=False.")
+    _check_teacher_source(config)
     teacher = config.teacher.train
     if teacher is not None:
         if _network(teacher.model) != _network(config.teacher):
@@ -61,12 +62,8 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
             f"The teacher-target cache is memory-mapped, so it needs a local disk, not {cache_dir}: set "
             f"--config.target_cache.path to a local directory (the workdir itself may stay on the bucket).")
     if teacher is None:
-        check_converted(config.teacher.path, config.teacher.arch, "config.teacher.path", fix=(
-            f"Convert the teacher's torchvision checkpoint first: python -m kdep_jax.convert import --arch "
-            f"{config.teacher.arch} --input TEACHER.pth --output {config.teacher.path or 'teachers/' + config.teacher.arch}"))
-        teacher_classes = json.loads((epath.Path(config.teacher.path) / convert.META_FILE).read_text())["num_classes"]
         method.check(models.dim_from_config(config.teacher),
-                     models.dim_from_config(config.student), teacher_classes)
+                     models.dim_from_config(config.student), _pretrained_teacher_classes(config))
 
     info = _check_train_data(config, "")
     stats_data = config.alignment.data if config.alignment.data is not None else config.data
@@ -93,6 +90,40 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         method.check(models.dim_from_config(config.teacher),
                      models.dim_from_config(config.student),
                      data.dataset_info(teacher.data, teacher.data.split).num_classes)
+
+
+def _check_teacher_source(config) -> None:
+    """One of teacher.path, teacher.checkpoint and teacher.train says where the teacher comes from."""
+    given = [name for name, value in (("path", config.teacher.path), ("checkpoint", config.teacher.checkpoint),
+                                      ("train", config.teacher.train is not None)) if value]
+    if len(given) > 1:
+        raise ConfigError(
+            f"config.teacher.{given[0]} and config.teacher.{given[1]} are both set; set one of them: path (a directory "
+            f"written by `python -m kdep_jax.convert import`), checkpoint (a .pth/.safetensors file, or "
+            f"pip:PACKAGE, that the run converts) or train (a teacher trained first).")
+
+
+def _pretrained_teacher_classes(config) -> int | None:
+    """The teacher of config.teacher.path or config.teacher.checkpoint exists and is of the teacher's architecture;
+    returns its number of classes (None without a head). A checkpoint is read and converted in memory, so that
+    one of another architecture is named here, before the run converts it into the workdir."""
+    arch = config.teacher.arch
+    if not config.teacher.checkpoint:
+        check_converted(config.teacher.path, arch, "config.teacher.path", fix=(
+            f"Set config.teacher.checkpoint to the teacher's torchvision .pth (the run converts it), or convert it "
+            f"first: python -m kdep_jax.convert import --arch {arch} --input TEACHER.pth --output "
+            f"{config.teacher.path or 'teachers/' + arch}"))
+        return json.loads((epath.Path(config.teacher.path) / convert.META_FILE).read_text())["num_classes"]
+    field = f"config.teacher.checkpoint={config.teacher.checkpoint!r}"
+    if config.teacher.overrides.to_dict():
+        raise ConfigError(f"{field} is converted into the architecture as torchvision builds it, but "
+                          f"config.teacher.overrides is {config.teacher.overrides.to_dict()}: leave it empty.")
+    try:
+        variables = convert.read_checkpoint(arch, config.teacher.checkpoint, config.teacher.width,
+                                            arch_fix="set config.teacher.arch to {}")
+    except convert.ConversionError as error:
+        raise ConfigError(f"{field}: {error}") from None
+    return convert.head_classes(variables, arch)
 
 
 def _check_compare(config, num_devices: int, num_processes: int, workdir) -> None:
