@@ -10,6 +10,7 @@ from skimage import data as skimage_data
 from kdep_jax import config_lib, data
 from kdep_jax.data import photos, sources
 
+
 def data_config(name, split, eval_split, **fields):
     config = config_lib.data_config()
     config.update(name=name, split=split, eval_split=eval_split, image_size=32, **fields)

