@@ -158,6 +158,30 @@ def test_small_configuration_matches_torchvision_and_converts_back(name):
         np.testing.assert_array_equal(load_strictly(make_torch_model(), exported)(images), torch_model(images))
 
 
+@pytest.mark.parametrize("name", ["vit", "swin_64"])
+def test_last_stage_is_torchvisions_layers_after_stage3(name):
+    """`last_stage` on any map shaped as stage 3 is torchvision's own layers after stage 3 on it: Swin's
+    features.6 (PatchMerging), features.7 and norm; ViT's last quarter of encoder.layers and encoder.ln, on the
+    patch tokens alone (no class token)."""
+    make_torch_model, make_model, (height, width) = SMALL_CONFIGS[name]
+    torch_model = randomize(make_torch_model(), seed=3)
+    model = make_model()
+    variables = from_torch_state_dict(torch_model.state_dict(), model)
+    stage3 = jax.eval_shape(model.apply, variables, jnp.zeros((2, height, width, 3)))[1]["stage3"]
+    x = torch.randn(stage3.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if name == "vit":
+            tokens = x.flatten(1, 2)
+            for layer in torch_model.encoder.layers[3 * len(torch_model.encoder.layers) // 4:]:
+                tokens = layer(tokens)
+            expected = torch_model.encoder.ln(tokens).reshape(x.shape)
+        else:
+            expected = torch_model.norm(torch_model.features[7](torch_model.features[6](x)))
+    ours = jax.jit(lambda v, x: model.apply(v, x, method="last_stage"))(variables, x.numpy())
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    assert relative_error(ours, expected.numpy()) < PARITY_TOLERANCE
+
+
 def meta_model(arch: str) -> torch.nn.Module:
     """torchvision's arch on the meta device: its shapes without memory or init time."""
     with torch.device("meta"):
