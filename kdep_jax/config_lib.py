@@ -80,6 +80,9 @@ def kdep_config() -> ml_collections.ConfigDict:
         arch="resnet50", width=1.0,
         path="",  # a directory written by `python -m kdep_jax.convert import`
         train=None,  # the demo trains its own teacher: a supervised_config() here
+        # Fields of the teacher's Flax module that differ from its arch's (create_model keywords), for a converted
+        # teacher built otherwise: e.g. dict(image_size=384) for a ViT at 384 px, or a small Swin for tests.
+        overrides={},
     ))
     # The distillation objective: kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs (kdep_jax.methods).
     config.method = "kdep"

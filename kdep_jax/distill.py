@@ -30,7 +30,8 @@ def make_loss_fn(config, method: methods.Method, teacher_classes: int | None, ca
     """The distillation loss of one batch: loss_fn(params, batch_stats, batch, constants, rng) for trainer.fit.
 
     constants: (teacher variables, the method's constants); with cached_targets the batch brings its
-    "targets" and the teacher is not run.
+    "targets" and the teacher is not run. The method's loss gets a LossContext: the teacher's variables (None with
+    cached targets) and the batch's labels.
     """
     student = student_model(config, teacher_classes if method.student_logits else None)
     teacher_outputs = teacher_lib.outputs_fn(config, method.teacher_outputs, teacher_classes)
@@ -39,7 +40,7 @@ def make_loss_fn(config, method: methods.Method, teacher_classes: int | None, ca
         inputs_rng, dropout_rng = jax.random.split(rng)
         images = method.inputs(batch["image"], inputs_rng)
         if cached_targets:
-            targets = batch["targets"].astype(jnp.float32)
+            teacher_variables, targets = None, batch["targets"].astype(jnp.float32)
         else:
             teacher_variables, method_constants = constants
             targets = method.targets(teacher_outputs(teacher_variables, images), method_constants)
@@ -47,7 +48,8 @@ def make_loss_fn(config, method: methods.Method, teacher_classes: int | None, ca
             {"params": params["student"], "batch_stats": batch_stats["student"]}, images, train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_rng})
         loss, head_state, metrics = method.loss(params["head"], batch_stats["head"], {"logits": logits, **features},
-                                                jax.lax.stop_gradient(targets))
+                                                jax.lax.stop_gradient(targets),
+                                                methods.LossContext(teacher=teacher_variables, labels=batch.get("label")))
         return loss, ({"student": updates.get("batch_stats", {}), "head": head_state}, metrics)
 
     return loss_fn

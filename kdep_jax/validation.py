@@ -12,6 +12,7 @@ import json
 from etils import epath
 
 from kdep_jax import config_lib, convert, data, methods, models
+from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -35,7 +36,7 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         _check_supervised_data(config, "")
         return
     _check_loop(config, "", num_devices, num_processes)
-    _check_arch(config.teacher.arch, config.teacher.width, "teacher")
+    _check_arch(config.teacher.arch, config.teacher.width, "teacher", config.teacher.overrides)
     _check_arch(config.student.arch, config.student.width, "student")
     _check_batch(config.alignment.batch_size, "alignment.batch_size", num_devices, num_processes)
     method = methods.create(config)
@@ -44,6 +45,10 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
                           f"step to the next): set --config.target_cache.enabled=False.")
     teacher = config.teacher.train
     if teacher is not None:
+        if config.teacher.overrides:
+            raise ConfigError("config.teacher.overrides applies to a converted teacher (config.teacher.path); the "
+                              "demo's teacher training (config.teacher.train) builds the plain arch. Set "
+                              "config.teacher.train=None and point config.teacher.path at the converted teacher.")
         if (teacher.model.arch, teacher.model.width) != (config.teacher.arch, config.teacher.width):
             raise ConfigError(
                 f"config.teacher.train.model is ({teacher.model.arch}, width {teacher.model.width}) but the teacher "
@@ -65,8 +70,8 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
             f"Convert the teacher's torchvision checkpoint first: python -m kdep_jax.convert import --arch "
             f"{config.teacher.arch} --input TEACHER.pth --output {config.teacher.path or 'teachers/' + config.teacher.arch}"))
         teacher_classes = json.loads((epath.Path(config.teacher.path) / convert.META_FILE).read_text())["num_classes"]
-        method.check(models.feature_dim(config.teacher.arch, config.teacher.width),
-                     models.feature_dim(config.student.arch, config.student.width), teacher_classes)
+        method.check(teacher_lib.feature_dim(config), models.feature_dim(config.student.arch, config.student.width),
+                     teacher_classes)
 
     info = _check_train_data(config, "")
     stats_data = config.alignment.data if config.alignment.data is not None else config.data
@@ -80,7 +85,7 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         raise ConfigError(
             f"config.method={config.method!r} uses labels, but config.data ({config.data.name} split "
             f"{config.data.split!r}) is a folder of unlabeled images. Use labelled data (<split>/<class>/*.jpg) or "
-            f"a label-free method (its label-free variant, or 'kdep').")
+            f"{method.label_free_fix}.")
     if config.target_cache.enabled and not info.random_access:
         raise ConfigError(
             f"config.target_cache.enabled=True needs random access to the data, but TFDS {config.data.name!r} is "
@@ -90,9 +95,15 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         if supervised_config is not None:
             _check_supervised_data(supervised_config, prefix)
     if teacher is not None:  # the teacher trained here classifies its training data's classes
-        method.check(models.feature_dim(config.teacher.arch, config.teacher.width),
-                     models.feature_dim(config.student.arch, config.student.width),
-                     data.dataset_info(teacher.data, teacher.data.split).num_classes)
+        teacher_classes = data.dataset_info(teacher.data, teacher.data.split).num_classes
+        method.check(teacher_lib.feature_dim(config), models.feature_dim(config.student.arch, config.student.width),
+                     teacher_classes)
+    if method.needs_labels and method.student_logits and info.num_classes != teacher_classes:
+        raise ConfigError(
+            f"config.method={config.method!r} trains the student's classifier, as wide as the teacher's "
+            f"{teacher_classes} classes, on the data's labels, but config.data ({config.data.name} split "
+            f"{config.data.split!r}) has {info.num_classes} classes. Distil on data labelled with the teacher's "
+            f"classes, or {method.label_free_fix}.")
 
 
 def _check_compare(config, num_devices: int, num_processes: int, workdir) -> None:
@@ -221,9 +232,16 @@ def _check_split(data_config, split: str, field: str, split_field: str = "split"
         raise ConfigError(f"config.{field} ({split_field} {split!r}): {error}") from None
 
 
-def _check_arch(arch: str, width: float, field: str) -> None:
+def _check_arch(arch: str, width: float, field: str, overrides=None) -> None:
     try:
         models.check_arch(arch)
         models.feature_dim(arch, width)
     except ValueError as error:
         raise ConfigError(f"config.{field}.arch / width: {error}") from None
+    if overrides:
+        try:
+            models.feature_dim(arch, width, **overrides)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"config.{field}.overrides={overrides.to_dict()} does not build a {arch}: {error}. The "
+                              f"overrides are fields of its Flax module (kdep_jax.models), e.g. embed_dim for a "
+                              f"Swin, image_size for a ViT.") from None

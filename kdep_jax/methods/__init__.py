@@ -7,7 +7,7 @@ matching) and TCS (tcs.py). METHODS.md beside DESIGN.md holds each one's facts a
 from __future__ import annotations
 
 from kdep_jax.errors import ConfigError
-from kdep_jax.methods.base import Method
+from kdep_jax.methods.base import LossContext, Method
 from kdep_jax.methods.kdep import KDEP, KDEPWithoutPTS
 from kdep_jax.methods.kdep_conv import KDEPRegressor
 from kdep_jax.methods.logits import SSLD, FunctionMatching, LogitKD, SSLDCrossEntropy
@@ -24,4 +24,4 @@ def create(config) -> Method:
     return METHODS[config.method](config)
 
 
-__all__ = ["METHODS", "Method", "create"]
+__all__ = ["METHODS", "LossContext", "Method", "create"]

@@ -71,7 +71,7 @@ class KDEP(Method):
     def __init__(self, config):
         super().__init__(config)
         self.student_dim = models.feature_dim(config.student.arch, config.student.width)
-        self.teacher_dim = models.feature_dim(config.teacher.arch, config.teacher.width)
+        self.teacher_dim = teacher_lib.feature_dim(config)
         self.projection = bool(config.student.projection)
         self.dim = min(self.student_dim, self.teacher_dim) if self.projection else self.student_dim
 
@@ -111,7 +111,7 @@ class KDEP(Method):
         return alignment_lib.teacher_targets(teacher_outputs["pre_relu"], alignment, self.dim,
                                              pts_t=self.config.alignment.pts_t, pts_n=self.pts_n)
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         features = student["pre_relu"]
         if head:
             features = torch_linear(self.dim, self.student_dim).apply({"params": head}, features)

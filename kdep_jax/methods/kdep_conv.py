@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kdep_jax import losses, models
+from kdep_jax import losses, models, teacher as teacher_lib
 from kdep_jax.methods.base import Method
 from kdep_jax.models.layers import torch_linear
 
@@ -21,7 +21,7 @@ class KDEPRegressor(Method):
     def __init__(self, config):
         super().__init__(config)
         self.student_dim = models.feature_dim(config.student.arch, config.student.width)
-        self.teacher_dim = models.feature_dim(config.teacher.arch, config.teacher.width)
+        self.teacher_dim = teacher_lib.feature_dim(config)
 
     def _regressor(self):
         return torch_linear(self.teacher_dim, self.student_dim)
@@ -32,6 +32,6 @@ class KDEPRegressor(Method):
     def targets(self, teacher_outputs, constants):
         return teacher_outputs["pre_relu"]
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         regressed = self._regressor().apply({"params": head}, student["pre_relu"])
         return losses.feature_distillation_loss(regressed, targets, self.config.train.loss_weight), head_state, {}

@@ -60,7 +60,7 @@ class TCS(Method):
         super().__init__(config)
         self.settings = config.tcs
         self.student_dim = models.feature_dim(config.student.arch, config.student.width)
-        teacher_dim = models.feature_dim(config.teacher.arch, config.teacher.width)
+        teacher_dim = teacher_lib.feature_dim(config)
         self.dim = min(self.settings.dim or self.student_dim, teacher_dim)
         self.min_keep = max(1, int(np.ceil(self.settings.min_keep_fraction * self.dim)))
 
@@ -140,7 +140,7 @@ class TCS(Method):
                  "step": np.zeros((), np.int32)}
         return params, state
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         predicted = self._map().apply({"params": head}, student["pre_relu"])
         errors = jnp.mean(jnp.square(predicted - targets), axis=0)  # per coordinate
 
