@@ -1,4 +1,4 @@
-"""The two kinds of experiment config, with the paper's recipe as defaults.
+"""The two kinds of experiment config, with the paper's recipe as defaults (and ScaleKD's recipe on the second).
 
 Files in `configs/` start from these and change what their experiment changes; every field exists
 here, so a misspelt command-line override (`--config.train.lrr=...`) is an error, not a silent no-op.
@@ -84,7 +84,8 @@ def kdep_config() -> ml_collections.ConfigDict:
         # teacher built otherwise: e.g. dict(image_size=384) for a ViT at 384 px, or a small Swin for tests.
         overrides={},
     ))
-    # The distillation objective: kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs (kdep_jax.methods).
+    # The distillation objective (kdep_jax.methods): kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs,
+    # scalekd.
     config.method = "kdep"
     # projection: a learned linear map of the student feature onto the teacher's aligned directions (KDEP's
     # parametric alignment), so that a student wider than its teacher can learn from it. Off: the paper's KDEP.
@@ -107,6 +108,19 @@ def kdep_config() -> ml_collections.ConfigDict:
     # TCS (kdep_jax/methods/tcs.py says which of these the paper fixes and which are this implementation's choice).
     config.tcs = ml_collections.ConfigDict(dict(dim=0, loss_weight=1.0, prune_start_epoch=1.0, prune_every_epochs=1.0,
                                                 prune_fraction=0.25, min_keep_fraction=0.5))
+    # ScaleKD (kdep_jax/methods/scalekd.py), a Swin or ViT teacher into a CNN; defaults: the official Swin ->
+    # ResNet configs at 224 px, with Swin-T/S's widths (384 and 768 channels at stages 3 and 4).
+    config.scalekd = ml_collections.ConfigDict(dict(
+        # Sides of the stage-3 and stage-4 projectors' query grids: the teacher's stage-3 and stage-4 grids at
+        # data.image_size (Swin at 224 px: 14, 7; ViT-B/16: 14, 14). Validation says the right values.
+        query_sizes=(14, 7),
+        num_heads=(3, 6),  # the projectors' attention heads at stages 3 and 4 (each divides the teacher's width there)
+        softmax_scale=5.0,  # multiplies the attention logits, beside d_head ** -0.5
+        weights=((0.08, 0.06), (0.08, 0.06)),  # (spatial, frequency) view weights at stages 3 and 4
+        kd_alpha=0.5, kd_temperature=1.0,  # (1 - kd_alpha) CE + kd_alpha T^2 soft-target CE
+        labels=False,  # True: the CE term on the data's labels (labelled data only); False: label-free pre-training
+        tpp=True,  # teacher parameter perception; False: the stage-4 projectors alone, with learned queries
+    ))
     # Transfer runs after pre-training (the demo's last stage): one supervised config per init.
     config.downstream = None
     # mode="compare": one student per method (comma-separated names) from the same teacher, data, budget and seed,
@@ -114,6 +128,21 @@ def kdep_config() -> ml_collections.ConfigDict:
     config.compare = ml_collections.ConfigDict(dict(methods="kdep,kdep_no_pts,kdep_conv,logit_kd,ssld,ssld_ce,fm,tcs",
                                                     seeds="0,1"))
     config.overwrite = False
+    return config
+
+
+def scalekd_config(teacher_arch: str, student_arch: str) -> ml_collections.ConfigDict:
+    """ScaleKD's "traditional" recipe (kdep_jax/methods/scalekd.py) from a converted teacher in teachers/<arch>: all
+    of ImageNet-1K train with its labels (the CE term, as the official configs), SGD lr 0.1, momentum 0.9, weight
+    decay 1e-4, batch 256, 100 epochs, lr x0.1 at epochs 30, 60 and 90. For label-free pre-training set
+    --config.scalekd.labels=False (any images then do)."""
+    config = kdep_config()
+    config.method = "scalekd"
+    config.teacher.update(arch=teacher_arch, path=f"teachers/{teacher_arch}")
+    config.student.arch = student_arch
+    config.data.name = "imagenet2012"
+    config.train.update(batch_size=256, num_epochs=100, lr=0.1, lr_decay_every_epochs=30, weight_decay=1e-4)
+    config.scalekd.labels = True
     return config
 
 

@@ -155,7 +155,8 @@ def teacher_and_images(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(methods.METHODS))
+# ScaleKD needs a transformer teacher: tests/test_scalekd.py runs it end to end.
+@pytest.mark.parametrize("name", [name for name in methods.METHODS if name != "scalekd"])
 def test_each_method_distils_from_unlabeled_images(name, teacher_and_images):
     teacher, unlabeled, root = teacher_and_images
     config = tiny_config("tiny_distill", method=name, **{
