@@ -94,7 +94,8 @@ def distill(config, workdir, mesh, teacher: teacher_lib.Teacher, method: methods
     elif config.target_cache.enabled:
         faults.point("stage.target_cache")
         cache = target_cache_for(config, workdir, mesh, teacher, method, constants, settings.num_steps)
-        batches = lambda start: target_cache.replay(pipeline_batches(start, with_crops=True), cache, start)
+        def batches(start):
+            return target_cache.replay(pipeline_batches(start, with_crops=True), cache, start)
         step_constants = ()
     else:
         batches = pipeline_batches

@@ -57,8 +57,8 @@ def check_workdir(config, workdir: epath.Path) -> None:
         allowed = {name.strip() for name in config.allow_changes.split(",") if name.strip()}
         outputs = [name for name in _OUTPUTS if (workdir / name).exists()]
         flat_previous, flat_current = config_lib.flatten(previous), config_lib.flatten(current)
-        described = [f"{field}: {flat_previous.get(field, '<absent>')!r} there, {flat_current.get(field, '<absent>')!r} "
-                     f"now" for field in changed]
+        described = [f"{field}: {flat_previous.get(field, '<absent>')!r} there, "
+                     f"{flat_current.get(field, '<absent>')!r} now" for field in changed]
         if changed and config.overwrite:
             if jax.process_index() == 0:
                 logging.warning("config.overwrite=True: deleting the previous run's outputs in %s.", workdir)

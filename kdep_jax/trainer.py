@@ -200,6 +200,7 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
         if not _all_finite(state.params):
             raise diverged(step, step, "the parameters became infinite or NaN")
         checkpointer.save(step, state, {**meta, "step": step})
+        faults.point(f"{settings.name}.saving")  # the checkpoint is being written (asynchronously)
 
     try:
         with _Preemption() as preemption:

@@ -63,7 +63,8 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
     if teacher is None:
         check_converted(config.teacher.path, config.teacher.arch, "config.teacher.path", fix=(
             f"Convert the teacher's torchvision checkpoint first: python -m kdep_jax.convert import --arch "
-            f"{config.teacher.arch} --input TEACHER.pth --output {config.teacher.path or 'teachers/' + config.teacher.arch}"))
+            f"{config.teacher.arch} --input TEACHER.pth "
+            f"--output {config.teacher.path or 'teachers/' + config.teacher.arch}"))
         teacher_classes = json.loads((epath.Path(config.teacher.path) / convert.META_FILE).read_text())["num_classes"]
         method.check(models.dim_from_config(config.teacher),
                      models.dim_from_config(config.student), teacher_classes)
@@ -106,8 +107,8 @@ def _check_compare(config, num_devices: int, num_processes: int, workdir) -> Non
     except ValueError:
         seeds = []
     if not seeds:
-        raise ConfigError(f"config.compare.seeds={config.compare.seeds!r}: give the downstream seeds as comma-separated "
-                          f"integers, e.g. '0,1'.")
+        raise ConfigError(f"config.compare.seeds={config.compare.seeds!r}: give the downstream seeds as "
+                          f"comma-separated integers, e.g. '0,1'.")
     if config.downstream is None:
         raise ConfigError("config.mode='compare' fine-tunes every student downstream: config.downstream must be set.")
     for name in names:

@@ -36,12 +36,12 @@ OVERRIDES = ("--config.teacher.width=0.25", "--config.teacher.train.model.width=
 @dataclasses.dataclass(frozen=True)
 class Fault:
     stage: str
-    where: str  # "boundary" (before the stage starts) or "inside"
+    where: str  # "boundary" (before the stage starts), "inside", or "saving" (while a checkpoint is written)
     point: str  # a kdep_jax.faults point
     count: int = 1  # stop the n-th time the point is reached (inside a loop: after a checkpoint was saved)
 
     def in_training_loop(self) -> bool:
-        return self.point.endswith(".step") and self.point != "target_cache.step"
+        return self.point.endswith((".step", ".saving")) and self.point != "target_cache.step"
 
 
 # In pipeline order. The tiny demo: teacher 4 steps, alignment 3 batches, target cache and distillation 4 steps,
@@ -52,6 +52,7 @@ FAULTS = (
     Fault("alignment statistics", "inside", "statistics.batch", 2),
     Fault("target cache", "boundary", "stage.target_cache"), Fault("target cache", "inside", "target_cache.step", 2),
     Fault("distillation", "boundary", "stage.distill"), Fault("distillation", "inside", "distill.step", 3),
+    Fault("distillation", "saving", "distill.saving"),
     Fault("export", "boundary", "stage.export"), Fault("export", "inside", "export.converted"),
     Fault("downstream (KDEP)", "boundary", "stage.transfer_kdep"),
     Fault("downstream (KDEP)", "inside", "downstream_kdep.step", 2),
@@ -107,11 +108,14 @@ def run_chain(signal_name: str, workdir: Path, env: dict, faults=FAULTS) -> list
 
 
 def outcome(workdir: Path) -> dict:
-    """What must not change: results.json, the student's bytes, the distillation losses."""
+    """What must not change: results.json, the student's bytes, the distillation losses; and nothing half-written
+    may be left in any checkpoints/ directory."""
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {"results": json.loads((workdir / "results.json").read_text()),
             "student": (workdir / "student" / "variables.msgpack").read_bytes(),
-            "losses": [(row["step"], row["loss"]) for row in metrics if "loss" in row]}
+            "losses": [(row["step"], row["loss"]) for row in metrics if "loss" in row],
+            "incomplete checkpoints": sorted(str(path.relative_to(workdir))
+                                             for path in workdir.glob("**/checkpoints/*") if "tmp" in path.name)}
 
 
 def environment(cache_dir: Path) -> dict:
@@ -128,9 +132,11 @@ def full_plan(stages=None) -> dict[str, list[Fault]]:
 
 def interleaved_plan() -> dict[str, list[Fault]]:
     """Half the matrix, for the test suite: every stage stopped by both signals, each (stage, where) once, SIGKILL
-    at the boundaries of even stages and inside odd ones, SIGTERM the other way round."""
+    at the boundaries of even stages and inside odd ones, SIGTERM the other way round, and SIGKILL while a
+    checkpoint is being written (what leaves a half-written one behind)."""
     stages = list(dict.fromkeys(fault.stage for fault in FAULTS))
-    kill = [fault for fault in FAULTS if (stages.index(fault.stage) + (fault.where == "inside")) % 2 == 0]
+    kill = [fault for fault in FAULTS
+            if fault.where == "saving" or (stages.index(fault.stage) + (fault.where == "inside")) % 2 == 0]
     return {"SIGKILL": kill, "SIGTERM": [fault for fault in FAULTS if fault not in kill]}
 
 

@@ -166,7 +166,8 @@ def test_missing_teacher_says_how_to_convert_and_writes_nothing(tmp_path):
 def test_teacher_of_another_architecture_is_refused(finished_run, tmp_path):
     workdir, _ = finished_run
     # The student (a resnet18) given as a resnet50 teacher.
-    config = tiny_config(**{"teacher.train": None, "teacher.path": str(workdir / "student"), "teacher.arch": "resnet50"})
+    config = tiny_config(**{"teacher.train": None, "teacher.path": str(workdir / "student"),
+                            "teacher.arch": "resnet50"})
     with pytest.raises(ConfigError, match="holds a resnet18 checkpoint, but the config says resnet50"):
         pipeline.run(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()

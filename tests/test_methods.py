@@ -67,8 +67,8 @@ def test_function_matching_mixes_one_batch_with_its_roll_and_matches_kl():
     # a ~ Beta(1, 1) folded onto [0.5, 1]: uniform there (mean 0.75, std 0.144).
     assert min(coefficients) >= 0.5 - 1e-6 and max(coefficients) <= 1 + 1e-6
     assert abs(np.mean(coefficients) - 0.75) < 3 * 0.144 / np.sqrt(400)
-    expected = F.kl_div(F.log_softmax(torch.from_numpy(STUDENT_LOGITS), 1), F.softmax(torch.from_numpy(TEACHER_LOGITS), 1),
-                        reduction="batchmean")
+    expected = F.kl_div(F.log_softmax(torch.from_numpy(STUDENT_LOGITS), 1),
+                        F.softmax(torch.from_numpy(TEACHER_LOGITS), 1), reduction="batchmean")
     loss, _ = method_loss("fm", {"logits": STUDENT_LOGITS}, TEACHER_LOGITS)
     np.testing.assert_allclose(loss, float(expected), rtol=1e-5)
 
@@ -169,7 +169,8 @@ def test_each_method_distils_from_unlabeled_images(name, teacher_and_images):
     assert [row["step"] for row in rows] == [1, 2, 3] and all(np.isfinite(row["loss"]) for row in rows)
     variables, meta = convert.load_converted(outputs["student"], "resnet18")
     assert meta["num_classes"] is None  # the method's head and any pre-training classifier are not exported
-    assert set(variables["params"]) == set(convert.load_converted(root / "teacher_run" / "student", "resnet18")[0]["params"])
+    reference, _ = convert.load_converted(root / "teacher_run" / "student", "resnet18")
+    assert set(variables["params"]) == set(reference["params"])
     if name == "tcs":
         assert [row["kept_coordinates"] for row in rows] == [32, 24, 18]  # a quarter of the kept ones, every step
         table = np.load(workdir / "tcs_coordinates.npz")["coordinates"]
