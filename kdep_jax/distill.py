@@ -71,7 +71,7 @@ def distill(config, workdir, mesh, teacher: teacher_lib.Teacher, method: methods
     read theirs from their statistics and never run the teacher.
     """
     info = data.dataset_info(config.data, config.data.split)
-    steps_per_epoch, schedule, tx = trainer.sgd_recipe(config, info.num_examples)
+    steps_per_epoch, schedule, tx = trainer.recipe(config, info.num_examples)
     state = trainer.create_train_state(initial_variables(config, method, teacher, statistics), tx, mesh, config.seed)
     settings = trainer.loop_settings(config, "distill", steps_per_epoch)
     logging.info("Distilling %s into %s (%d-d features; %d trainable parameters, the method's head included) with "

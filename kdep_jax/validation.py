@@ -191,6 +191,12 @@ def _check_loop(config, prefix: str, num_devices: int, num_processes: int) -> No
                               f"(a schedule without decay: set lr_decay_every_epochs to num_epochs).")
     if not train.lr > 0:
         raise ConfigError(f"{field}train.lr={train.lr}: the learning rate must be positive.")
+    for name, known in (("schedule", ("step", "cosine")), ("optimizer", ("sgd", "adamw"))):
+        if train[name] not in known:
+            raise ConfigError(f"{field}train.{name}={train[name]!r}: use one of {', '.join(known)}.")
+    if not 0 <= train.warmup_epochs < train.num_epochs:
+        raise ConfigError(f"{field}train.warmup_epochs={train.warmup_epochs}: it must be at least 0 and less than "
+                          f"train.num_epochs={train.num_epochs}.")
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[name] < 1:
             raise ConfigError(f"{field}{name}={config[name]}: it must be 1 or more.")

@@ -32,7 +32,7 @@ def test_one_distillation_step():
     batch = next(data.train_batches(config.data, config.data.split, 32, seed=0))
     _, features = teacher_lib.model(config).apply(teacher.variables, batch["image"], train=False)
     alignment = alignment_lib.fit_alignment([np.asarray(features["pre_relu"])])
-    _, schedule, tx = trainer.sgd_recipe(config, 152)
+    _, schedule, tx = trainer.recipe(config, 152)
     state = trainer.create_train_state(distill.initial_variables(config, method, teacher, alignment), tx, mesh, seed=0)
     step = trainer.make_train_step(distill.make_loss_fn(config, method, None), tx, mesh)
     state, metrics = step(state, parallel.shard_batch(batch, mesh),
@@ -296,3 +296,21 @@ def test_cli_reports_bad_config_override_and_errors(tmp_path):
         "def run(config, workdir): raise ValueError('an internal error')\n"
         "pipeline.run = run; sys.argv[0] = 'kdep_jax.main'; main.run()"))
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "ValueError: an internal error" in bug.stderr
+
+
+def test_every_config_loads_without_importing_a_framework():
+    """`--config=configs/...` parses without TensorFlow, JAX or torch (configs import only ml_collections and
+    kdep_jax.config_lib), and every config names a known method, schedule and optimiser."""
+    code = ("import glob, json, runpy, sys\n"
+            "loaded = {path: runpy.run_path(path)['get_config']() for path in sorted(glob.glob('configs/**/*.py', "
+            "recursive=True))}\n"
+            "print(json.dumps({'frameworks': [m for m in ('tensorflow', 'jax', 'torch', 'flax') if m in sys.modules],"
+            " 'configs': {p: [c.get('method'), c.train.schedule, c.train.optimizer] for p, c in loaded.items()}}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["frameworks"] == []
+    assert len(report["configs"]) >= 12
+    for path, (method, schedule, optimizer) in report["configs"].items():
+        assert method in (None, *methods.METHODS) and schedule in ("step", "cosine") and optimizer in ("sgd", "adamw"), path
