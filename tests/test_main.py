@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 import torch
 import torchvision
 
@@ -19,7 +20,7 @@ from kdep_jax import convert, data, distill, methods, parallel, pipeline, traine
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.methods import kdep as kdep_method
 from kdep_jax.errors import ConfigError
-from conftest import REPO, small_transfer_config, tiny_config
+from conftest import REPO, TinyImages, small_transfer_config, tiny_config
 
 
 def test_one_distillation_step():
@@ -270,6 +271,13 @@ def test_the_target_cache_needs_a_local_directory_and_random_access(tmp_path):
     with pytest.raises(ConfigError, match="needs a local disk, not gs://bucket/run/target_cache"):
         validation.validate(config, 4, 1, "gs://bucket/run")
     validation.validate(config, 4, 1, tmp_path)
+    # A TFDS dataset stored as TFRecord is refused before the alignment pass, not after it.
+    TinyImages(data_dir=str(tmp_path / "tfds"), file_format="tfrecord").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    config.data.update(name="tiny_images", data_dir=str(tmp_path / "tfds"), split="train", subset=None)
+    config.train.batch_size = config.alignment.batch_size = 4
+    with pytest.raises(ConfigError, match="target_cache.enabled=True needs random access.*stored as TFRecord"):
+        validation.validate(config, 4, 1, tmp_path)
 
 
 def _cli(tmp_path, *args, code=None):
