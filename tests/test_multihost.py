@@ -33,7 +33,7 @@ from conftest import REPO
 
 WIDTH = 0.25  # ResNet-18s of 128-d features: the same code path, a fraction of the work
 NUM_STEPS = 8  # distillation: 2 epochs of the tiny demo data (152 images, batches of 32); checkpoints every 2 steps
-RUN_TIMEOUT = 600  # seconds for one launch (the first ones compile everything on a shared 2-core machine)
+RUN_TIMEOUT = 900  # seconds for one launch (the first ones compile everything on a shared 2-core machine)
 
 pytestmark = pytest.mark.slow
 
