@@ -157,11 +157,15 @@ def compare(config, workdir: epath.Path, mesh) -> dict:
     rows, pretraining = [], {}
     steps_per_epoch = data.dataset_info(config.data, config.data.split).num_examples // config.train.batch_size
     for name in method_names(config):
-        method_dir = workdir / name
-        with _timed(method_dir / "pretraining.json") as record:
-            _kdep(method_config(config, name, teacher_path), method_dir, mesh)
-        images = steps_per_epoch * config.train.num_epochs * config.train.batch_size
-        pretraining[name] = {**record(), "images": images}
+        record = workdir / name / "pretraining.json"
+        start = time.monotonic()
+        try:
+            _kdep(method_config(config, name, teacher_path), workdir / name, mesh)
+        finally:  # a stopped attempt's time counts too: the record is the whole cost of a resumed stage
+            _add_seconds(record, time.monotonic() - start)
+        if jax.process_index() == 0:  # the process that keeps the record
+            images = steps_per_epoch * config.train.num_epochs * config.train.batch_size
+            pretraining[name] = {**json.loads(record.read_text()), "images": images}
     for init_name, init in [(name, f"kdep:{workdir / name}") for name in method_names(config)] + [("scratch",
                                                                                                    "scratch")]:
         for seed in compare_seeds(config):
@@ -171,8 +175,8 @@ def compare(config, workdir: epath.Path, mesh) -> dict:
                                 field_prefix="downstream.")
             rows += [{**row, "method": init_name} for row in run_rows]
     _write_results(workdir / "results.json", rows)
-    table = report.comparison_table(rows, pretraining)
     if jax.process_index() == 0:
+        table = report.comparison_table(rows, pretraining)
         (workdir / "comparison.md").write_text(table)
         print(table)
     return {"workdir": str(workdir), "results": rows, "comparison": str(workdir / "comparison.md")}
@@ -194,26 +198,15 @@ def method_config(config, name: str, teacher_path: str):
     return config
 
 
-class _timed:
-    """Adds this attempt's wall time and the images it saw to a JSON record, whether it finishes or is stopped, so
-    that a resumed stage reports its whole cost. Calling the context's value returns the record."""
-
-    def __init__(self, path: epath.Path):
-        self.path = path
-
-    def __enter__(self):
-        self.start = time.monotonic()
-        return lambda: json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def __exit__(self, *exc):
-        if jax.process_index() == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            record = json.loads(self.path.read_text()) if self.path.exists() else {"seconds": 0.0}
-            record["seconds"] += time.monotonic() - self.start
-            tmp = self.path.parent / (self.path.name + ".tmp")
-            tmp.write_text(json.dumps(record))
-            tmp.replace(self.path)
-        return False
+def _add_seconds(path: epath.Path, seconds: float) -> None:
+    """Adds an attempt's wall time to the JSON record at path, on process 0 (the only one that reads it)."""
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0}
+        record["seconds"] += seconds
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
 
 
 def train_teacher(config, teacher_workdir: epath.Path, mesh) -> epath.Path:
