@@ -94,8 +94,8 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     finished = root / "finished"
     setup = run(["--config=configs/demo.py:tiny", "--config.teacher.width=0.25",
-                 "--config.teacher.train.model.width=0.25", "--config.student.width=0.25", "--config.downstream=None"],
-                finished)
+                 "--config.teacher.train.model.width=0.25", "--config.student.width=0.25",
+                 "--config.downstream.model.width=0.25"], finished)
     if setup.returncode != 0:
         print(setup.stderr[-3000:])
         return 1
