@@ -7,6 +7,7 @@ This module imports nothing but ml_collections, so parsing `--config=configs/r18
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -16,15 +17,16 @@ def data_config() -> ml_collections.ConfigDict:
     c.name = "demo"
     c.split = "upstream_train"  # the training split; `subset` applies to it alone
     c.eval_split = "upstream_test"  # "<split>:rest": the images of `split` that `subset` leaves out
-    c.data_dir = None  # TFDS data dir, or the image folder root holding root/<split>/<class>/*.jpg|png
-    c.manual_dir = None  # where the ImageNet tar files are, for preparing imagenet2012*
+    # Fields that may be None are placeholders of their type, so that the command line can set them.
+    c.data_dir = placeholder(str)  # TFDS data dir, or the image folder root holding root/<split>/<class>/*.jpg|png
+    c.manual_dir = placeholder(str)  # where the ImageNet tar files are, for preparing imagenet2012*
     c.image_size = 224  # output side S; also the size the demo data is generated at
     # The eval transform: Resize(round(S * ratio), interpolation) + CenterCrop(S). A teacher's pass without
     # augmentation uses its own (torchvision's Swin: 232/224 bicubic; kdep_jax.models.preprocessing).
     c.eval_resize_ratio = 256 / 224
     c.eval_interpolation = "bilinear"
-    # None, a fraction in (0, 1] of the split (uniform), or an int number of images per class.
-    c.subset = None
+    # None (all), a fraction below 1 of the split (uniform), or a whole number of images per class (4, 128).
+    c.subset = placeholder(float)
     # RandomResizedCrop's smallest area fraction: 0.08 as in the paper; small images need more context.
     c.min_crop_scale = 0.08
     c.subset_seed = 0  # separate from the training seed, so runs with different seeds share one subset
@@ -32,7 +34,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.demo_seed = 0
     c.image_key = "image"  # TFDS feature names
     c.label_key = "label"
-    c.threads = None  # tf.data private thread pool size; None: TensorFlow's default (all cores)
+    c.threads = placeholder(int)  # tf.data private thread pool size; None: TensorFlow's default (all cores)
     c.shuffle_buffer = 10_000  # only for TFDS datasets stored as TFRecord (no random access)
     return c
 

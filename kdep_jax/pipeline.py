@@ -15,7 +15,7 @@ import jax
 import ml_collections
 from etils import epath
 
-from kdep_jax import config_lib, convert, data, distill, faults, methods, parallel, supervised, validation
+from kdep_jax import convert, data, distill, faults, methods, parallel, supervised, validation
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 
@@ -36,11 +36,24 @@ def _run_only(field: str) -> bool:
     return any(field == name or field.endswith("." + name) for name in RUN_ONLY_FIELDS)
 
 
-def result_differences(previous: dict, current: dict) -> list[str]:
-    """The dotted fields (of two configs' JSON) that differ and can change a result."""
-    previous, current = config_lib.flatten(previous), config_lib.flatten(current)
-    return sorted(field for field in set(previous) | set(current)
-                  if not _run_only(field) and previous.get(field, "<absent>") != current.get(field, "<absent>"))
+def result_differences(previous: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted field, value there, value now) for the fields of two configs' JSON that differ and can change a
+    result; a section set on one side and None on the other is one difference."""
+    differences = []
+    for key in sorted(set(previous) | set(current)):
+        field = prefix + key
+        there, now = previous.get(key, "<absent>"), current.get(key, "<absent>")
+        if _run_only(field):
+            continue
+        if isinstance(there, dict) and isinstance(now, dict):
+            differences += result_differences(there, now, field + ".")
+        elif there != now:
+            differences.append((field, there, now))
+    return differences
+
+
+def _shown(value) -> str:
+    return "a config section" if isinstance(value, dict) else repr(value)
 
 
 def check_workdir(config, workdir: epath.Path) -> None:
@@ -52,13 +65,11 @@ def check_workdir(config, workdir: epath.Path) -> None:
     saved = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
     if saved.exists():
-        previous = json.loads(saved.read_text())
-        changed = result_differences(previous, current)
+        differences = result_differences(json.loads(saved.read_text()), current)
+        changed = [field for field, _, _ in differences]
         allowed = {name.strip() for name in config.allow_changes.split(",") if name.strip()}
         outputs = [name for name in _OUTPUTS if (workdir / name).exists()]
-        flat_previous, flat_current = config_lib.flatten(previous), config_lib.flatten(current)
-        described = [f"{field}: {flat_previous.get(field, '<absent>')!r} there, "
-                     f"{flat_current.get(field, '<absent>')!r} now" for field in changed]
+        described = [f"{field}: {_shown(there)} there, {_shown(now)} now" for field, there, now in differences]
         if changed and config.overwrite:
             if jax.process_index() == 0:
                 logging.warning("config.overwrite=True: deleting the previous run's outputs in %s.", workdir)

@@ -21,8 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config=configs/demo.py:tiny_distill", "--config.teacher.width=0.25", "--config.student.width=0.25"]
 
 
-def run(args, workdir: Path | None = None, module: str = "kdep_jax.main") -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)}
+def run(args, workdir: Path | None = None, module: str = "kdep_jax.main", devices: int = 1
+        ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO),
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     command = [sys.executable, "-m", module, *args, *([f"--workdir={workdir}"] if workdir else [])]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
@@ -39,7 +41,7 @@ def kept(workdir: Path | None) -> str:
 
 
 def cases(root: Path, teacher: Path, finished: Path):
-    """(what, args, workdir, module) of each bad input."""
+    """(what, args, workdir, module, CPU devices) of each bad input."""
     corrupt = root / "corrupt_images" / "train"
     corrupt.mkdir(parents=True)
     from PIL import Image
@@ -62,8 +64,8 @@ def cases(root: Path, teacher: Path, finished: Path):
          [*TINY, *teacher_args, "--config.student.width=1.0"], root / "w1", "kdep_jax.main"),
         ("a student module that cannot be imported",
          [*TINY, *teacher_args, "--config.student.arch=my_nets:Net"], root / "s1", "kdep_jax.main"),
-        ("a batch that does not split over the devices",
-         [*TINY, *teacher_args, "--config.train.batch_size=30"], root / "b1", "kdep_jax.main"),
+        ("a batch that does not split over the devices (4 here)",
+         [*TINY, *teacher_args, "--config.train.batch_size=30"], root / "b1", "kdep_jax.main", 4),
         ("no learning-rate decay period", [*TINY, *teacher_args, "--config.train.lr_decay_every_epochs=0"],
          root / "d1", "kdep_jax.main"),
         ("an image folder that does not exist", [*TINY, *teacher_args, "--config.data.name=image_folder",
@@ -101,9 +103,9 @@ def main(argv=None) -> int:
         return 1
     teacher = finished / "teacher" / "model"
     rows, ok = [], True
-    for what, case_args, workdir, module in cases(root, teacher, finished):
+    for what, case_args, workdir, module, *devices in cases(root, teacher, finished):
         before = kept(workdir) if isinstance(workdir, Path) and workdir == finished else None
-        result = run(case_args, workdir, module)
+        result = run(case_args, workdir, module, *devices)
         clean = result.returncode == 2 and "Traceback" not in result.stderr
         ok &= clean
         after = kept(workdir) if isinstance(workdir, Path) else "nothing written"
