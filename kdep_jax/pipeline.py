@@ -19,8 +19,10 @@ from kdep_jax import convert, data, distill, faults, methods, parallel, supervis
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 
-_OUTPUTS = ("checkpoints", "metrics.jsonl", "alignment.npz", "student", "student.pth", "student.safetensors",
-            "teacher", "target_cache", "transfer_kdep", "transfer_scratch", "results.json")
+# What a run writes into its workdir (a comparison: a workdir per method, and scratch's runs).
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "alignment.npz", "tcs_coordinates.npz", "student", "student.pth",
+            "student.safetensors", "teacher", "target_cache", "transfer_kdep", "transfer_scratch", "results.json",
+            "comparison.md", "scratch", *methods.METHODS)
 
 # Fields that change how a run is carried out, not what it computes: a resume may change them freely.
 # Matched at any depth ("downstream.log_every_steps" too).
@@ -177,8 +179,8 @@ def compare(config, workdir: epath.Path, mesh) -> dict:
         if jax.process_index() == 0:  # the process that keeps the record
             images = steps_per_epoch * config.train.num_epochs * config.train.batch_size
             pretraining[name] = {**json.loads(record.read_text()), "images": images}
-    for init_name, init in [(name, f"kdep:{workdir / name}") for name in method_names(config)] + [("scratch",
-                                                                                                   "scratch")]:
+    inits = {name: f"kdep:{workdir / name}" for name in method_names(config)} | {"scratch": "scratch"}
+    for init_name, init in inits.items():
         for seed in compare_seeds(config):
             downstream = _with_init(config.downstream, init)
             downstream.seed = seed
