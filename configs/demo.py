@@ -9,17 +9,22 @@ task far more slowly than this, and a full-width student would have doubled the 
 
     python -m kdep_jax.main --config=configs/demo.py --workdir=runs/demo
     python -m kdep_jax.main --config=configs/demo.py:tiny --workdir=runs/tiny   # seconds, for tests
+    # The same with a small ViT teacher (4 px patches, 2 blocks) trained first, distilled into the ResNet-18:
+    python -m kdep_jax.main --config=configs/demo.py:tiny_vit --workdir=runs/tiny_vit
     # Every distillation method side by side (same teacher, data, budget and seed), each fine-tuned with 2 seeds:
     python -m kdep_jax.main --config=configs/demo.py:compare --workdir=runs/compare
     # Only the tiny distillation (statistics, distillation, export) from an existing converted teacher,
     # as the multi-process, resume and preemption tests run it:
-    python -m kdep_jax.main --config=configs/demo.py:tiny_distill --workdir=runs/td --config.teacher.path=runs/tiny/teacher/model
+    python -m kdep_jax.main --config=configs/demo.py:tiny_distill --workdir=runs/td \
+        --config.teacher.path=runs/tiny/teacher/model
 """
 from kdep_jax import config_lib
 
 IMAGE_SIZE = 32
 TEACHER_ARCH, STUDENT_ARCH, WIDTH = "resnet18", "resnet18", 0.5
 COMPARE_DISTILL_EPOCHS, COMPARE_DOWNSTREAM_EPOCHS = 5, 20
+# ViT-B/16's code at 32 px: 4 px patches (an 8x8 grid), 2 blocks of width 192.
+TINY_VIT = dict(image_size=32, patch_size=4, num_layers=2, num_heads=3, hidden_dim=192, mlp_dim=384)
 
 
 def _demo_data(split: str, eval_split: str):
@@ -33,7 +38,7 @@ def _demo_data(split: str, eval_split: str):
 
 
 def get_config(variant: str = ""):
-    variants = ("", "tiny", "tiny_distill", "compare", "tiny_compare")
+    variants = ("", "tiny", "tiny_distill", "tiny_vit", "compare", "tiny_compare")
     if variant not in variants:
         raise ValueError(f"configs/demo.py takes no variant or one of {', '.join(':' + v for v in variants[1:])}, "
                          f"not {variant!r}.")
@@ -72,7 +77,7 @@ def get_config(variant: str = ""):
         config.train.update(num_epochs=COMPARE_DISTILL_EPOCHS, lr_decay_every_epochs=COMPARE_DISTILL_EPOCHS)
         downstream.train.update(num_epochs=COMPARE_DOWNSTREAM_EPOCHS, lr_decay_every_epochs=COMPARE_DOWNSTREAM_EPOCHS)
         downstream.eval_every_epochs = COMPARE_DOWNSTREAM_EPOCHS
-    if variant in ("tiny", "tiny_distill", "tiny_compare"):  # every stage, a few steps each, 4 images per class
+    if variant in ("tiny", "tiny_distill", "tiny_vit", "tiny_compare"):  # every stage, a few steps, 4 images per class
         # Full width, so the exported student is exactly torchvision's resnet18 (the tests load it there).
         teacher.model.width = config.teacher.width = config.student.width = downstream.model.width = 1.0
         for run in (teacher, config, downstream):
@@ -81,6 +86,12 @@ def get_config(variant: str = ""):
             run.checkpoint_every_steps = 2
         teacher.data.subset = config.data.subset = 4
         config.alignment.batch_size = 64
+    if variant == "tiny_vit":  # a transformer teacher: torchvision's ViT code, sized for 32 px demo images
+        config.teacher.update(arch="vit_b_16", width=1.0)
+        config.teacher.overrides.update(TINY_VIT)
+        teacher.model.update(arch="vit_b_16", width=1.0)
+        teacher.model.overrides.update(TINY_VIT)
+        config.student.width = downstream.model.width = 0.25  # 128-d, within the teacher's 192
     if variant == "tiny_distill":  # no teacher training, no transfer: set --config.teacher.path
         config.teacher.train = None
         config.downstream = None

@@ -7,6 +7,7 @@ This module imports nothing but ml_collections, so parsing `--config=configs/r18
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -16,11 +17,16 @@ def data_config() -> ml_collections.ConfigDict:
     c.name = "demo"
     c.split = "upstream_train"  # the training split; `subset` applies to it alone
     c.eval_split = "upstream_test"  # "<split>:rest": the images of `split` that `subset` leaves out
-    c.data_dir = None  # TFDS data dir, or the image folder root holding root/<split>/<class>/*.jpg|png
-    c.manual_dir = None  # where the ImageNet tar files are, for preparing imagenet2012*
+    # Fields that may be None are placeholders of their type, so that the command line can set them.
+    c.data_dir = placeholder(str)  # TFDS data dir, or the image folder root holding root/<split>/<class>/*.jpg|png
+    c.manual_dir = placeholder(str)  # where the ImageNet tar files are, for preparing imagenet2012*
     c.image_size = 224  # output side S; also the size the demo data is generated at
-    # None, a fraction in (0, 1] of the split (uniform), or an int number of images per class.
-    c.subset = None
+    # The eval transform: Resize(round(S * ratio), interpolation) + CenterCrop(S). A teacher's pass without
+    # augmentation uses its own (torchvision's Swin: 232/224 bicubic; kdep_jax.models.preprocessing).
+    c.eval_resize_ratio = 256 / 224
+    c.eval_interpolation = "bilinear"
+    # None (all), a fraction below 1 of the split (uniform), or a whole number of images per class (4, 128).
+    c.subset = placeholder(float)
     # RandomResizedCrop's smallest area fraction: 0.08 as in the paper; small images need more context.
     c.min_crop_scale = 0.08
     c.subset_seed = 0  # separate from the training seed, so runs with different seeds share one subset
@@ -28,9 +34,15 @@ def data_config() -> ml_collections.ConfigDict:
     c.demo_seed = 0
     c.image_key = "image"  # TFDS feature names
     c.label_key = "label"
-    c.threads = None  # tf.data private thread pool size; None: TensorFlow's default (all cores)
+    c.threads = placeholder(int)  # tf.data private thread pool size; None: TensorFlow's default (all cores)
     c.shuffle_buffer = 10_000  # only for TFDS datasets stored as TFRecord (no random access)
     return c
+
+
+def _backbone(arch: str) -> ml_collections.ConfigDict:
+    """A network: arch (a kdep_jax.models name, or your own Flax module as "package.module:Class"), width, and
+    overrides: fields of the family's module (a smaller ViT for tests: image_size, patch_size, num_layers, ...)."""
+    return ml_collections.ConfigDict(dict(arch=arch, width=1.0, overrides=ml_collections.ConfigDict()))
 
 
 def _loop_fields(config: ml_collections.ConfigDict) -> None:
@@ -46,9 +58,12 @@ def _loop_fields(config: ml_collections.ConfigDict) -> None:
 
 
 def _sgd_fields(batch_size: int, num_epochs: int, lr: float, decay_every: int) -> ml_collections.ConfigDict:
+    """The paper's recipe: SGD, momentum 0.9, weight decay 5e-4, lr x0.1 every `decay_every` epochs. Other recipes
+    (configs/methods/) set schedule="cosine" (with warmup_epochs), optimizer="adamw", grad_clip_norm."""
     return ml_collections.ConfigDict(dict(batch_size=batch_size, num_epochs=num_epochs, lr=lr,
                                           lr_decay_every_epochs=decay_every, lr_decay_factor=0.1, momentum=0.9,
-                                          weight_decay=5e-4))
+                                          weight_decay=5e-4, schedule="step", warmup_epochs=0.0, optimizer="sgd",
+                                          grad_clip_norm=0.0))
 
 
 def supervised_config() -> ml_collections.ConfigDict:
@@ -58,7 +73,7 @@ def supervised_config() -> ml_collections.ConfigDict:
     config.name = "transfer"
     _loop_fields(config)
     config.data = data_config()
-    config.model = ml_collections.ConfigDict(dict(arch="resnet18", width=1.0))
+    config.model = _backbone("resnet18")
     config.init = "scratch"  # 'scratch', 'kdep:WORKDIR' or 'torchvision:FILE'
     config.linear_probe = False
     config.train = _sgd_fields(batch_size=64, num_epochs=150, lr=0.001, decay_every=50)
@@ -76,20 +91,16 @@ def kdep_config() -> ml_collections.ConfigDict:
     config.data = data_config()
     config.data.name = "imagenet2012_subset/10pct"
     config.data.split = "train"
-    config.teacher = ml_collections.ConfigDict(dict(
-        arch="resnet50", width=1.0,
-        path="",  # a directory written by `python -m kdep_jax.convert import`
-        train=None,  # the demo trains its own teacher: a supervised_config() here
-        # Fields of the teacher's Flax module that differ from its arch's (create_model keywords), for a converted
-        # teacher built otherwise: e.g. dict(image_size=384) for a ViT at 384 px, or a small Swin for tests.
-        overrides={},
-    ))
-    # The distillation objective (kdep_jax.methods): kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs,
-    # scalekd.
+    config.teacher = _backbone("resnet50")
+    config.teacher.path = ""  # a directory written by `python -m kdep_jax.convert import`
+    config.teacher.train = None  # the demo trains its own teacher: a supervised_config() here
+    # The distillation objective: kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs,
+    # scalekd (kdep_jax.methods).
     config.method = "kdep"
     # projection: a learned linear map of the student feature onto the teacher's aligned directions (KDEP's
     # parametric alignment), so that a student wider than its teacher can learn from it. Off: the paper's KDEP.
-    config.student = ml_collections.ConfigDict(dict(arch="resnet18", width=1.0, projection=False))
+    config.student = _backbone("resnet18")
+    config.student.projection = False
     config.alignment = ml_collections.ConfigDict(dict(
         path="",  # default WORKDIR/alignment.npz; set it to share one file between runs
         batch_size=256, pts_t=0.1, pts_n=ml_collections.config_dict.placeholder(float),

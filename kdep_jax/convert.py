@@ -47,7 +47,7 @@ from etils import epath
 from flax import serialization, traverse_util
 
 from kdep_jax.errors import UserError
-from kdep_jax.models import ARCHS, create_model
+from kdep_jax.models import ARCHS, check_arch, create_model
 from kdep_jax.models.naming import TorchNaming
 
 VARIABLES_FILE = "variables.msgpack"
@@ -64,8 +64,10 @@ class ConversionError(UserError):
 
 
 def _check_arch(arch: str) -> None:
-    if arch not in ARCHS:
-        raise ConversionError(f"unknown arch {arch!r}; known archs: {', '.join(ARCHS)}")
+    try:
+        check_arch(arch)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
 
 
 def _naming(model: nn.Module) -> TorchNaming:
@@ -277,11 +279,24 @@ def to_torchvision(variables, arch: str) -> dict[str, np.ndarray]:
 
 
 def _head_classes(variables, arch: str) -> int | None:
-    naming = _naming(create_model(arch))
-    for (collection, *path), value in traverse_util.flatten_dict(dict(variables)).items():
-        if naming.torch_key(collection, tuple(path)) == naming.head + ".weight":
-            return int(naming.to_torch(tuple(path), np.asarray(value)).shape[0])
-    return None
+    """The classifier's width, or None for a headless network. A family without a torch_naming (a user's own
+    module): the parameters the headless module lacks are its classifier, and their last axis its width."""
+    model = create_model(arch)
+    naming = getattr(model, "torch_naming", None)
+    if isinstance(naming, TorchNaming):
+        for (collection, *path), value in traverse_util.flatten_dict(dict(variables)).items():
+            if naming.torch_key(collection, tuple(path)) == naming.head + ".weight":
+                return int(naming.to_torch(tuple(path), np.asarray(value)).shape[0])
+        return None
+    headless = set(traverse_util.flatten_dict(dict(_expected_variables(create_model(arch, num_classes=None)))))
+    head = [value for key, value in traverse_util.flatten_dict(dict(variables)).items() if key not in headless]
+    return int(np.shape(head[0])[-1]) if head else None
+
+
+def _expected_variables(model: nn.Module) -> dict:
+    image_size = getattr(model, "image_size", 32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
 
 
 def _atomic_write(path: epath.Path, write) -> None:

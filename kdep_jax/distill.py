@@ -17,8 +17,7 @@ from kdep_jax import teacher as teacher_lib
 
 
 def student_model(config, num_classes: int | None = None):
-    return models.create_model(config.student.arch, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
-                               width=config.student.width)
+    return models.from_config(config.student, num_classes=num_classes, dtype=jnp.dtype(config.dtype))
 
 
 def student_classes(method: methods.Method, teacher: teacher_lib.Teacher) -> int | None:
@@ -60,7 +59,7 @@ def initial_variables(config, method: methods.Method, teacher: teacher_lib.Teach
     student = trainer.init_variables(student_model(config, student_classes(method, teacher)), config.data.image_size,
                                      config.seed)
     head, head_state = method.init_head(jax.random.fold_in(jax.random.key(config.seed), 1),
-                                        models.feature_dim(config.student.arch, config.student.width), statistics)
+                                        models.dim_from_config(config.student), statistics)
     return {"params": {"student": student["params"], "head": jax.device_get(head)},
             "batch_stats": {"student": student["batch_stats"], "head": jax.device_get(head_state)}}
 
@@ -74,13 +73,13 @@ def distill(config, workdir, mesh, teacher: teacher_lib.Teacher, method: methods
     read theirs from their statistics and never run the teacher.
     """
     info = data.dataset_info(config.data, config.data.split)
-    steps_per_epoch, schedule, tx = trainer.sgd_recipe(config, info.num_examples)
+    steps_per_epoch, schedule, tx = trainer.recipe(config, info.num_examples)
     state = trainer.create_train_state(initial_variables(config, method, teacher, statistics), tx, mesh, config.seed)
     settings = trainer.loop_settings(config, "distill", steps_per_epoch)
-    logging.info("Distilling %s into %s (%d-d, %d parameters with the %s head) by %s: %d steps of %d images.",
-                 config.teacher.arch, config.student.arch,
-                 models.feature_dim(config.student.arch, config.student.width), trainer.count_params(state.params),
-                 method.name, method.name, settings.num_steps, config.train.batch_size)
+    logging.info("Distilling %s into %s (%d-d features; %d trainable parameters, the method's head included) with "
+                 "%s: %d steps of %d images.", config.teacher.arch, config.student.arch,
+                 models.dim_from_config(config.student), trainer.count_params(state.params), method.name,
+                 settings.num_steps, config.train.batch_size)
 
     def pipeline_batches(start, with_crops=False):
         return data.train_batches(config.data, config.data.split, config.train.batch_size, seed=config.seed,
@@ -97,7 +96,8 @@ def distill(config, workdir, mesh, teacher: teacher_lib.Teacher, method: methods
     elif config.target_cache.enabled:
         faults.point("stage.target_cache")
         cache = target_cache_for(config, workdir, mesh, teacher, method, constants, settings.num_steps)
-        batches = lambda start: target_cache.replay(pipeline_batches(start, with_crops=True), cache, start)
+        def batches(start):
+            return target_cache.replay(pipeline_batches(start, with_crops=True), cache, start)
         step_constants = ()
     else:
         batches = pipeline_batches

@@ -18,8 +18,7 @@ from kdep_jax import convert, data, losses, models, parallel, trainer
 
 
 def create_model(config, num_classes):
-    return models.create_model(config.model.arch, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
-                               width=config.model.width)
+    return models.from_config(config.model, num_classes=num_classes, dtype=jnp.dtype(config.dtype))
 
 
 def load_backbone(init: str, arch: str, width: float = 1.0):
@@ -140,7 +139,7 @@ def train(config, workdir, mesh, backbone=None, field_prefix: str = "") -> train
     expected_backbone = backbone_shapes(config)
     if backbone is not None:
         variables = attach_backbone(variables, backbone, expected_backbone)
-    steps_per_epoch, schedule, tx = trainer.sgd_recipe(config, info.num_examples)
+    steps_per_epoch, schedule, tx = trainer.recipe(config, info.num_examples)
     if config.linear_probe:
         labels = {name: ("frozen" if name in expected_backbone["params"] else "head") for name in variables["params"]}
         tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)

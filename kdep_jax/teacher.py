@@ -30,21 +30,18 @@ def load(config, directory) -> Teacher:
 
 
 def model(config, num_classes: int | None = None):
-    return models.create_model(config.teacher.arch, num_classes=num_classes, dtype=jnp.dtype(config.dtype),
-                               width=config.teacher.width, **config.teacher.overrides)
-
-
-def feature_dim(config) -> int:
-    """Width of the teacher's pooled feature ("pre_relu", "pooled")."""
-    return models.feature_dim(config.teacher.arch, config.teacher.width, **config.teacher.overrides)
+    return models.from_config(config.teacher, num_classes=num_classes, dtype=jnp.dtype(config.dtype))
 
 
 def outputs_fn(config, names: tuple[str, ...], num_classes: int | None = None):
     """(variables, images) -> {name: float32 array} of the teacher in eval mode: "logits" and any of its features
-    ("pre_relu", "pooled", "stage1".."stage4")."""
+    ("pre_relu", "pooled", "stage1".."stage4"). The images come ImageNet-normalised from the pipeline; a teacher
+    whose weights expect another normalisation (EfficientNet-Lite's) gets its own."""
     network = model(config, num_classes if "logits" in names else None)
+    preprocessing = getattr(network, "preprocessing", models.preprocessing.IMAGENET)
 
     def outputs(variables, images):
+        images = models.preprocessing.to_own_normalisation(images, preprocessing)
         logits, features = network.apply(variables, images, train=False)
         available = {"logits": logits, **features}
         return {name: available[name].astype(jnp.float32) for name in names}
@@ -81,8 +78,12 @@ def feature_pass(config, mesh, teacher: Teacher, data_config, batch_size: int, o
     features sharded over the devices, the mask marking real rows, the index each row's example.
 
     augment: the training augmentation, each example's draw seeded by (config.seed + 1, example), as KDEP's
-    statistics use it; otherwise the eval transform.
+    statistics use it; otherwise the teacher's own eval transform (its resize and interpolation).
     """
+    if not augment:
+        own = getattr(model(config), "preprocessing", models.preprocessing.IMAGENET)
+        data_config = data_config.copy_and_resolve_references()
+        data_config.eval_resize_ratio, data_config.eval_interpolation = own.resize_ratio, own.interpolation
     features_of = jax.jit(lambda variables, images: outputs_fn(config, (output,))(variables, images)[output],
                           in_shardings=(parallel.replicated_sharding(mesh), parallel.batch_sharding(mesh)),
                           out_shardings=parallel.batch_sharding(mesh))

@@ -12,7 +12,6 @@ import json
 from etils import epath
 
 from kdep_jax import config_lib, convert, data, methods, models
-from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -36,8 +35,8 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         _check_supervised_data(config, "")
         return
     _check_loop(config, "", num_devices, num_processes)
-    _check_arch(config.teacher.arch, config.teacher.width, "teacher", config.teacher.overrides)
-    _check_arch(config.student.arch, config.student.width, "student")
+    _check_arch(config.teacher, "teacher")
+    _check_arch(config.student, "student")
     _check_batch(config.alignment.batch_size, "alignment.batch_size", num_devices, num_processes)
     method = methods.create(config)
     if config.target_cache.enabled and not (method.cacheable or method.per_example_targets):
@@ -45,21 +44,17 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
                           f"step to the next): set --config.target_cache.enabled=False.")
     teacher = config.teacher.train
     if teacher is not None:
-        if config.teacher.overrides:
-            raise ConfigError("config.teacher.overrides applies to a converted teacher (config.teacher.path); the "
-                              "demo's teacher training (config.teacher.train) builds the plain arch. Set "
-                              "config.teacher.train=None and point config.teacher.path at the converted teacher.")
-        if (teacher.model.arch, teacher.model.width) != (config.teacher.arch, config.teacher.width):
+        if _network(teacher.model) != _network(config.teacher):
             raise ConfigError(
-                f"config.teacher.train.model is ({teacher.model.arch}, width {teacher.model.width}) but the teacher "
-                f"is ({config.teacher.arch}, width {config.teacher.width}): set both to the same architecture and width.")
+                f"config.teacher.train.model is {_network(teacher.model)} but the teacher is "
+                f"{_network(config.teacher)}: set both to the same architecture, width and overrides.")
         _check_supervised(teacher, "teacher.train.", num_devices, num_processes)
     if config.downstream is not None:
         _check_supervised(config.downstream, "downstream.", num_devices, num_processes)
-        if (config.downstream.model.arch, config.downstream.model.width) != (config.student.arch,
-                                                                           config.student.width):
-            raise ConfigError("config.downstream.model must be the student's architecture and width "
-                              f"({config.student.arch}, {config.student.width}): it fine-tunes the student.")
+        if _network(config.downstream.model) != _network(config.student):
+            raise ConfigError(f"config.downstream.model is {_network(config.downstream.model)} but the student is "
+                              f"{_network(config.student)}: it fine-tunes the student, so set the same architecture, "
+                              f"width and overrides.")
     cache_dir = str(config.target_cache.path or epath.Path(workdir) / "target_cache")
     if config.target_cache.enabled and "://" in cache_dir:
         raise ConfigError(
@@ -68,10 +63,11 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
     if teacher is None:
         check_converted(config.teacher.path, config.teacher.arch, "config.teacher.path", fix=(
             f"Convert the teacher's torchvision checkpoint first: python -m kdep_jax.convert import --arch "
-            f"{config.teacher.arch} --input TEACHER.pth --output {config.teacher.path or 'teachers/' + config.teacher.arch}"))
+            f"{config.teacher.arch} --input TEACHER.pth "
+            f"--output {config.teacher.path or 'teachers/' + config.teacher.arch}"))
         teacher_classes = json.loads((epath.Path(config.teacher.path) / convert.META_FILE).read_text())["num_classes"]
-        method.check(teacher_lib.feature_dim(config), models.feature_dim(config.student.arch, config.student.width),
-                     teacher_classes)
+        method.check(models.dim_from_config(config.teacher),
+                     models.dim_from_config(config.student), teacher_classes)
 
     info = _check_train_data(config, "")
     stats_data = config.alignment.data if config.alignment.data is not None else config.data
@@ -96,7 +92,7 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
             _check_supervised_data(supervised_config, prefix)
     if teacher is not None:  # the teacher trained here classifies its training data's classes
         teacher_classes = data.dataset_info(teacher.data, teacher.data.split).num_classes
-        method.check(teacher_lib.feature_dim(config), models.feature_dim(config.student.arch, config.student.width),
+        method.check(models.dim_from_config(config.teacher), models.dim_from_config(config.student),
                      teacher_classes)
     if method.needs_labels and method.student_logits and info.num_classes != teacher_classes:
         raise ConfigError(
@@ -117,8 +113,8 @@ def _check_compare(config, num_devices: int, num_processes: int, workdir) -> Non
     except ValueError:
         seeds = []
     if not seeds:
-        raise ConfigError(f"config.compare.seeds={config.compare.seeds!r}: give the downstream seeds as comma-separated "
-                          f"integers, e.g. '0,1'.")
+        raise ConfigError(f"config.compare.seeds={config.compare.seeds!r}: give the downstream seeds as "
+                          f"comma-separated integers, e.g. '0,1'.")
     if config.downstream is None:
         raise ConfigError("config.mode='compare' fine-tunes every student downstream: config.downstream must be set.")
     for name in names:
@@ -151,7 +147,7 @@ def check_converted(path, arch: str, field: str, fix: str) -> None:
 
 def _check_supervised(config, prefix: str, num_devices: int, num_processes: int) -> None:
     _check_loop(config, prefix, num_devices, num_processes)
-    _check_arch(config.model.arch, config.model.width, f"{prefix}model")
+    _check_arch(config.model, f"{prefix}model")
     _check_batch(config.eval_batch_size, f"{prefix}eval_batch_size", num_devices, num_processes)
     if config.eval_every_epochs < 1:
         raise ConfigError(f"config.{prefix}eval_every_epochs={config.eval_every_epochs}: evaluate every 1 or more "
@@ -201,6 +197,12 @@ def _check_loop(config, prefix: str, num_devices: int, num_processes: int) -> No
                               f"(a schedule without decay: set lr_decay_every_epochs to num_epochs).")
     if not train.lr > 0:
         raise ConfigError(f"{field}train.lr={train.lr}: the learning rate must be positive.")
+    for name, known in (("schedule", ("step", "cosine")), ("optimizer", ("sgd", "adamw"))):
+        if train[name] not in known:
+            raise ConfigError(f"{field}train.{name}={train[name]!r}: use one of {', '.join(known)}.")
+    if not 0 <= train.warmup_epochs < train.num_epochs:
+        raise ConfigError(f"{field}train.warmup_epochs={train.warmup_epochs}: it must be at least 0 and less than "
+                          f"train.num_epochs={train.num_epochs}.")
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[name] < 1:
             raise ConfigError(f"{field}{name}={config[name]}: it must be 1 or more.")
@@ -232,16 +234,17 @@ def _check_split(data_config, split: str, field: str, split_field: str = "split"
         raise ConfigError(f"config.{field} ({split_field} {split!r}): {error}") from None
 
 
-def _check_arch(arch: str, width: float, field: str, overrides=None) -> None:
+def _network(section) -> tuple:
+    return section.arch, section.width, section.overrides.to_dict()
+
+
+def _check_arch(section, field: str) -> None:
+    """The arch exists (or imports), takes the width and overrides, and (a user's own) returns what methods read."""
     try:
-        models.check_arch(arch)
-        models.feature_dim(arch, width)
-    except ValueError as error:
-        raise ConfigError(f"config.{field}.arch / width: {error}") from None
-    if overrides:
-        try:
-            models.feature_dim(arch, width, **overrides)
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"config.{field}.overrides={overrides.to_dict()} does not build a {arch}: {error}. The "
-                              f"overrides are fields of its Flax module (kdep_jax.models), e.g. embed_dim for a "
-                              f"Swin, image_size for a ViT.") from None
+        models.check_arch(section.arch)
+        network = models.from_config(section, num_classes=None)
+        if models.is_custom(section.arch):
+            models.check_outputs(network)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"config.{field}.arch={section.arch!r} (width {section.width}, overrides "
+                          f"{section.overrides.to_dict()}): {error}") from None

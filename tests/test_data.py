@@ -15,6 +15,7 @@ import tensorflow as tf  # pylint: disable=g-bad-import-order
 import tensorflow_datasets as tfds
 
 from kdep_jax import config_lib, data
+from conftest import TinyImages
 from kdep_jax.data import demo, transforms
 
 MEAN, STD = np.array(data.IMAGENET_MEAN), np.array(data.IMAGENET_STD)
@@ -142,13 +143,18 @@ def test_eval_covers_every_example_once_with_padding_mask(folder, count):
     assert aug["image"].shape == (6, 16, 16, 3) and aug["mask"].all()
 
 
-@pytest.mark.parametrize("h,w,size", [(37, 53, 16), (60, 41, 16), (30, 30, 24), (19, 25, 32)])
-def test_eval_transform_matches_torchvision(h, w, size):
+@pytest.mark.parametrize(
+    "h,w,size,ratio,interpolation",
+    [(37, 53, 16, 256 / 224, "bilinear"), (60, 41, 16, 256 / 224, "bilinear"), (30, 30, 24, 256 / 224, "bilinear"),
+     (19, 25, 32, 256 / 224, "bilinear"), (61, 47, 28, 232 / 224, "bicubic")],  # the last: Swin_T_Weights' transform
+)
+def test_eval_transform_matches_torchvision(h, w, size, ratio, interpolation):
     image = _smooth(np.random.default_rng(h), h, w)
-    ours = transforms.eval_transform(tf.constant(image), size).numpy()
+    ours = transforms.eval_transform(tf.constant(image), size, ratio, interpolation).numpy()
+    mode = {"bilinear": tv.InterpolationMode.BILINEAR, "bicubic": tv.InterpolationMode.BICUBIC}[interpolation]
     ref = tv.Compose(
         [
-            tv.Resize(round(size * 256 / 224)),
+            tv.Resize(round(size * ratio), interpolation=mode),
             tv.CenterCrop(size),
             tv.ToTensor(),
             tv.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
@@ -295,27 +301,6 @@ def test_demo_source():
     ref = np.stack([reference(Image.fromarray(image)) for image in images[:8]])
     assert np.abs((first["image"] * STD + MEAN) * 255 - ref).max() < 3
     np.testing.assert_array_equal(first["label"], labels[:8])
-
-
-class TinyImages(tfds.core.GeneratorBasedBuilder):
-    """A real (not mocked) TFDS dataset of 11 uniform-colour images, prepared offline by the test."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}
-            ),
-        )
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i in range(11):
-            yield i, {"image": np.full((20 + i, 30, 3), 4 * i, np.uint8), "label": i // 4}
 
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])

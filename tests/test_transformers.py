@@ -4,6 +4,7 @@ Small configurations of the same code are compared with torchvision's own classe
 arguments; one 224 px model per family is compared at full size. Every parameter is randomised first:
 torchvision's init zeroes the ViT head and scales ConvNeXt's blocks by 1e-6, which would hide mistakes.
 """
+import json
 import math
 
 import flax.linen as nn
@@ -16,11 +17,12 @@ import torchvision
 from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.swin_transformer import SwinTransformer as TorchSwinTransformer
 
-from kdep_jax import convert
+from kdep_jax import convert, pipeline
 from kdep_jax.convert import (ConversionError, from_torch_state_dict, from_torchvision, load_converted,
                               to_torch_state_dict, to_torchvision)
 from kdep_jax.models import create_model, feature_dim
 from kdep_jax.models.layers import stochastic_depth
+from conftest import tiny_config
 
 PARITY_TOLERANCE = 1e-4
 NEW_ARCHS = ("vit_b_16", "vit_b_32", "vit_l_16", "swin_t", "swin_s", "swin_b", "convnext_tiny", "convnext_small",
@@ -326,3 +328,12 @@ def test_cli_import_and_export_of_swin_t(full_size_models, tmp_path):
     exported = torch.load(tmp_path / "exported.pth", weights_only=True)
     meta_model("swin_t").load_state_dict(exported, strict=True, assign=True)
     assert_same_state_dict(exported, torch_model.state_dict(), same_order=False)
+
+
+@pytest.mark.slow
+def test_the_tiny_demo_with_a_transformer_teacher(tmp_path):
+    """configs/demo.py:tiny_vit: a small ViT (torchvision's code) trained as the teacher, its class token distilled
+    into a ResNet-18, both fine-tuned downstream."""
+    outputs = pipeline.run(tiny_config("tiny_vit"), tmp_path)
+    assert {row["init"] for row in outputs["results"]} == {"kdep", "scratch"}
+    assert json.loads((tmp_path / "teacher" / "model" / "meta.json").read_text())["arch"] == "vit_b_16"

@@ -118,7 +118,7 @@ def train_batches(
             row = {"image": apply_crop(image, crop, size), "label": label}
         else:
             crop = tf.zeros([5], tf.int32)
-            row = {"image": eval_transform(image, size), "label": label}
+            row = {"image": _eval(image, data_config), "label": label}
         if with_crops:
             row.update(crop=crop, index=index)
         return row
@@ -147,7 +147,7 @@ def eval_batches(
     s = _open(data_config, split)
     size = data_config.image_size
     if augment_seed is None:
-        transform = lambda image, _: eval_transform(image, size)
+        transform = lambda image, _: _eval(image, data_config)
     else:
         transform = lambda image, example_seed: train_transform(image, example_seed, size, data_config.min_crop_scale)
     pad = lambda: {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(False),
@@ -184,6 +184,11 @@ def eval_batches(
     ds = tf.data.Dataset.range(num_batches * local).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batch_examples = lambda b: [int(s.indices[t]) for t in map(position, range(b * local, (b + 1) * local)) if t < n]
     return _iterate(ds.batch(local), data_config, s, batch_examples)
+
+
+def _eval(image, data_config):
+    return eval_transform(image, data_config.image_size, data_config.eval_resize_ratio,
+                          data_config.eval_interpolation)
 
 
 def _layout(global_batch_size, process_index, process_count):

@@ -9,8 +9,7 @@ import math
 
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from kdep_jax.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop.get_params tries this many boxes before its fallback
 
@@ -79,13 +78,15 @@ def train_transform(image: tf.Tensor, seed, size: int, min_scale: float = 0.08) 
     return apply_crop(image, train_crop(tf.shape(image), seed, min_scale), size)
 
 
-def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Resize(round(size * 256 / 224)) + CenterCrop(size), then ImageNet normalisation: float32 (S, S, 3).
+def eval_transform(image: tf.Tensor, size: int, resize_ratio: float = 256 / 224,
+                   interpolation: str = "bilinear") -> tf.Tensor:
+    """Resize(round(size * resize_ratio), interpolation) + CenterCrop(size), then ImageNet normalisation: float32
+    (S, S, 3). torchvision's ImageNet transform by default; its Swin weights' with 232 / 224 and "bicubic".
 
     As torchvision: the shorter side goes to the target and the longer to int(target * long / short);
     the crop offset is round((side - size) / 2), half to even.
     """
-    target = round(size * 256 / 224)
+    target = round(size * resize_ratio)
     shape = tf.shape(image)
     h = tf.cast(shape[0], tf.float64)
     w = tf.cast(shape[1], tf.float64)
@@ -93,7 +94,7 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
     target_t = tf.constant(target, tf.float64)
     new_h = tf.where(h <= w, target_t, tf.floor(target * h / short))
     new_w = tf.where(h <= w, tf.floor(target * w / short), target_t)
-    resized = tf.image.resize(image, tf.cast([new_h, new_w], tf.int32), method="bilinear", antialias=True)
+    resized = tf.image.resize(image, tf.cast([new_h, new_w], tf.int32), method=interpolation, antialias=True)
     top = tf.cast(tf.round((new_h - size) / 2), tf.int32)
     left = tf.cast(tf.round((new_w - size) / 2), tf.int32)
     crop = tf.ensure_shape(resized[top : top + size, left : left + size], [size, size, 3])
@@ -112,7 +113,7 @@ def padded_center_crop_transform(image: tf.Tensor, size: int, crop_padding: int,
 
     The centred square of side int(size / (size + crop_padding) * shorter side) (offsets rounded up), resized to
     size x size with tf.image.resize (no antialiasing), then (pixel - mean) / std on 0..255 values. A teacher's
-    own transform: `padded_center_crop_transform(image, **dataclasses.asdict(efficientnet.PREPROCESSING[arch]))`.
+    own transform: `padded_center_crop_transform(image, **dataclasses.asdict(efficientnet.TENSORFLOW_EVAL[arch]))`.
     """
     shape = tf.shape(image)
     height, width = shape[0], shape[1]

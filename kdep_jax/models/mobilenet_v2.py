@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, conv_bn, global_avg_pool
 from kdep_jax.models.naming import TorchNaming
+from kdep_jax.models.preprocessing import IMAGENET
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in torchvision.
 INVERTED_RESIDUAL_SETTING = (
@@ -79,6 +80,7 @@ class MobileNetV2(nn.Module):
     dtype: Dtype = jnp.float32
 
     torch_naming = TorchNaming(head="classifier.1")
+    preprocessing = IMAGENET
 
     @property
     def feature_dim(self) -> int:

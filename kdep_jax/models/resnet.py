@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, global_avg_pool, torch_linear
 from kdep_jax.models.naming import TorchNaming
+from kdep_jax.models.preprocessing import IMAGENET
 
 
 class ResNetBlock(nn.Module):
@@ -59,6 +60,7 @@ class ResNet(nn.Module):
     dtype: Dtype = jnp.float32
 
     torch_naming = TorchNaming(head="fc")
+    preprocessing = IMAGENET
 
     @property
     def feature_dim(self) -> int:

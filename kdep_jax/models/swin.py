@@ -20,6 +20,7 @@ import numpy as np
 from kdep_jax.models.layers import (Dtype, dense, gelu, layer_norm, stochastic_depth, torch_default_bias_init,
                                     torch_default_kernel_init)
 from kdep_jax.models.naming import TorchNaming, batchnorm_buffers
+from kdep_jax.models.preprocessing import Preprocessing
 
 CONFIGS = {
     "swin_t": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), stochastic_depth_prob=0.2),
@@ -156,6 +157,7 @@ class SwinTransformer(nn.Module):
     dtype: Dtype = jnp.float32
 
     torch_naming = TorchNaming(head="head", buffers=torch_buffers)
+    preprocessing = Preprocessing(232 / 224, "bicubic")  # torchvision Swin_T_Weights: resize 232 bicubic
 
     @property
     def feature_dim(self) -> int:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from kdep_jax.models.layers import Dtype, dense, gelu, layer_norm, torch_default_kernel_init
 from kdep_jax.models.naming import TorchNaming, torch_leaf
+from kdep_jax.models.preprocessing import IMAGENET
 
 CONFIGS = {
     "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
@@ -130,6 +131,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
 
     torch_naming = TorchNaming(head="heads.head", torch_key=torch_key, current_key=current_key)
+    preprocessing = IMAGENET  # torchvision ViT_B_16_Weights: resize 256 bilinear, crop 224
 
     @property
     def feature_dim(self) -> int:
