@@ -61,7 +61,8 @@ def kdep_jax_step(args) -> dict:
     teacher = teacher_lib.Teacher(trainer.init_variables(teacher_lib.model(config), args.image_size, 1), "", None)
     teacher_dim = models.feature_dim(config.teacher.arch)
     components = np.linalg.qr(np.random.default_rng(0).normal(size=(teacher_dim, teacher_dim)))[0][:, :dim]
-    alignment = alignment_lib.Alignment(mean=np.zeros(teacher_dim, np.float32), components=components.astype(np.float32),
+    alignment = alignment_lib.Alignment(mean=np.zeros(teacher_dim, np.float32),
+                                        components=components.astype(np.float32),
                                         singular_values=np.ones(dim, np.float32), count=1)
     tx = optim.sgd(optim.step_decay_schedule(0.1, 100, 30, 0.1, 90), 0.9, 5e-4)
     config.data.image_size = args.image_size

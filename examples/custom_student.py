@@ -1,7 +1,8 @@
 """Your own architecture as the student: any Flax module called like kdep_jax's backbones.
 
     python -m kdep_jax.main --config=configs/demo.py --workdir=runs/custom \
-        --config.student.arch=examples.custom_student:TinyNet --config.downstream.model.arch=examples.custom_student:TinyNet
+        --config.student.arch=examples.custom_student:TinyNet --config.student.projection=True \
+        --config.downstream.model.arch=examples.custom_student:TinyNet
 
 kdep_jax builds it as TinyNet(num_classes=..., dtype=...) and calls apply(variables, images, train=...). It returns
 (logits, features): logits None when num_classes is None; features["pre_relu"] the pooled (B, D) feature KDEP

@@ -1,4 +1,4 @@
-"""The two kinds of experiment config, with the paper's recipe as defaults.
+"""The two kinds of experiment config, with the paper's recipe as defaults (and ScaleKD's recipe on the second).
 
 Files in `configs/` start from these and change what their experiment changes; every field exists
 here, so a misspelt command-line override (`--config.train.lrr=...`) is an error, not a silent no-op.
@@ -7,6 +7,7 @@ This module imports nothing but ml_collections, so parsing `--config=configs/r18
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -17,15 +18,16 @@ def data_config() -> ml_collections.ConfigDict:
     c.name = "demo"
     c.split = "upstream_train"  # the training split; `subset` applies to it alone
     c.eval_split = "upstream_test"  # "<split>:rest": the images of `split` that `subset` leaves out
-    c.data_dir = None  # TFDS data dir, or the image folder root holding root/<split>/<class>/*.jpg|png
-    c.manual_dir = None  # where the ImageNet tar files are, for preparing imagenet2012*
+    # Fields that may be None are placeholders of their type, so that the command line can set them.
+    c.data_dir = placeholder(str)  # TFDS data dir, or the image folder root holding root/<split>/<class>/*.jpg|png
+    c.manual_dir = placeholder(str)  # where the ImageNet tar files are, for preparing imagenet2012*
     c.image_size = 224  # output side S; also the size the demo data is generated at
     # The eval transform: Resize(round(S * ratio), interpolation) + CenterCrop(S). A teacher's pass without
     # augmentation uses its own (torchvision's Swin: 232/224 bicubic; kdep_jax.models.preprocessing).
     c.eval_resize_ratio = 256 / 224
     c.eval_interpolation = "bilinear"
-    # None, a fraction in (0, 1] of the split (uniform), or an int number of images per class.
-    c.subset = None
+    # None (all), a fraction below 1 of the split (uniform), or a whole number of images per class (4, 128).
+    c.subset = placeholder(float)
     # RandomResizedCrop's smallest area fraction: 0.08 as in the paper; small images need more context.
     c.min_crop_scale = 0.08
     c.subset_seed = 0  # separate from the training seed, so runs with different seeds share one subset
@@ -33,7 +35,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.demo_seed = 0  # draws the demo data's images and the photo patches' crops
     c.image_key = "image"  # TFDS feature names
     c.label_key = "label"
-    c.threads = None  # tf.data private thread pool size; None: TensorFlow's default (all cores)
+    c.threads = placeholder(int)  # tf.data private thread pool size; None: TensorFlow's default (all cores)
     c.shuffle_buffer = 10_000  # only for TFDS datasets stored as TFRecord (no random access)
     return c
 
@@ -57,9 +59,12 @@ def _loop_fields(config: ml_collections.ConfigDict) -> None:
 
 
 def _sgd_fields(batch_size: int, num_epochs: int, lr: float, decay_every: int) -> ml_collections.ConfigDict:
+    """The paper's recipe: SGD, momentum 0.9, weight decay 5e-4, lr x0.1 every `decay_every` epochs. Other recipes
+    (configs/methods/) set schedule="cosine" (with warmup_epochs), optimizer="adamw", grad_clip_norm."""
     return ml_collections.ConfigDict(dict(batch_size=batch_size, num_epochs=num_epochs, lr=lr,
                                           lr_decay_every_epochs=decay_every, lr_decay_factor=0.1, momentum=0.9,
-                                          weight_decay=5e-4))
+                                          weight_decay=5e-4, schedule="step", warmup_epochs=0.0, optimizer="sgd",
+                                          grad_clip_norm=0.0))
 
 
 def supervised_config() -> ml_collections.ConfigDict:
@@ -95,7 +100,8 @@ def kdep_config() -> ml_collections.ConfigDict:
     config.teacher.path = ""
     config.teacher.checkpoint = ""
     config.teacher.train = None
-    # The distillation objective: kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs (kdep_jax.methods).
+    # The distillation objective: kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs,
+    # scalekd (kdep_jax.methods).
     config.method = "kdep"
     # projection: a learned linear map of the student feature onto the teacher's aligned directions (KDEP's
     # parametric alignment), so that a student wider than its teacher can learn from it. Off: the paper's KDEP.
@@ -119,6 +125,19 @@ def kdep_config() -> ml_collections.ConfigDict:
     # TCS (kdep_jax/methods/tcs.py says which of these the paper fixes and which are this implementation's choice).
     config.tcs = ml_collections.ConfigDict(dict(dim=0, loss_weight=1.0, prune_start_epoch=1.0, prune_every_epochs=1.0,
                                                 prune_fraction=0.25, min_keep_fraction=0.5))
+    # ScaleKD (kdep_jax/methods/scalekd.py), a Swin or ViT teacher into a CNN; defaults: the official Swin ->
+    # ResNet configs at 224 px, with Swin-T/S's widths (384 and 768 channels at stages 3 and 4).
+    config.scalekd = ml_collections.ConfigDict(dict(
+        # Sides of the stage-3 and stage-4 projectors' query grids: the teacher's stage-3 and stage-4 grids at
+        # data.image_size (Swin at 224 px: 14, 7; ViT-B/16: 14, 14). Validation says the right values.
+        query_sizes=(14, 7),
+        num_heads=(3, 6),  # the projectors' attention heads at stages 3 and 4 (each divides the teacher's width there)
+        softmax_scale=5.0,  # multiplies the attention logits, beside d_head ** -0.5
+        weights=((0.08, 0.06), (0.08, 0.06)),  # (spatial, frequency) view weights at stages 3 and 4
+        kd_alpha=0.5, kd_temperature=1.0,  # (1 - kd_alpha) CE + kd_alpha T^2 soft-target CE
+        labels=False,  # True: the CE term on the data's labels (labelled data only); False: label-free pre-training
+        tpp=True,  # teacher parameter perception; False: the stage-4 projectors alone, with learned queries
+    ))
     # Transfer runs after pre-training (the demo's last stage): one supervised config per init.
     config.downstream = None
     # mode="compare": one student per method (comma-separated names) from the same teacher, data, budget and seed,
@@ -126,6 +145,21 @@ def kdep_config() -> ml_collections.ConfigDict:
     config.compare = ml_collections.ConfigDict(dict(methods="kdep,kdep_no_pts,kdep_conv,logit_kd,ssld,ssld_ce,fm,tcs",
                                                     seeds="0,1"))
     config.overwrite = False
+    return config
+
+
+def scalekd_config(teacher_arch: str, student_arch: str) -> ml_collections.ConfigDict:
+    """ScaleKD's "traditional" recipe (kdep_jax/methods/scalekd.py) from a converted teacher in teachers/<arch>: all
+    of ImageNet-1K train with its labels (the CE term, as the official configs), SGD lr 0.1, momentum 0.9, weight
+    decay 1e-4, batch 256, 100 epochs, lr x0.1 at epochs 30, 60 and 90. For label-free pre-training set
+    --config.scalekd.labels=False (any images then do)."""
+    config = kdep_config()
+    config.method = "scalekd"
+    config.teacher.update(arch=teacher_arch, path=f"teachers/{teacher_arch}")
+    config.student.arch = student_arch
+    config.data.name = "imagenet2012"
+    config.train.update(batch_size=256, num_epochs=100, lr=0.1, lr_decay_every_epochs=30, weight_decay=1e-4)
+    config.scalekd.labels = True
     return config
 
 

@@ -29,7 +29,8 @@ def make_loss_fn(config, method: methods.Method, teacher_classes: int | None, ca
     """The distillation loss of one batch: loss_fn(params, batch_stats, batch, constants, rng) for trainer.fit.
 
     constants: (teacher variables, the method's constants); with cached_targets the batch brings its
-    "targets" and the teacher is not run.
+    "targets" and the teacher is not run. The method's loss gets a LossContext: the teacher's variables (None with
+    cached targets) and the batch's labels.
     """
     student = student_model(config, teacher_classes if method.student_logits else None)
     teacher_outputs = teacher_lib.outputs_fn(config, method.teacher_outputs, teacher_classes)
@@ -38,7 +39,7 @@ def make_loss_fn(config, method: methods.Method, teacher_classes: int | None, ca
         inputs_rng, dropout_rng = jax.random.split(rng)
         images = method.inputs(batch["image"], inputs_rng)
         if cached_targets:
-            targets = batch["targets"].astype(jnp.float32)
+            teacher_variables, targets = None, batch["targets"].astype(jnp.float32)
         else:
             teacher_variables, method_constants = constants
             targets = method.targets(teacher_outputs(teacher_variables, images), method_constants)
@@ -46,7 +47,8 @@ def make_loss_fn(config, method: methods.Method, teacher_classes: int | None, ca
             {"params": params["student"], "batch_stats": batch_stats["student"]}, images, train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_rng})
         loss, head_state, metrics = method.loss(params["head"], batch_stats["head"], {"logits": logits, **features},
-                                                jax.lax.stop_gradient(targets))
+                                                jax.lax.stop_gradient(targets),
+                                                methods.LossContext(teacher=teacher_variables, labels=batch.get("label")))
         return loss, ({"student": updates.get("batch_stats", {}), "head": head_state}, metrics)
 
     return loss_fn
@@ -71,7 +73,7 @@ def distill(config, workdir, mesh, teacher: teacher_lib.Teacher, method: methods
     read theirs from their statistics and never run the teacher.
     """
     info = data.dataset_info(config.data, config.data.split)
-    steps_per_epoch, schedule, tx = trainer.sgd_recipe(config, info.num_examples)
+    steps_per_epoch, schedule, tx = trainer.recipe(config, info.num_examples)
     state = trainer.create_train_state(initial_variables(config, method, teacher, statistics), tx, mesh, config.seed)
     settings = trainer.loop_settings(config, "distill", steps_per_epoch)
     logging.info("Distilling %s into %s (%d-d features; %d trainable parameters, the method's head included) with "
@@ -94,7 +96,8 @@ def distill(config, workdir, mesh, teacher: teacher_lib.Teacher, method: methods
     elif config.target_cache.enabled:
         faults.point("stage.target_cache")
         cache = target_cache_for(config, workdir, mesh, teacher, method, constants, settings.num_steps)
-        batches = lambda start: target_cache.replay(pipeline_batches(start, with_crops=True), cache, start)
+        def batches(start):
+            return target_cache.replay(pipeline_batches(start, with_crops=True), cache, start)
         step_constants = ()
     else:
         batches = pipeline_batches

@@ -53,8 +53,21 @@ def main(argv):
         print(json.dumps(outputs, indent=2))
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with an override of a config field that does not exist reported in one line, exit
+    status 2, rather than as ml_collections' AttributeError with a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        while error.args and isinstance(error.args[0], BaseException):  # ml_collections wraps a KeyError
+            error = error.args[0]
+        detail = " ".join(str(error.args[0] if error.args else error).split())
+        print(f"error: a --config.* flag names a field the config does not have: {detail}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run():
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

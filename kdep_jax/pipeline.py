@@ -15,12 +15,14 @@ import jax
 import ml_collections
 from etils import epath
 
-from kdep_jax import config_lib, convert, data, distill, faults, methods, parallel, supervised, validation
+from kdep_jax import convert, data, distill, faults, methods, parallel, supervised, validation
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 
-_OUTPUTS = ("checkpoints", "metrics.jsonl", "alignment.npz", "student", "student.pth", "student.safetensors",
-            "teacher", "target_cache", "transfer_kdep", "transfer_scratch", "results.json")
+# What a run writes into its workdir (a comparison: a workdir per method, and scratch's runs).
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "alignment.npz", "tcs_coordinates.npz", "student", "student.pth",
+            "student.safetensors", "teacher", "target_cache", "transfer_kdep", "transfer_scratch", "results.json",
+            "comparison.md", "scratch", *methods.METHODS)
 
 # Fields that change how a run is carried out, not what it computes: a resume may change them freely.
 # Matched at any depth ("downstream.log_every_steps" too).
@@ -36,11 +38,24 @@ def _run_only(field: str) -> bool:
     return any(field == name or field.endswith("." + name) for name in RUN_ONLY_FIELDS)
 
 
-def result_differences(previous: dict, current: dict) -> list[str]:
-    """The dotted fields (of two configs' JSON) that differ and can change a result."""
-    previous, current = config_lib.flatten(previous), config_lib.flatten(current)
-    return sorted(field for field in set(previous) | set(current)
-                  if not _run_only(field) and previous.get(field, "<absent>") != current.get(field, "<absent>"))
+def result_differences(previous: dict, current: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted field, value there, value now) for the fields of two configs' JSON that differ and can change a
+    result; a section set on one side and None on the other is one difference."""
+    differences = []
+    for key in sorted(set(previous) | set(current)):
+        field = prefix + key
+        there, now = previous.get(key, "<absent>"), current.get(key, "<absent>")
+        if _run_only(field):
+            continue
+        if isinstance(there, dict) and isinstance(now, dict):
+            differences += result_differences(there, now, field + ".")
+        elif there != now:
+            differences.append((field, there, now))
+    return differences
+
+
+def _shown(value) -> str:
+    return "a config section" if isinstance(value, dict) else repr(value)
 
 
 def check_workdir(config, workdir: epath.Path) -> None:
@@ -52,13 +67,11 @@ def check_workdir(config, workdir: epath.Path) -> None:
     saved = workdir / "config.json"
     current = json.loads(config.to_json_best_effort())
     if saved.exists():
-        previous = json.loads(saved.read_text())
-        changed = result_differences(previous, current)
+        differences = result_differences(json.loads(saved.read_text()), current)
+        changed = [field for field, _, _ in differences]
         allowed = {name.strip() for name in config.allow_changes.split(",") if name.strip()}
         outputs = [name for name in _OUTPUTS if (workdir / name).exists()]
-        flat_previous, flat_current = config_lib.flatten(previous), config_lib.flatten(current)
-        described = [f"{field}: {flat_previous.get(field, '<absent>')!r} there, {flat_current.get(field, '<absent>')!r} "
-                     f"now" for field in changed]
+        described = [f"{field}: {_shown(there)} there, {_shown(now)} now" for field, there, now in differences]
         if changed and config.overwrite:
             if jax.process_index() == 0:
                 logging.warning("config.overwrite=True: deleting the previous run's outputs in %s.", workdir)
@@ -151,13 +164,17 @@ def compare(config, workdir: epath.Path, mesh) -> dict:
     rows, pretraining = [], {}
     steps_per_epoch = data.dataset_info(config.data, config.data.split).num_examples // config.train.batch_size
     for name in method_names(config):
-        method_dir = workdir / name
-        with _timed(method_dir / "pretraining.json") as record:
-            _kdep(method_config(config, name, teacher_path), method_dir, mesh)
-        images = steps_per_epoch * config.train.num_epochs * config.train.batch_size
-        pretraining[name] = {**record(), "images": images}
-    for init_name, init in [(name, f"kdep:{workdir / name}") for name in method_names(config)] + [("scratch",
-                                                                                                   "scratch")]:
+        record = workdir / name / "pretraining.json"
+        start = time.monotonic()
+        try:
+            _kdep(method_config(config, name, teacher_path), workdir / name, mesh)
+        finally:  # a stopped attempt's time counts too: the record is the whole cost of a resumed stage
+            _add_seconds(record, time.monotonic() - start)
+        if jax.process_index() == 0:  # the process that keeps the record
+            images = steps_per_epoch * config.train.num_epochs * config.train.batch_size
+            pretraining[name] = {**json.loads(record.read_text()), "images": images}
+    inits = {name: f"kdep:{workdir / name}" for name in method_names(config)} | {"scratch": "scratch"}
+    for init_name, init in inits.items():
         for seed in compare_seeds(config):
             downstream = _with_init(config.downstream, init)
             downstream.seed = seed
@@ -165,8 +182,8 @@ def compare(config, workdir: epath.Path, mesh) -> dict:
                                 field_prefix="downstream.")
             rows += [{**row, "method": init_name} for row in run_rows]
     _write_results(workdir / "results.json", rows)
-    table = report.comparison_table(rows, pretraining)
     if jax.process_index() == 0:
+        table = report.comparison_table(rows, pretraining)
         (workdir / "comparison.md").write_text(table)
         print(table)
     return {"workdir": str(workdir), "results": rows, "comparison": str(workdir / "comparison.md")}
@@ -189,26 +206,15 @@ def method_config(config, name: str, teacher_path: str):
     return config
 
 
-class _timed:
-    """Adds this attempt's wall time and the images it saw to a JSON record, whether it finishes or is stopped, so
-    that a resumed stage reports its whole cost. Calling the context's value returns the record."""
-
-    def __init__(self, path: epath.Path):
-        self.path = path
-
-    def __enter__(self):
-        self.start = time.monotonic()
-        return lambda: json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def __exit__(self, *exc):
-        if jax.process_index() == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            record = json.loads(self.path.read_text()) if self.path.exists() else {"seconds": 0.0}
-            record["seconds"] += time.monotonic() - self.start
-            tmp = self.path.parent / (self.path.name + ".tmp")
-            tmp.write_text(json.dumps(record))
-            tmp.replace(self.path)
-        return False
+def _add_seconds(path: epath.Path, seconds: float) -> None:
+    """Adds an attempt's wall time to the JSON record at path, on process 0 (the only one that reads it)."""
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = json.loads(path.read_text()) if path.exists() else {"seconds": 0.0}
+        record["seconds"] += seconds
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
 
 
 def prepare_teacher(config, workdir: epath.Path, mesh) -> epath.Path:

@@ -139,7 +139,7 @@ def train(config, workdir, mesh, backbone=None, field_prefix: str = "") -> train
     expected_backbone = backbone_shapes(config)
     if backbone is not None:
         variables = attach_backbone(variables, backbone, expected_backbone)
-    steps_per_epoch, schedule, tx = trainer.sgd_recipe(config, info.num_examples)
+    steps_per_epoch, schedule, tx = trainer.recipe(config, info.num_examples)
     if config.linear_probe:
         labels = {name: ("frozen" if name in expected_backbone["params"] else "head") for name in variables["params"]}
         tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)

@@ -56,6 +56,14 @@ def outputs_fn(config, names: tuple[str, ...], num_classes: int | None = None):
     return outputs
 
 
+def last_stage_fn(config):
+    """(variables, map shaped as the teacher's stage 3) -> its final map, float32: the frozen teacher's layers after
+    stage 3 (its module's `last_stage`, eval mode). Gradients flow through them into the map, never into the
+    variables, which are constants of the step (ScaleKD's teacher parameter perception)."""
+    network = model(config)
+    return lambda variables, x: network.apply(variables, x, method="last_stage")
+
+
 def data_provenance(config, teacher: Teacher, data_config) -> dict:
     """What a pass of the teacher over `data_config` depends on; a file whose provenance differs is not reused.
 
@@ -64,8 +72,11 @@ def data_provenance(config, teacher: Teacher, data_config) -> dict:
     """
     settings = data_config.to_dict()
     settings.pop("threads")
-    return {"teacher_sha256": teacher.sha256, "teacher_arch": config.teacher.arch,
-            "teacher_width": config.teacher.width, "data": settings, "seed": config.seed, "dtype": config.dtype}
+    provenance = {"teacher_sha256": teacher.sha256, "teacher_arch": config.teacher.arch,
+                  "teacher_width": config.teacher.width, "data": settings, "seed": config.seed, "dtype": config.dtype}
+    if config.teacher.overrides:  # recorded only when set, so that files made before the field existed still match
+        provenance["teacher_overrides"] = config.teacher.overrides.to_dict()
+    return provenance
 
 
 def feature_pass(config, mesh, teacher: Teacher, data_config, batch_size: int, output: str = "pre_relu",

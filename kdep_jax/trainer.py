@@ -96,15 +96,14 @@ class LoopSettings:
     field_prefix: str = ""  # where this loop's config sits in the run's config ("teacher.train."), for messages
 
 
-def sgd_recipe(config, num_examples: int):
-    """Steps per epoch, the step-decay schedule and SGD of `config.train`, as every trainer uses them.
+def recipe(config, num_examples: int):
+    """Steps per epoch, the learning-rate schedule and the optimiser of `config.train`, as every trainer uses them.
 
     `validation.validate` has checked that one epoch holds at least one batch.
     """
     steps_per_epoch = num_examples // config.train.batch_size
-    schedule = optim.step_decay_schedule(config.train.lr, steps_per_epoch, config.train.lr_decay_every_epochs,
-                                         config.train.lr_decay_factor, config.train.num_epochs)
-    return steps_per_epoch, schedule, optim.sgd(schedule, config.train.momentum, config.train.weight_decay)
+    schedule, tx = optim.create(config.train, steps_per_epoch)
+    return steps_per_epoch, schedule, tx
 
 
 def loop_settings(config, name: str, steps_per_epoch: int, eval_every_steps: int | None = None,
@@ -200,6 +199,7 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
         if not _all_finite(state.params):
             raise diverged(step, step, "the parameters became infinite or NaN")
         checkpointer.save(step, state, {**meta, "step": step})
+        faults.point(f"{settings.name}.saving")  # the checkpoint is being written (asynchronously)
 
     try:
         with _Preemption() as preemption:

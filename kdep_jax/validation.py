@@ -62,8 +62,9 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
             f"The teacher-target cache is memory-mapped, so it needs a local disk, not {cache_dir}: set "
             f"--config.target_cache.path to a local directory (the workdir itself may stay on the bucket).")
     if teacher is None:
-        method.check(models.dim_from_config(config.teacher),
-                     models.dim_from_config(config.student), _pretrained_teacher_classes(config))
+        teacher_classes = _pretrained_teacher_classes(config)
+        method.check(models.dim_from_config(config.teacher), models.dim_from_config(config.student),
+                     teacher_classes)
 
     info = _check_train_data(config, "")
     stats_data = config.alignment.data if config.alignment.data is not None else config.data
@@ -77,7 +78,7 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         raise ConfigError(
             f"config.method={config.method!r} uses labels, but config.data ({config.data.name} split "
             f"{config.data.split!r}) is a folder of unlabeled images. Use labelled data (<split>/<class>/*.jpg) or "
-            f"a label-free method (its label-free variant, or 'kdep').")
+            f"{method.label_free_fix}.")
     if config.target_cache.enabled and not info.random_access:
         raise ConfigError(
             f"config.target_cache.enabled=True needs random access to the data, but TFDS {config.data.name!r} is "
@@ -87,9 +88,15 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         if supervised_config is not None:
             _check_supervised_data(supervised_config, prefix)
     if teacher is not None:  # the teacher trained here classifies its training data's classes
-        method.check(models.dim_from_config(config.teacher),
-                     models.dim_from_config(config.student),
-                     data.dataset_info(teacher.data, teacher.data.split).num_classes)
+        teacher_classes = data.dataset_info(teacher.data, teacher.data.split).num_classes
+        method.check(models.dim_from_config(config.teacher), models.dim_from_config(config.student),
+                     teacher_classes)
+    if method.needs_labels and method.student_logits and info.num_classes != teacher_classes:
+        raise ConfigError(
+            f"config.method={config.method!r} trains the student's classifier, as wide as the teacher's "
+            f"{teacher_classes} classes, on the data's labels, but config.data ({config.data.name} split "
+            f"{config.data.split!r}) has {info.num_classes} classes. Distil on data labelled with the teacher's "
+            f"classes, or {method.label_free_fix}.")
 
 
 def _check_teacher_source(config) -> None:
@@ -137,8 +144,8 @@ def _check_compare(config, num_devices: int, num_processes: int, workdir) -> Non
     except ValueError:
         seeds = []
     if not seeds:
-        raise ConfigError(f"config.compare.seeds={config.compare.seeds!r}: give the downstream seeds as comma-separated "
-                          f"integers, e.g. '0,1'.")
+        raise ConfigError(f"config.compare.seeds={config.compare.seeds!r}: give the downstream seeds as "
+                          f"comma-separated integers, e.g. '0,1'.")
     if config.downstream is None:
         raise ConfigError("config.mode='compare' fine-tunes every student downstream: config.downstream must be set.")
     for name in names:
@@ -221,6 +228,12 @@ def _check_loop(config, prefix: str, num_devices: int, num_processes: int) -> No
                               f"(a schedule without decay: set lr_decay_every_epochs to num_epochs).")
     if not train.lr > 0:
         raise ConfigError(f"{field}train.lr={train.lr}: the learning rate must be positive.")
+    for name, known in (("schedule", ("step", "cosine")), ("optimizer", ("sgd", "adamw"))):
+        if train[name] not in known:
+            raise ConfigError(f"{field}train.{name}={train[name]!r}: use one of {', '.join(known)}.")
+    if not 0 <= train.warmup_epochs < train.num_epochs:
+        raise ConfigError(f"{field}train.warmup_epochs={train.warmup_epochs}: it must be at least 0 and less than "
+                          f"train.num_epochs={train.num_epochs}.")
     for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[name] < 1:
             raise ConfigError(f"{field}{name}={config[name]}: it must be 1 or more.")

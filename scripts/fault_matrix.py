@@ -3,7 +3,7 @@ stage, each time rerun with the same command, must end with the same results.jso
 
     python scripts/fault_matrix.py --workdir runs/faults             # both signals, every point (about 35 runs)
     python scripts/fault_matrix.py --workdir runs/faults --signals SIGTERM --stages teacher,distillation
-    (tests/test_faults.py runs half of it: every stage with both signals, each stage boundary and inside once)
+    (tests/test_faults.py runs a sample of it: every stage once, the signals and the stopping points by turns)
 
 Each signal gets one workdir and one chain of launches of `python -m kdep_jax.main --config=configs/demo.py:tiny`
 (with the teacher-target cache on, so that its stage is in the matrix): launch k is stopped at fault k by
@@ -36,12 +36,12 @@ OVERRIDES = ("--config.teacher.width=0.25", "--config.teacher.train.model.width=
 @dataclasses.dataclass(frozen=True)
 class Fault:
     stage: str
-    where: str  # "boundary" (before the stage starts) or "inside"
+    where: str  # "boundary" (before the stage starts), "inside", or "saving" (while a checkpoint is written)
     point: str  # a kdep_jax.faults point
     count: int = 1  # stop the n-th time the point is reached (inside a loop: after a checkpoint was saved)
 
     def in_training_loop(self) -> bool:
-        return self.point.endswith(".step") and self.point != "target_cache.step"
+        return self.point.endswith((".step", ".saving")) and self.point != "target_cache.step"
 
 
 # In pipeline order. The tiny demo: teacher 4 steps, alignment 3 batches, target cache and distillation 4 steps,
@@ -52,6 +52,7 @@ FAULTS = (
     Fault("alignment statistics", "inside", "statistics.batch", 2),
     Fault("target cache", "boundary", "stage.target_cache"), Fault("target cache", "inside", "target_cache.step", 2),
     Fault("distillation", "boundary", "stage.distill"), Fault("distillation", "inside", "distill.step", 3),
+    Fault("distillation", "saving", "distill.saving"),
     Fault("export", "boundary", "stage.export"), Fault("export", "inside", "export.converted"),
     Fault("downstream (KDEP)", "boundary", "stage.transfer_kdep"),
     Fault("downstream (KDEP)", "inside", "downstream_kdep.step", 2),
@@ -92,26 +93,29 @@ def expected_stop(fault: Fault, signal_name: str, code: int, output: str) -> boo
     return code == -signal.SIGTERM
 
 
-def run_chain(signal_name: str, workdir: Path, env: dict, faults=FAULTS) -> list[Stop]:
-    """Stops the run at each fault in turn, then lets it finish; returns what each stop did."""
+def run_chain(name: str, workdir: Path, env: dict, stops_planned: list[tuple[Fault, str]]) -> list[Stop]:
+    """Stops the run at each (fault, signal) in turn, then lets it finish; returns what each stop did."""
     stops = []
-    for index, fault in enumerate(faults):
+    for index, (fault, signal_name) in enumerate(stops_planned):
         start = time.monotonic()
         code, output = launch(workdir, env, workdir.parent / f"{workdir.name}.{index:02d}.log", fault, signal_name)
         stops.append(Stop(fault, signal_name, code, expected_stop(fault, signal_name, code, output),
                           time.monotonic() - start))
     code, output = launch(workdir, env, workdir.parent / f"{workdir.name}.final.log")
     if code != 0:
-        raise RuntimeError(f"The last launch of the {signal_name} chain failed ({code}):\n{output[-4000:]}")
+        raise RuntimeError(f"The last launch of the {name} chain failed ({code}):\n{output[-4000:]}")
     return stops
 
 
 def outcome(workdir: Path) -> dict:
-    """What must not change: results.json, the student's bytes, the distillation losses."""
+    """What must not change: results.json, the student's bytes, the distillation losses; and nothing half-written
+    may be left in any checkpoints/ directory."""
     metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {"results": json.loads((workdir / "results.json").read_text()),
             "student": (workdir / "student" / "variables.msgpack").read_bytes(),
-            "losses": [(row["step"], row["loss"]) for row in metrics if "loss" in row]}
+            "losses": [(row["step"], row["loss"]) for row in metrics if "loss" in row],
+            "incomplete checkpoints": sorted(str(path.relative_to(workdir))
+                                             for path in workdir.glob("**/checkpoints/*") if "tmp" in path.name)}
 
 
 def environment(cache_dir: Path) -> dict:
@@ -120,28 +124,34 @@ def environment(cache_dir: Path) -> dict:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
-def full_plan(stages=None) -> dict[str, list[Fault]]:
-    """Every fault with every signal (of the given stages)."""
+def full_plan(stages=None) -> dict[str, list[tuple[Fault, str]]]:
+    """Every fault with every signal (of the given stages): one chain per signal."""
     faults = [fault for fault in FAULTS if not stages or fault.stage.split(" ")[0] in stages]
-    return {name: faults for name in SIGNALS}
+    return {name: [(fault, name) for fault in faults] for name in SIGNALS}
 
 
-def interleaved_plan() -> dict[str, list[Fault]]:
-    """Half the matrix, for the test suite: every stage stopped by both signals, each (stage, where) once, SIGKILL
-    at the boundaries of even stages and inside odd ones, SIGTERM the other way round."""
+def sampled_plan() -> dict[str, list[tuple[Fault, str]]]:
+    """The test suite's sample, one chain: every stage stopped once, at its boundary or inside by turns, by SIGKILL
+    or SIGTERM by turns (so each signal stops runs at boundaries and inside loops), and a SIGKILL while a
+    checkpoint is being written (what leaves a half-written one behind)."""
     stages = list(dict.fromkeys(fault.stage for fault in FAULTS))
-    kill = [fault for fault in FAULTS if (stages.index(fault.stage) + (fault.where == "inside")) % 2 == 0]
-    return {"SIGKILL": kill, "SIGTERM": [fault for fault in FAULTS if fault not in kill]}
+    planned = []
+    for index, stage in enumerate(stages):
+        where = "boundary" if index % 2 == 0 else "inside"
+        fault = next(fault for fault in FAULTS if fault.stage == stage and fault.where == where)
+        planned.append((fault, SIGNALS[(index // 2) % 2]))
+    planned += [(fault, "SIGKILL") for fault in FAULTS if fault.where == "saving"]
+    return {"sampled": sorted(planned, key=lambda stop: FAULTS.index(stop[0]))}
 
 
-def run_matrix(root: Path, plan: dict[str, list[Fault]]) -> dict:
-    """The uninterrupted reference and one chain per signal of `plan`, side by side; returns the stops and whether
-    each chain ended equal to the reference."""
+def run_matrix(root: Path, plan: dict[str, list[tuple[Fault, str]]]) -> dict:
+    """The uninterrupted reference and each chain of `plan`, side by side; returns the stops and whether each
+    chain ended equal to the reference."""
     root.mkdir(parents=True, exist_ok=True)
     env = environment(root / "compilation_cache")
     with futures.ThreadPoolExecutor(len(plan) + 1) as pool:
         reference = pool.submit(launch, root / "reference", env, root / "reference.log")
-        chains = {name: pool.submit(run_chain, name, root / name, env, faults) for name, faults in plan.items()}
+        chains = {name: pool.submit(run_chain, name, root / name, env, planned) for name, planned in plan.items()}
         code, output = reference.result()
         if code != 0:
             raise RuntimeError(f"The uninterrupted run failed ({code}):\n{output[-4000:]}")
@@ -152,8 +162,8 @@ def run_matrix(root: Path, plan: dict[str, list[Fault]]) -> dict:
 
 def table(matrix: dict) -> str:
     """The README's table: one row per fault, one column per signal."""
-    signals = list(matrix["stops"])
-    by_fault = {(stop.fault, name): stop for name in signals for stop in matrix["stops"][name]}
+    by_fault = {(stop.fault, stop.signal): stop for stops in matrix["stops"].values() for stop in stops}
+    signals = [name for name in SIGNALS if any(signal == name for _, signal in by_fault)]
     lines = ["| stage | where | " + " | ".join(signals) + " |", "|---|---|" + "---|" * len(signals)]
     for fault in FAULTS:
         stops = [by_fault.get((fault, name)) for name in signals]
@@ -165,7 +175,8 @@ def table(matrix: dict) -> str:
     tried = sum(len(stops) for stops in matrix["stops"].values())
     recovered = sum(stop.as_expected for stops in matrix["stops"].values() for stop in stops)
     return "\n".join(lines) + (f"\n\n{tried} stops tried, {recovered} stopped where and as expected and resumed; "
-                               f"final results.json, student and losses vs the uninterrupted run: {equal}.\n")
+                               f"final results.json, student, losses and checkpoints vs the uninterrupted run: "
+                               f"{equal}.\n")
 
 
 def succeeded(matrix: dict) -> bool:
@@ -180,7 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", default="", help="comma-separated stage names (default: all)")
     args = parser.parse_args(argv)
     stages = {name.strip() for name in args.stages.split(",") if name.strip()}
-    plan = {name: faults for name, faults in full_plan(stages).items() if name in args.signals.split(",")}
+    plan = {name: planned for name, planned in full_plan(stages).items() if name in args.signals.split(",")}
     root = Path(args.workdir or tempfile.mkdtemp(prefix="kdep_fault_matrix_"))
     start = time.monotonic()
     matrix = run_matrix(root, plan)

@@ -26,6 +26,9 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 import runpy  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
 from kdep_jax import config_lib  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,3 +70,24 @@ def small_transfer_config(**overrides):
     config.eval_batch_size = 48  # 500 test images: the last batch is padded
     config.log_every_steps = 1
     return override(config, overrides)
+
+
+class TinyImages(tfds.core.GeneratorBasedBuilder):
+    """A real (not mocked) TFDS dataset of 11 uniform-colour images, prepared offline by the test."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(11):
+            yield i, {"image": np.full((20 + i, 30, 3), 4 * i, np.uint8), "label": i // 4}

@@ -15,6 +15,7 @@ import tensorflow as tf  # pylint: disable=g-bad-import-order
 import tensorflow_datasets as tfds
 
 from kdep_jax import config_lib, data
+from conftest import TinyImages
 from kdep_jax.data import demo, transforms
 
 MEAN, STD = np.array(data.IMAGENET_MEAN), np.array(data.IMAGENET_STD)
@@ -300,27 +301,6 @@ def test_demo_source():
     ref = np.stack([reference(Image.fromarray(image)) for image in images[:8]])
     assert np.abs((first["image"] * STD + MEAN) * 255 - ref).max() < 3
     np.testing.assert_array_equal(first["label"], labels[:8])
-
-
-class TinyImages(tfds.core.GeneratorBasedBuilder):
-    """A real (not mocked) TFDS dataset of 11 uniform-colour images, prepared offline by the test."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}
-            ),
-        )
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i in range(11):
-            yield i, {"image": np.full((20 + i, 30, 3), 4 * i, np.uint8), "label": i // 4}
 
 
 @pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])

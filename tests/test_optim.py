@@ -51,3 +51,41 @@ def test_sgd_matches_torch_sgd_with_weight_decay_and_momentum():
         optimizer.step()
         scheduler.step()
     np.testing.assert_allclose(np.asarray(jax_params), torch_params.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_schedule_with_warmup_matches_torch():
+    """Per step: torch's LinearLR warm-up (from lr / W) then CosineAnnealingLR to 0, chained by SequentialLR."""
+    warmup, total = 6, EPOCHS * STEPS_PER_EPOCH
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup - 1),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)], milestones=[warmup])
+    expected = []
+    for _ in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    schedule = optim.cosine_schedule(LR, STEPS_PER_EPOCH, warmup / STEPS_PER_EPOCH, EPOCHS)
+    host = np.array([schedule(np.int64(step)) for step in range(total)])
+    traced = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(total)))
+    np.testing.assert_allclose(host, expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(traced, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_decays_kernels_only_as_torch_adamw_with_two_groups():
+    rng = np.random.default_rng(0)
+    kernel, bias = rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)
+    grads = [(rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)) for _ in range(3)]
+    torch_kernel, torch_bias = (torch.tensor(x, requires_grad=True) for x in (kernel, bias))
+    optimizer = torch.optim.AdamW([{"params": [torch_kernel], "weight_decay": 0.1},
+                                   {"params": [torch_bias], "weight_decay": 0.0}], lr=0.01)
+    tx = optim.adamw(lambda count: 0.01, weight_decay=0.1)
+    params = {"dense": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}
+    state = tx.init(params)
+    for grad_kernel, grad_bias in grads:
+        torch_kernel.grad, torch_bias.grad = torch.from_numpy(grad_kernel), torch.from_numpy(grad_bias)
+        optimizer.step()
+        updates, state = tx.update({"dense": {"kernel": grad_kernel, "bias": grad_bias}}, state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params["dense"]["kernel"], torch_kernel.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(params["dense"]["bias"], torch_bias.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -63,7 +63,6 @@ def test_cached_targets_equal_online_targets_for_the_same_crops(built):
 
 def test_replayed_batches_bring_the_targets_and_the_loss_matches(built):
     config, mesh, teacher, method, alignment, directory, cache = built
-    dim = method.dim
     replayed = target_cache.replay(
         data.train_batches(config.data, config.data.split, 8, seed=config.seed, start_step=1, with_crops=True),
         cache, start_step=1)
@@ -93,7 +92,6 @@ def test_cache_is_reused_only_for_the_same_run(built, caplog):
 
 def test_replay_refuses_other_crops(built):
     config, mesh, teacher, method, alignment, directory, cache = built
-    dim = method.dim
     other_seed = data.train_batches(config.data, config.data.split, 8, seed=config.seed + 1, with_crops=True)
     with pytest.raises(ValueError, match="crop and flip .* so its targets belong to other images"):
         next(target_cache.replay(other_seed, cache, start_step=0))
@@ -101,7 +99,6 @@ def test_replay_refuses_other_crops(built):
 
 def test_replay_refuses_another_example_under_the_same_crop(built):
     config, mesh, teacher, method, alignment, directory, cache = built
-    dim = method.dim
     crops = np.array(cache.crops)
     crops[0, 3, 0] += 1  # the recorded example of row 3, not its crop
     tampered = target_cache.TargetCache(crops, cache.targets)

@@ -280,12 +280,11 @@ def test_mobilenet_v2_fine_tuning_uses_torchvision_dropout():
               for seed in (0, 0, 1)]
     assert losses[0] == losses[1] != losses[2]
 
-    @jax.jit
     def logits(key):
         return model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": key})[0][0]
 
-    samples = np.stack([np.asarray(logits(key), np.float64) for key in jax.random.split(jax.random.key(0), 400)])
-    (_, features), _ = model.apply(variables, images, train=True, mutable=["batch_stats"])  # no key: no dropout
+    samples = np.asarray(jax.jit(jax.vmap(logits))(jax.random.split(jax.random.key(0), 400)), np.float64)
+    (_, features), _ = jax.jit(lambda: model.apply(variables, images, train=True, mutable=["batch_stats"]))()
     pooled = np.asarray(features["pooled"], np.float64)
     kernel, bias = (np.asarray(variables["params"]["classifier_1"][name], np.float64) for name in ("kernel", "bias"))
     variance = (pooled**2) @ (kernel**2) * 0.2 / 0.8  # each feature kept with p=0.8 and scaled by 1/0.8

@@ -4,6 +4,7 @@ Small configurations of the same code are compared with torchvision's own classe
 arguments; one 224 px model per family is compared at full size. Every parameter is randomised first:
 torchvision's init zeroes the ViT head and scales ConvNeXt's blocks by 1e-6, which would hide mistakes.
 """
+import json
 import math
 
 import flax.linen as nn
@@ -16,11 +17,12 @@ import torchvision
 from torchvision.models.convnext import CNBlockConfig
 from torchvision.models.swin_transformer import SwinTransformer as TorchSwinTransformer
 
-from kdep_jax import convert
+from kdep_jax import convert, pipeline
 from kdep_jax.convert import (ConversionError, from_torch_state_dict, from_torchvision, load_converted,
                               to_torch_state_dict, to_torchvision)
 from kdep_jax.models import create_model, feature_dim
 from kdep_jax.models.layers import stochastic_depth
+from conftest import tiny_config
 
 PARITY_TOLERANCE = 1e-4
 NEW_ARCHS = ("vit_b_16", "vit_b_32", "vit_l_16", "swin_t", "swin_s", "swin_b", "convnext_tiny", "convnext_small",
@@ -156,6 +158,30 @@ def test_small_configuration_matches_torchvision_and_converts_back(name):
     assert_same_state_dict(exported, torch_model.state_dict(), same_order=not name.startswith("swin"))
     with torch.no_grad():
         np.testing.assert_array_equal(load_strictly(make_torch_model(), exported)(images), torch_model(images))
+
+
+@pytest.mark.parametrize("name", ["vit", "swin_64"])
+def test_last_stage_is_torchvisions_layers_after_stage3(name):
+    """`last_stage` on any map shaped as stage 3 is torchvision's own layers after stage 3 on it: Swin's
+    features.6 (PatchMerging), features.7 and norm; ViT's last quarter of encoder.layers and encoder.ln, on the
+    patch tokens alone (no class token)."""
+    make_torch_model, make_model, (height, width) = SMALL_CONFIGS[name]
+    torch_model = randomize(make_torch_model(), seed=3)
+    model = make_model()
+    variables = from_torch_state_dict(torch_model.state_dict(), model)
+    stage3 = jax.eval_shape(model.apply, variables, jnp.zeros((2, height, width, 3)))[1]["stage3"]
+    x = torch.randn(stage3.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if name == "vit":
+            tokens = x.flatten(1, 2)
+            for layer in torch_model.encoder.layers[3 * len(torch_model.encoder.layers) // 4:]:
+                tokens = layer(tokens)
+            expected = torch_model.encoder.ln(tokens).reshape(x.shape)
+        else:
+            expected = torch_model.norm(torch_model.features[7](torch_model.features[6](x)))
+    ours = jax.jit(lambda v, x: model.apply(v, x, method="last_stage"))(variables, x.numpy())
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    assert relative_error(ours, expected.numpy()) < PARITY_TOLERANCE
 
 
 def meta_model(arch: str) -> torch.nn.Module:
@@ -302,3 +328,12 @@ def test_cli_import_and_export_of_swin_t(full_size_models, tmp_path):
     exported = torch.load(tmp_path / "exported.pth", weights_only=True)
     meta_model("swin_t").load_state_dict(exported, strict=True, assign=True)
     assert_same_state_dict(exported, torch_model.state_dict(), same_order=False)
+
+
+@pytest.mark.slow
+def test_the_tiny_demo_with_a_transformer_teacher(tmp_path):
+    """configs/demo.py:tiny_vit: a small ViT (torchvision's code) trained as the teacher, its class token distilled
+    into a ResNet-18, both fine-tuned downstream."""
+    outputs = pipeline.run(tiny_config("tiny_vit"), tmp_path)
+    assert {row["init"] for row in outputs["results"]} == {"kdep", "scratch"}
+    assert json.loads((tmp_path / "teacher" / "model" / "meta.json").read_text())["arch"] == "vit_b_16"

@@ -9,7 +9,8 @@ from kdep_jax.data.errors import DataError
 
 
 def select(num_examples: int, labels: Callable[[], np.ndarray], subset, seed: int) -> np.ndarray:
-    """Sorted example indices: all (subset None), a uniform fraction (float), or `subset` per class (int).
+    """Sorted example indices: all (subset None), a uniform fraction (below 1), or `subset` per class (a whole
+    number, 1 or more: config.data.subset is a float field, so that the command line can set it).
 
     The choice depends only on (num_examples, labels, subset, seed), so every process and every run with
     the same seed trains on the same images.
@@ -17,14 +18,10 @@ def select(num_examples: int, labels: Callable[[], np.ndarray], subset, seed: in
     if subset is None:
         return np.arange(num_examples)
     order = np.random.default_rng(seed).permutation(num_examples)
-    if isinstance(subset, float):
-        if not 0.0 < subset <= 1.0:
-            raise DataError(
-                f"config.data.subset={subset}: a fraction must be in (0, 1]; "
-                "use an int for a number of images per class."
-            )
+    if 0.0 < subset < 1.0:
         return np.sort(order[: max(1, round(subset * num_examples))])
-    if isinstance(subset, (int, np.integer)) and not isinstance(subset, bool) and subset >= 1:
+    if subset >= 1 and float(subset).is_integer():
+        subset = int(subset)
         shuffled = labels()[order]
         # Stable sort by label keeps the random order within each class; rank = position inside its class.
         by_class = np.argsort(shuffled, kind="stable")
@@ -43,6 +40,6 @@ def select(num_examples: int, labels: Callable[[], np.ndarray], subset, seed: in
             )
         return np.sort(order[by_class[rank < subset]])
     raise DataError(
-        f"config.data.subset={subset!r}: use None, a fraction in (0, 1] (e.g. 0.1), "
-        "or a positive int number of images per class (e.g. 128)."
+        f"config.data.subset={subset!r}: use None (all), a fraction below 1 (e.g. 0.1), "
+        "or a whole number of images per class (e.g. 128)."
     )

@@ -2,19 +2,21 @@
 
 `config.method` picks one; `create(config)` builds it. KDEP and its paper's ablations (kdep.py, kdep_conv.py),
 logit distillation without labels (logits.py: Hinton KD, SSLD and its cross-entropy variant, function
-matching) and TCS (tcs.py). METHODS.md beside DESIGN.md holds each one's facts and sources.
+matching), TCS (tcs.py) and ScaleKD (scalekd.py: Swin or ViT teachers into CNNs). METHODS.md beside DESIGN.md
+holds each one's facts and sources.
 """
 from __future__ import annotations
 
 from kdep_jax.errors import ConfigError
-from kdep_jax.methods.base import Method
+from kdep_jax.methods.base import LossContext, Method
 from kdep_jax.methods.kdep import KDEP, KDEPWithoutPTS
 from kdep_jax.methods.kdep_conv import KDEPRegressor
 from kdep_jax.methods.logits import SSLD, FunctionMatching, LogitKD, SSLDCrossEntropy
+from kdep_jax.methods.scalekd import ScaleKD
 from kdep_jax.methods.tcs import TCS
 
 METHODS: dict[str, type[Method]] = {method.name: method for method in (
-    KDEP, KDEPWithoutPTS, KDEPRegressor, LogitKD, SSLD, SSLDCrossEntropy, FunctionMatching, TCS)}
+    KDEP, KDEPWithoutPTS, KDEPRegressor, LogitKD, SSLD, SSLDCrossEntropy, FunctionMatching, TCS, ScaleKD)}
 
 
 def create(config) -> Method:
@@ -24,4 +26,4 @@ def create(config) -> Method:
     return METHODS[config.method](config)
 
 
-__all__ = ["METHODS", "Method", "create"]
+__all__ = ["METHODS", "LossContext", "Method", "create"]

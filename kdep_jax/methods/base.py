@@ -4,9 +4,15 @@ A method says (a) which teacher outputs it needs, (b) the statistics it computes
 trainable head, which lives beside the student in the train state and is dropped at export, (d) its loss,
 and (e) whether its targets can be cached. The trainer, data, checkpoints and export are shared; the
 trainer never asks which method it runs.
+
+Added for ScaleKD, whose loss runs part of the frozen teacher on the student's projected maps and may use labels:
+every loss receives a `LossContext` (the teacher's variables and the batch's labels), which the other methods
+ignore; `targets` may return a dict of arrays when the method is not cacheable; `needs_labels` may be set per
+instance (a config field) and `label_free_fix` says in validation's message how to do without labels.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -29,6 +35,8 @@ class Method:
     per_example_targets = False
     # The loss uses the data's labels (every method here is label-free unless it says so).
     needs_labels = False
+    # How to run without labels, for the message that refuses needs_labels on unlabeled images.
+    label_free_fix = "choose a label-free method such as 'kdep'"
     # The student trains on the training augmentation (False: on the eval transform, as per-example targets are).
     train_augmentation = True
 
@@ -65,8 +73,9 @@ class Method:
         """The images both networks see (function matching mixes them); the batch's images by default."""
         return images
 
-    def targets(self, teacher_outputs: dict, constants) -> jax.Array:
-        """(B, ...) float32 targets from the teacher's outputs: what the loss compares with and the cache records."""
+    def targets(self, teacher_outputs: dict, constants) -> Any:
+        """(B, ...) float32 targets from the teacher's outputs: what the loss compares with and the cache records
+        (one array when cacheable; a dict of (B, ...) arrays otherwise)."""
         raise NotImplementedError
 
     def example_targets(self, statistics, index) -> Any:
@@ -74,9 +83,23 @@ class Method:
         raise NotImplementedError
 
     # (d)
-    def loss(self, head: dict, head_state: dict, student: dict, targets: jax.Array):
+    def loss(self, head: dict, head_state: dict, student: dict, targets, context: LossContext | None = None):
         """(loss, new head state, metrics) from the student's outputs ({"logits", "pre_relu", "pooled", ...})."""
         raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class LossContext:
+    """What a loss may use beside the student's outputs and the targets.
+
+    teacher: the frozen teacher's variables, None when the targets come from a cache or a per-example table. They
+    are constants of the step: no gradient reaches them, but gradients flow through the teacher's layers into
+    whatever the loss feeds them (ScaleKD's teacher parameter perception).
+    labels: the batch's (B,) int32 labels (all 0 on unlabeled images: only methods with needs_labels use them),
+    None when the batch brings none.
+    """
+    teacher: dict | None
+    labels: jax.Array | None
 
 
 def kl_divergence(p_log: jax.Array, q_log: jax.Array) -> jax.Array:

@@ -111,7 +111,7 @@ class KDEP(Method):
         return alignment_lib.teacher_targets(teacher_outputs["pre_relu"], alignment, self.dim,
                                              pts_t=self.config.alignment.pts_t, pts_n=self.pts_n)
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         features = student["pre_relu"]
         if head:
             features = torch_linear(self.dim, self.student_dim).apply({"params": head}, features)

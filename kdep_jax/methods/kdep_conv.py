@@ -32,6 +32,6 @@ class KDEPRegressor(Method):
     def targets(self, teacher_outputs, constants):
         return teacher_outputs["pre_relu"]
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         regressed = self._regressor().apply({"params": head}, student["pre_relu"])
         return losses.feature_distillation_loss(regressed, targets, self.config.train.loss_weight), head_state, {}

@@ -30,7 +30,7 @@ class LogitKD(_LogitMethod):
     def provenance(self):
         return {"method": self.name}  # the targets are the raw logits; T enters only the loss
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         return temperature_kl(student["logits"], targets, self.config.logit_kd.temperature), head_state, {}
 
 
@@ -41,7 +41,7 @@ class SSLD(_LogitMethod):
     name = "ssld"
     eps = 1e-12
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         p_s = jax.nn.softmax(jnp.asarray(student["logits"], jnp.float32), axis=-1)
         p_t = jax.nn.softmax(jnp.asarray(targets, jnp.float32), axis=-1)
 
@@ -56,7 +56,7 @@ class SSLDCrossEntropy(_LogitMethod):
     `-sum(softmax(z_t) * log_softmax(z_s))`, batch mean."""
     name = "ssld_ce"
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         p_t = jax.nn.softmax(jnp.asarray(targets, jnp.float32), axis=-1)
         log_p_s = jax.nn.log_softmax(jnp.asarray(student["logits"], jnp.float32), axis=-1)
         return jnp.mean(-jnp.sum(p_t * log_p_s, axis=-1)), head_state, {}
@@ -75,7 +75,7 @@ class FunctionMatching(_LogitMethod):
         a = jnp.maximum(a, 1.0 - a).astype(images.dtype)
         return a * images + (1.0 - a) * jnp.roll(images, 1, axis=0)
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         return temperature_kl(student["logits"], targets, self.config.fm.temperature), head_state, {}
 
 

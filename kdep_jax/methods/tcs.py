@@ -23,7 +23,8 @@ Choices this implementation makes where the paper's method section could not be 
 - Loss: `w * sum_j m_j mean_b (W f_s + b - z)_bj ** 2 / sum_j m_j`, the mean squared error over the kept
   coordinates (`tcs.loss_weight`).
 - Selection: the gradient of the loss with respect to the mask (the kept count held fixed), `dL/dm_j`, is
-  each coordinate's share of the error; its magnitude is accumulated every step, and every `tcs.prune_every_epochs` epochs, from
+  each coordinate's share of the error; its magnitude is accumulated every step, and every
+  `tcs.prune_every_epochs` epochs, from
   `tcs.prune_start_epoch` on, the `tcs.prune_fraction` of the kept coordinates with the largest accumulation
   (the ones the student's features cannot express, whitened noise directions first) are removed, until
   `tcs.min_keep_fraction` of k remain; the accumulation then starts again.
@@ -115,8 +116,8 @@ class TCS(Method):
             description="TCS teacher pass")))
         if pca.count <= self.dim:
             raise ConfigError(
-                f"TCS needs more training examples than coordinates: {pca.count} examples for k={self.dim} (config.tcs.dim, "
-                f"0: the student's width). Lower config.tcs.dim below {pca.count} or use more data.")
+                f"TCS needs more training examples than coordinates: {pca.count} examples for k={self.dim} "
+                f"(config.tcs.dim, 0: the student's width). Lower config.tcs.dim below {pca.count} or use more data.")
         local_features, local_indices = np.concatenate(features), np.concatenate(indices)
         scale = pca.singular_values[:self.dim] / np.sqrt(max(pca.count - 1, 1))  # each coordinate's std
         local_coordinates = ((local_features - pca.mean) @ pca.components[:, :self.dim]) / np.maximum(scale, 1e-12)
@@ -140,7 +141,7 @@ class TCS(Method):
                  "step": np.zeros((), np.int32)}
         return params, state
 
-    def loss(self, head, head_state, student, targets):
+    def loss(self, head, head_state, student, targets, context=None):
         predicted = self._map().apply({"params": head}, student["pre_relu"])
         errors = jnp.mean(jnp.square(predicted - targets), axis=0)  # per coordinate
 

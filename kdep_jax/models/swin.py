@@ -163,31 +163,52 @@ class SwinTransformer(nn.Module):
     def feature_dim(self) -> int:
         return self.embed_dim * 2 ** (len(self.depths) - 1)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False):
+    def setup(self):
         patch = self.patch_size
-        x = nn.Conv(self.embed_dim, (patch, patch), strides=(patch, patch), padding="VALID",
-                    kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(3 * patch * patch),
-                    dtype=self.dtype, param_dtype=jnp.float32, name="features_0_0")(x.astype(self.dtype))
-        x = layer_norm(EPSILON, self.dtype, "features_0_2")(x)
+        self.patch_embed = nn.Conv(self.embed_dim, (patch, patch), strides=(patch, patch), padding="VALID",
+                                   kernel_init=torch_default_kernel_init,
+                                   bias_init=torch_default_bias_init(3 * patch * patch), dtype=self.dtype,
+                                   param_dtype=jnp.float32, name="features_0_0")
+        self.patch_norm = layer_norm(EPSILON, self.dtype, "features_0_2")
+        total_blocks = sum(self.depths)
+        self.blocks = [
+            [SwinBlock(num_heads, self.window_size, 0 if index % 2 == 0 else self.window_size // 2,
+                       self.stochastic_depth_prob * (sum(self.depths[:stage]) + index) / (total_blocks - 1),
+                       self.dtype, name=f"features_{2 * stage + 1}_{index}") for index in range(depth)]
+            for stage, (depth, num_heads) in enumerate(zip(self.depths, self.num_heads))]
+        self.merges = [PatchMerging(self.dtype, name=f"features_{2 * stage}") for stage in range(1, len(self.depths))]
+        self.norm = layer_norm(EPSILON, self.dtype, "norm")
+        if self.num_classes is not None:
+            self.head = dense(self.num_classes, _linear_init, self.dtype, "head")
+
+    def _stage(self, stage: int, x: jax.Array, train: bool) -> jax.Array:
+        """Stage `stage` (0-based): the PatchMerging before it (none before the first), then its blocks."""
+        if stage > 0:
+            x = self.merges[stage - 1](x)
+        for block in self.blocks[stage]:
+            x = block(x, train)
+        return x
+
+    def __call__(self, x: jax.Array, train: bool = False):
+        x = self.patch_norm(self.patch_embed(x.astype(self.dtype)))
         stages = []
-        total_blocks, block_id = sum(self.depths), 0
-        for stage, (depth, num_heads) in enumerate(zip(self.depths, self.num_heads)):
-            for index in range(depth):
-                x = SwinBlock(num_heads, self.window_size, 0 if index % 2 == 0 else self.window_size // 2,
-                              self.stochastic_depth_prob * block_id / (total_blocks - 1), self.dtype,
-                              name=f"features_{2 * stage + 1}_{index}")(x, train)
-                block_id += 1
+        for stage in range(len(self.depths)):
+            x = self._stage(stage, x, train)
             stages.append(x)
-            if stage < len(self.depths) - 1:
-                x = PatchMerging(self.dtype, name=f"features_{2 * stage + 2}")(x)
-        x = layer_norm(EPSILON, self.dtype, "norm")(x)
+        x = self.norm(x)
         stages[-1] = x
         pooled = x.astype(jnp.float32).mean(axis=(1, 2))
         features = {"pre_relu": pooled, "pooled": pooled,
                     **{f"stage{index}": value.astype(jnp.float32) for index, value in enumerate(stages, start=1)}}
         logits = None
         if self.num_classes is not None:
-            logits = dense(self.num_classes, _linear_init, self.dtype, "head")(pooled.astype(self.dtype))
-            logits = logits.astype(jnp.float32)
+            logits = self.head(pooled.astype(self.dtype)).astype(jnp.float32)
         return logits, features
+
+    def last_stage(self, x: jax.Array) -> jax.Array:
+        """The network after stage 3, from a map shaped as features["stage3"] (B, H, W, C): the last PatchMerging
+        (features.6 in torchvision's Swin-T), the last stage's blocks (features.7) and the final norm; returns the
+        (B, H/2, W/2, 2C) map, float32, as features["stage4"]. On the teacher's own stage-3 map it gives its
+        stage4; ScaleKD's teacher parameter perception feeds it a projected student map:
+        `model.apply(variables, x, method="last_stage")`. Eval mode: no stochastic depth."""
+        return self.norm(self._stage(len(self.depths) - 1, x.astype(self.dtype), False)).astype(jnp.float32)

@@ -92,7 +92,8 @@ class EncoderBlock(nn.Module):
 class Encoder(nn.Module):
     """Adds the position embedding, runs the blocks, applies the final LayerNorm `ln`.
 
-    Returns (final tokens after `ln`, [tokens after each block listed in stage_ends (1-based)]).
+    Returns (final tokens after `ln`, [tokens after each block listed in stage_ends (1-based)]). first_layer k > 0:
+    x holds the tokens after k blocks; the position embedding and the first k blocks are skipped.
     """
     num_layers: int
     num_heads: int
@@ -101,11 +102,12 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-        pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02), (1, *x.shape[1:]), jnp.float32)
-        x = x + pos_embedding.astype(self.dtype)
+    def __call__(self, x: jax.Array, first_layer: int = 0) -> tuple[jax.Array, list[jax.Array]]:
+        if first_layer == 0:
+            pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02), (1, *x.shape[1:]), jnp.float32)
+            x = x + pos_embedding.astype(self.dtype)
         ends = []
-        for index in range(self.num_layers):
+        for index in range(first_layer, self.num_layers):
             x = EncoderBlock(self.num_heads, self.mlp_dim, self.dtype, name=f"encoder_layer_{index}")(x)
             if index + 1 in self.stage_ends:
                 ends.append(x)
@@ -135,7 +137,22 @@ class VisionTransformer(nn.Module):
     def feature_dim(self) -> int:
         return self.hidden_dim
 
-    @nn.compact
+    @property
+    def stage_ends(self) -> tuple[int, ...]:
+        """The blocks (1-based) after which stages 1-3 end: L/4, L/2, 3L/4."""
+        return tuple(self.num_layers * stage // 4 for stage in (1, 2, 3))
+
+    def setup(self):
+        self.conv_proj = nn.Conv(self.hidden_dim, (self.patch_size, self.patch_size),
+                                 strides=(self.patch_size, self.patch_size), padding="VALID",
+                                 kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
+                                 dtype=self.dtype, param_dtype=jnp.float32, name="conv_proj")
+        self.class_token = self.param("class_token", nn.initializers.zeros, (1, 1, self.hidden_dim), jnp.float32)
+        self.encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.stage_ends, self.dtype,
+                               name="encoder")
+        if self.num_classes is not None:
+            self.heads_head = dense(self.num_classes, nn.initializers.zeros, self.dtype, "heads_head")
+
     def __call__(self, x: jax.Array, train: bool = False):
         batch, height, width, _ = x.shape
         if self.image_size % self.patch_size:
@@ -145,20 +162,26 @@ class VisionTransformer(nn.Module):
                              f"has one entry per {self.patch_size}-pixel patch), got {height}x{width}: resize "
                              f"the images or build the model with image_size={height}")
         grid = self.image_size // self.patch_size
-        x = nn.Conv(self.hidden_dim, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
-                    padding="VALID", kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
-                    dtype=self.dtype, param_dtype=jnp.float32, name="conv_proj")(x.astype(self.dtype))
+        x = self.conv_proj(x.astype(self.dtype))
         x = x.reshape(batch, grid * grid, self.hidden_dim)  # row-major patches, as torch's flatten of (h, w)
-        class_token = self.param("class_token", nn.initializers.zeros, (1, 1, self.hidden_dim), jnp.float32)
-        x = jnp.concatenate([jnp.broadcast_to(class_token.astype(self.dtype), (batch, 1, self.hidden_dim)), x], 1)
-        stage_ends = tuple(self.num_layers * stage // 4 for stage in (1, 2, 3))
-        x, ends = Encoder(self.num_layers, self.num_heads, self.mlp_dim, stage_ends, self.dtype, name="encoder")(x)
+        x = jnp.concatenate([jnp.broadcast_to(self.class_token.astype(self.dtype), (batch, 1, self.hidden_dim)), x],
+                            1)
+        x, ends = self.encoder(x)
         maps = [tokens[:, 1:].reshape(batch, grid, grid, self.hidden_dim) for tokens in (*ends, x)]
         class_feature = x[:, 0].astype(jnp.float32)
         features = {"pre_relu": class_feature, "pooled": class_feature,
                     **{f"stage{index}": value.astype(jnp.float32) for index, value in enumerate(maps, start=1)}}
         logits = None
         if self.num_classes is not None:
-            logits = dense(self.num_classes, nn.initializers.zeros, self.dtype, "heads_head")(x[:, 0])
-            logits = logits.astype(jnp.float32)
+            logits = self.heads_head(x[:, 0]).astype(jnp.float32)
         return logits, features
+
+    def last_stage(self, x: jax.Array) -> jax.Array:
+        """The network after stage 3, from patch tokens shaped as features["stage3"] (B, g, g, D): blocks 3L/4 + 1
+        .. L (1-based; 10-12 of ViT-B) and the final LayerNorm, on these tokens alone (no class token: a projected
+        student map has none); returns (B, g, g, D) float32. ScaleKD's teacher parameter perception feeds it a
+        projected student map: `model.apply(variables, x, method="last_stage")`."""
+        batch, height, width, dim = x.shape
+        tokens, _ = self.encoder(x.reshape(batch, height * width, dim).astype(self.dtype),
+                                 first_layer=self.stage_ends[-1])
+        return tokens.reshape(batch, height, width, dim).astype(jnp.float32)
