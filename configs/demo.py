@@ -13,6 +13,8 @@ task far more slowly than this, and a full-width student would have doubled the 
     python -m kdep_jax.main --config=configs/demo.py:tiny_vit --workdir=runs/tiny_vit
     # Every distillation method side by side (same teacher, data, budget and seed), each fine-tuned with 2 seeds:
     python -m kdep_jax.main --config=configs/demo.py:compare --workdir=runs/compare
+    # ScaleKD beside KDEP and logit KD, from a small Swin teacher (ScaleKD distils transformers into CNNs):
+    python -m kdep_jax.main --config=configs/demo.py:compare_swin --workdir=runs/compare_swin
     # Only the tiny distillation (statistics, distillation, export) from an existing converted teacher,
     # as the multi-process, resume and preemption tests run it:
     python -m kdep_jax.main --config=configs/demo.py:tiny_distill --workdir=runs/td \
@@ -50,6 +52,10 @@ TEACHER_ARCH, STUDENT_ARCH, WIDTH = "resnet18", "resnet18", 0.5
 COMPARE_DISTILL_EPOCHS, COMPARE_DOWNSTREAM_EPOCHS = 5, 20
 REAL_IMAGE_SIZE, REAL_STUDENT_WIDTH, REAL_DISTILL_EPOCHS = 64, 0.5, 4
 REAL_FACES_PER_CLASS, REAL_DOWNSTREAM_EPOCHS = 10, 30
+# Swin-T's code at 32 px, for the comparison with a transformer teacher (ScaleKD's kind): 2 px patches and 4 px
+# windows, 32 -> 256 channels, so its stage maps are 16, 8, 4 and 2 px on a side (ScaleKD's projectors query the
+# last two) and its 256-d feature is as wide as the half-width ResNet-18 student's.
+SMALL_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, patch_size=2)
 # ViT-B/16's code at 32 px: 4 px patches (an 8x8 grid), 2 blocks of width 192.
 TINY_VIT = dict(image_size=32, patch_size=4, num_layers=2, num_heads=3, hidden_dim=192, mlp_dim=384)
 
@@ -107,7 +113,8 @@ def _real_config(tiny: bool):
 
 
 def get_config(variant: str = ""):
-    variants = ("", "tiny", "tiny_distill", "tiny_vit", "compare", "tiny_compare", "real", "tiny_real")
+    variants = ("", "tiny", "tiny_distill", "tiny_vit", "compare", "tiny_compare", "compare_swin", "tiny_compare_swin",
+                "real", "tiny_real")
     if variant not in variants:
         raise ValueError(f"configs/demo.py takes no variant or one of {', '.join(':' + v for v in variants[1:])}, "
                          f"not {variant!r}.")
@@ -142,13 +149,13 @@ def get_config(variant: str = ""):
     downstream.log_every_steps = 5
     config.downstream = downstream
 
-    if variant in ("compare", "tiny_compare"):
+    if "compare" in variant:
         config.mode = "compare"
         # Sized so that 8 pre-trainings and 18 fine-tunings fit in 30 minutes on a 2-core CPU.
         config.train.update(num_epochs=COMPARE_DISTILL_EPOCHS, lr_decay_every_epochs=COMPARE_DISTILL_EPOCHS)
         downstream.train.update(num_epochs=COMPARE_DOWNSTREAM_EPOCHS, lr_decay_every_epochs=COMPARE_DOWNSTREAM_EPOCHS)
         downstream.eval_every_epochs = COMPARE_DOWNSTREAM_EPOCHS
-    if variant in ("tiny", "tiny_distill", "tiny_vit", "tiny_compare"):  # every stage, a few steps, 4 images per class
+    if variant.startswith("tiny"):  # every stage, a few steps, 4 images per class
         # Full width, so the exported student is exactly torchvision's resnet18 (the tests load it there).
         teacher.model.width = config.teacher.width = config.student.width = downstream.model.width = 1.0
         for run in (teacher, config, downstream):
@@ -163,6 +170,18 @@ def get_config(variant: str = ""):
         teacher.model.update(arch="vit_b_16", width=1.0)
         teacher.model.overrides.update(TINY_VIT)
         config.student.width = downstream.model.width = 0.25  # 128-d, within the teacher's 192
+    if variant.endswith("compare_swin"):  # ScaleKD beside KDEP and logit KD, from a small Swin trained first
+        config.compare.methods = "kdep,logit_kd,scalekd"
+        config.teacher.update(arch="swin_t", width=1.0)
+        config.teacher.overrides.update(SMALL_SWIN)
+        teacher.model.update(arch="swin_t", width=1.0)
+        teacher.model.overrides.update(SMALL_SWIN)
+        # A transformer learns with AdamW and a warm-up (SGD at the ResNet's lr 0.1 diverges).
+        teacher.train.update(optimizer="adamw", lr=2e-3, weight_decay=0.05, schedule="cosine",
+                             warmup_epochs=0.0 if variant.startswith("tiny") else 1.0)
+        config.student.width = downstream.model.width = 0.5 if variant == "compare_swin" else 0.25
+        # At 32 px the student's layer4 map is 1x1, which leaves the stage-4 frequency view nothing to compare.
+        config.scalekd.update(query_sizes=(4, 2), num_heads=(2, 4), weights=((0.08, 0.06), (0.08, 0.0)))
     if variant == "tiny_distill":  # no teacher training, no transfer: set --config.teacher.path
         config.teacher.train = None
         config.downstream = None

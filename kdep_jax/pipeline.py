@@ -201,7 +201,7 @@ def method_config(config, name: str, teacher_path: str):
     """The KDEP-mode config of one method of a comparison: its own workdir, the shared teacher, no transfer."""
     config = config.copy_and_resolve_references()
     config.mode, config.method = "kdep", name
-    config.teacher.update(path=teacher_path, checkpoint="", train=None)
+    config.teacher.path, config.teacher.checkpoint, config.teacher.train = teacher_path, "", None
     config.downstream = None
     return config
 

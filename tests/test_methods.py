@@ -252,6 +252,17 @@ def test_the_comparison_table_has_a_row_per_method_and_scratch():
     ]
 
 
+def test_each_method_of_a_comparison_distils_from_the_shared_teacher():
+    """The demo's comparison trains its teacher once; each method's run then reads it from the given path."""
+    config = tiny_config("compare")
+    assert config.teacher.train is not None
+    per_method = pipeline.method_config(config, "ssld", "runs/compare/teacher/model")
+    assert (per_method.mode, per_method.method, per_method.teacher.path, per_method.teacher.checkpoint,
+            per_method.teacher.train, per_method.downstream) == ("kdep", "ssld", "runs/compare/teacher/model", "",
+                                                                  None, None)
+    assert config.teacher.train is not None and config.method == "kdep"  # the comparison's own config is kept
+
+
 @pytest.mark.slow
 def test_the_comparison_run(teacher_and_images):
     """configs/demo.py:tiny_compare from a converted teacher: one student per method, each fine-tuned with two seeds,

@@ -16,6 +16,7 @@ from PIL import Image
 
 from kdep_jax import convert, data, distill, methods, models, optim, parallel, pipeline, trainer, validation
 from kdep_jax import teacher as teacher_lib
+from kdep_jax.data import demo as demo_data
 from kdep_jax.errors import ConfigError
 from kdep_jax.methods.base import LossContext
 from kdep_jax.methods.scalekd import CrossAttentionProjector, frequency_loss, spatial_loss
@@ -333,7 +334,7 @@ def test_inputs_it_cannot_take_are_refused_with_one_message(tiny_teacher, tmp_pa
     # Labels: validation refuses them on a folder of unlabeled images, and on data of other classes.
     folder = tmp_path / "unlabeled" / "train"
     folder.mkdir(parents=True)
-    for i, image in enumerate(data.demo.load("upstream_train", 64)[0][:32]):
+    for i, image in enumerate(demo_data.load("upstream_train", 64)[0][:32]):
         Image.fromarray(image).save(folder / f"{i:02d}.png")
     unlabeled = tiny_config(**{"teacher.path": str(tiny_teacher), "data.name": "image_folder",
                                "data.data_dir": str(tmp_path / "unlabeled"), "data.split": "train",
@@ -345,3 +346,17 @@ def test_inputs_it_cannot_take_are_refused_with_one_message(tiny_teacher, tmp_pa
     other_classes = tiny_config(**{"teacher.path": str(tiny_teacher), "data.split": "downstream_train"})
     with pytest.raises(ConfigError, match="teacher's 38 classes.*has 10 classes"):
         validation.validate(other_classes, 1, 1, tmp_path / "workdir")
+
+
+def test_the_swin_comparison_is_a_valid_run_and_a_one_pixel_stage_is_refused(tmp_path):
+    """configs/demo.py:compare_swin (ScaleKD beside KDEP and logit KD) passes the checks of every method's run; at
+    32 px the student's layer4 is 1x1, where the frequency view is zero, so a weight on it is refused."""
+    demo = runpy.run_path(str(REPO / "configs" / "demo.py"))["get_config"]
+    for variant in ("compare_swin", "tiny_compare_swin"):
+        config = demo(variant)
+        assert "scalekd" in config.compare.methods
+        validation.validate(config, 1, 1, tmp_path / variant)
+    config = demo("compare_swin")
+    config.scalekd.weights = ((0.08, 0.06), (0.08, 0.06))
+    with pytest.raises(ConfigError, match=r"student's stage-4 map is 1x1 at config.data.image_size=32.*weight 0"):
+        methods.create(override(config, {"mode": "kdep", "method": "scalekd"})).check(256, 256, TINY_CLASSES)

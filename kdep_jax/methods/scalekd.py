@@ -169,9 +169,7 @@ class ScaleKD(Method):
         """(H, W, C) of the student's and the teacher's stage-3 and stage-4 maps at config.data.image_size, by
         ("student" or "teacher", stage)."""
         size = self.config.data.image_size
-        networks = {"student": models.create_model(self.config.student.arch, num_classes=None,
-                                                   width=self.config.student.width),
-                    "teacher": teacher_lib.model(self.config)}
+        networks = {"student": models.from_config(self.config.student), "teacher": teacher_lib.model(self.config)}
         shapes = {}
         for role, network in networks.items():
             _, features = jax.eval_shape(lambda network=network: network.init_with_output(
@@ -219,6 +217,14 @@ class ScaleKD(Method):
                     f"the teacher's stage-{stage} grid (stage 3: their output enters the teacher's last stage; stage 4: "
                     f"it is compared with the teacher's final map), which is {height}x{width} for {arch} at "
                     f"config.data.image_size={size}. Set --config.scalekd.query_sizes='{grids}'.")
+            student_height, student_width, _ = maps["student", stage]
+            if s.weights[index][1] and student_height * student_width == 1:
+                raise ConfigError(
+                    f"config.scalekd.weights={tuple(map(tuple, s.weights))}: the student's stage-{stage} map is 1x1 at "
+                    f"config.data.image_size={size}, so every query of its projectors attends to that one position "
+                    f"and gets the same output: the frequency view (the map minus its spatial mean) is zero, and its "
+                    f"normalisation's gradient unbounded. Use larger images, or give the stage-{stage} frequency view "
+                    f"weight 0 in --config.scalekd.weights.")
             if channels % s.num_heads[index]:
                 divisors = [d for d in range(1, 33) if channels % d == 0]
                 raise ConfigError(
