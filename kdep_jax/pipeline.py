@@ -176,7 +176,7 @@ def compare(config, workdir: epath.Path, mesh) -> dict:
     inits = {name: f"kdep:{workdir / name}" for name in method_names(config)} | {"scratch": "scratch"}
     for init_name, init in inits.items():
         for seed in compare_seeds(config):
-            downstream = _with_init(config.downstream, init)
+            downstream = _with_init(config.downstream, init, init_name)
             downstream.seed = seed
             run_rows = transfer(downstream, workdir / init_name / f"transfer_seed{seed}", mesh,
                                 field_prefix="downstream.")
@@ -317,11 +317,12 @@ def _check_same_run(path: epath.Path, rows, run: dict) -> None:
                           f"checkpoints/ next to it) to run this transfer there, or use another --workdir.")
 
 
-def _with_init(config, init: str):
-    """The downstream config of one init; its loop is named after it ("downstream_kdep") in logs."""
+def _with_init(config, init: str, label: str | None = None):
+    """The downstream config of one init; its loop is named after it in logs ("downstream_kdep"; in a comparison,
+    after the method, "downstream_ssld")."""
     config = config.copy_and_resolve_references()
     config.init = init
-    config.name = f"{config.name}_{init.partition(':')[0]}"
+    config.name = f"{config.name}_{label or init.partition(':')[0]}"
     return config
 
 
