@@ -12,6 +12,7 @@ kdep_jax's model FLOP utilisation (XLA's FLOP count of the compiled step).
     python benchmarks/distill_step.py --student resnet18 --batch 32 --image-size 224
     python benchmarks/distill_step.py --device gpu --student mobilenet_v2 --batch 256 --dtype bfloat16
     python benchmarks/distill_step.py --target-cache   # also the step with cached teacher targets
+    python benchmarks/distill_step.py --teacher swin_t --batch 8   # a transformer teacher (or vit_b_16)
     python benchmarks/distill_step.py --framework kdep_jax --input jpeg   # kdep_jax fed by the input pipeline
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 STUDENT_DIM = {"resnet18": 512, "mobilenet_v2": 1280}  # torchvision's pooled feature widths
+TEACHER_DIM = {"resnet50": 2048, "vit_b_16": 768, "swin_t": 768}
 
 # Dense peak FLOP/s of the GPUs the project is measured on (NVIDIA's datasheets, SXM parts), for the MFU.
 PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12}}
@@ -38,6 +40,24 @@ PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def cpu_fp32_peak_flops(cpuinfo: str | None = None) -> tuple[float, str]:
+    """float32 FMA peak of this machine's CPUs: cores x GHz x 2 FMA units x lanes (16 with AVX-512, else 8) x 2.
+
+    From /proc/cpuinfo: the cores this process may use, the first "cpu MHz" (under a hypervisor the
+    nominal clock; turbo is not counted) and the "flags" line. Two FMA units per core is what current
+    server cores have (Intel Xeon Scalable Gold/Platinum, AMD Zen); a part with one makes the share 2x low.
+    """
+    if cpuinfo is None:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpuinfo = f.read()
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    ghz = float(fields.get("cpu MHz", "nan")) / 1000
+    lanes = 16 if "avx512f" in fields.get("flags", "").split() else 8
+    cores = len(os.sched_getaffinity(0))
+    return cores * ghz * 2 * lanes * 2 * 1e9, f"{cores} cores x {ghz:.2f} GHz x 2 FMA units x {lanes} lanes x 2"
 
 
 def kdep_jax_step(args) -> dict:
@@ -52,6 +72,7 @@ def kdep_jax_step(args) -> dict:
     from kdep_jax import teacher as teacher_lib
 
     config = config_lib.kdep_config()
+    config.teacher.arch = args.teacher
     config.student.arch = args.student
     config.dtype = args.dtype
     config.train.batch_size = args.batch
@@ -60,7 +81,7 @@ def kdep_jax_step(args) -> dict:
     dim = method.dim
     teacher = teacher_lib.Teacher(trainer.init_variables(teacher_lib.model(config), args.image_size, 1), "", None)
     teacher_dim = models.feature_dim(config.teacher.arch)
-    components = np.linalg.qr(np.random.default_rng(0).normal(size=(teacher_dim, teacher_dim)))[0][:, :dim]
+    components = np.linalg.qr(np.random.default_rng(0).normal(size=(teacher_dim, dim)))[0]  # orthonormal columns
     alignment = alignment_lib.Alignment(mean=np.zeros(teacher_dim, np.float32),
                                         components=components.astype(np.float32),
                                         singular_values=np.ones(dim, np.float32), count=1)
@@ -87,7 +108,8 @@ def kdep_jax_step(args) -> dict:
         jax.block_until_ready(metrics["loss"])
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    result = {"seconds": statistics.median(times), "device_kind": jax.devices()[0].device_kind}
+    result = {"seconds": statistics.median(times), "times": times, "device_kind": jax.devices()[0].device_kind,
+              "flops": flops}
     if cached:
         result["cache_bytes_per_image_epoch"] = target_cache.bytes_per_image_epoch(dim)
     if args.device == "gpu":
@@ -97,6 +119,8 @@ def kdep_jax_step(args) -> dict:
             result["mfu"] = flops / result["seconds"] / peak[args.dtype]
     else:
         result["peak_bytes"] = peak_rss_bytes()
+        if flops:
+            result["fma_peak_share"] = flops / result["seconds"] / cpu_fp32_peak_flops()[0]
     return result
 
 
@@ -122,57 +146,133 @@ def jpeg_batches(args):
         yield from data.train_batches(config, "train", args.batch, seed=0, process_index=0, process_count=1)
 
 
-def pytorch_pre_relu(model):
-    """Hooks that capture torchvision's pooled pre-ReLU feature; returns a function that reads it."""
+def pytorch_pre_relu_model(model):
+    """A torch.nn.Module: the torchvision backbone `model` -> its pooled pre-ReLU feature (B, D), float32.
+
+    The same feature as kdep_jax's features["pre_relu"]: ResNet's last residual sum before its ReLU,
+    MobileNetV2's last 1x1 conv + BN before ReLU6, averaged over H, W; ViT's class token after the final
+    LayerNorm, Swin's pooled final norm. Written as a plain forward (no hooks,
+    no unused classifier) so that torch.compile traces it whole.
+    """
+
+    import torch
     import torchvision
 
-    captured = {}
-    if isinstance(model, torchvision.models.ResNet):
-        block = model.layer4[-1]  # its residual sum: last BN output + the block's input (no downsample)
-        last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
-        block.register_forward_hook(lambda module, inputs, output: captured.__setitem__("identity", inputs[0]))
-        last_bn.register_forward_hook(lambda module, inputs, output: captured.__setitem__("branch", output))
-        return lambda: (captured["branch"] + captured["identity"]).mean((2, 3))
-    model.features[-1][1].register_forward_hook(lambda module, inputs, output: captured.__setitem__("bn", output))
-    return lambda: captured["bn"].mean((2, 3))
+    class PreReluFeature(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            m = self.model
+            if isinstance(m, torchvision.models.ResNet):
+                x = m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x)))))))
+                x = m.layer4[:-1](x)
+                block = m.layer4[-1]
+                identity = x if block.downsample is None else block.downsample(x)
+                out = block.relu(block.bn1(block.conv1(x)))
+                if hasattr(block, "bn3"):  # Bottleneck
+                    out = block.bn3(block.conv3(block.relu(block.bn2(block.conv2(out)))))
+                else:  # BasicBlock
+                    out = block.bn2(block.conv2(out))
+                return (out + identity).float().mean((2, 3))
+            if isinstance(m, torchvision.models.VisionTransformer):  # the class token after the final LayerNorm
+                x = m._process_input(x)
+                x = m.encoder(torch.cat([m.class_token.expand(x.shape[0], -1, -1), x], dim=1))
+                return x[:, 0].float()
+            if isinstance(m, torchvision.models.SwinTransformer):  # the pooled output of the final norm
+                return m.flatten(m.avgpool(m.permute(m.norm(m.features(x))))).float()
+            last = m.features[-1]  # Conv2dNormActivation(conv, bn, ReLU6)
+            return last[1](last[0](m.features[:-1](x))).float().mean((2, 3))
+
+    return PreReluFeature()
+
+
+# PyTorch configurations of the same step (see the module docstring for what each one measured).
+# Each takes (teacher, student, images) built plainly (NCHW, eager) and returns them set up its way.
+
+
+def pytorch_eager(teacher, student, images):
+    """Plain eager PyTorch, NCHW: what the original KDEP code runs."""
+    return teacher, student, images
+
+
+def pytorch_channels_last(teacher, student, images):
+    """Eager, NHWC (channels_last) model and input: oneDNN's native layout on CPU."""
+    import torch
+
+    return (teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last),
+            images.contiguous(memory_format=torch.channels_last))
+
+
+def pytorch_compiled(mode: str | None = None, freeze_teacher: bool = False):
+    """channels_last, then torch.compile (Inductor; on CPU it needs a C++ compiler) of teacher and student."""
+
+    def configure(teacher, student, images):
+        import torch
+
+        if freeze_teacher:  # Inductor's freezing: constant-folds the frozen teacher's weights (inference graphs)
+            import torch._inductor.config
+
+            torch._inductor.config.freezing = True
+        teacher, student, images = pytorch_channels_last(teacher, student, images)
+        return torch.compile(teacher, mode=mode), torch.compile(student, mode=mode), images
+
+    return configure
+
+
+PYTORCH_CONFIGS = {
+    "eager": pytorch_eager,
+    "channels_last": pytorch_channels_last,
+    "compile": pytorch_compiled(),
+    "compile_freezing": pytorch_compiled(freeze_teacher=True),
+    "compile_max_autotune": pytorch_compiled("max-autotune-no-cudagraphs"),
+    "compile_max_autotune_freezing": pytorch_compiled("max-autotune-no-cudagraphs", freeze_teacher=True),
+}
 
 
 def pytorch_step(args) -> dict:
-    """The original's step, plainly: teacher under no_grad in eval mode, student in train mode, SGD.
+    """The original's step: teacher under inference_mode in eval mode, student in train mode, SGD.
 
-    bfloat16 is torch.autocast (float32 parameters and loss), the usual PyTorch mixed precision.
+    args.pytorch_config picks how the models and input are set up (PYTORCH_CONFIGS). bfloat16 is
+    torch.autocast (float32 parameters and loss), the usual PyTorch mixed precision.
     """
     import torch
     import torchvision
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
-    teacher = torchvision.models.resnet50().eval().to(device)
-    student = getattr(torchvision.models, args.student)().train().to(device)
-    teacher_feature, student_feature = pytorch_pre_relu(teacher), pytorch_pre_relu(student)
+    teacher = pytorch_pre_relu_model(getattr(torchvision.models, args.teacher)()).eval().to(device)
+    student = pytorch_pre_relu_model(getattr(torchvision.models, args.student)()).train().to(device)
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
     dim = STUDENT_DIM[args.student]
-    mean = torch.zeros(2048, device=device)
-    components = torch.linalg.qr(torch.randn(2048, 2048))[0][:, :dim].to(device)
+    teacher_dim = TEACHER_DIM[args.teacher]
+    mean = torch.zeros(teacher_dim, device=device)
+    components = torch.linalg.qr(torch.randn(teacher_dim, dim))[0].to(device)  # orthonormal columns
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    teacher, student, images = PYTORCH_CONFIGS[args.pytorch_config](teacher, student, images)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
-        with torch.no_grad(), autocast:
-            teacher(images)
-            z = (teacher_feature().float() - mean) @ components
+        with torch.inference_mode(), autocast:
+            z = (teacher(images) - mean) @ components
             targets = torch.sign(z) * (z / 0.1).abs().pow(1 / 3)
+        targets = targets.clone()  # an ordinary tensor, usable by autograd
         with autocast:
-            student(images)
-        loss = 20.0 * torch.nn.functional.mse_loss(student_feature().float(), targets)
+            features = student(images)
+        loss = 20.0 * torch.nn.functional.mse_loss(features.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss.item()  # waits for the step, as block_until_ready does on the JAX side
+        last_loss = loss.item()  # waits for the step, as block_until_ready does on the JAX side
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    result = {"seconds": statistics.median(times)}
+    result = {"seconds": statistics.median(times), "times": times, "loss": last_loss}
     result["peak_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     return result
 
@@ -189,7 +289,8 @@ def run_child(framework: str, argv: list[str]) -> dict | None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student", default="resnet18", choices=["resnet18", "mobilenet_v2"])
+    parser.add_argument("--student", default="resnet18", choices=sorted(STUDENT_DIM))
+    parser.add_argument("--teacher", default="resnet50", choices=sorted(TEACHER_DIM))
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
@@ -202,44 +303,93 @@ def main():
                         help="also time kdep_jax's step with cached teacher targets (no teacher forward)")
     parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "kdep_jax_cached", "pytorch"])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--pytorch-configs", default="eager,channels_last,compile_freezing",
+                        help="PyTorch configurations to time, comma-separated (of: " + ", ".join(PYTORCH_CONFIGS)
+                        + "); the fastest one other than eager is PyTorch's best")
+    parser.add_argument("--pytorch-config", default="eager", choices=sorted(PYTORCH_CONFIGS),
+                        help="(child) the PyTorch configuration to time")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
     args = parser.parse_args()
 
     if args.framework != "both":  # a child: measure one framework, print its JSON
         print(json.dumps((pytorch_step if args.framework == "pytorch" else kdep_jax_step)(args)))
         return
     argv = [a for a in sys.argv[1:] if a not in ("--json", "--target-cache")]
-    results = {"student": args.student, "teacher": "resnet50", "device": args.device, "batch": args.batch,
+    results = {"student": args.student, "teacher": args.teacher, "device": args.device, "batch": args.batch,
                "image_size": args.image_size, "dtype": args.dtype, "input": args.input, "cpus": os.cpu_count()}
-    for framework in ("kdep_jax", "kdep_jax_cached", "pytorch"):
-        if framework == "kdep_jax_cached" and not args.target_cache:
-            continue
-        measured = run_child(framework, argv)
+    if args.device == "cpu":
+        results["cpu"] = cpu_name()
+        results["fp32_peak_flops"], results["fp32_peak_formula"] = cpu_fp32_peak_flops()
+    children = [("kdep_jax", "kdep_jax", [])]
+    if args.target_cache:
+        children.append(("kdep_jax_cached", "kdep_jax_cached", []))
+    configs = [c for c in args.pytorch_configs.split(",") if c]
+    children += [(f"pytorch_{c}", "pytorch", ["--pytorch-config", c]) for c in configs]
+    for key, framework, extra in children:
+        measured = run_child(framework, argv + extra)
         if measured is not None:
-            results[f"{framework}_images_per_sec"] = args.batch / measured.pop("seconds")
-            results.update({f"{framework}_{key}": value for key, value in measured.items()})
-    if "kdep_jax_images_per_sec" in results and "pytorch_images_per_sec" in results:
-        results["speedup_vs_pytorch"] = results["kdep_jax_images_per_sec"] / results["pytorch_images_per_sec"]
+            results[f"{key}_images_per_sec"] = args.batch / measured.pop("seconds")
+            results.update({f"{key}_{name}": value for name, value in measured.items()})
+    flops = results.get("kdep_jax_flops")  # the same step, so XLA's count serves both frameworks
+    for key, _, _ in children:
+        if flops and args.device == "cpu" and f"{key}_images_per_sec" in results:
+            seconds = args.batch / results[f"{key}_images_per_sec"]
+            results[f"{key}_fma_peak_share"] = flops / seconds / results["fp32_peak_flops"]
+    measured_configs = [c for c in configs if f"pytorch_{c}_images_per_sec" in results]
+    candidates = [c for c in measured_configs if c != "eager"] or measured_configs
+    if candidates:  # PyTorch at its best: the fastest configuration measured (eager only if alone)
+        best = max(candidates, key=lambda c: results[f"pytorch_{c}_images_per_sec"])
+        results["pytorch_best_config"] = best
+        results["pytorch_images_per_sec"] = results[f"pytorch_{best}_images_per_sec"]
+        results["pytorch_peak_bytes"] = results[f"pytorch_{best}_peak_bytes"]
+    if "kdep_jax_images_per_sec" in results:
+        for c in measured_configs:
+            results[f"speedup_vs_pytorch_{c}"] = (results["kdep_jax_images_per_sec"]
+                                                   / results[f"pytorch_{c}_images_per_sec"])
+        if "pytorch_images_per_sec" in results:
+            results["speedup_vs_pytorch"] = results["kdep_jax_images_per_sec"] / results["pytorch_images_per_sec"]
     if "kdep_jax_cached_images_per_sec" in results:
         results["cache_speedup"] = results["kdep_jax_cached_images_per_sec"] / results["kdep_jax_images_per_sec"]
     if args.json:
         print(json.dumps(results))
         return
     memory = "peak device memory" if args.device == "gpu" else "peak RSS"
-    print(f"resnet50 -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} "
-          f"({results.get('kdep_jax_device_kind', '?')}), {results['cpus']} CPUs, kdep_jax input {args.input}")
-    for framework, label in (("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets"),
-                             ("pytorch", "PyTorch ")):
-        if f"{framework}_images_per_sec" in results:
-            line = (f"  {label}: {results[f'{framework}_images_per_sec']:.1f} images/s, {memory} "
-                    f"{results[f'{framework}_peak_bytes'] / 2**30:.2f} GiB")
-            if f"{framework}_mfu" in results:
-                line += f", MFU {100 * results[f'{framework}_mfu']:.1f}%"
+    device = results.get("cpu", results.get("kdep_jax_device_kind", "?"))
+    print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} "
+          f"({device}), {results['cpus']} CPUs, kdep_jax input {args.input}")
+    labels = [("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets")]
+    labels += [(f"pytorch_{c}", f"PyTorch {c}" + (" (best)" if c == results.get("pytorch_best_config") else ""))
+               for c in configs]
+    for key, label in labels:
+        if f"{key}_images_per_sec" in results:
+            line = (f"  {label}: {results[f'{key}_images_per_sec']:.2f} images/s, {memory} "
+                    f"{results[f'{key}_peak_bytes'] / 2**30:.2f} GiB")
+            if f"{key}_mfu" in results:
+                line += f", MFU {100 * results[f'{key}_mfu']:.1f}%"
+            if f"{key}_fma_peak_share" in results:
+                line += f", {100 * results[f'{key}_fma_peak_share']:.0f}% of the float32 FMA peak"
             print(line)
-    if "speedup_vs_pytorch" in results:
-        print(f"  kdep_jax / PyTorch = {results['speedup_vs_pytorch']:.2f}x")
+    for c in measured_configs:
+        print(f"  kdep_jax / PyTorch {c} = {results[f'speedup_vs_pytorch_{c}']:.2f}x")
+    if "fp32_peak_flops" in results and flops:
+        print(f"  float32 FMA peak {results['fp32_peak_flops'] / 1e9:.0f} GFLOP/s ({results['fp32_peak_formula']}); "
+              f"{flops / args.batch / 1e9:.1f} GFLOP per image (XLA's count of kdep_jax's step)")
     if "cache_speedup" in results:
         print(f"  target cache: {results['cache_speedup']:.2f}x the online step, "
               f"{results['kdep_jax_cached_cache_bytes_per_image_epoch']} bytes per image per epoch")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector extensions that matter here, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpuinfo = f.read()
+    except OSError:
+        return "?"
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)}
+    flags = fields.get("flags", "").split()
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{fields.get('model name', '?')} ({', '.join(isa)})"
 
 
 if __name__ == "__main__":

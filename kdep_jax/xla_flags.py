@@ -1,25 +1,57 @@
 """XLA flags measured to make kdep_jax faster, added to XLA_FLAGS unless the user already set them.
 
 XLA reads XLA_FLAGS once, when JAX starts its first backend: `apply_defaults()` must run before that
-(`kdep_jax.main` calls it first thing). Each entry says what it was measured to do; a flag that did not
-help on the measured hardware is not here.
+(`kdep_jax.main` calls it first thing). The flags depend on the CPU's instruction set, read from the
+"flags" line of /proc/cpuinfo (never from a machine or model name); accelerators ignore every XLA:CPU
+flag. Each entry says what the flag does; what it was measured to do, and on which CPU, is in
+benchmarks/README.md. A flag that did not help on the measured hardware is not here.
 """
 from __future__ import annotations
 
 import os
 
-# XLA:CPU: hand dot products (including the 1x1 convolutions XLA rewrites as dots, most of ResNet-50) to
-# YNNPACK. Distillation step ResNet-50 -> ResNet-18, 224 px, batch 16, float32, 2-core AMD EPYC (AVX2):
-# 7.1-7.4 s without, 3.3-3.6 s with (`python benchmarks/distill_step.py --framework kdep_jax --batch 16`,
-# and XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-dot to switch it off). Adding its "eltwise" fusion,
-# or splitting the CPU into 2 devices, was slower; adding "reduce" changed nothing. Accelerators ignore it.
-DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot"}
+_YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
+
+# Every CPU (measured on AVX2-only AMD EPYC): hand dot products, including the 1x1 convolutions XLA
+# rewrites as dots (most of ResNet-50), to YNNPACK.
+DEFAULTS = {_YNN_FUSION_TYPE: "dot"}
+
+# CPUs with AVX-512 (measured on an Intel Xeon with AVX-512 and AMX): reductions too (BatchNorm's batch
+# statistics and their gradients): 1.3x on the ResNet-18 step and 2.4x on the MobileNetV2 step there. On the
+# AVX2 machines "reduce" changed nothing on the ResNet-18 step (MobileNetV2 not measured there), so they
+# keep the setting measured on them.
+AVX512_DEFAULTS = {_YNN_FUSION_TYPE: "dot,reduce"}
 
 
-def apply_defaults(environ=os.environ) -> None:
+def cpu_features(cpuinfo: str | None = None) -> frozenset[str]:
+    """The instruction-set flags of the first CPU in `cpuinfo` (the text of /proc/cpuinfo; read when None).
+
+    Empty when there is no /proc/cpuinfo (not Linux) or it has no flags line (not x86): generic defaults.
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def defaults(cpuinfo: str | None = None) -> dict[str, str]:
+    """The default flags for the CPU described by `cpuinfo` (this machine's /proc/cpuinfo when None)."""
+    if "avx512f" in cpu_features(cpuinfo):
+        return dict(AVX512_DEFAULTS)
+    return dict(DEFAULTS)
+
+
+def apply_defaults(environ=os.environ, cpuinfo: str | None = None) -> None:
     """Adds each default flag to XLA_FLAGS in `environ`, unless a value for it is already there."""
     flags = environ.get("XLA_FLAGS", "").split()
-    for name, value in DEFAULTS.items():
+    for name, value in defaults(cpuinfo).items():
         if not any(flag.split("=")[0] == f"--{name}" for flag in flags):
             flags.append(f"--{name}={value}")
     environ["XLA_FLAGS"] = " ".join(flags)

@@ -44,9 +44,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
     """A depthwise conv; kernel is HWIO (k, k, 1, C). padding: ((top, bottom), (left, right)); None is torch's
     kernel_size // 2 on every side.
 
-    shifted_sum: the same conv as a sum of k*k shifted per-channel products, accumulated in float32.
-    XLA:CPU runs that far faster than its grouped convolution: ResNet-50 -> MobileNetV2 distillation step,
-    batch 16, 224 px, 2 CPU cores: 9.5 s -> 5.7 s (benchmarks/distill_step.py). Accelerators keep the
+    shifted_sum: the same conv as a sum of k*k shifted per-channel products, accumulated in float32, which
+    XLA:CPU runs far faster than its grouped convolution (benchmarks/README.md). Accelerators keep the
     convolution, which cuDNN and the TPU compiler implement well.
     """
     k, channels = kernel.shape[0], kernel.shape[-1]
