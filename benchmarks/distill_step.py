@@ -1,13 +1,15 @@
 """Images/s of the KDEP distillation step (teacher forward + student forward/backward + SGD update).
 
-kdep_jax's own step (the one the trainer runs) and the same step written plainly in PyTorch with
-torchvision models, one after the other in the same invocation, each in its own child process (so each
+kdep_jax's own step (the one the trainer runs) and the same step in PyTorch with torchvision models, in
+each of the PyTorch configurations of --pytorch-configs (eager NCHW, channels_last, torch.compile; the fastest
+non-eager one is PyTorch at its best), one after the other in the same invocation, each in its own child process (so each
 one's peak memory is its own), on synthetic images (this measures the step, not the input pipeline).
 With --input jpeg, kdep_jax's repetitions instead take their batches from the real input pipeline
 (JPEGs decoded, cropped and flipped by `kdep_jax.data.train_batches`, then sharded): if that is no slower
 than the synthetic step, the input pipeline is not the bottleneck. Median over timed repetitions after
 warm-up. Memory: peak device memory on a GPU, peak process RSS on a CPU. On a GPU it also prints
-kdep_jax's model FLOP utilisation (XLA's FLOP count of the compiled step).
+kdep_jax's model FLOP utilisation (XLA's FLOP count of the compiled step), on a CPU each step's share of
+the float32 FMA peak. The figures, per CPU family, are in benchmarks/README.md.
 
     python benchmarks/distill_step.py --student resnet18 --batch 32 --image-size 224
     python benchmarks/distill_step.py --device gpu --student mobilenet_v2 --batch 256 --dtype bfloat16
@@ -188,7 +190,7 @@ def pytorch_pre_relu_model(model):
     return PreReluFeature()
 
 
-# PyTorch configurations of the same step (see the module docstring for what each one measured).
+# PyTorch configurations of the same step (benchmarks/README.md has what each one measured).
 # Each takes (teacher, student, images) built plainly (NCHW, eager) and returns them set up its way.
 
 
