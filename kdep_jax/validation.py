@@ -34,6 +34,26 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         _check_init(config, "")
         _check_supervised_data(config, "")
         return
+    method = _check_kdep_settings(config, num_devices, num_processes, workdir)
+    dims = models.dim_from_config(config.teacher), models.dim_from_config(config.student)
+    teacher = config.teacher.train
+    if teacher is None:  # a converted teacher, or a checkpoint the run converts: read before any data
+        teacher_classes = _pretrained_teacher_classes(config)
+        method.check(*dims, teacher_classes)
+    info = _check_kdep_data(config, method)
+    if teacher is not None:  # the teacher trained here classifies its training data's classes
+        teacher_classes = data.dataset_info(teacher.data, teacher.data.split).num_classes
+        method.check(*dims, teacher_classes)
+    if method.needs_labels and method.student_logits and info.num_classes != teacher_classes:
+        raise ConfigError(
+            f"config.method={config.method!r} trains the student's classifier, as wide as the teacher's "
+            f"{teacher_classes} classes, on the data's labels, but config.data ({config.data.name} split "
+            f"{config.data.split!r}) has {info.num_classes} classes. Distil on data labelled with the teacher's "
+            f"classes, or {method.label_free_fix}.")
+
+
+def _check_kdep_settings(config, num_devices: int, num_processes: int, workdir):
+    """The names and numbers of a KDEP-mode run (no file or dataset is opened); returns its method."""
     _check_loop(config, "", num_devices, num_processes)
     _check_arch(config.teacher, "teacher")
     _check_arch(config.student, "student")
@@ -61,11 +81,12 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
         raise ConfigError(
             f"The teacher-target cache is memory-mapped, so it needs a local disk, not {cache_dir}: set "
             f"--config.target_cache.path to a local directory (the workdir itself may stay on the bucket).")
-    if teacher is None:
-        teacher_classes = _pretrained_teacher_classes(config)
-        method.check(models.dim_from_config(config.teacher), models.dim_from_config(config.student),
-                     teacher_classes)
+    return method
 
+
+def _check_kdep_data(config, method):
+    """The datasets of a KDEP-mode run (distillation, statistics, the supervised stages) open and suit the
+    method; returns the distillation data's info."""
     info = _check_train_data(config, "")
     stats_data = config.alignment.data if config.alignment.data is not None else config.data
     _check_split(stats_data, stats_data.split, "alignment.data" if config.alignment.data is not None else "data")
@@ -84,19 +105,10 @@ def validate(config, num_devices: int, num_processes: int, workdir) -> None:
             f"config.target_cache.enabled=True needs random access to the data, but TFDS {config.data.name!r} is "
             f"stored as TFRecord. Convert it once (tfds convert_format ... --out_file_format=array_record) or set "
             f"--config.target_cache.enabled=False.")
-    for prefix, supervised_config in (("teacher.train.", teacher), ("downstream.", config.downstream)):
+    for prefix, supervised_config in (("teacher.train.", config.teacher.train), ("downstream.", config.downstream)):
         if supervised_config is not None:
             _check_supervised_data(supervised_config, prefix)
-    if teacher is not None:  # the teacher trained here classifies its training data's classes
-        teacher_classes = data.dataset_info(teacher.data, teacher.data.split).num_classes
-        method.check(models.dim_from_config(config.teacher), models.dim_from_config(config.student),
-                     teacher_classes)
-    if method.needs_labels and method.student_logits and info.num_classes != teacher_classes:
-        raise ConfigError(
-            f"config.method={config.method!r} trains the student's classifier, as wide as the teacher's "
-            f"{teacher_classes} classes, on the data's labels, but config.data ({config.data.name} split "
-            f"{config.data.split!r}) has {info.num_classes} classes. Distil on data labelled with the teacher's "
-            f"classes, or {method.label_free_fix}.")
+    return info
 
 
 def _check_teacher_source(config) -> None:
