@@ -136,6 +136,11 @@ class _Preemption:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
+    def arrived_late(self) -> bool:
+        """A SIGTERM after the last step was checked (while its checkpoint was written): one process only, as
+        the multi-process sync point is per step."""
+        return jax.process_count() == 1 and self.requested
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -214,7 +219,7 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
                     unlogged = None
 
                 is_last = step == settings.num_steps
-                stop = preemption.reached(step) and not is_last  # a SIGTERM at the last step: just finish
+                stop = preemption.reached(step)  # at the last step too: the stage is saved, the run stops after it
                 save_due = is_last or stop or step % settings.checkpoint_every_steps == 0
                 log_due = step % settings.log_every_steps == 0
                 if log_due and settings.checkpoint_every_secs:
@@ -239,6 +244,10 @@ def fit(*, workdir, settings: LoopSettings, state: TrainState, train_step, const
                     logging.warning("%s: stopped at step %d after a SIGTERM; the checkpoint is saved. Rerun the "
                                     "same command to resume.", settings.name, step)
                     break
+            if not preempted and preemption.arrived_late():  # the stage is done; the run still stops after it
+                preempted = True
+                logging.warning("%s: a SIGTERM arrived as the last checkpoint was written; it is saved. Rerun the "
+                                "same command to go on.", settings.name)
             if evaluate is not None and last_eval is None and not preempted:  # restored at the last step
                 last_eval = evaluate(state)
                 logging.info("%s step %d: %s", settings.name, settings.num_steps, _format(last_eval))

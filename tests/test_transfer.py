@@ -251,18 +251,22 @@ def test_results_of_this_run_are_returned_and_of_another_run_refused(tmp_path, s
         pipeline.transfer(small_transfer_config(init=f"kdep:{student[0]}"), workdir, mesh)
 
 
-def test_a_finished_or_last_step_preempted_transfer_completes_on_rerun(tmp_path, monkeypatch):
-    """A SIGTERM during the last step finishes the run (results.json written); a rerun after losing results.json
-    evaluates the final checkpoint again and writes the same row."""
+def test_a_transfer_preempted_at_its_last_step_completes_on_rerun(tmp_path, monkeypatch):
+    """A SIGTERM during the last step saves it and stops the run (the scheduler wants the machine back); the rerun
+    evaluates the final checkpoint and writes the row an uninterrupted run writes, and does so again after losing
+    results.json."""
     config = small_transfer_config()
     mesh = parallel.make_mesh()
+    expected = pipeline.transfer(config, tmp_path / "reference", mesh)
     monkeypatch.setenv(faults.ENV, "transfer.step:SIGTERM:2")  # a real SIGTERM to this process in the last step
-    rows = pipeline.transfer(config, tmp_path, mesh)
+    with pytest.raises(pipeline.Preempted):
+        pipeline.transfer(config, tmp_path / "run", mesh)
     monkeypatch.delenv(faults.ENV)
-    assert json.loads((tmp_path / "results.json").read_text()) == rows
-    (tmp_path / "results.json").unlink()
-    assert pipeline.transfer(config, tmp_path, mesh) == rows
-    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert pipeline.transfer(config, tmp_path / "run", mesh) == expected
+    (tmp_path / "run" / "results.json").unlink()
+    assert pipeline.transfer(config, tmp_path / "run", mesh) == expected
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == expected
 
 
 def test_mobilenet_v2_fine_tuning_uses_torchvision_dropout():
