@@ -73,7 +73,7 @@ def cases(root: Path, teacher: Path, finished: Path):
          "kdep_jax.main"),
         ("a corrupt image in the data", [*TINY, *teacher_args, "--config.data.name=image_folder",
                                          f"--config.data.data_dir={corrupt.parent}", "--config.data.split=train",
-                                         "--config.data.subset=None", "--config.train.batch_size=8"],
+                                         "--config.data.subset=1000", "--config.train.batch_size=8"],  # subset: every image
          root / "c1", "kdep_jax.main"),
         ("the target cache on a bucket", [*TINY, *teacher_args, "--config.target_cache.enabled=True"],
          "gs://no-bucket/run", "kdep_jax.main"),
