@@ -266,18 +266,18 @@ def test_teacher_stays_frozen_while_gradients_reach_the_projectors_through_it():
 
 
 def test_vit_teacher_queries_on_its_grid_attend_to_a_coarser_student_map():
-    """Label-free, from a small ViT teacher (4x4 patch grid at 32 px): the stage-4 projectors' 16 queries (the
-    perception's output) attend to the student's 1x1 layer4 map, without interpolation; a finite loss, gradients to
+    """Label-free, from a small ViT teacher (4x4 patch grid at 64 px): the stage-4 projectors' 16 queries (the
+    perception's output) attend to the student's 2x2 layer4 map, without interpolation; a finite loss, gradients to
     every projector."""
-    vit = dict(image_size=32, patch_size=8, num_layers=4, num_heads=4, hidden_dim=32, mlp_dim=64)
-    config = tiny_config(**{"teacher.arch": "vit_b_16", "teacher.overrides": vit, "data.image_size": 32,
+    vit = dict(image_size=64, patch_size=16, num_layers=4, num_heads=4, hidden_dim=32, mlp_dim=64)
+    config = tiny_config(**{"teacher.arch": "vit_b_16", "teacher.overrides": vit, "data.image_size": 64,
                             "scalekd.query_sizes": (4, 4), "scalekd.num_heads": (4, 4), "scalekd.labels": False})
     method = methods.create(config)
     method.check(32, 128, 10)
-    assert method.maps["teacher", 4] == (4, 4, 32) and method.maps["student", 4] == (1, 1, 128)
+    assert method.maps["teacher", 4] == (4, 4, 32) and method.maps["student", 4] == (2, 2, 128)
     teacher_variables = tiny_teacher_variables(config, num_classes=10)
     rng = np.random.default_rng(0)
-    student = {"stage3": rng.normal(size=(2, 2, 2, 64)), "stage4": rng.normal(size=(2, 1, 1, 128)),
+    student = {"stage3": rng.normal(size=(2, 4, 4, 64)), "stage4": rng.normal(size=(2, 2, 2, 128)),
                "logits": rng.normal(size=(2, 10))}
     targets = {"stage4": rng.normal(size=(2, 4, 4, 32)), "logits": rng.normal(size=(2, 10))}
     head, state = method.init_head(jax.random.key(0), 128, None)
