@@ -11,7 +11,7 @@ import torchvision
 
 from kdep_jax.convert import from_torchvision, to_torchvision
 from kdep_jax.models import create_model, feature_dim
-from kdep_jax.models.layers import BatchNorm, DepthwiseConv, conv2d, depthwise_conv, torch_linear
+from kdep_jax.models.layers import BatchNorm, DepthwiseConv, conv2d, depthwise_conv, max_pool, torch_linear
 
 PARITY_TOLERANCE = 1e-4
 CNN_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")  # the transformers: test_transformers.py
@@ -231,3 +231,23 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):
         assert shifted.shape == conv.shape
         np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shifted_max", [True, False])
+@pytest.mark.parametrize("size", [8, 9])
+def test_max_pool_matches_torch_with_ties(shifted_max, size):
+    """Values and gradient against torch.nn.functional.max_pool2d(3, 2, 1), on small integers, so that most
+    windows hold several equal maxima: the gradient must go to the first one in row-major order, as torch's (a
+    wrong choice moves a whole cotangent; where windows overlap, the sums' order may differ in the last bit)."""
+    rng = np.random.default_rng(size)
+    x = rng.integers(0, 3, size=(2, size, size + 1, 4)).astype(np.float32)
+    x[0, :3] = 0.0  # a block of zeros, as a ReLU leaves before ResNet's stem pool
+    cotangent = rng.normal(size=(2, (size - 1) // 2 + 1, size // 2 + 1, 4)).astype(np.float32)
+    out, pullback = jax.vjp(lambda x: max_pool(x, 3, 2, 1, shifted_max), jnp.asarray(x))
+    (grad,) = pullback(jnp.asarray(cotangent))
+
+    torch_x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
+    torch_out = torch.nn.functional.max_pool2d(torch_x, 3, 2, 1)
+    torch_out.backward(torch.from_numpy(cotangent.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(out, torch_out.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(grad, torch_x.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-7)

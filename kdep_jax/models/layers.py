@@ -5,6 +5,7 @@ Flax's defaults differ from torch in ways that change results: "SAME" padding pa
 batch variance where torch uses the unbiased one. The pieces here follow torch. Models ported from
 TensorFlow (EfficientNet-Lite) keep TensorFlow's "SAME" padding: the convs take `tf_same_padding`.
 """
+import functools
 import math
 from typing import Any
 
@@ -59,13 +60,65 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
     out_height, out_width = (height + top + bottom - k) // stride + 1, (width + left + right - k) // stride + 1
     padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).astype(jnp.float32)
     out = jnp.zeros((batch, out_height, out_width, channels), jnp.float32)
+    for dy, dx, window in _strided_windows(padded, k, stride, (out_height, out_width)):
+        out = out + window * kernel[dy, dx, 0].astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
+def _strided_windows(padded: jax.Array, k: int, stride: int, out_size: tuple[int, int]):
+    """(dy, dx, the (N, out_h, out_w, C) slice of `padded` that tap (dy, dx) of a k x k window sees), row-major."""
+    batch, _, _, channels = padded.shape
+    out_height, out_width = out_size
     for dy in range(k):
         for dx in range(k):
-            window = jax.lax.slice(padded, (0, dy, dx, 0),
-                                   (batch, dy + stride * (out_height - 1) + 1, dx + stride * (out_width - 1) + 1,
-                                    channels), (1, stride, stride, 1))
-            out = out + window * kernel[dy, dx, 0].astype(jnp.float32)
-    return out.astype(x.dtype)
+            yield dy, dx, jax.lax.slice(padded, (0, dy, dx, 0),
+                                        (batch, dy + stride * (out_height - 1) + 1, dx + stride * (out_width - 1) + 1,
+                                         channels), (1, stride, stride, 1))
+
+
+def max_pool(x: jax.Array, k: int, stride: int, pad: int, shifted_max: bool) -> jax.Array:
+    """torch.nn.MaxPool2d(k, stride, pad) on NHWC: padded with -inf, the gradient routed to each window's first
+    maximum in row-major order (torch's rule, which XLA's select-and-scatter follows too).
+
+    shifted_max: the maximum of k*k strided slices, with a backward pass of the same slices (`_shifted_max_pool`),
+    which XLA:CPU runs 3.6x faster than the reduce-window and select-and-scatter of `flax.linen.max_pool`
+    (ResNet's stem pool, batch 32 at 224 px: benchmarks/README.md). Accelerators keep flax's.
+    """
+    if not shifted_max:
+        return nn.max_pool(x, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
+    return _shifted_max_pool(x, k, stride, pad)
+
+
+def _max_pool_forward(x: jax.Array, k: int, stride: int, pad: int):
+    height, width = x.shape[1:3]
+    out_size = ((height + 2 * pad - k) // stride + 1, (width + 2 * pad - k) // stride + 1)
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
+    out = functools.reduce(jnp.maximum, (window for _, _, window in _strided_windows(padded, k, stride, out_size)))
+    return out, (padded, out)
+
+
+def _max_pool_backward(k: int, stride: int, pad: int, residuals, grad: jax.Array):
+    """Each output's gradient goes to the first tap that equals the maximum, placed back at that tap's strided
+    positions of the padded input by an interior-padded lax.pad."""
+    padded, out = residuals
+    _, padded_height, padded_width, _ = padded.shape
+    out_height, out_width = out.shape[1:3]
+    zero = jnp.zeros((), grad.dtype)
+    taken = jnp.zeros(out.shape, bool)
+    grad_padded = jnp.zeros(padded.shape, grad.dtype)
+    for dy, dx, window in _strided_windows(padded, k, stride, (out_height, out_width)):
+        first_max = (window == out) & ~taken
+        taken = taken | first_max
+        placement = ((0, 0, 0), (dy, padded_height - dy - stride * (out_height - 1) - 1, stride - 1),
+                     (dx, padded_width - dx - stride * (out_width - 1) - 1, stride - 1), (0, 0, 0))
+        grad_padded = grad_padded + jax.lax.pad(jnp.where(first_max, grad, zero), zero, placement)
+    height, width = padded_height - 2 * pad, padded_width - 2 * pad
+    return (grad_padded[:, pad:pad + height, pad:pad + width, :],)
+
+
+_shifted_max_pool = jax.custom_vjp(lambda x, k, stride, pad: _max_pool_forward(x, k, stride, pad)[0],
+                                   nondiff_argnums=(1, 2, 3))
+_shifted_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 class DepthwiseConv(nn.Module):

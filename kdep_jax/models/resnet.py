@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, global_avg_pool, torch_linear
+from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, global_avg_pool, max_pool, torch_linear
 from kdep_jax.models.naming import TorchNaming
 from kdep_jax.models.preprocessing import IMAGENET
 
@@ -71,7 +71,7 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # flax pads max_pool with -inf
+        x = max_pool(x, 3, 2, 1, shifted_max=jax.default_backend() == "cpu")
         features = {}
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
