@@ -2,8 +2,8 @@
 
 KDEP: (the teacher: config.teacher.checkpoint converted, or the demo's teacher trained) -> alignment statistics
 -> distillation -> export of the student -> (transfer runs listed in `config.downstream`) -> results.json.
-Transfer configs run the transfer stage alone. Rerunning the same command resumes where the last run stopped, whatever stopped it: every output
-is written atomically, and a stage whose output is missing runs again.
+Transfer configs run the transfer stage alone. Rerunning the same command resumes where the last run stopped,
+whatever stopped it: every output is written atomically, and a stage whose output is missing runs again.
 """
 from __future__ import annotations
 
