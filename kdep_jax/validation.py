@@ -8,7 +8,9 @@ simply runs: nothing in the workdir records the failed attempt.
 from __future__ import annotations
 
 import json
+import logging
 
+import jax
 from etils import epath
 
 from kdep_jax import config_lib, convert, data, methods, models
@@ -233,6 +235,10 @@ def _check_loop(config, prefix: str, num_devices: int, num_processes: int) -> No
     field = f"config.{prefix}"
     if config.dtype not in DTYPES:
         raise ConfigError(f"{field}dtype={config.dtype!r}: use one of {', '.join(DTYPES)}.")
+    if config.dtype == "bfloat16" and jax.default_backend() == "cpu":
+        logging.warning("%sdtype='bfloat16' on a CPU: XLA:CPU computes bfloat16 convolutions and dot products "
+                        "more slowly than float32 ones, AMX or not (benchmarks/README.md); float32 is faster "
+                        "here. bfloat16 is for GPUs and TPUs.", field)
     train = config.train
     for name in ("num_epochs", "lr_decay_every_epochs"):
         if train[name] < 1:

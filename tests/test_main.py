@@ -267,6 +267,14 @@ def test_batches_that_do_not_split_over_the_devices_are_named(tmp_path):
             validation.validate(config, 3, 1, tmp_path)
 
 
+def test_bfloat16_on_a_cpu_is_warned_about(tmp_path, caplog):
+    """XLA:CPU runs bfloat16 convolutions and dots more slowly than float32 ones: say so, without refusing."""
+    validation.validate(tiny_config(), 4, 1, tmp_path)
+    assert "bfloat16" not in caplog.text
+    validation.validate(tiny_config(dtype="bfloat16"), 4, 1, tmp_path)
+    assert "config.dtype='bfloat16' on a CPU" in caplog.text
+
+
 def test_the_target_cache_needs_a_local_directory_and_random_access(tmp_path):
     config = tiny_config(**{"target_cache.enabled": True})
     with pytest.raises(ConfigError, match="needs a local disk, not gs://bucket/run/target_cache"):
