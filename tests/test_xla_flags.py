@@ -45,6 +45,7 @@ def test_an_avx2_only_cpu_keeps_the_generic_defaults():
 def test_an_avx512_cpu_gets_its_own_defaults():
     assert xla_flags.defaults(INTEL_AMX_CPUINFO) == xla_flags.AVX512_DEFAULTS
     assert xla_flags.AVX512_DEFAULTS[YNN].split(",") == ["dot", "reduce"]
+    assert xla_flags.AVX512_DEFAULTS["xla_cpu_enable_concurrency_optimized_scheduler"] == "false"
 
 
 def test_defaults_are_added_to_other_flags():
