@@ -158,8 +158,9 @@ def pytorch_ops(repeats: int) -> dict[str, float]:
     return results
 
 
-def run_child(framework: str, repeats: int) -> dict[str, float]:
-    command = [sys.executable, __file__, "--framework", framework, "--repeats", str(repeats), "--json"]
+def run_child(script: str, framework: str, repeats: int) -> dict[str, float]:
+    """Runs `script --framework framework` in its own process and returns the JSON it prints last."""
+    command = [sys.executable, script, "--framework", framework, "--repeats", str(repeats), "--json"]
     completed = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -174,7 +175,7 @@ def main():
         results = (kdep_jax_ops if args.framework == "kdep_jax" else pytorch_ops)(args.repeats)
         print(json.dumps(results) if args.json else "\n".join(f"{k}: {v} ms" for k, v in results.items()))
         return
-    ours, theirs = run_child("kdep_jax", args.repeats), run_child("pytorch", args.repeats)
+    ours, theirs = run_child(__file__, "kdep_jax", args.repeats), run_child(__file__, "pytorch", args.repeats)
     with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
     print(f"ResNet-18 ops, batch {BATCH}, float32, {cpu}, {len(os.sched_getaffinity(0))} cores, median of "
