@@ -11,14 +11,12 @@ runs in its own child process; median milliseconds over timed repetitions after 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
-from resnet18_ops import median_ms, run_child
+from resnet18_ops import measure_both, median_ms
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -87,24 +85,13 @@ def pytorch_ops(repeats: int) -> dict[str, float]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args()
-    if args.framework != "both":
-        results = (kdep_jax_ops if args.framework == "kdep_jax" else pytorch_ops)(args.repeats)
-        print(json.dumps(results) if args.json else "\n".join(f"{k}: {v} ms" for k, v in results.items()))
+    results = measure_both(__doc__, __file__, kdep_jax_ops, pytorch_ops, f"MobileNetV2 depthwise convs, batch {BATCH}")
+    if results is None:
         return
-    ours, theirs = run_child(__file__, "kdep_jax", args.repeats), run_child(__file__, "pytorch", args.repeats)
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-    print(f"MobileNetV2 depthwise convs, batch {BATCH}, float32, {cpu}, {len(os.sched_getaffinity(0))} cores, "
-          f"median of {args.repeats} (ms)")
-    print("| op | kdep_jax ms | PyTorch channels_last ms | kdep_jax time / PyTorch time |\n|---|---:|---:|---:|")
+    ours, theirs = results
     for op, ms in ours.items():
         print(f"| {op} | {ms} | {theirs[op]} | {ms / theirs[op]:.2f}x |")
-    totals = [sum(ms * count_of(op) for op, ms in results.items()) for results in (ours, theirs)]
+    totals = [sum(ms * count_of(op) for op, ms in side.items()) for side in (ours, theirs)]
     print(f"| all 17, forward and both gradients | {totals[0]:.0f} | {totals[1]:.0f} | {totals[0] / totals[1]:.2f}x |")
 
 

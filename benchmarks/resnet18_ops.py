@@ -158,15 +158,11 @@ def pytorch_ops(repeats: int) -> dict[str, float]:
     return results
 
 
-def run_child(script: str, framework: str, repeats: int) -> dict[str, float]:
-    """Runs `script --framework framework` in its own process and returns the JSON it prints last."""
-    command = [sys.executable, script, "--framework", framework, "--repeats", str(repeats), "--json"]
-    completed = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def measure_both(doc: str, script: str, kdep_jax_ops, pytorch_ops, what: str):
+    """The command line the op benchmarks share. With --framework kdep_jax|pytorch (a child), times that framework
+    and prints its results. Otherwise runs `script` once per framework, each in its own process, prints a heading
+    naming `what` and the CPU and a table header, and returns (kdep_jax's results, PyTorch's) for the rows."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -174,13 +170,23 @@ def main():
     if args.framework != "both":
         results = (kdep_jax_ops if args.framework == "kdep_jax" else pytorch_ops)(args.repeats)
         print(json.dumps(results) if args.json else "\n".join(f"{k}: {v} ms" for k, v in results.items()))
-        return
-    ours, theirs = run_child(__file__, "kdep_jax", args.repeats), run_child(__file__, "pytorch", args.repeats)
+        return None
+    children = [subprocess.run([sys.executable, script, "--framework", framework, "--repeats", str(args.repeats),
+                                "--json"], capture_output=True, text=True, check=True)
+                for framework in ("kdep_jax", "pytorch")]
+    ours, theirs = (json.loads(child.stdout.strip().splitlines()[-1]) for child in children)
     with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-    print(f"ResNet-18 ops, batch {BATCH}, float32, {cpu}, {len(os.sched_getaffinity(0))} cores, median of "
-          f"{args.repeats} (ms)")
+    print(f"{what}, float32, {cpu}, {len(os.sched_getaffinity(0))} cores, median of {args.repeats} (ms)")
     print("| op | kdep_jax ms | PyTorch channels_last ms | kdep_jax time / PyTorch time |\n|---|---:|---:|---:|")
+    return ours, theirs
+
+
+def main():
+    results = measure_both(__doc__, __file__, kdep_jax_ops, pytorch_ops, f"ResNet-18 ops, batch {BATCH}")
+    if results is None:
+        return
+    ours, theirs = results
     for name, ms in ours.items():
         reference = theirs.get(name.split(" [")[0])  # PyTorch has one max-pool
         ratio = f"{ms / reference:.2f}x" if reference else ""
