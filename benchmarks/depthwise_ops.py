@@ -84,11 +84,7 @@ def pytorch_ops(repeats: int) -> dict[str, float]:
     return results
 
 
-def main():
-    results = measure_both(__doc__, __file__, kdep_jax_ops, pytorch_ops, f"MobileNetV2 depthwise convs, batch {BATCH}")
-    if results is None:
-        return
-    ours, theirs = results
+def print_rows(ours: dict[str, float], theirs: dict[str, float]) -> None:
     for op, ms in ours.items():
         print(f"| {op} | {ms} | {theirs[op]} | {ms / theirs[op]:.2f}x |")
     totals = [sum(ms * count_of(op) for op, ms in side.items()) for side in (ours, theirs)]
@@ -101,4 +97,5 @@ def count_of(op: str) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    measure_both(__doc__, __file__, kdep_jax_ops, pytorch_ops, f"MobileNetV2 depthwise convs, batch {BATCH}",
+                 print_rows)

@@ -158,10 +158,10 @@ def pytorch_ops(repeats: int) -> dict[str, float]:
     return results
 
 
-def measure_both(doc: str, script: str, kdep_jax_ops, pytorch_ops, what: str):
+def measure_both(doc: str, script: str, kdep_jax_ops, pytorch_ops, what: str, print_rows) -> None:
     """The command line the op benchmarks share. With --framework kdep_jax|pytorch (a child), times that framework
     and prints its results. Otherwise runs `script` once per framework, each in its own process, prints a heading
-    naming `what` and the CPU and a table header, and returns (kdep_jax's results, PyTorch's) for the rows."""
+    naming `what` and the CPU and a table header, then `print_rows(kdep_jax's results, PyTorch's)`."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"])
     parser.add_argument("--repeats", type=int, default=5)
@@ -170,7 +170,7 @@ def measure_both(doc: str, script: str, kdep_jax_ops, pytorch_ops, what: str):
     if args.framework != "both":
         results = (kdep_jax_ops if args.framework == "kdep_jax" else pytorch_ops)(args.repeats)
         print(json.dumps(results) if args.json else "\n".join(f"{k}: {v} ms" for k, v in results.items()))
-        return None
+        return
     children = [subprocess.run([sys.executable, script, "--framework", framework, "--repeats", str(args.repeats),
                                 "--json"], capture_output=True, text=True, check=True)
                 for framework in ("kdep_jax", "pytorch")]
@@ -179,14 +179,10 @@ def measure_both(doc: str, script: str, kdep_jax_ops, pytorch_ops, what: str):
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
     print(f"{what}, float32, {cpu}, {len(os.sched_getaffinity(0))} cores, median of {args.repeats} (ms)")
     print("| op | kdep_jax ms | PyTorch channels_last ms | kdep_jax time / PyTorch time |\n|---|---:|---:|---:|")
-    return ours, theirs
+    print_rows(ours, theirs)
 
 
-def main():
-    results = measure_both(__doc__, __file__, kdep_jax_ops, pytorch_ops, f"ResNet-18 ops, batch {BATCH}")
-    if results is None:
-        return
-    ours, theirs = results
+def print_rows(ours: dict[str, float], theirs: dict[str, float]) -> None:
     for name, ms in ours.items():
         reference = theirs.get(name.split(" [")[0])  # PyTorch has one max-pool
         ratio = f"{ms / reference:.2f}x" if reference else ""
@@ -194,4 +190,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    measure_both(__doc__, __file__, kdep_jax_ops, pytorch_ops, f"ResNet-18 ops, batch {BATCH}", print_rows)
