@@ -213,13 +213,15 @@ def test_initialisers_follow_torchvision():
 @pytest.mark.parametrize("stride, size, kernel_size, padding", [
     (1, 7, 3, None), (2, 7, 3, None), (2, 8, 3, None),
     (2, 8, 3, ((0, 1), (1, 1))),  # TensorFlow's "SAME" for a 3x3/2 conv on 8 rows, 9 columns (EfficientNet-Lite)
+    (1, 1, 3, None), (2, 2, 5, None),  # taps that only ever see padding (one row; 5x5 on two rows)
+    (1, 6, 5, ((1, 3), (2, 2))), (2, 9, 7, None),  # uneven padding; ConvNeXt's 7x7
 ])
 def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding):
     """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients."""
     rng = np.random.default_rng(stride * size)
     x = jnp.asarray(rng.normal(size=(2, size, size + 1, 6)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), jnp.float32)
-    (top, bottom), (left, right) = padding or ((1, 1), (1, 1))
+    (top, bottom), (left, right) = padding or ((kernel_size // 2,) * 2,) * 2
     out_shape = (2, (size + top + bottom - kernel_size) // stride + 1,
                  (size + 1 + left + right - kernel_size) // stride + 1, 6)
     cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)

@@ -49,20 +49,83 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
     XLA:CPU runs far faster than its grouped convolution (benchmarks/README.md). Accelerators keep the
     convolution, which cuDNN and the TPU compiler implement well.
     """
-    k, channels = kernel.shape[0], kernel.shape[-1]
+    k = kernel.shape[0]
     if padding is None:
         padding = ((k // 2, k // 2), (k // 2, k // 2))
     if not shifted_sum:
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
-    batch, height, width, _ = x.shape
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=kernel.shape[-1])
+    return _shifted_sum(x, kernel, stride, padding)
+
+
+def _output_size(size: int, k: int, stride: int, pad: tuple[int, int]) -> int:
+    return (size + pad[0] + pad[1] - k) // stride + 1
+
+
+def _tap_slices(x: jax.Array, k: int, stride: int, padding):
+    """(dy, dx, the strided slice of x that tap (dy, dx) of a k x k window sees, the lax.pad config that puts
+    it, or any elementwise function of it, in its place in the (N, out_h, out_w, C) output), row-major; taps
+    that only ever see padding are left out.
+
+    Padding x first gives the same windows, but XLA copies the padded x out in full before the loop that
+    reads it; a lax.pad per tap it fuses into that loop: 2-8x faster depthwise forward passes and max-pools
+    (benchmarks/README.md).
+    """
+    batch, height, width, channels = x.shape
+    out_size = [_output_size(size, k, stride, pad) for size, pad in zip((height, width), padding)]
+    for dy in range(k):
+        for dx in range(k):
+            # Output row i sees input row i * stride + dy - top: the rows first..last are inside x (columns alike).
+            bounds = []
+            for offset, size, out_len, (before, _) in zip((dy, dx), (height, width), out_size, padding):
+                first = max(0, -(-(before - offset) // stride))
+                last = min(out_len - 1, (size - 1 + before - offset) // stride)
+                bounds.append((first, last, first * stride + offset - before, out_len))
+            if any(first > last for first, last, _, _ in bounds):
+                continue
+            window = jax.lax.slice(x, (0, *(start for _, _, start, _ in bounds), 0),
+                                   (batch, *(start + stride * (last - first) + 1 for first, last, start, _ in bounds),
+                                    channels), (1, stride, stride, 1))
+            placement = ((0, 0, 0), *((first, out_len - 1 - last, 0) for first, last, _, out_len in bounds), (0, 0, 0))
+            yield dy, dx, window, placement
+
+
+def _shifted_sum_unpadded(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    """The forward pass: each tap's product padded into place (`_tap_slices`), one fused loop over x."""
+    k, channels = kernel.shape[0], kernel.shape[-1]
+    out_size = [_output_size(size, k, stride, pad) for size, pad in zip(x.shape[1:3], padding)]
+    zero = jnp.zeros((), jnp.float32)
+    out = jnp.zeros((x.shape[0], *out_size, channels), jnp.float32)
+    for dy, dx, window, placement in _tap_slices(x.astype(jnp.float32), k, stride, padding):
+        out = out + jax.lax.pad(window * kernel[dy, dx, 0].astype(jnp.float32), zero, placement)
+    return out.astype(x.dtype)
+
+
+def _shifted_sum_padded(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+    """The same sum over strided slices of the zero-padded x: its autodiff is the backward pass, whose weight
+    gradient is 1.3-2x faster this way than the autodiff of the unpadded form (benchmarks/README.md)."""
+    k, channels = kernel.shape[0], kernel.shape[-1]
     (top, bottom), (left, right) = padding
-    out_height, out_width = (height + top + bottom - k) // stride + 1, (width + left + right - k) // stride + 1
+    out_size = [_output_size(size, k, stride, pad) for size, pad in zip(x.shape[1:3], padding)]
     padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))).astype(jnp.float32)
-    out = jnp.zeros((batch, out_height, out_width, channels), jnp.float32)
-    for dy, dx, window in _strided_windows(padded, k, stride, (out_height, out_width)):
+    out = jnp.zeros((x.shape[0], *out_size, channels), jnp.float32)
+    for dy, dx, window in _strided_windows(padded, k, stride, out_size):
         out = out + window * kernel[dy, dx, 0].astype(jnp.float32)
     return out.astype(x.dtype)
+
+
+def _shifted_sum_forward(x, kernel, stride, padding):
+    return _shifted_sum_unpadded(x, kernel, stride, padding), (x, kernel)
+
+
+def _shifted_sum_backward(stride, padding, residuals, grad):
+    x, kernel = residuals
+    return jax.vjp(lambda x, kernel: _shifted_sum_padded(x, kernel, stride, padding), x, kernel)[1](grad)
+
+
+_shifted_sum = jax.custom_vjp(_shifted_sum_unpadded, nondiff_argnums=(2, 3))
+_shifted_sum.defvjp(_shifted_sum_forward, _shifted_sum_backward)
 
 
 def _strided_windows(padded: jax.Array, k: int, stride: int, out_size: tuple[int, int]):
@@ -80,9 +143,10 @@ def max_pool(x: jax.Array, k: int, stride: int, pad: int, shifted_max: bool) -> 
     """torch.nn.MaxPool2d(k, stride, pad) on NHWC: padded with -inf, the gradient routed to each window's first
     maximum in row-major order (torch's rule, which XLA's select-and-scatter follows too).
 
-    shifted_max: the maximum of k*k strided slices, with a backward pass of the same slices (`_shifted_max_pool`),
-    which XLA:CPU runs 4x faster than the reduce-window and select-and-scatter of `flax.linen.max_pool`
-    (ResNet's stem pool, batch 32 at 224 px: benchmarks/README.md). Accelerators keep flax's.
+    shifted_max: the maximum of the k*k tap windows (`_tap_slices`), with a backward pass over strided slices
+    (`_shifted_max_pool`), which XLA:CPU runs 4x faster than the reduce-window and select-and-scatter of
+    `flax.linen.max_pool` (ResNet's stem pool, batch 32 at 224 px: benchmarks/README.md). Accelerators keep
+    flax's.
     """
     if not shifted_max:
         return nn.max_pool(x, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
@@ -90,29 +154,31 @@ def max_pool(x: jax.Array, k: int, stride: int, pad: int, shifted_max: bool) -> 
 
 
 def _max_pool_forward(x: jax.Array, k: int, stride: int, pad: int):
-    height, width = x.shape[1:3]
-    out_size = ((height + 2 * pad - k) // stride + 1, (width + 2 * pad - k) // stride + 1)
-    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
-    out = functools.reduce(jnp.maximum, (window for _, _, window in _strided_windows(padded, k, stride, out_size)))
-    return out, (padded, out)
+    fill = jnp.asarray(-jnp.inf, x.dtype)
+    windows = (jax.lax.pad(window, fill, placement)
+               for _, _, window, placement in _tap_slices(x, k, stride, ((pad, pad), (pad, pad))))
+    return functools.reduce(jnp.maximum, windows), x
 
 
-def _max_pool_backward(k: int, stride: int, pad: int, residuals, grad: jax.Array):
+def _max_pool_backward(k: int, stride: int, pad: int, x: jax.Array, grad: jax.Array):
     """Each output's gradient goes to the first tap that equals the maximum, placed back at that tap's strided
-    positions of the padded input by an interior-padded lax.pad."""
-    padded, out = residuals
+    positions of the padded input by an interior-padded lax.pad. Over the slices of a padded x, the maximum
+    recomputed from them: XLA runs this chain of selects 3x slower over `_tap_slices` or over the forward's
+    maximum, which it then recomputes inside the chain (benchmarks/README.md)."""
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
     _, padded_height, padded_width, _ = padded.shape
-    out_height, out_width = out.shape[1:3]
+    out_size = [_output_size(size, k, stride, (pad, pad)) for size in x.shape[1:3]]
+    out = functools.reduce(jnp.maximum, (window for _, _, window in _strided_windows(padded, k, stride, out_size)))
     zero = jnp.zeros((), grad.dtype)
     taken = jnp.zeros(out.shape, bool)
     grad_padded = jnp.zeros(padded.shape, grad.dtype)
-    for dy, dx, window in _strided_windows(padded, k, stride, (out_height, out_width)):
+    for dy, dx, window in _strided_windows(padded, k, stride, out_size):
         first_max = (window == out) & ~taken
         taken = taken | first_max
-        placement = ((0, 0, 0), (dy, padded_height - dy - stride * (out_height - 1) - 1, stride - 1),
-                     (dx, padded_width - dx - stride * (out_width - 1) - 1, stride - 1), (0, 0, 0))
+        placement = ((0, 0, 0), (dy, padded_height - dy - stride * (out_size[0] - 1) - 1, stride - 1),
+                     (dx, padded_width - dx - stride * (out_size[1] - 1) - 1, stride - 1), (0, 0, 0))
         grad_padded = grad_padded + jax.lax.pad(jnp.where(first_max, grad, zero), zero, placement)
-    height, width = padded_height - 2 * pad, padded_width - 2 * pad
+    height, width = x.shape[1:3]
     return (grad_padded[:, pad:pad + height, pad:pad + width, :],)
 
 
