@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from kdep_jax.convert import from_torchvision, to_torchvision
-from kdep_jax.models import create_model, feature_dim
+from kdep_jax.models import create_model, feature_dim, layers
 from kdep_jax.models.layers import BatchNorm, DepthwiseConv, conv2d, depthwise_conv, max_pool, torch_linear
 
 PARITY_TOLERANCE = 1e-4
@@ -216,8 +216,12 @@ def test_initialisers_follow_torchvision():
     (1, 1, 3, None), (2, 2, 5, None),  # taps that only ever see padding (one row; 5x5 on two rows)
     (1, 6, 5, ((1, 3), (2, 2))), (2, 9, 7, None),  # uneven padding; ConvNeXt's 7x7
 ])
-def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding):
-    """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients."""
+@pytest.mark.parametrize("materialise", [True, False])
+def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding, materialise,
+                                                               monkeypatch):
+    """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients,
+    with the backward pass's gradients in buffers of their own (AVX-512 CPUs) and fused (the others)."""
+    monkeypatch.setattr(layers, "_materialise_gradients", lambda: materialise)
     rng = np.random.default_rng(stride * size)
     x = jnp.asarray(rng.normal(size=(2, size, size + 1, 6)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), jnp.float32)
@@ -226,9 +230,13 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
                  (size + 1 + left + right - kernel_size) // stride + 1, 6)
     cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
+    @functools.partial(jax.jit, static_argnums=0)
     def value_and_grads(shifted_sum):
+        # A BatchNorm-like producer of the cotangent and a ReLU-like consumer of the input gradient, as in
+        # MobileNetV2: what XLA fuses into the backward pass's loops.
         out, pullback = jax.vjp(lambda x, k: depthwise_conv(x, k, stride, shifted_sum, padding), x, kernel)
-        return (out, *pullback(cotangent))
+        grad_x, grad_kernel = pullback(cotangent * 0.5 + 0.25)
+        return out, jnp.where(x > 0, grad_x, 0.0), grad_kernel
 
     for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):
         assert shifted.shape == conv.shape

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdep_jax import xla_flags
+
 Dtype = Any
 
 # torchvision's conv init: kaiming_normal_(mode="fan_out", nonlinearity="relu"), a plain (not truncated)
@@ -56,7 +58,15 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             feature_group_count=kernel.shape[-1])
-    return _shifted_sum(x, kernel, stride, padding)
+    return _shifted_sum(x, kernel, stride, padding, _materialise_gradients())
+
+
+@functools.cache
+def _materialise_gradients() -> bool:
+    """Whether the shifted sum's backward pass reads and writes its gradients through buffers of their own
+    (`_materialised`): measured 1.17x on the MobileNetV2 step on an AVX-512 Xeon; AVX2-only CPUs keep the
+    fused form until it is measured there (benchmarks/README.md)."""
+    return "avx512f" in xla_flags.cpu_features()
 
 
 def _output_size(size: int, k: int, stride: int, pad: tuple[int, int]) -> int:
@@ -115,16 +125,35 @@ def _shifted_sum_padded(x: jax.Array, kernel: jax.Array, stride: int, padding) -
     return out.astype(x.dtype)
 
 
-def _shifted_sum_forward(x, kernel, stride, padding):
+def _shifted_sum_forward(x, kernel, stride, padding, materialise):
     return _shifted_sum_unpadded(x, kernel, stride, padding), (x, kernel)
 
 
-def _shifted_sum_backward(stride, padding, residuals, grad):
+def _shifted_sum_backward(stride, padding, materialise, residuals, grad):
     x, kernel = residuals
-    return jax.vjp(lambda x, kernel: _shifted_sum_padded(x, kernel, stride, padding), x, kernel)[1](grad)
+    if materialise:
+        grad = _materialised(grad, kernel)
+    grad_x, grad_kernel = jax.vjp(lambda x, kernel: _shifted_sum_padded(x, kernel, stride, padding),
+                                  x, kernel)[1](grad)
+    if materialise:
+        grad_x = _materialised(grad_x, kernel)
+    return grad_x, grad_kernel
 
 
-_shifted_sum = jax.custom_vjp(_shifted_sum_unpadded, nondiff_argnums=(2, 3))
+def _materialised(value: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`value` in a buffer of its own, for the k*k reads of the input gradient's loop.
+
+    Otherwise XLA:CPU fuses the producer (BatchNorm's backward pass) into each of the k*k reads, and the ReLU6
+    mask of the layer below into the loop's output: 3-10x slower loops (112 px, 96 channels, stride 2: 287 ms
+    against 30). XLA drops optimization barriers before fusing, but keeps a conditional whose predicate it
+    cannot evaluate. A NaN kernel gives a NaN gradient, as it gives a NaN loss, where training stops anyway.
+    """
+    return jax.lax.cond(jnp.isnan(kernel.reshape(-1)[0]), lambda v: jnp.full_like(v, jnp.nan), lambda v: v, value)
+
+
+_shifted_sum = jax.custom_vjp(
+    lambda x, kernel, stride, padding, materialise: _shifted_sum_unpadded(x, kernel, stride, padding),
+    nondiff_argnums=(2, 3, 4))
 _shifted_sum.defvjp(_shifted_sum_forward, _shifted_sum_backward)
 
 
