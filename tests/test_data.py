@@ -2,6 +2,8 @@
 
 import math
 import os
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
@@ -15,11 +17,24 @@ import tensorflow as tf  # pylint: disable=g-bad-import-order
 import tensorflow_datasets as tfds
 
 from kdep_jax import config_lib, data
-from conftest import TinyImages
+from conftest import REPO, TinyImages
 from kdep_jax.data import demo, transforms
 
 MEAN, STD = np.array(data.IMAGENET_MEAN), np.array(data.IMAGENET_STD)
 CLASSES = ("cat", "dog", "eel")
+
+
+def test_tensorflow_loads_with_the_input_pipeline_only():
+    """TensorFlow takes 0.5 GiB and seconds to import: a process that builds models, converts weights, loads
+    checkpoints or times the step (benchmarks/distill_step.py) does not load it until it reads data."""
+    code = ("import sys, kdep_jax.main, kdep_jax.convert, kdep_jax.teacher, kdep_jax.distill\n"
+            "print(sorted(name for name in sys.modules\n"
+            "             if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))\n"
+            "from kdep_jax import data\n"
+            "data.dataset_info\n"
+            "print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout + result.stderr
 
 
 def _smooth(rng, h, w):
