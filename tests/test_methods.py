@@ -13,6 +13,7 @@ from PIL import Image
 
 from kdep_jax import alignment as alignment_lib
 from kdep_jax import convert, data, methods, models, pipeline, report
+from kdep_jax.data import demo as demo_data
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 from conftest import small_kdep_config, tiny_config
@@ -147,7 +148,7 @@ def teacher_and_images(tmp_path_factory):
     config = tiny_config(downstream=None, **{"teacher.width": 0.25, "teacher.train.model.width": 0.25,
                                              "student.width": 0.25})
     pipeline.run(config, root / "teacher_run")
-    images, _ = data.demo.load("upstream_train", 32)
+    images, _ = demo_data.load("upstream_train", 32)
     folder = root / "unlabeled" / "train"
     folder.mkdir(parents=True)
     for i, image in enumerate(images[:96]):
