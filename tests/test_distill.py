@@ -1,4 +1,6 @@
 """The distillation step: the same on 1 and 4 devices, the teacher untouched, the loss as DESIGN.md states it."""
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -108,3 +110,25 @@ def test_bfloat16_loss_is_within_1e2_of_float32(setup):
                           (teacher.variables, method.constants(alignment)), jax.random.key(0))
         losses[dtype] = float(loss)
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=1e-2)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set size from Linux's /proc")
+def test_release_freed_host_memory_returns_the_compilers_heap():
+    """After compiling a training step, the compiler's freed heap goes back to the OS (the trainer calls this once
+    its step is compiled): compiling ResNet-18's backward pass leaves about 140 MiB of it here."""
+    def resident_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    model = models.create_model("resnet18", num_classes=10)
+    variables = trainer.init_variables(model, 32, 0)
+
+    def loss(params, images):
+        (logits, _), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                                     train=True, mutable=["batch_stats"])
+        return logits.sum()
+
+    jax.jit(jax.grad(loss)).lower(variables["params"], np.zeros((2, 32, 32, 3), np.float32)).compile()
+    before = resident_mib()
+    trainer.release_freed_host_memory()
+    assert resident_mib() < before - 30
