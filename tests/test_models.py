@@ -111,17 +111,28 @@ def test_eval_mode_matches_torchvision(arch, images):
 
 
 def test_batchnorm_train_step_matches_torch():
-    """Normalises with the biased batch variance; running stats move with momentum 0.1 towards the unbiased one."""
+    """Normalises with the biased batch variance; running stats move with momentum 0.1 towards the unbiased one;
+    the gradients of the input, scale and bias are torch's."""
     generator = torch.Generator().manual_seed(0)
     torch_bn = randomize_batchnorm(torch.nn.BatchNorm2d(5), seed=1).train()
-    x = 3.0 + 2.0 * torch.randn(2, 5, 3, 3, generator=generator)  # 18 values per channel: n/(n-1) matters
+    x = (3.0 + 2.0 * torch.randn(2, 5, 3, 3, generator=generator)).requires_grad_()  # 18 values per channel
+    cotangent = torch.randn(2, 5, 3, 3, generator=generator)
     variables = {"params": {"scale": torch_bn.weight.detach().numpy(), "bias": torch_bn.bias.detach().numpy()},
                  "batch_stats": {"mean": torch_bn.running_mean.numpy().copy(),
                                  "var": torch_bn.running_var.numpy().copy()}}
-    y, updates = BatchNorm().apply(variables, x.numpy().transpose(0, 2, 3, 1), train=True, mutable=["batch_stats"])
-    with torch.no_grad():
-        expected = torch_bn(x).numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+
+    def forward(x_nhwc, params):
+        return BatchNorm().apply({**variables, "params": params}, x_nhwc, train=True, mutable=["batch_stats"])
+
+    (y, updates), backward = jax.vjp(forward, x.detach().numpy().transpose(0, 2, 3, 1), variables["params"])
+    grad_x, grad_params = backward((jnp.asarray(cotangent.numpy().transpose(0, 2, 3, 1)),
+                                    jax.tree.map(jnp.zeros_like, updates)))
+    expected = torch_bn(x)
+    expected.backward(cotangent)
+    np.testing.assert_allclose(y, expected.detach().numpy().transpose(0, 2, 3, 1), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(grad_x, x.grad.numpy().transpose(0, 2, 3, 1), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(grad_params["scale"], torch_bn.weight.grad.numpy(), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(grad_params["bias"], torch_bn.bias.grad.numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(updates["batch_stats"]["mean"], torch_bn.running_mean.numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(updates["batch_stats"]["var"], torch_bn.running_var.numpy(), atol=1e-5, rtol=1e-5)
 
