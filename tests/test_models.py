@@ -254,6 +254,29 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
         np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride, size", [(1, 5), (2, 6), (2, 7)])
+@pytest.mark.parametrize("as_dot", [True, False])
+def test_pointwise_conv_gradients_match_float64(stride, size, as_dot, monkeypatch):
+    """conv2d's 1x1 conv, with the weight gradient as a dot (AVX-512 CPUs) and as XLA's convolution (the
+    others): the value and both gradients against numpy float64, strided and odd sizes included."""
+    monkeypatch.setattr(layers, "_pointwise_weight_gradient_as_dot", lambda: as_dot)
+    rng = np.random.default_rng(size)
+    x = rng.normal(size=(2, size, size + 1, 6)).astype(np.float32)
+    conv = conv2d(4, 1, stride)
+    params = conv.init(jax.random.key(0), jnp.asarray(x))
+    kernel = np.asarray(params["params"]["kernel"], np.float64)[0, 0]
+    seen = x[:, ::stride, ::stride, :].astype(np.float64)
+    cotangent = rng.normal(size=(*seen.shape[:3], 4)).astype(np.float32)
+    out, backward = jax.vjp(conv.apply, params, jnp.asarray(x))
+    grad_params, grad_x = backward(jnp.asarray(cotangent))
+    expected_grad_x = np.zeros(x.shape)
+    expected_grad_x[:, ::stride, ::stride, :] = cotangent @ kernel.T
+    np.testing.assert_allclose(out, seen @ kernel, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_x, expected_grad_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad_params["params"]["kernel"][0, 0],
+                               np.einsum("nhwc,nhwo->co", seen, cotangent), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shifted_max", [True, False])
 @pytest.mark.parametrize("size", [8, 9])
 def test_max_pool_matches_torch_with_ties(shifted_max, size):

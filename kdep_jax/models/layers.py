@@ -37,9 +37,58 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
     with TensorFlow's "SAME" padding when tf_same_padding."""
     pad = kernel_size // 2
     padding = "SAME" if tf_same_padding else ((pad, pad), (pad, pad))
+    pointwise = kernel_size == 1 and jax.default_backend() == "cpu" and _pointwise_weight_gradient_as_dot()
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
                    use_bias=False, kernel_init=conv_kernel_init, dtype=dtype,
-                   param_dtype=jnp.float32, name=name)
+                   param_dtype=jnp.float32, name=name,
+                   conv_general_dilated=_flax_pointwise_conv if pointwise else None)
+
+
+@functools.cache
+def _pointwise_weight_gradient_as_dot() -> bool:
+    """Whether conv2d's 1x1 convs take their weight gradient as a dot product (`pointwise_conv`): measured
+    faster on an AVX-512 Xeon; AVX2-only CPUs keep XLA's until it is measured there (benchmarks/README.md)."""
+    return "avx512f" in xla_flags.cpu_features()
+
+
+def _pointwise_conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A 1x1 conv (kernel (1, 1, C, O)) whose weight gradient is one dot product over the (N * H * W, C) input
+    and output gradient.
+
+    XLA's own weight gradient is a convolution with an H x W window, which XLA:CPU runs through Eigen after
+    transposing both operands (and recomputing the input's BatchNorm and activation inside the transpose); a
+    dot contracting the leading axis of both goes to YNNPACK without them: 2-7x faster alone (MobileNetV2's and
+    ResNet's shapes, benchmarks/README.md). The forward pass and input gradient are XLA's, already dot products.
+    """
+    return _pointwise_conv_forward(x, kernel, stride)
+
+
+def _pointwise_conv_vjp_forward(x, kernel, stride):
+    return _pointwise_conv_forward(x, kernel, stride), (x, kernel)
+
+
+def _pointwise_conv_vjp_backward(stride, residuals, grad):
+    x, kernel = residuals
+    grad_x = jax.vjp(lambda x: _pointwise_conv_forward(x, kernel, stride), x)[1](grad)[0]
+    seen = x[:, ::stride, ::stride, :]  # the pixels a strided 1x1 conv reads
+    grad_kernel = jax.lax.dot_general(seen.reshape(-1, seen.shape[-1]), grad.reshape(-1, grad.shape[-1]),
+                                      (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+pointwise_conv.defvjp(_pointwise_conv_vjp_forward, _pointwise_conv_vjp_backward)
+
+
+def _flax_pointwise_conv(lhs, rhs, window_strides, padding, **conv_options):
+    """nn.Conv's convolution hook for conv2d's 1x1 convs: those have no padding, dilation or groups, and
+    NHWC / HWIO layouts, so only the stride is passed on."""
+    return pointwise_conv(lhs, rhs, window_strides[0])
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bool,
