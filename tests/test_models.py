@@ -227,12 +227,14 @@ def test_initialisers_follow_torchvision():
     (1, 1, 3, None), (2, 2, 5, None),  # taps that only ever see padding (one row; 5x5 on two rows)
     (1, 6, 5, ((1, 3), (2, 2))), (2, 9, 7, None),  # uneven padding; ConvNeXt's 7x7
 ])
-@pytest.mark.parametrize("materialise", [True, False])
-def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding, materialise,
+@pytest.mark.parametrize("avx512_forms", [True, False])
+def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding, avx512_forms,
                                                                monkeypatch):
-    """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients,
-    with the backward pass's gradients in buffers of their own (AVX-512 CPUs) and fused (the others)."""
-    monkeypatch.setattr(layers, "_materialise_gradients", lambda: materialise)
+    """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients, in
+    the forms of AVX-512 CPUs (gradients in buffers of their own, wide kernels' input padded once) and of the
+    others."""
+    monkeypatch.setattr(layers, "_materialise_gradients", lambda: avx512_forms)
+    monkeypatch.setattr(layers, "_pad_wide_kernels", lambda: avx512_forms)
     rng = np.random.default_rng(stride * size)
     x = jnp.asarray(rng.normal(size=(2, size, size + 1, 6)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), jnp.float32)
