@@ -3,11 +3,14 @@
 What the distillation runs for its teacher: kdep_jax computes features["pre_relu"] under jax.jit (the XLA
 flag defaults of `python -m kdep_jax.main` applied); PyTorch runs the torchvision model (EfficientNet-Lite:
 the efficientnet-lite-pytorch package's) with its head, a negligible part, under torch.inference_mode, in
-channels_last memory format, PyTorch's fast CPU path for convolutions.
-Each framework and arch runs in its own child process; median over timed repetitions after warm-up, random
-weights, synthetic images.
+channels_last memory format, PyTorch's fast CPU path for convolutions, in each configuration of
+--pytorch-configs: eager (`channels_last`) and `torch.compile` with Inductor's freezing of the frozen weights
+(`compile_freezing`: BatchNorm folded into the convs, their bias and activation fused into oneDNN's kernels).
+kdep_jax is compared with the faster. Each framework, configuration and arch runs in its own child process;
+median over timed repetitions after warm-up (which includes compiling), random weights, synthetic images.
 
     python benchmarks/teacher_forward.py   # resnet50, vit_b_16, swin_t, convnext_tiny, efficientnet_lite0
+    python benchmarks/teacher_forward.py --arch resnet50 --batch 32 --pytorch-configs channels_last,compile_freezing
     python benchmarks/teacher_forward.py --arch vit_b_16 --batch 32 --device gpu --dtype bfloat16
 """
 from __future__ import annotations
@@ -24,6 +27,9 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+PYTORCH_CONFIGS = ("channels_last", "compile_freezing")
 
 
 def kdep_jax_forward(args) -> float:
@@ -46,7 +52,7 @@ def kdep_jax_forward(args) -> float:
 
 
 def pytorch_forward(args) -> float:
-    """Median seconds per batch of the torchvision model in eval mode."""
+    """Median seconds per batch of the torchvision model in eval mode, in args.pytorch_config."""
     import torch
     import torchvision
 
@@ -59,6 +65,11 @@ def pytorch_forward(args) -> float:
     else:
         model = getattr(torchvision.models, args.arch)()
     model = model.eval().to(device, memory_format=torch.channels_last)
+    if args.pytorch_config == "compile_freezing":
+        import torch._inductor.config
+
+        torch._inductor.config.freezing = True
+        model = torch.compile(model)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     images = images.to(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -82,11 +93,11 @@ def timed(run, args) -> float:
     return statistics.median(times)
 
 
-def run_child(framework: str, arch: str, args) -> float | None:
+def run_child(framework: str, arch: str, args, pytorch_config: str = "channels_last") -> float | None:
     """One framework's seconds per batch for arch, measured in a fresh process; None when it fails."""
     command = [sys.executable, __file__, "--framework", framework, "--arch", arch, "--batch", str(args.batch),
                "--image-size", str(args.image_size), "--device", args.device, "--dtype", args.dtype,
-               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--pytorch-config", pytorch_config]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         sys.stderr.write(f"{framework} {arch} failed:\n{completed.stderr[-3000:]}")
@@ -105,31 +116,48 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"])
+    parser.add_argument("--pytorch-configs", default=",".join(PYTORCH_CONFIGS),
+                        help=f"comma-separated, of {', '.join(PYTORCH_CONFIGS)}")
+    parser.add_argument("--pytorch-config", default="channels_last", choices=PYTORCH_CONFIGS,
+                        help="a child's PyTorch configuration (internal)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per arch instead of text")
     args = parser.parse_args()
 
     if args.framework != "both":  # a child: one framework, one arch; prints seconds per batch
         print((kdep_jax_forward if args.framework == "kdep_jax" else pytorch_forward)(args))
         return
+    configs = args.pytorch_configs.split(",")
+    unknown = sorted(set(configs) - set(PYTORCH_CONFIGS))
+    if unknown:
+        parser.error(f"unknown --pytorch-configs {unknown}; known: {', '.join(PYTORCH_CONFIGS)}")
     if not args.json:
-        print(f"teacher forward, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device}, "
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+        print(f"teacher forward, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} ({cpu}), "
               f"{os.cpu_count()} CPUs, median of {args.repeats} after {args.warmup} warm-up")
     for arch in args.arch.split(","):
         result = {"arch": arch}
-        for framework in ("kdep_jax", "pytorch"):
-            seconds = run_child(framework, arch, args)
+        seconds = run_child("kdep_jax", arch, args)
+        if seconds is not None:
+            result["kdep_jax_images_per_sec"] = args.batch / seconds
+        for config in configs:
+            seconds = run_child("pytorch", arch, args, config)
             if seconds is not None:
-                result[f"{framework}_images_per_sec"] = args.batch / seconds
-        if len(result) == 3:
-            result["kdep_jax_over_pytorch"] = result["kdep_jax_images_per_sec"] / result["pytorch_images_per_sec"]
+                result[f"pytorch_{config}_images_per_sec"] = args.batch / seconds
+        pytorch = {config: result[f"pytorch_{config}_images_per_sec"] for config in configs
+                   if f"pytorch_{config}_images_per_sec" in result}
+        if pytorch and "kdep_jax_images_per_sec" in result:
+            result["pytorch_best_config"] = max(pytorch, key=pytorch.get)
+            result["kdep_jax_over_pytorch_best"] = result["kdep_jax_images_per_sec"] / max(pytorch.values())
         if args.json:
             print(json.dumps(result))
             continue
-        line = f"  {arch:14s}" + "".join(f" {framework} {result[f'{framework}_images_per_sec']:7.1f} images/s"
-                                          for framework in ("kdep_jax", "pytorch")
-                                          if f"{framework}_images_per_sec" in result)
-        if "kdep_jax_over_pytorch" in result:
-            line += f"  kdep_jax / PyTorch = {result['kdep_jax_over_pytorch']:.2f}x"
+        rates = {name.removesuffix("_images_per_sec"): value for name, value in result.items()
+                 if name.endswith("_images_per_sec")}
+        line = f"  {arch:14s}" + "".join(f" {name} {value:7.1f}" for name, value in rates.items()) + " images/s"
+        if "kdep_jax_over_pytorch_best" in result:
+            best, ratio = result["pytorch_best_config"], result["kdep_jax_over_pytorch_best"]
+            line += f"  kdep_jax / PyTorch {best} = {ratio:.2f}x"
         print(line)
 
 
