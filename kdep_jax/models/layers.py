@@ -63,7 +63,7 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
     XLA's own weight gradient is a convolution with an H x W window, which XLA:CPU runs through Eigen after
     transposing both operands (and recomputing the input's BatchNorm and activation inside the transpose); a
-    dot contracting the leading axis of both goes to YNNPACK without them: 2-7x faster alone (MobileNetV2's and
+    dot contracting the leading axis of both goes to YNNPACK without them: 1.1-7x faster alone (MobileNetV2's and
     ResNet's shapes, benchmarks/README.md). The forward pass and input gradient are XLA's, already dot products.
     """
     return _pointwise_conv_forward(x, kernel, stride)
