@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from distill_step import cpu_name
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -131,9 +133,7 @@ def main():
     if unknown:
         parser.error(f"unknown --pytorch-configs {unknown}; known: {', '.join(PYTORCH_CONFIGS)}")
     if not args.json:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-        print(f"teacher forward, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} ({cpu}), "
+        print(f"teacher forward, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} ({cpu_name()}), "
               f"{os.cpu_count()} CPUs, median of {args.repeats} after {args.warmup} warm-up")
     for arch in args.arch.split(","):
         result = {"arch": arch}
