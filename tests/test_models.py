@@ -1,6 +1,7 @@
 """The Flax backbones against torchvision: eval and train mode, bfloat16, width, initialisation."""
 import copy
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -277,6 +278,31 @@ def test_pointwise_conv_gradients_match_float64(stride, size, as_dot, monkeypatc
     np.testing.assert_allclose(grad_x, expected_grad_x, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad_params["params"]["kernel"][0, 0],
                                np.einsum("nhwc,nhwo->co", seen, cotangent), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_a_conditional", [True, False])
+def test_gelu_matches_float64_and_torch(in_a_conditional, monkeypatch):
+    """layers.gelu in both CPUs' forms (its own conditional on AVX-512, plain on the others), jitted as in a
+    model: value and gradient against the exact GELU in float64, and against torch.nn.functional.gelu. A NaN in
+    the first element, the conditional's predicate, leaves the others' values as they are."""
+    monkeypatch.setattr(layers, "_materialise_gelu", lambda: in_a_conditional)
+    x = np.concatenate([[np.nan], np.linspace(-9.0, 9.0, 2001)]).astype(np.float32).reshape(2, 7, 11, 13)
+
+    @jax.jit
+    def value_and_grad(x):
+        value, pullback = jax.vjp(layers.gelu, x)
+        return value, pullback(jnp.ones_like(x))[0]
+
+    value, grad = value_and_grad(jnp.asarray(x))
+    x64 = x.astype(np.float64)
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    cdf = 0.5 * (1.0 + erf(x64 / math.sqrt(2.0)))
+    np.testing.assert_allclose(value, x64 * cdf, rtol=1e-6, atol=2e-6, equal_nan=True)
+    np.testing.assert_allclose(grad, cdf + x64 * np.exp(-x64 ** 2 / 2) / math.sqrt(2 * math.pi), rtol=1e-6,
+                               atol=2e-6, equal_nan=True)
+    np.testing.assert_allclose(value, torch.nn.functional.gelu(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=2e-6,
+                               equal_nan=True)
+    assert np.isnan(value.reshape(-1)[0]) and not np.isnan(value.reshape(-1)[1:]).any()
 
 
 @pytest.mark.parametrize("shifted_max", [True, False])
