@@ -305,6 +305,18 @@ def test_gelu_matches_float64_and_torch(in_a_conditional, monkeypatch):
     assert np.isnan(value.reshape(-1)[0]) and not np.isnan(value.reshape(-1)[1:]).any()
 
 
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_gelu_in_a_conditional_on_a_batch_sharded_over_devices(axis_type, monkeypatch):
+    """The conditional's predicate reads each sample's first element, so that it never slices a batch-sharded
+    activation across devices (with explicit sharding that is an error)."""
+    monkeypatch.setattr(layers, "_materialise_gelu", lambda: True)
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    x = np.random.default_rng(0).normal(size=(8, 5, 3)).astype(np.float32)
+    with jax.set_mesh(mesh):
+        value = jax.jit(layers.gelu)(jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.P("data"))))
+    np.testing.assert_allclose(value, torch.nn.functional.gelu(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("shifted_max", [True, False])
 @pytest.mark.parametrize("size", [8, 9])
 def test_max_pool_matches_torch_with_ties(shifted_max, size):
