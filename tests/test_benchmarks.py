@@ -1,0 +1,51 @@
+"""The arithmetic behind the figures that benchmarks/distill_step.py prints (the README's performance tables)."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "distill_step.py")
+_SPEC = importlib.util.spec_from_file_location("distill_step", _PATH)
+distill_step = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(distill_step)
+
+
+def test_each_step_is_measured_against_its_own_flop_count():
+    """The cached step skips the teacher, so its share of the FMA peak comes from its own FLOP count; PyTorch's
+    configurations run the same online step as kdep_jax and take that step's count."""
+    results = {"batch": 32, "fp32_peak_flops": 200e9,
+               "kdep_jax_images_per_sec": 8.0, "kdep_jax_flops": 576e9,
+               "kdep_jax_cached_images_per_sec": 16.0, "kdep_jax_cached_flops": 320e9,
+               "pytorch_channels_last_images_per_sec": 4.0}
+    shares = distill_step.fma_peak_shares(results, ["kdep_jax", "kdep_jax_cached", "pytorch_channels_last",
+                                                     "pytorch_compile"])
+    assert shares == {"kdep_jax_fma_peak_share": pytest.approx(576e9 / 4.0 / 200e9),
+                      "kdep_jax_cached_fma_peak_share": pytest.approx(320e9 / 2.0 / 200e9),
+                      "pytorch_channels_last_fma_peak_share": pytest.approx(576e9 / 8.0 / 200e9)}
+
+
+def test_fp32_peak_from_cpuinfo():
+    """cores x nominal clock x 2 FMA units x lanes (16 with AVX-512, 8 with AVX2) x 2 FLOP per FMA."""
+    cores = len(os.sched_getaffinity(0))
+    avx512 = "processor\t: 0\ncpu MHz\t\t: 2100.000\nflags\t\t: fpu sse avx2 avx512f amx_bf16\n"
+    avx2 = "processor\t: 0\ncpu MHz\t\t: 2450.000\nflags\t\t: fpu sse avx2 fma\n"
+    assert distill_step.cpu_fp32_peak_flops(avx512)[0] == pytest.approx(cores * 2.1e9 * 2 * 16 * 2)
+    assert distill_step.cpu_fp32_peak_flops(avx2)[0] == pytest.approx(cores * 2.45e9 * 2 * 8 * 2)
+
+
+@pytest.mark.slow
+def test_distill_step_benchmark_prints_every_step():
+    """The whole benchmark, tiny: kdep_jax online and with cached targets and PyTorch eager, each in its own process,
+    then the report (a report line that fails to print loses the figures of a half-hour run)."""
+    result = subprocess.run(
+        [sys.executable, _PATH, "--student", "resnet18", "--batch", "2", "--image-size", "32", "--warmup", "0",
+         "--repeats", "1", "--target-cache", "--pytorch-configs", "eager"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = result.stdout
+    for line in ("  kdep_jax: ", "  kdep_jax, cached targets: ", "  PyTorch eager (best): ", "kdep_jax / PyTorch eager = ",
+                 "float32 FMA peak", "target cache: "):
+        assert line in report, report
+    assert report.count("of the float32 FMA peak") == 3, report
