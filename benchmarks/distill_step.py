@@ -77,15 +77,16 @@ def fma_peak_shares(results: dict, keys) -> dict:
     return shares
 
 
-def kdep_jax_step(args) -> dict:
+def kdep_jax_setup(args, cached: bool):
+    """kdep_jax's step as its trainer builds it, with XLA's flags set first as `python -m kdep_jax.main` sets them:
+    (the jitted step, the train state, the teacher's replicated constants, a function giving the next sharded
+    batch). cached: the teacher's targets come with the batch (the target cache) and the step skips the teacher."""
     os.environ["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
     from kdep_jax import xla_flags
 
     xla_flags.apply_defaults()  # what `python -m kdep_jax.main` runs with; XLA_FLAGS set here win
-    import jax
-
     from kdep_jax import alignment as alignment_lib
-    from kdep_jax import config_lib, distill, methods, models, optim, parallel, target_cache, trainer
+    from kdep_jax import config_lib, distill, methods, models, optim, parallel, trainer
     from kdep_jax import teacher as teacher_lib
 
     config = config_lib.kdep_config()
@@ -105,7 +106,6 @@ def kdep_jax_step(args) -> dict:
     tx = optim.sgd(optim.step_decay_schedule(0.1, 100, 30, 0.1, 90), 0.9, 5e-4)
     config.data.image_size = args.image_size
     state = trainer.create_train_state(distill.initial_variables(config, method, teacher, alignment), tx, mesh, seed=0)
-    cached = args.framework == "kdep_jax_cached"  # the teacher's targets come with the batch (target cache)
     step = trainer.make_train_step(distill.make_loss_fn(config, method, None, cached_targets=cached), tx, mesh)
     constants = () if cached else parallel.replicate((teacher.variables, alignment), mesh)
     host_batches = jpeg_batches(args) if args.input == "jpeg" else synthetic_batches(args)
@@ -117,7 +117,18 @@ def kdep_jax_step(args) -> dict:
             batch["targets"] = rng.normal(size=(args.batch, dim)).astype(np.float16)
         return parallel.shard_batch(batch, mesh)
 
-    flops = (step.lower(state, next_batch(), constants).compile().cost_analysis() or {}).get("flops")
+    return step, state, constants, next_batch
+
+
+def kdep_jax_step(args) -> dict:
+    cached = args.framework == "kdep_jax_cached"
+    step, state, constants, next_batch = kdep_jax_setup(args, cached)
+    import jax  # after the setup, which sets JAX_PLATFORMS and XLA_FLAGS
+
+    from kdep_jax import target_cache, trainer
+
+    first_batch = next_batch()
+    flops = (step.lower(state, first_batch, constants).compile().cost_analysis() or {}).get("flops")
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
@@ -130,7 +141,7 @@ def kdep_jax_step(args) -> dict:
     result = {"seconds": statistics.median(times), "times": times, "device_kind": jax.devices()[0].device_kind,
               "flops": flops}
     if cached:
-        result["cache_bytes_per_image_epoch"] = target_cache.bytes_per_image_epoch(dim)
+        result["cache_bytes_per_image_epoch"] = target_cache.bytes_per_image_epoch(first_batch["targets"].shape[-1])
     if args.device == "gpu":
         result["peak_bytes"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
         peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device_kind"]), None)

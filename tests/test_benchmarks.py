@@ -10,6 +10,7 @@ _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "distill_ste
 _SPEC = importlib.util.spec_from_file_location("distill_step", _PATH)
 distill_step = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(distill_step)
+_CPU_FORMS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_forms.py")
 
 
 def test_each_step_is_measured_against_its_own_flop_count():
@@ -49,3 +50,23 @@ def test_distill_step_benchmark_prints_every_step():
                  "float32 FMA peak", "target cache: "):
         assert line in report, report
     assert report.count("of the float32 FMA peak") == 3, report
+
+
+@pytest.mark.slow
+def test_cpu_forms_benchmark_times_each_form_both_ways():
+    """Two of the CPU-dependent forms, tiny: one on a distillation step, one on two forward passes. Each workload
+    is timed with the form on and off, and the two variants' results agree to float32 rounding (the forms only
+    reorder the arithmetic), the step's after one update, so through its backward pass (a second update diverges
+    at this size: MobileNetV2's last BatchNorms see 2 values per channel)."""
+    result = subprocess.run(
+        [sys.executable, _CPU_FORMS, "--form", "materialise_gradients,pad_wide_kernels", "--step-batch", "2",
+         "--forward-batch", "2", "--image-size", "32", "--warmup", "1", "--rounds", "1"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if " on is " in line]
+    assert [row[:2] for row in rows] == [["materialise_gradients", "step:mobilenet_v2"],
+                                         ["pad_wide_kernels", "forward:convnext_tiny"],
+                                         ["pad_wide_kernels", "forward:efficientnet_lite0"]], result.stdout
+    for row in rows:
+        assert float(row[row.index("on") + 1]) > 0 and float(row[row.index("off") + 1]) > 0, row
+        assert float(row[row.index("by") + 1]) < 1e-5, row

@@ -1,0 +1,137 @@
+"""Each CPU-dependent form of kdep_jax on and off, in one process: what decides which CPUs get it.
+
+`kdep_jax/models/layers.py` picks some forms of its ops by the CPU's instruction set (on with AVX-512, off on
+AVX2-only CPUs until measured there). Here each form is compiled both ways into the workloads it was measured on
+(the distillation step, ResNet-50 teacher, for the students' forms; a model's eval-mode forward pass for the
+teachers') and the two are timed alternately, round by round, in one process, so that the machine's drift hits
+both alike. The forms compute the same values in another order, so the two results differ by float32 rounding
+only: that difference is printed too. The figures, per CPU, are in benchmarks/README.md.
+
+    python benchmarks/cpu_forms.py                          # every form, on every workload it was measured on
+    python benchmarks/cpu_forms.py --form materialise_gelu --rounds 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from unittest import mock
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+# Each form (a function `layers._<form>()` that says whether it is on) and the workloads it was measured on:
+# "step:<student>" or "forward:<arch>".
+FORMS = {
+    "pointwise_weight_gradient_as_dot": ("step:mobilenet_v2", "step:resnet18"),
+    "materialise_gradients": ("step:mobilenet_v2",),
+    "pad_wide_kernels": ("forward:convnext_tiny", "forward:efficientnet_lite0"),
+    "materialise_gelu": ("forward:swin_t", "forward:convnext_tiny", "forward:vit_b_16"),
+}
+
+
+def step_workload(student: str, args):
+    """(a function that runs one distillation step, carrying the train state from call to call; a function that
+    gives that state's arrays: parameters, BatchNorm statistics and momentum, which holds the gradients)."""
+    import distill_step
+    import jax
+
+    setup_args = argparse.Namespace(teacher="resnet50", student=student, dtype="float32", batch=args.step_batch,
+                                    image_size=args.image_size, device="cpu", input="synthetic")
+    step, state, constants, next_batch = distill_step.kdep_jax_setup(setup_args, cached=False)
+    batch = next_batch()
+    compiled = step.lower(state, batch, constants).compile()
+    carried = [state]
+
+    def run():
+        carried[0], metrics = compiled(carried[0], batch, constants)
+        return metrics["loss"]
+
+    return run, lambda: jax.tree.leaves(carried[0])
+
+
+def forward_workload(arch: str, args):
+    """(a function that runs one eval-mode forward pass and returns the pooled features; one that gives the
+    features as a list of arrays, to compare)."""
+    import jax
+
+    from kdep_jax import models
+
+    network = models.create_model(arch, num_classes=None)
+    images = np.random.default_rng(0).normal(size=(args.forward_batch, args.image_size, args.image_size, 3))
+    images = jax.numpy.asarray(images.astype(np.float32))
+    variables = network.init(jax.random.PRNGKey(0), images[:1], train=False)
+    compiled = jax.jit(lambda v, x: network.apply(v, x, train=False)[1]["pooled"]).lower(variables, images).compile()
+
+    def run():
+        return compiled(variables, images)
+
+    return run, lambda: [run()]
+
+
+def compare(form: str, workload: str, args) -> dict:
+    """Median seconds per call with the form on and off, and how far the two variants' results are apart after
+    the warm-up calls: the norm of their difference over all arrays, relative to the norm of the form-off result
+    (for a step, the train state, whose momentum holds the last gradients; a per-array measure would blow up on
+    the parameters whose gradient is zero but for rounding, such as BatchNorm biases that the next BatchNorm
+    normalises away)."""
+    import jax
+
+    from kdep_jax.models import layers
+
+    kind, model = workload.split(":")
+    runs = {}
+    for on in (True, False):
+        with mock.patch.object(layers, f"_{form}", lambda on=on: on):  # read while tracing, i.e. while compiling
+            run, arrays = (step_workload if kind == "step" else forward_workload)(model, args)
+        for _ in range(max(args.warmup, 1)):
+            jax.block_until_ready(run())
+        runs[on] = (run, [np.asarray(array, np.float64) for array in arrays()], [])
+    for round_index in range(args.rounds):
+        for on in (True, False) if round_index % 2 == 0 else (False, True):
+            run, _, times = runs[on]
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(time.perf_counter() - start)
+    squared_difference = sum(np.sum((on - off) ** 2) for on, off in zip(runs[True][1], runs[False][1]))
+    difference = np.sqrt(squared_difference / max(sum(np.sum(off ** 2) for off in runs[False][1]), 1e-30))
+    return {"on": statistics.median(runs[True][2]), "off": statistics.median(runs[False][2]),
+            "relative_difference": float(difference)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--form", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)}")
+    parser.add_argument("--step-batch", type=int, default=32)
+    parser.add_argument("--forward-batch", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=2, help="calls of each variant before timing (the first compiles nothing: it is compiled before)")
+    parser.add_argument("--rounds", type=int, default=8, help="timed calls of each variant, alternating")
+    args = parser.parse_args()
+    forms = args.form.split(",")
+    for form in forms:
+        if form not in FORMS:
+            parser.error(f"unknown form {form!r}; known: {', '.join(FORMS)}")
+
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the forms are CPU-only
+    from kdep_jax import xla_flags
+
+    xla_flags.apply_defaults()  # what `python -m kdep_jax.main` runs with; XLA_FLAGS set here win
+    from distill_step import cpu_name
+
+    print(f"{cpu_name()}; XLA_FLAGS={os.environ['XLA_FLAGS']}; median of {args.rounds} rounds, s per call")
+    for form in forms:
+        for workload in FORMS[form]:
+            result = compare(form, workload, args)
+            batch = args.step_batch if workload.startswith("step:") else args.forward_batch
+            print(f"{form:34} {workload + f' batch {batch}':30} on {result['on']:.3f}  off {result['off']:.3f}  "
+                  f"on is {result['off'] / result['on']:.2f}x  "
+                  f"results differ by {result['relative_difference']:.1e} (relative norm)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
