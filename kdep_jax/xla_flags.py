@@ -16,12 +16,14 @@ _YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 # rewrites as dots (most of ResNet-50), to YNNPACK.
 DEFAULTS = {_YNN_FUSION_TYPE: "dot"}
 
-# CPUs with AVX-512 (measured on an Intel Xeon with AVX-512 and AMX): reductions too (BatchNorm's batch
-# statistics and their gradients): 1.3x on the ResNet-18 step and 2.4x on the MobileNetV2 step there. On the
-# AVX2 machines "reduce" changed nothing on the ResNet-18 step (MobileNetV2 not measured there), so they
-# keep the setting measured on them. With "reduce", XLA's default thunk order (the concurrency-optimised
-# scheduler) keeps many more buffers alive at once: the memory-optimised one takes the MobileNetV2 step's
-# working memory from 4.5 to 1.7 GiB and makes it 1.2x faster (ResNet-18: 1.23 to 0.80 GiB, no slower).
+# CPUs with AVX-512 (measured on an Intel Xeon with AVX-512 and AMX, and on an AMD EPYC with AVX-512 and no
+# AMX): reductions too (BatchNorm's batch statistics and their gradients): 1.3x on the ResNet-18 step and 2.4x
+# on the MobileNetV2 step on the Xeon, 1.19x and 1.60x on the EPYC (both against "dot" with XLA's default
+# scheduler). On the AVX2 machines "reduce" changed nothing on the ResNet-18 step (MobileNetV2 not measured
+# there), so they keep the setting measured on them. With "reduce", XLA's default thunk order (the
+# concurrency-optimised scheduler) keeps many more buffers alive at once: the memory-optimised one takes the
+# MobileNetV2 step's working memory from 4.5 to 1.7 GiB and makes it 1.2x faster (ResNet-18: 1.23 to 0.80 GiB,
+# no slower; on the EPYC, peak RSS 4.7 to 2.0 GiB and 1.3x faster, ResNet-18 1.9 to 1.4 GiB and 1.07x).
 AVX512_DEFAULTS = {_YNN_FUSION_TYPE: "dot,reduce", "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
 
