@@ -9,6 +9,7 @@ only: that difference is printed too. The figures, per CPU, are in benchmarks/RE
 
     python benchmarks/cpu_forms.py                          # every form, on every workload it was measured on
     python benchmarks/cpu_forms.py --form materialise_gelu --rounds 8
+    python benchmarks/cpu_forms.py --form materialise_gelu --workload forward:swin_t
 """
 from __future__ import annotations
 
@@ -106,6 +107,8 @@ def compare(form: str, workload: str, args) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--form", default=",".join(FORMS), help=f"comma-separated, of {', '.join(FORMS)}")
+    parser.add_argument("--workload", help="comma-separated: time only these of the forms' workloads, e.g. "
+                        "forward:swin_t (default: every workload of each form)")
     parser.add_argument("--step-batch", type=int, default=32)
     parser.add_argument("--forward-batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
@@ -116,6 +119,12 @@ def main():
     for form in forms:
         if form not in FORMS:
             parser.error(f"unknown form {form!r}; known: {', '.join(FORMS)}")
+    known_workloads = sorted({workload for form in forms for workload in FORMS[form]})
+    workloads = args.workload.split(",") if args.workload else known_workloads
+    for workload in workloads:
+        if workload not in known_workloads:
+            parser.error(f"--workload {workload!r} is not a workload of {args.form}; those are: "
+                         f"{', '.join(known_workloads)}")
 
     os.environ["JAX_PLATFORMS"] = "cpu"  # the forms are CPU-only
     from kdep_jax import xla_flags
@@ -125,7 +134,7 @@ def main():
 
     print(f"{cpu_name()}; XLA_FLAGS={os.environ['XLA_FLAGS']}; median of {args.rounds} rounds, s per call")
     for form in forms:
-        for workload in FORMS[form]:
+        for workload in (workload for workload in FORMS[form] if workload in workloads):
             result = compare(form, workload, args)
             batch = args.step_batch if workload.startswith("step:") else args.forward_batch
             print(f"{form:34} {workload + f' batch {batch}':30} on {result['on']:.3f}  off {result['off']:.3f}  "
