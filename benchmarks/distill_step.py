@@ -50,6 +50,7 @@ def cpu_fp32_peak_flops(cpuinfo: str | None = None) -> tuple[float, str]:
     From /proc/cpuinfo: the cores this process may use, the first "cpu MHz" (under a hypervisor the
     nominal clock; turbo is not counted) and the "flags" line. Two FMA units per core is what current
     server cores have (Intel Xeon Scalable Gold/Platinum, AMD Zen); a part with one makes the share 2x low.
+    AMD's Zen 4 (family 25 with AVX-512) runs each 512-bit FMA as two 256-bit halves, so it counts 8 lanes.
     """
     if cpuinfo is None:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -57,7 +58,8 @@ def cpu_fp32_peak_flops(cpuinfo: str | None = None) -> tuple[float, str]:
     fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)
     fields = {key.strip(): value.strip() for key, value in fields.items()}
     ghz = float(fields.get("cpu MHz", "nan")) / 1000
-    lanes = 16 if "avx512f" in fields.get("flags", "").split() else 8
+    zen4 = fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
+    lanes = 16 if "avx512f" in fields.get("flags", "").split() and not zen4 else 8
     cores = len(os.sched_getaffinity(0))
     return cores * ghz * 2 * lanes * 2 * 1e9, f"{cores} cores x {ghz:.2f} GHz x 2 FMA units x {lanes} lanes x 2"
 
@@ -407,7 +409,8 @@ def main():
 
 
 def cpu_name() -> str:
-    """The CPU's model name and the vector extensions that matter here, from /proc/cpuinfo."""
+    """The CPU's model name, family and model (VMs often show a bare "AMD EPYC"), and the vector extensions that
+    matter here, from /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             cpuinfo = f.read()
@@ -416,7 +419,8 @@ def cpu_name() -> str:
     fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)}
     flags = fields.get("flags", "").split()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{fields.get('model name', '?')} ({', '.join(isa)})"
+    return (f"{fields.get('model name', '?')}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "
+            f"({', '.join(isa)})")
 
 
 if __name__ == "__main__":

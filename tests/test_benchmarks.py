@@ -28,12 +28,20 @@ def test_each_step_is_measured_against_its_own_flop_count():
 
 
 def test_fp32_peak_from_cpuinfo():
-    """cores x nominal clock x 2 FMA units x lanes (16 with AVX-512, 8 with AVX2) x 2 FLOP per FMA."""
+    """cores x nominal clock x 2 FMA units x lanes (16 with AVX-512, 8 with AVX2 and on Zen 4, whose AVX-512 runs
+    in 256-bit halves) x 2 FLOP per FMA."""
     cores = len(os.sched_getaffinity(0))
-    avx512 = "processor\t: 0\ncpu MHz\t\t: 2100.000\nflags\t\t: fpu sse avx2 avx512f amx_bf16\n"
-    avx2 = "processor\t: 0\ncpu MHz\t\t: 2450.000\nflags\t\t: fpu sse avx2 fma\n"
-    assert distill_step.cpu_fp32_peak_flops(avx512)[0] == pytest.approx(cores * 2.1e9 * 2 * 16 * 2)
-    assert distill_step.cpu_fp32_peak_flops(avx2)[0] == pytest.approx(cores * 2.45e9 * 2 * 8 * 2)
+
+    def cpuinfo(vendor, family, mhz, flags):
+        return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\ncpu MHz\t\t: {mhz}\n"
+                f"flags\t\t: fpu sse {flags}\n")
+
+    peak = distill_step.cpu_fp32_peak_flops
+    assert peak(cpuinfo("GenuineIntel", 6, "2100.000", "avx2 avx512f amx_bf16"))[0] == pytest.approx(
+        cores * 2.1e9 * 2 * 16 * 2)
+    assert peak(cpuinfo("AuthenticAMD", 26, "2600.000", "avx2 avx512f"))[0] == pytest.approx(cores * 2.6e9 * 2 * 16 * 2)
+    assert peak(cpuinfo("AuthenticAMD", 25, "2600.000", "avx2 avx512f"))[0] == pytest.approx(cores * 2.6e9 * 2 * 8 * 2)
+    assert peak(cpuinfo("AuthenticAMD", 23, "2450.000", "avx2 fma"))[0] == pytest.approx(cores * 2.45e9 * 2 * 8 * 2)
 
 
 @pytest.mark.slow
