@@ -16,10 +16,10 @@ _YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 # rewrites as dots (most of ResNet-50), to YNNPACK.
 DEFAULTS = {_YNN_FUSION_TYPE: "dot"}
 
-# CPUs with AVX-512 (measured on an Intel Xeon with AVX-512 and AMX, and on an AMD EPYC with AVX-512 and no
-# AMX): reductions too (BatchNorm's batch statistics and their gradients): 1.3x on the ResNet-18 step and 2.4x
-# on the MobileNetV2 step on the Xeon, 1.19x and 1.60x on the EPYC (both against "dot" with XLA's default
-# scheduler). On the AVX2 machines "reduce" changed nothing on the ResNet-18 step (MobileNetV2 not measured
+# CPUs with AVX-512 (measured on an Intel Xeon with AVX-512 and AMX, and on AMD EPYC Zen 5 and Zen 4, with
+# AVX-512 and no AMX): reductions too (BatchNorm's batch statistics and their gradients): 1.3x on the ResNet-18
+# step and 2.4x on the MobileNetV2 step on the Xeon, 1.19x and 1.60x on Zen 5, 1.07x and 1.52x on Zen 4 (all
+# against "dot" with XLA's default scheduler). On the AVX2 machines "reduce" changed nothing on the ResNet-18 step (MobileNetV2 not measured
 # there), so they keep the setting measured on them. With "reduce", XLA's default thunk order (the
 # concurrency-optimised scheduler) keeps many more buffers alive at once: the memory-optimised one takes the
 # MobileNetV2 step's working memory from 4.5 to 1.7 GiB and makes it 1.2x faster (ResNet-18: 1.23 to 0.80 GiB,

@@ -47,7 +47,7 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
 @functools.cache
 def _pointwise_weight_gradient_as_dot() -> bool:
     """Whether conv2d's 1x1 convs take their weight gradient as a dot product (`pointwise_conv`): measured
-    faster on an AVX-512 Intel Xeon, level on an AVX-512 AMD EPYC; AVX2-only CPUs keep XLA's until it is
+    faster on an AVX-512 Intel Xeon, level on AVX-512 AMD EPYCs (Zen 5, Zen 4); AVX2-only CPUs keep XLA's until it is
     measured there (benchmarks/README.md)."""
     return "avx512f" in xla_flags.cpu_features()
 
@@ -114,8 +114,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
 @functools.cache
 def _materialise_gradients() -> bool:
     """Whether the shifted sum's backward pass reads and writes its gradients through buffers of their own
-    (`_materialised`): measured 1.17x on the MobileNetV2 step on an AVX-512 Intel Xeon, level (1.00-1.01x) on an
-    AVX-512 AMD EPYC; AVX2-only CPUs keep the fused form until it is measured there (benchmarks/README.md)."""
+    (`_materialised`): measured 1.17x on the MobileNetV2 step on an AVX-512 Intel Xeon, level (1.00-1.03x) on
+    AVX-512 AMD EPYCs (Zen 5, Zen 4); AVX2-only CPUs keep the fused form until it is measured there (benchmarks/README.md)."""
     return "avx512f" in xla_flags.cpu_features()
 
 
