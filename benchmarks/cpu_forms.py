@@ -112,7 +112,8 @@ def main():
     parser.add_argument("--step-batch", type=int, default=32)
     parser.add_argument("--forward-batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--warmup", type=int, default=2, help="calls of each variant before timing, at least 1 (both are compiled before these calls)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="calls of each variant before timing, at least 1 (both are compiled before these calls)")
     parser.add_argument("--rounds", type=int, default=8, help="timed calls of each variant, alternating")
     args = parser.parse_args()
     forms = args.form.split(",")

@@ -44,6 +44,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (or of the text given)."""
+    if cpuinfo is None:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpuinfo = f.read()
+    fields = (line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)
+    return {key.strip(): value.strip() for key, value in fields}
+
+
 def cpu_fp32_peak_flops(cpuinfo: str | None = None) -> tuple[float, str]:
     """float32 FMA peak of this machine's CPUs: cores x GHz x 2 FMA units x lanes (16 with AVX-512, else 8) x 2.
 
@@ -52,11 +61,7 @@ def cpu_fp32_peak_flops(cpuinfo: str | None = None) -> tuple[float, str]:
     server cores have (Intel Xeon Scalable Gold/Platinum, AMD Zen); a part with one makes the share 2x low.
     AMD's Zen 4 (family 25 with AVX-512) runs each 512-bit FMA as two 256-bit halves, so it counts 8 lanes.
     """
-    if cpuinfo is None:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            cpuinfo = f.read()
-    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    fields = cpuinfo_fields(cpuinfo)
     ghz = float(fields.get("cpu MHz", "nan")) / 1000
     zen4 = fields.get("vendor_id") == "AuthenticAMD" and fields.get("cpu family") == "25"
     lanes = 16 if "avx512f" in fields.get("flags", "").split() and not zen4 else 8
@@ -412,11 +417,9 @@ def cpu_name() -> str:
     """The CPU's model name, family and model (VMs often show a bare "AMD EPYC"), and the vector extensions that
     matter here, from /proc/cpuinfo."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            cpuinfo = f.read()
+        fields = cpuinfo_fields()
     except OSError:
         return "?"
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in cpuinfo.splitlines()[:40] if ":" in line)}
     flags = fields.get("flags", "").split()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return (f"{fields.get('model name', '?')}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "

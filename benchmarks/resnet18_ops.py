@@ -175,9 +175,9 @@ def measure_both(doc: str, script: str, kdep_jax_ops, pytorch_ops, what: str, pr
                                 "--json"], capture_output=True, text=True, check=True)
                 for framework in ("kdep_jax", "pytorch")]
     ours, theirs = (json.loads(child.stdout.strip().splitlines()[-1]) for child in children)
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-    print(f"{what}, float32, {cpu}, {len(os.sched_getaffinity(0))} cores, median of {args.repeats} (ms)")
+    from distill_step import cpu_name
+
+    print(f"{what}, float32, {cpu_name()}, {len(os.sched_getaffinity(0))} cores, median of {args.repeats} (ms)")
     print("| op | kdep_jax ms | PyTorch channels_last ms | kdep_jax time / PyTorch time |\n|---|---:|---:|---:|")
     print_rows(ours, theirs)
 
