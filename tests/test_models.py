@@ -232,15 +232,16 @@ def test_initialisers_follow_torchvision():
 def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding, avx512_forms,
                                                                monkeypatch):
     """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients, in
-    the forms of AVX-512 CPUs (gradients in buffers of their own, wide kernels' input padded once) and of the
-    others."""
+    the forms of AVX-512 CPUs (gradients in buffers of their own, the weight gradient over chunks of the batch,
+    wide kernels' input padded once) and of the others. Batch 8: two chunks."""
     monkeypatch.setattr(layers, "_materialise_gradients", lambda: avx512_forms)
+    monkeypatch.setattr(layers, "_chunk_weight_gradient", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_pad_wide_kernels", lambda: avx512_forms)
     rng = np.random.default_rng(stride * size)
-    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 6)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(8, size, size + 1, 6)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), jnp.float32)
     (top, bottom), (left, right) = padding or ((kernel_size // 2,) * 2,) * 2
-    out_shape = (2, (size + top + bottom - kernel_size) // stride + 1,
+    out_shape = (8, (size + top + bottom - kernel_size) // stride + 1,
                  (size + 1 + left + right - kernel_size) // stride + 1, 6)
     cotangent = jnp.asarray(rng.normal(size=out_shape), jnp.float32)
 
@@ -255,6 +256,24 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):
         assert shifted.shape == conv.shape
         np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_weight_gradient_in_chunks_keeps_a_split_batch_on_its_devices(monkeypatch):
+    """The weight gradient over chunks of images (AVX-512 CPUs), with the batch split over 4 devices: no device
+    gathers the others' images (the compiled gradient's only collective is the sum over devices), and the
+    gradients equal the unsplit ones to float32 rounding."""
+    monkeypatch.setattr(layers, "_chunk_weight_gradient", lambda: True)
+    rng = np.random.default_rng(0)
+    x, cotangent = (jnp.asarray(rng.normal(size=(16, 6, 7, 5)), jnp.float32) for _ in range(2))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 5)), jnp.float32)
+    grads = jax.jit(lambda x, k, ct: jax.vjp(lambda x, k: depthwise_conv(x, k, 1, True), x, k)[1](ct))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("data",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    x_split, cotangent_split = jax.device_put(x, split), jax.device_put(cotangent, split)
+    compiled = grads.lower(x_split, kernel, cotangent_split).compile().as_text()
+    assert "all-reduce" in compiled and "all-gather" not in compiled and "all-to-all" not in compiled
+    for on_split, on_one in zip(grads(x_split, kernel, cotangent_split), grads(x, kernel, cotangent)):
+        np.testing.assert_allclose(on_split, on_one, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("stride, size", [(1, 5), (2, 6), (2, 7)])
