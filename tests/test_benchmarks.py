@@ -78,3 +78,20 @@ def test_cpu_forms_benchmark_times_each_form_both_ways():
     for row in rows:
         assert float(row[row.index("on") + 1]) > 0 and float(row[row.index("off") + 1]) > 0, row
         assert float(row[row.index("by") + 1]) < 1e-5, row
+
+
+def test_cpu_forms_switches_the_forms_that_layers_picks():
+    """cpu_forms.py switches each form by patching the predicate of that name in kdep_jax.models.layers: every
+    form it lists is one, and every argument-free `-> bool` function of layers (each reads the CPU's instruction
+    set) is listed."""
+    spec = importlib.util.spec_from_file_location("cpu_forms", _CPU_FORMS)
+    cpu_forms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_forms)
+    from kdep_jax.models import layers
+
+    with open(layers.__file__, encoding="utf-8") as f:
+        source = f.read()
+    predicates = {name[1:] for name in dir(layers)
+                  if name.startswith("_") and callable(getattr(layers, name))
+                  and f"def {name}() -> bool:" in source}
+    assert set(cpu_forms.FORMS) == predicates
