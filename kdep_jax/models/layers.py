@@ -237,13 +237,14 @@ def _weight_gradient_in_chunks(x: jax.Array, kernel: jax.Array, grad: jax.Array,
     images j, j + n/4, j + 2n/4 and j + 3n/4, so that a batch split over 1, 2 or 4 devices keeps each chunk's
     images where they are (contiguous chunks would make XLA gather the batch onto every device).
     """
+    x_chunks, grad_chunks = (array.reshape(_IMAGES_PER_CHUNK, -1, *array.shape[1:]) for array in (x, grad))
+
     def add_chunk(j, total):
         x_chunk, grad_chunk = (jax.lax.dynamic_index_in_dim(array, j, axis=1, keepdims=False)
                                for array in (x_chunks, grad_chunks))
         return total + jax.vjp(lambda kernel: _shifted_sum_padded(x_chunk, kernel, stride, padding),
                                kernel)[1](grad_chunk)[0]
 
-    x_chunks, grad_chunks = (array.reshape(_IMAGES_PER_CHUNK, -1, *array.shape[1:]) for array in (x, grad))
     return jax.lax.fori_loop(0, x_chunks.shape[1], add_chunk, jnp.zeros_like(kernel))
 
 
