@@ -214,15 +214,18 @@ def _shifted_sum_backward(stride, padding, forms, residuals, grad):
     materialise, chunk_weight_gradient = forms
     if materialise:
         grad = _materialised(grad, kernel)
+    grad_x = jax.vjp(lambda x: _shifted_sum_padded(x, kernel, stride, padding), x)[1](grad)[0]
     if chunk_weight_gradient and x.shape[0] % _IMAGES_PER_CHUNK == 0 and x.shape[0] > _IMAGES_PER_CHUNK:
-        grad_x = jax.vjp(lambda x: _shifted_sum_padded(x, kernel, stride, padding), x)[1](grad)[0]
         grad_kernel = _weight_gradient_in_chunks(x, kernel, grad, stride, padding)
     else:
-        grad_x, grad_kernel = jax.vjp(lambda x, kernel: _shifted_sum_padded(x, kernel, stride, padding),
-                                      x, kernel)[1](grad)
+        grad_kernel = _weight_gradient(x, kernel, grad, stride, padding)
     if materialise:
         grad_x = _materialised(grad_x, kernel)
     return grad_x, grad_kernel
+
+
+def _weight_gradient(x: jax.Array, kernel: jax.Array, grad: jax.Array, stride: int, padding) -> jax.Array:
+    return jax.vjp(lambda kernel: _shifted_sum_padded(x, kernel, stride, padding), kernel)[1](grad)[0]
 
 
 _IMAGES_PER_CHUNK = 4
@@ -242,8 +245,7 @@ def _weight_gradient_in_chunks(x: jax.Array, kernel: jax.Array, grad: jax.Array,
     def add_chunk(j, total):
         x_chunk, grad_chunk = (jax.lax.dynamic_index_in_dim(array, j, axis=1, keepdims=False)
                                for array in (x_chunks, grad_chunks))
-        return total + jax.vjp(lambda kernel: _shifted_sum_padded(x_chunk, kernel, stride, padding),
-                               kernel)[1](grad_chunk)[0]
+        return total + _weight_gradient(x_chunk, kernel, grad_chunk, stride, padding)
 
     return jax.lax.fori_loop(0, x_chunks.shape[1], add_chunk, jnp.zeros_like(kernel))
 
