@@ -31,6 +31,7 @@ FORMS = {
     "pointwise_weight_gradient_as_dot": ("step:mobilenet_v2", "step:resnet18"),
     "materialise_gradients": ("step:mobilenet_v2",),
     "chunk_weight_gradient": ("step:mobilenet_v2",),
+    "native_weight_gradient": ("step:mobilenet_v2",),
     "pad_wide_kernels": ("forward:convnext_tiny", "forward:efficientnet_lite0"),
     "materialise_gelu": ("forward:swin_t", "forward:convnext_tiny", "forward:vit_b_16"),
 }

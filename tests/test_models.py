@@ -228,15 +228,20 @@ def test_initialisers_follow_torchvision():
     (1, 1, 3, None), (2, 2, 5, None),  # taps that only ever see padding (one row; 5x5 on two rows)
     (1, 6, 5, ((1, 3), (2, 2))), (2, 9, 7, None),  # uneven padding; ConvNeXt's 7x7
 ])
-@pytest.mark.parametrize("avx512_forms", [True, False])
-def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding, avx512_forms,
+@pytest.mark.parametrize("forms", ["avx2", "avx512", "avx512_one_device"])
+def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding, forms,
                                                                monkeypatch):
     """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients, in
     the forms of AVX-512 CPUs (gradients in buffers of their own, the weight gradient over chunks of the batch,
-    wide kernels' input padded once) and of the others. Batch 8: two chunks."""
+    wide kernels' input padded once; on one device, the weight gradient from kdep_jax's C++ kernel) and of the
+    others. Batch 8: two chunks."""
+    avx512_forms = forms != "avx2"
     monkeypatch.setattr(layers, "_materialise_gradients", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_chunk_weight_gradient", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_pad_wide_kernels", lambda: avx512_forms)
+    monkeypatch.setattr(layers, "_native_weight_gradient", lambda: avx512_forms)
+    if forms == "avx512_one_device":  # the suite's process has 4 CPU devices; `python -m kdep_jax.main` has one
+        monkeypatch.setattr(jax, "device_count", lambda: 1)
     rng = np.random.default_rng(stride * size)
     x = jnp.asarray(rng.normal(size=(8, size, size + 1, 6)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 1, 6)), jnp.float32)
@@ -253,16 +258,67 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
         grad_x, grad_kernel = pullback(cotangent * 0.5 + 0.25)
         return out, jnp.where(x > 0, grad_x, 0.0), grad_kernel
 
+    native_kernel = "kdep_depthwise_weight_gradient" in value_and_grads.lower(True).compile().as_text()
+    assert native_kernel == (forms == "avx512_one_device")
     for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):
         assert shifted.shape == conv.shape
         np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch, size, channels, kernel_size, stride, padding", [
+    (3, 9, 37, 3, 1, ((1, 1), (1, 1))),  # 37 channels: two 16-channel blocks and a tail of 5
+    (2, 12, 32, 3, 2, ((1, 1), (1, 1))), (2, 9, 16, 3, 2, ((0, 1), (0, 1))),  # torch's and TensorFlow's stride 2
+    (1, 8, 5, 5, 2, ((2, 2), (2, 2))), (2, 6, 20, 5, 1, ((1, 3), (2, 2))), (2, 9, 7, 7, 1, ((3, 3), (3, 3))),
+    (1, 1, 3, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
+])
+def test_native_depthwise_weight_gradient_matches_float64(batch, size, channels, kernel_size, stride, padding):
+    """kdep_jax's C++ kernel for the depthwise weight gradient against numpy float64: every tap's products of
+    the zero-padded input's strided window with the output gradient, summed over batch and space."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(size * channels)
+    x = rng.normal(size=(batch, size, size + 2, channels)).astype(np.float32)
+    (top, bottom), (left, right) = padding
+    padded = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out_h, out_w = ((padded.shape[axis] - kernel_size) // stride + 1 for axis in (1, 2))
+    grad = rng.normal(size=(batch, out_h, out_w, channels)).astype(np.float32)
+    expected = np.zeros((kernel_size, kernel_size, 1, channels))
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+            expected[i, j, 0] = np.einsum("nhwc,nhwc->c", window, grad.astype(np.float64))
+    ours = jax.jit(functools.partial(cpu_kernels.depthwise_weight_gradient, kernel_size=kernel_size, stride=stride,
+                                     padding=padding))(jnp.asarray(x), jnp.asarray(grad))
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+def test_cpu_kernels_build_once_and_say_what_to_do_without_a_compiler(tmp_path, monkeypatch):
+    """The kernels' library is built once per source, compiler, jaxlib and CPU (a second build finds it); without
+    a C++ compiler kdep_jax warns, naming the fix, and keeps XLA's forms."""
+    from kdep_jax.models import cpu_kernels
+
+    library = cpu_kernels.build(tmp_path)
+    built_at = library.stat().st_mtime_ns
+    assert cpu_kernels.build(tmp_path) == library and library.stat().st_mtime_ns == built_at
+    assert [path.name for path in tmp_path.iterdir()] == [library.name]  # no temporary file left behind
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("KDEP_JAX_KERNEL_CACHE", str(tmp_path / "empty"))
+    cpu_kernels.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="(?s)could not build.*install a C[+][+] compiler"):
+            assert not cpu_kernels.available()
+    finally:
+        cpu_kernels.available.cache_clear()
+
+
 def test_depthwise_weight_gradient_in_chunks_keeps_a_split_batch_on_its_devices(monkeypatch):
     """The weight gradient over chunks of images (AVX-512 CPUs), with the batch split over 4 devices: no device
-    gathers the others' images (the compiled gradient's only collective is the sum over devices), and the
-    gradients equal the unsplit ones to float32 rounding."""
+    gathers the others' images (the compiled gradient's only collective is the sum over devices; kdep_jax's C++
+    kernel, which would need the whole batch, is left out), and the gradients equal the unsplit ones to float32
+    rounding."""
     monkeypatch.setattr(layers, "_chunk_weight_gradient", lambda: True)
+    monkeypatch.setattr(layers, "_native_weight_gradient", lambda: True)
     rng = np.random.default_rng(0)
     x, cotangent = (jnp.asarray(rng.normal(size=(16, 6, 7, 5)), jnp.float32) for _ in range(2))
     kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 5)), jnp.float32)
@@ -272,6 +328,7 @@ def test_depthwise_weight_gradient_in_chunks_keeps_a_split_batch_on_its_devices(
     x_split, cotangent_split = jax.device_put(x, split), jax.device_put(cotangent, split)
     compiled = grads.lower(x_split, kernel, cotangent_split).compile().as_text()
     assert "all-reduce" in compiled and "all-gather" not in compiled and "all-to-all" not in compiled
+    assert "kdep_depthwise_weight_gradient" not in compiled
     for on_split, on_one in zip(grads(x_split, kernel, cotangent_split), grads(x, kernel, cotangent)):
         np.testing.assert_allclose(on_split, on_one, rtol=1e-5, atol=1e-5)
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kdep_jax import xla_flags
+from kdep_jax.models import cpu_kernels
 
 Dtype = Any
 
@@ -108,7 +109,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             feature_group_count=kernel.shape[-1])
-    return _shifted_sum(x, kernel, stride, padding, (_materialise_gradients(), _chunk_weight_gradient()))
+    # kdep_jax's kernel sees one device's batch: a batch split over several CPU devices keeps XLA's forms.
+    native = jax.device_count() == 1 and _native_weight_gradient()
+    return _shifted_sum(x, kernel, stride, padding, (_materialise_gradients(), _chunk_weight_gradient(), native))
 
 
 @functools.cache
@@ -126,6 +129,14 @@ def _chunk_weight_gradient() -> bool:
     Intel Xeon an earlier form (contiguous chunks of 2 images) was 1.4-1.7x faster alone and 1.02-1.08x on the
     step. AVX2-only CPUs keep the one-pass form until it is measured there (benchmarks/README.md)."""
     return "avx512f" in xla_flags.cpu_features()
+
+
+@functools.cache
+def _native_weight_gradient() -> bool:
+    """Whether the shifted sum's weight gradient is kdep_jax's C++ kernel (`cpu_kernels`) rather than XLA's forms:
+    3-5x faster alone than the chunked form and the MobileNetV2 step XXX on an AVX-512 AMD EPYC (Zen 4). AVX-512
+    CPUs only until it is measured on the others; where it cannot be built (no C++ compiler), XLA's forms."""
+    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
 @functools.cache
@@ -209,13 +220,17 @@ def _shifted_sum_forward(x, kernel, stride, padding, forms):
 
 
 def _shifted_sum_backward(stride, padding, forms, residuals, grad):
-    """The autodiff of `_shifted_sum_padded`. forms: (`_materialise_gradients()`, `_chunk_weight_gradient()`)."""
+    """The autodiff of `_shifted_sum_padded`. forms: (`_materialise_gradients()`, `_chunk_weight_gradient()`,
+    `_native_weight_gradient()` on one device)."""
     x, kernel = residuals
-    materialise, chunk_weight_gradient = forms
+    materialise, chunk_weight_gradient, native_weight_gradient = forms
     if materialise:
         grad = _materialised(grad, kernel)
     grad_x = jax.vjp(lambda x: _shifted_sum_padded(x, kernel, stride, padding), x)[1](grad)[0]
-    if chunk_weight_gradient and x.shape[0] % _IMAGES_PER_CHUNK == 0 and x.shape[0] > _IMAGES_PER_CHUNK:
+    if native_weight_gradient:
+        grad_kernel = cpu_kernels.depthwise_weight_gradient(x, grad, kernel.shape[0], stride, padding)
+        grad_kernel = grad_kernel.astype(kernel.dtype)
+    elif chunk_weight_gradient and x.shape[0] % _IMAGES_PER_CHUNK == 0 and x.shape[0] > _IMAGES_PER_CHUNK:
         grad_kernel = _weight_gradient_in_chunks(x, kernel, grad, stride, padding)
     else:
         grad_kernel = _weight_gradient(x, kernel, grad, stride, padding)

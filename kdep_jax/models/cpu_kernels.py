@@ -1,0 +1,97 @@
+"""kdep_jax's own XLA:CPU kernels (cpu_kernels.cc), compiled for this CPU on first use.
+
+XLA:CPU runs a depthwise convolution's weight gradient as k*k passes over the batch, each copying a shifted
+window of the input out of memory; the C++ kernel makes one pass over each image, keeping each tap's sums in
+registers (3-5x faster on MobileNetV2's shapes; benchmarks/README.md). It is built with the machine's C++
+compiler (`$CXX`, else g++; `-march=native`) into a cache directory (`$KDEP_JAX_KERNEL_CACHE`, else
+`~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler, jaxlib's version and the CPU's
+flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where it cannot be built kdep_jax warns once
+and keeps XLA's form: the same gradient, slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from kdep_jax import xla_flags
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+_DEPTHWISE_WEIGHT_GRADIENT = "kdep_depthwise_weight_gradient"
+
+
+def cache_dir() -> Path:
+    if os.environ.get("KDEP_JAX_KERNEL_CACHE"):
+        return Path(os.environ["KDEP_JAX_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdep_jax" / "kernels"
+
+
+def build(directory: Path | None = None) -> Path:
+    """The shared library of cpu_kernels.cc for this CPU, compiled into `directory` (`cache_dir()`) unless a
+    build for the same source, compiler, jaxlib and CPU is there. Written under a temporary name and renamed,
+    so that processes building at once (test workers) never load a half-written file.
+
+    Raises OSError (no compiler) or subprocess.CalledProcessError (the compiler failed, its output attached).
+    """
+    directory = Path(directory or cache_dir())
+    compiler = os.environ.get("CXX", "g++")
+    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+               "-I", jax.ffi.include_dir(), str(SOURCE)]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(command[:-2]), version, jaxlib.__version__,
+                                    " ".join(sorted(xla_flags.cpu_features()))]).encode()).hexdigest()[:16]
+    library = directory / f"cpu_kernels_{key}.so"
+    if not library.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".so.tmp", delete=False) as partial:
+            partial_path = Path(partial.name)
+        try:
+            subprocess.run([*command, "-o", str(partial_path)], capture_output=True, text=True, check=True,
+                           timeout=300)
+            os.replace(partial_path, library)
+        finally:
+            partial_path.unlink(missing_ok=True)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Builds (or finds) the kernels and registers them with XLA:CPU; False, with one warning saying why and what
+    to do, where that fails."""
+    try:
+        library = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        warnings.warn(
+            f"kdep_jax could not build its CPU kernel for depthwise convolutions' weight gradients ({SOURCE.name}, "
+            f"with {os.environ.get('CXX', 'g++')}): {detail.strip()[-500:]}\nIt uses XLA's form instead: the "
+            "same gradients, more slowly (MobileNetV2-like students). To get the kernel, install a C++ compiler "
+            "(e.g. `apt install g++`) or point $CXX at one.", RuntimeWarning, stacklevel=2)
+        return False
+    jax.ffi.register_ffi_target(_DEPTHWISE_WEIGHT_GRADIENT, jax.ffi.pycapsule(library.KdepDepthwiseWeightGradient),
+                                platform="cpu")
+    return True
+
+
+def depthwise_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
+                              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The gradient of a k x k depthwise conv's HWIO kernel (k, k, 1, C), in float32, from its NHWC input x and
+    output gradient `grad`; padding ((top, bottom), (left, right)) as in `layers.depthwise_conv`. One device's
+    batch: under a sharded jit, XLA would gather the batch for it first."""
+    if not available():
+        raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
+    call = jax.ffi.ffi_call(_DEPTHWISE_WEIGHT_GRADIENT,
+                            jax.ShapeDtypeStruct((kernel_size, kernel_size, 1, x.shape[-1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), grad.astype(jnp.float32), stride=np.int64(stride),
+                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
