@@ -240,7 +240,6 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     monkeypatch.setattr(layers, "_chunk_weight_gradient", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_pad_wide_kernels", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_native_weight_gradient", lambda: avx512_forms)
-    monkeypatch.setattr(layers, "_native_input_gradient", lambda: avx512_forms)
     if forms == "avx512_one_device":  # the suite's process has 4 CPU devices; `python -m kdep_jax.main` has one
         monkeypatch.setattr(jax, "device_count", lambda: 1)
     rng = np.random.default_rng(stride * size)
@@ -259,9 +258,8 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
         grad_x, grad_kernel = pullback(cotangent * 0.5 + 0.25)
         return out, jnp.where(x > 0, grad_x, 0.0), grad_kernel
 
-    compiled = value_and_grads.lower(True).compile().as_text()
-    for kernel_name in ("kdep_depthwise_weight_gradient", "kdep_depthwise_input_gradient"):
-        assert (kernel_name in compiled) == (forms == "avx512_one_device")
+    native_kernel = "kdep_depthwise_weight_gradient" in value_and_grads.lower(True).compile().as_text()
+    assert native_kernel == (forms == "avx512_one_device")
     for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):
         assert shifted.shape == conv.shape
         np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
@@ -273,33 +271,26 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     (1, 8, 5, 5, 2, ((2, 2), (2, 2))), (2, 6, 20, 5, 1, ((1, 3), (2, 2))), (2, 9, 7, 7, 1, ((3, 3), (3, 3))),
     (1, 1, 3, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
 ])
-def test_native_depthwise_gradients_match_float64(batch, size, channels, kernel_size, stride, padding):
-    """kdep_jax's C++ kernels for a depthwise conv's gradients against numpy float64: for every tap, the weight
-    gradient sums the products of the zero-padded input's strided window with the output gradient over batch
-    and space, and the input gradient adds the output gradient times the tap's weights back onto that window."""
+def test_native_depthwise_weight_gradient_matches_float64(batch, size, channels, kernel_size, stride, padding):
+    """kdep_jax's C++ kernel for the depthwise weight gradient against numpy float64: every tap's products of
+    the zero-padded input's strided window with the output gradient, summed over batch and space."""
     from kdep_jax.models import cpu_kernels
 
     rng = np.random.default_rng(size * channels)
     x = rng.normal(size=(batch, size, size + 2, channels)).astype(np.float32)
-    kernel = rng.normal(size=(kernel_size, kernel_size, 1, channels)).astype(np.float32)
     (top, bottom), (left, right) = padding
     padded = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
     out_h, out_w = ((padded.shape[axis] - kernel_size) // stride + 1 for axis in (1, 2))
     grad = rng.normal(size=(batch, out_h, out_w, channels)).astype(np.float32)
-    expected_kernel = np.zeros(kernel.shape)
-    expected_padded_x = np.zeros(padded.shape)
+    expected = np.zeros((kernel_size, kernel_size, 1, channels))
     for i in range(kernel_size):
         for j in range(kernel_size):
-            window = np.s_[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
-            expected_kernel[i, j, 0] = np.einsum("nhwc,nhwc->c", padded[window], grad.astype(np.float64))
-            expected_padded_x[window] += grad * kernel[i, j, 0].astype(np.float64)
-    expected_x = expected_padded_x[:, top:top + size, left:left + size + 2]
-    grad_kernel, grad_x = jax.jit(lambda x, kernel, grad: (
-        cpu_kernels.depthwise_weight_gradient(x, grad, kernel_size, stride, padding),
-        cpu_kernels.depthwise_input_gradient(grad, kernel, x.shape, stride, padding)))(x, kernel, grad)
-    for ours, expected in ((grad_kernel, expected_kernel), (grad_x, expected_x)):
-        assert ours.shape == expected.shape and ours.dtype == jnp.float32
-        np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+            window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+            expected[i, j, 0] = np.einsum("nhwc,nhwc->c", window, grad.astype(np.float64))
+    ours = jax.jit(functools.partial(cpu_kernels.depthwise_weight_gradient, kernel_size=kernel_size, stride=stride,
+                                     padding=padding))(jnp.asarray(x), jnp.asarray(grad))
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
 def test_cpu_kernels_build_once_and_say_what_to_do_without_a_compiler(tmp_path, monkeypatch):
@@ -324,11 +315,10 @@ def test_cpu_kernels_build_once_and_say_what_to_do_without_a_compiler(tmp_path, 
 def test_depthwise_weight_gradient_in_chunks_keeps_a_split_batch_on_its_devices(monkeypatch):
     """The weight gradient over chunks of images (AVX-512 CPUs), with the batch split over 4 devices: no device
     gathers the others' images (the compiled gradient's only collective is the sum over devices; kdep_jax's C++
-    kernels, which would need the whole batch, are left out), and the gradients equal the unsplit ones to float32
+    kernel, which would need the whole batch, is left out), and the gradients equal the unsplit ones to float32
     rounding."""
     monkeypatch.setattr(layers, "_chunk_weight_gradient", lambda: True)
     monkeypatch.setattr(layers, "_native_weight_gradient", lambda: True)
-    monkeypatch.setattr(layers, "_native_input_gradient", lambda: True)
     rng = np.random.default_rng(0)
     x, cotangent = (jnp.asarray(rng.normal(size=(16, 6, 7, 5)), jnp.float32) for _ in range(2))
     kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 5)), jnp.float32)
@@ -338,7 +328,7 @@ def test_depthwise_weight_gradient_in_chunks_keeps_a_split_batch_on_its_devices(
     x_split, cotangent_split = jax.device_put(x, split), jax.device_put(cotangent, split)
     compiled = grads.lower(x_split, kernel, cotangent_split).compile().as_text()
     assert "all-reduce" in compiled and "all-gather" not in compiled and "all-to-all" not in compiled
-    assert "kdep_depthwise" not in compiled
+    assert "kdep_depthwise_weight_gradient" not in compiled
     for on_split, on_one in zip(grads(x_split, kernel, cotangent_split), grads(x, kernel, cotangent)):
         np.testing.assert_allclose(on_split, on_one, rtol=1e-5, atol=1e-5)
 

@@ -109,11 +109,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             feature_group_count=kernel.shape[-1])
-    # kdep_jax's kernels see one device's batch: a batch split over several CPU devices keeps XLA's forms.
-    one_device = jax.device_count() == 1
-    forms = (_materialise_gradients(), _chunk_weight_gradient(), one_device and _native_weight_gradient(),
-             one_device and _native_input_gradient())
-    return _shifted_sum(x, kernel, stride, padding, forms)
+    # kdep_jax's kernel sees one device's batch: a batch split over several CPU devices keeps XLA's forms.
+    native = jax.device_count() == 1 and _native_weight_gradient()
+    return _shifted_sum(x, kernel, stride, padding, (_materialise_gradients(), _chunk_weight_gradient(), native))
 
 
 @functools.cache
@@ -138,15 +136,6 @@ def _native_weight_gradient() -> bool:
     """Whether the shifted sum's weight gradient is kdep_jax's C++ kernel (`cpu_kernels`) rather than XLA's forms:
     3-5x faster alone than the chunked form, the MobileNetV2 step 1.08x, on an AVX-512 AMD EPYC (Zen 4). AVX-512
     CPUs only until it is measured on the others; where it cannot be built (no C++ compiler), XLA's forms."""
-    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
-
-
-@functools.cache
-def _native_input_gradient() -> bool:
-    """Whether the shifted sum's input gradient is kdep_jax's C++ kernel (`cpu_kernels`) rather than XLA's forms:
-    the MobileNetV2 step 1.03x on an AVX-512 AMD EPYC (Zen 4). Alone the kernel is no faster than XLA's loop (both
-    are bound by writing the gradient out); the step gains the two copies that `_materialised` makes for XLA's
-    loop. AVX-512 CPUs only until it is measured on the others; where it cannot be built, XLA's forms."""
     return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
@@ -232,17 +221,12 @@ def _shifted_sum_forward(x, kernel, stride, padding, forms):
 
 def _shifted_sum_backward(stride, padding, forms, residuals, grad):
     """The autodiff of `_shifted_sum_padded`. forms: (`_materialise_gradients()`, `_chunk_weight_gradient()`,
-    `_native_weight_gradient()` and `_native_input_gradient()`, these two on one device only)."""
+    `_native_weight_gradient()` on one device)."""
     x, kernel = residuals
-    materialise, chunk_weight_gradient, native_weight_gradient, native_input_gradient = forms
-    if native_input_gradient:  # the kernel's operand and result have buffers of their own anyway
-        grad_x = cpu_kernels.depthwise_input_gradient(grad, kernel, x.shape, stride, padding).astype(x.dtype)
-    else:
-        if materialise:
-            grad = _materialised(grad, kernel)
-        grad_x = jax.vjp(lambda x: _shifted_sum_padded(x, kernel, stride, padding), x)[1](grad)[0]
-        if materialise:
-            grad_x = _materialised(grad_x, kernel)
+    materialise, chunk_weight_gradient, native_weight_gradient = forms
+    if materialise:
+        grad = _materialised(grad, kernel)
+    grad_x = jax.vjp(lambda x: _shifted_sum_padded(x, kernel, stride, padding), x)[1](grad)[0]
     if native_weight_gradient:
         grad_kernel = cpu_kernels.depthwise_weight_gradient(x, grad, kernel.shape[0], stride, padding)
         grad_kernel = grad_kernel.astype(kernel.dtype)
@@ -250,6 +234,8 @@ def _shifted_sum_backward(stride, padding, forms, residuals, grad):
         grad_kernel = _weight_gradient_in_chunks(x, kernel, grad, stride, padding)
     else:
         grad_kernel = _weight_gradient(x, kernel, grad, stride, padding)
+    if materialise:
+        grad_x = _materialised(grad_x, kernel)
     return grad_x, grad_kernel
 
 
