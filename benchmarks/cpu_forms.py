@@ -32,6 +32,7 @@ FORMS = {
     "materialise_gradients": ("step:mobilenet_v2",),
     "chunk_weight_gradient": ("step:mobilenet_v2",),
     "native_weight_gradient": ("step:mobilenet_v2",),
+    "native_conv_weight_gradient": ("step:resnet18", "step:mobilenet_v2"),
     "pad_wide_kernels": ("forward:convnext_tiny", "forward:efficientnet_lite0"),
     "materialise_gelu": ("forward:swin_t", "forward:convnext_tiny", "forward:vit_b_16"),
 }

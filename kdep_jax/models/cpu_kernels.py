@@ -1,12 +1,13 @@
 """kdep_jax's own XLA:CPU kernels (cpu_kernels.cc), compiled for this CPU on first use.
 
-XLA:CPU runs a depthwise convolution's weight gradient as k*k passes over the batch, each copying a shifted
-window of the input out of memory; the C++ kernel makes one pass over each image, keeping each tap's sums in
-registers (3-5x faster on MobileNetV2's shapes; benchmarks/README.md). It is built with the machine's C++
-compiler (`$CXX`, else g++; `-march=native`) into a cache directory (`$KDEP_JAX_KERNEL_CACHE`, else
-`~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler, jaxlib's version and the CPU's
-flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where it cannot be built kdep_jax warns once
-and keeps XLA's form: the same gradient, slower.
+Two convolution weight gradients that XLA:CPU runs far below the CPU's speed: a depthwise conv's, which XLA
+runs as k*k passes over the batch, each copying a shifted window of the input out of memory, and a stem conv's
+on the RGB image, which it hands to Eigen as a contraction only 3 channels long. The C++ kernels make one pass
+over each image's rows, keeping each tap's sums in registers (2-6x faster alone; benchmarks/README.md). They
+are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
+(`$KDEP_JAX_KERNEL_CACHE`, else `~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler,
+jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where they
+cannot be built kdep_jax warns once and keeps XLA's forms: the same gradients, slower.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from kdep_jax import xla_flags
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _DEPTHWISE_WEIGHT_GRADIENT = "kdep_depthwise_weight_gradient"
+_CONV_WEIGHT_GRADIENT = "kdep_conv_weight_gradient"
 
 
 def cache_dir() -> Path:
@@ -73,25 +75,38 @@ def available() -> bool:
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or str(error)
         warnings.warn(
-            f"kdep_jax could not build its CPU kernel for depthwise convolutions' weight gradients ({SOURCE.name}, "
-            f"with {os.environ.get('CXX', 'g++')}): {detail.strip()[-500:]}\nIt uses XLA's form instead: the "
-            "same gradients, more slowly (MobileNetV2-like students). To get the kernel, install a C++ compiler "
-            "(e.g. `apt install g++`) or point $CXX at one.", RuntimeWarning, stacklevel=2)
+            f"kdep_jax could not build its CPU kernels for convolutions' weight gradients ({SOURCE.name}, "
+            f"with {os.environ.get('CXX', 'g++')}): {detail.strip()[-500:]}\nIt uses XLA's forms instead: the "
+            "same gradients, more slowly (MobileNetV2's depthwise convs, the stems). To get the kernels, install a "
+            "C++ compiler (e.g. `apt install g++`) or point $CXX at one.", RuntimeWarning, stacklevel=2)
         return False
-    jax.ffi.register_ffi_target(_DEPTHWISE_WEIGHT_GRADIENT, jax.ffi.pycapsule(library.KdepDepthwiseWeightGradient),
-                                platform="cpu")
+    for name, handler in [(_DEPTHWISE_WEIGHT_GRADIENT, library.KdepDepthwiseWeightGradient),
+                          (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient)]:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
+
+
+def _weight_gradient(target: str, kernel_shape: tuple[int, ...], x: jax.Array, grad: jax.Array, stride: int,
+                     padding) -> jax.Array:
+    """One device's batch: under a sharded jit, XLA would gather the batch for a kernel first."""
+    if not available():
+        raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(kernel_shape, jnp.float32), vmap_method="sequential")
+    return call(x.astype(jnp.float32), grad.astype(jnp.float32), stride=np.int64(stride),
+                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
 
 
 def depthwise_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
                               padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """The gradient of a k x k depthwise conv's HWIO kernel (k, k, 1, C), in float32, from its NHWC input x and
-    output gradient `grad`; padding ((top, bottom), (left, right)) as in `layers.depthwise_conv`. One device's
-    batch: under a sharded jit, XLA would gather the batch for it first."""
-    if not available():
-        raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
-    call = jax.ffi.ffi_call(_DEPTHWISE_WEIGHT_GRADIENT,
-                            jax.ShapeDtypeStruct((kernel_size, kernel_size, 1, x.shape[-1]), jnp.float32),
-                            vmap_method="sequential")
-    return call(x.astype(jnp.float32), grad.astype(jnp.float32), stride=np.int64(stride),
-                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+    output gradient `grad`; padding ((top, bottom), (left, right)) as in `layers.depthwise_conv`."""
+    return _weight_gradient(_DEPTHWISE_WEIGHT_GRADIENT, (kernel_size, kernel_size, 1, x.shape[-1]), x, grad, stride,
+                            padding)
+
+
+def conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
+                         padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The gradient of a k x k dense conv's HWIO kernel (k, k, Cin, Cout), in float32, from its NHWC input x and
+    output gradient `grad`: fast for few input channels (a stem on RGB images), correct for any."""
+    return _weight_gradient(_CONV_WEIGHT_GRADIENT, (kernel_size, kernel_size, x.shape[-1], grad.shape[-1]), x, grad,
+                            stride, padding)
