@@ -265,64 +265,40 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
         np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
 
 
-def _weight_gradient_float64(x, grad, kernel_size, stride, padding, depthwise):
-    """For every tap, the products of the zero-padded input's strided window with the output gradient, summed
-    over batch and space, in float64: per channel (depthwise) or for every input and output channel (dense)."""
+@pytest.mark.parametrize("depthwise, batch, size, in_channels, out_channels, kernel_size, stride, padding", [
+    (True, 3, 9, 37, 37, 3, 1, ((1, 1), (1, 1))),  # 37 channels: two 16-channel blocks and a tail of 5
+    (True, 2, 12, 32, 32, 3, 2, ((1, 1), (1, 1))), (True, 2, 9, 16, 16, 3, 2, ((0, 1), (0, 1))),  # torch's, TF's
+    (True, 1, 8, 5, 5, 5, 2, ((2, 2), (2, 2))), (True, 2, 6, 20, 20, 5, 1, ((1, 3), (2, 2))),  # uneven padding
+    (True, 2, 9, 7, 7, 7, 1, ((3, 3), (3, 3))),
+    (True, 1, 1, 3, 3, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
+    (False, 2, 20, 3, 72, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: output channels 32 + 32 + a tail of 8
+    (False, 2, 16, 3, 32, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stem
+    (False, 2, 7, 6, 33, 3, 1, ((1, 1), (1, 1))),  # input channels in a block of 4 and one of 2
+    (False, 1, 9, 1, 16, 5, 2, ((1, 2), (2, 1))), (False, 3, 5, 4, 8, 3, 1, ((0, 2), (1, 1))),  # no 32-block
+    (False, 1, 1, 3, 40, 3, 1, ((1, 1), (1, 1))),
+])
+def test_native_weight_gradients_match_float64(depthwise, batch, size, in_channels, out_channels, kernel_size,
+                                               stride, padding):
+    """kdep_jax's C++ kernels for the weight gradients of a depthwise conv and of a dense one (a stem's) against
+    numpy float64: for every tap, the products of the zero-padded input's strided window with the output
+    gradient, summed over batch and space, per channel (depthwise) or for every input and output channel."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(size * out_channels)
+    x = rng.normal(size=(batch, size, size + 3, in_channels)).astype(np.float32)
     (top, bottom), (left, right) = padding
     padded = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
-    out_h, out_w = grad.shape[1:3]
-    expected = np.zeros((kernel_size, kernel_size, 1 if depthwise else x.shape[-1], grad.shape[-1]))
+    out_h, out_w = ((padded.shape[axis] - kernel_size) // stride + 1 for axis in (1, 2))
+    grad = rng.normal(size=(batch, out_h, out_w, out_channels)).astype(np.float32)
+    expected = np.zeros((kernel_size, kernel_size, 1 if depthwise else in_channels, out_channels))
     for i in range(kernel_size):
         for j in range(kernel_size):
             window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
             expected[i, j] = np.einsum("nhwc,nhwc->c" if depthwise else "nhwc,nhwo->co", window,
                                        grad.astype(np.float64))
-    return expected
-
-
-def _output_shape(x_shape, kernel_size, stride, padding, channels):
-    return (x_shape[0], *((size + sum(pad) - kernel_size) // stride + 1 for size, pad in zip(x_shape[1:3], padding)),
-            channels)
-
-
-@pytest.mark.parametrize("batch, size, channels, kernel_size, stride, padding", [
-    (3, 9, 37, 3, 1, ((1, 1), (1, 1))),  # 37 channels: two 16-channel blocks and a tail of 5
-    (2, 12, 32, 3, 2, ((1, 1), (1, 1))), (2, 9, 16, 3, 2, ((0, 1), (0, 1))),  # torch's and TensorFlow's stride 2
-    (1, 8, 5, 5, 2, ((2, 2), (2, 2))), (2, 6, 20, 5, 1, ((1, 3), (2, 2))), (2, 9, 7, 7, 1, ((3, 3), (3, 3))),
-    (1, 1, 3, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
-])
-def test_native_depthwise_weight_gradient_matches_float64(batch, size, channels, kernel_size, stride, padding):
-    """kdep_jax's C++ kernel for the depthwise weight gradient against numpy float64."""
-    from kdep_jax.models import cpu_kernels
-
-    rng = np.random.default_rng(size * channels)
-    x = rng.normal(size=(batch, size, size + 2, channels)).astype(np.float32)
-    grad = rng.normal(size=_output_shape(x.shape, kernel_size, stride, padding, channels)).astype(np.float32)
-    expected = _weight_gradient_float64(x, grad, kernel_size, stride, padding, depthwise=True)
-    ours = jax.jit(functools.partial(cpu_kernels.depthwise_weight_gradient, kernel_size=kernel_size, stride=stride,
-                                     padding=padding))(jnp.asarray(x), jnp.asarray(grad))
-    assert ours.shape == expected.shape and ours.dtype == jnp.float32
-    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
-
-
-@pytest.mark.parametrize("batch, size, in_channels, out_channels, kernel_size, stride, padding", [
-    (2, 20, 3, 72, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: output channels two 32-blocks and a tail of 8
-    (2, 16, 3, 32, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stem
-    (2, 7, 6, 33, 3, 1, ((1, 1), (1, 1))),  # input channels in a block of 4 and one of 2
-    (1, 9, 1, 16, 5, 2, ((1, 2), (2, 1))), (3, 5, 4, 8, 3, 1, ((0, 2), (1, 1))),  # uneven padding, no 32-block
-    (1, 1, 3, 40, 3, 1, ((1, 1), (1, 1))),  # one pixel
-])
-def test_native_conv_weight_gradient_matches_float64(batch, size, in_channels, out_channels, kernel_size, stride,
-                                                     padding):
-    """kdep_jax's C++ kernel for a dense conv's weight gradient (a stem's) against numpy float64."""
-    from kdep_jax.models import cpu_kernels
-
-    rng = np.random.default_rng(size * out_channels)
-    x = rng.normal(size=(batch, size, size + 3, in_channels)).astype(np.float32)
-    grad = rng.normal(size=_output_shape(x.shape, kernel_size, stride, padding, out_channels)).astype(np.float32)
-    expected = _weight_gradient_float64(x, grad, kernel_size, stride, padding, depthwise=False)
-    ours = jax.jit(functools.partial(cpu_kernels.conv_weight_gradient, kernel_size=kernel_size, stride=stride,
-                                     padding=padding))(jnp.asarray(x), jnp.asarray(grad))
+    kernel = cpu_kernels.depthwise_weight_gradient if depthwise else cpu_kernels.conv_weight_gradient
+    ours = jax.jit(functools.partial(kernel, kernel_size=kernel_size, stride=stride, padding=padding))(
+        jnp.asarray(x), jnp.asarray(grad))
     assert ours.shape == expected.shape and ours.dtype == jnp.float32
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
