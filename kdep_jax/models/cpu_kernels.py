@@ -1,13 +1,13 @@
 """kdep_jax's own XLA:CPU kernels (cpu_kernels.cc), compiled for this CPU on first use.
 
-Two convolution weight gradients that XLA:CPU runs far below the CPU's speed: a depthwise conv's, which XLA
-runs as k*k passes over the batch, each copying a shifted window of the input out of memory, and a stem conv's
-on the RGB image, which it hands to Eigen as a contraction only 3 channels long. The C++ kernels make one pass
-over each image's rows, keeping each tap's sums in registers (2-6x faster alone; benchmarks/README.md). They
-are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
+Two convolution weight gradients that XLA:CPU runs far below the CPU's speed: a depthwise conv's, which XLA runs as
+k*k passes over the batch, each copying a shifted window of the input out of memory, and a stem conv's on the RGB
+image, which it hands to Eigen as a contraction only 3 channels long. The C++ kernels make one pass over each
+image's rows, keeping each tap's sums in registers (2-6x faster alone on an AMD EPYC, Zen 4; benchmarks/README.md).
+They are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
 (`$KDEP_JAX_KERNEL_CACHE`, else `~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler,
-jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where they
-cannot be built kdep_jax warns once and keeps XLA's forms: the same gradients, slower.
+jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where they cannot
+be built kdep_jax warns once and keeps XLA's forms: the same gradients, slower.
 """
 from __future__ import annotations
 
