@@ -52,6 +52,7 @@ def kdep_jax_ops(repeats: int) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
 
+    from kdep_jax.models import layers
     from kdep_jax.models.layers import BatchNorm, max_pool
 
     rng = np.random.default_rng(0)
@@ -63,10 +64,10 @@ def kdep_jax_ops(repeats: int) -> dict[str, float]:
         compiled = jax.jit(fn)
         return median_ms(lambda: jax.block_until_ready(compiled(*args)), repeats)
 
-    def conv(x, kernel, stride):
+    def conv(x, kernel, stride):  # conv2d's: XLA's conv, or one whose weight gradient is kdep_jax's C++ kernel
         pad = kernel.shape[0] // 2
-        return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return layers._flax_conv(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def conv_times(size, channels, features, stride, kernel_size=3, input_gradient=True):
         x, kernel = array(BATCH, size, size, channels), array(kernel_size, kernel_size, channels, features)

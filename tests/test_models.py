@@ -276,10 +276,11 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     (False, 2, 7, 6, 33, 3, 1, ((1, 1), (1, 1))),  # input channels in a block of 4 and one of 2
     (False, 1, 9, 1, 16, 5, 2, ((1, 2), (2, 1))), (False, 3, 5, 4, 8, 3, 1, ((0, 2), (1, 1))),  # no 32-block
     (False, 1, 1, 3, 40, 3, 1, ((1, 1), (1, 1))),
+    (False, 2, 8, 64, 72, 3, 2, ((1, 1), (1, 1))),  # a ResNet's first stage: 16 input blocks of 4
 ])
 def test_native_weight_gradients_match_float64(depthwise, batch, size, in_channels, out_channels, kernel_size,
                                                stride, padding):
-    """kdep_jax's C++ kernels for the weight gradients of a depthwise conv and of a dense one (a stem's) against
+    """kdep_jax's C++ kernels for the weight gradients of a depthwise conv and of a dense one against
     numpy float64: for every tap, the products of the zero-padded input's strided window with the output
     gradient, summed over batch and space, per channel (depthwise) or for every input and output channel."""
     from kdep_jax.models import cpu_kernels
@@ -303,17 +304,21 @@ def test_native_weight_gradients_match_float64(depthwise, batch, size, in_channe
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("in_channels, kernel_size, stride", [(3, 7, 2), (3, 3, 2), (8, 3, 1)])
+@pytest.mark.parametrize("in_channels, out_channels, kernel_size, stride", [
+    (3, 40, 7, 2), (3, 40, 3, 2),  # stems
+    (64, 40, 3, 1),  # few weights, as in a ResNet's first stage
+    (96, 96, 3, 2),  # more than layers._NATIVE_CONV_MAX_WEIGHTS: XLA's
+])
 @pytest.mark.parametrize("native", [True, False])
-def test_conv2d_gradients_equal_with_and_without_the_stem_kernel(in_channels, kernel_size, stride, native,
-                                                                 monkeypatch):
-    """conv2d on one CPU device with kdep_jax's stem kernel on and off: the value and both gradients equal XLA's
-    plain convolution's to float32 rounding; the kernel runs only for few input channels (a stem's)."""
+def test_conv2d_gradients_equal_with_and_without_the_native_weight_gradient(in_channels, out_channels, kernel_size,
+                                                                           stride, native, monkeypatch):
+    """conv2d on one CPU device with kdep_jax's C++ weight-gradient kernel on and off: the value and both gradients
+    equal XLA's plain convolution's to float32 rounding; the kernel runs only for convs with few weights."""
     monkeypatch.setattr(layers, "_native_conv_weight_gradient", lambda: native)
     monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
     rng = np.random.default_rng(in_channels)
     x = jnp.asarray(rng.normal(size=(4, 15, 16, in_channels)), jnp.float32)
-    conv = conv2d(40, kernel_size, stride)
+    conv = conv2d(out_channels, kernel_size, stride)
     params = conv.init(jax.random.key(0), x)
     cotangent = jnp.asarray(rng.normal(size=conv.apply(params, x).shape), jnp.float32)
     pad = kernel_size // 2
@@ -324,7 +329,8 @@ def test_conv2d_gradients_equal_with_and_without_the_stem_kernel(in_channels, ke
 
     grads = jax.jit(lambda f, p, x: jax.vjp(f, p, x)[1](cotangent), static_argnums=0)
     compiled = grads.lower(conv.apply, params, x).compile().as_text()
-    assert ("kdep_conv_weight_gradient" in compiled) == (native and in_channels <= 4)
+    few_weights = kernel_size ** 2 * in_channels * out_channels <= layers._NATIVE_CONV_MAX_WEIGHTS
+    assert ("kdep_conv_weight_gradient" in compiled) == (native and few_weights)
     np.testing.assert_allclose(conv.apply(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
     for ours, reference in zip(jax.tree.leaves(grads(conv.apply, params, x)), jax.tree.leaves(grads(plain, params, x))):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())

@@ -4,8 +4,9 @@
 //
 // - KdepDepthwiseWeightGradient: a depthwise conv (Cin == Cout, dw (k, k, 1, C)). XLA runs it as k*k passes over
 //   the batch, each copying a shifted window of x out of memory.
-// - KdepConvWeightGradient: a dense conv with few input channels (a network's stem, on the RGB image), which
-//   XLA hands to Eigen as a convolution whose contraction is only Cin long.
+// - KdepConvWeightGradient: a dense conv with few weights (a stem on the RGB image, whose contraction XLA hands
+//   to Eigen only Cin = 3 long, or a ResNet's 56 px convs, which Eigen runs at half this kernel's speed). Its
+//   float64 partials hold the whole weight gradient, so it is fast while they fit in the L2 cache.
 //
 // Both make one pass over each image's rows and keep each tap's sums over a row in registers, 16 or 32 output
 // channels at a time. Each image's sums go into float64 partials, added in image order at the end, so the

@@ -1,9 +1,10 @@
 """kdep_jax's own XLA:CPU kernels (cpu_kernels.cc), compiled for this CPU on first use.
 
 Two convolution weight gradients that XLA:CPU runs far below the CPU's speed: a depthwise conv's, which XLA runs as
-k*k passes over the batch, each copying a shifted window of the input out of memory, and a stem conv's on the RGB
-image, which it hands to Eigen as a contraction only 3 channels long. The C++ kernels make one pass over each
-image's rows, keeping each tap's sums in registers (2-6x faster alone on an AMD EPYC, Zen 4; benchmarks/README.md).
+k*k passes over the batch, each copying a shifted window of the input out of memory, and a dense conv's with few
+weights: a stem's on the RGB image, which XLA hands to Eigen as a contraction only 3 channels long, and a ResNet's
+56 px convs'. The C++ kernels make one pass over each image's rows, keeping each tap's sums in registers (1.5-6x
+faster alone on AMD EPYCs, Zen 4 and Zen 5; benchmarks/README.md).
 They are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
 (`$KDEP_JAX_KERNEL_CACHE`, else `~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler,
 jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where they cannot
@@ -77,7 +78,7 @@ def available() -> bool:
         warnings.warn(
             f"kdep_jax could not build its CPU kernels for convolutions' weight gradients ({SOURCE.name}, "
             f"with {os.environ.get('CXX', 'g++')}): {detail.strip()[-500:]}\nIt uses XLA's forms instead: the "
-            "same gradients, more slowly (MobileNetV2's depthwise convs, the stems). To get the kernels, install a "
+            "same gradients, more slowly (MobileNetV2's depthwise convs, the stems, a ResNet's first stage). To get the kernels, install a "
             "C++ compiler (e.g. `apt install g++`) or point $CXX at one.", RuntimeWarning, stacklevel=2)
         return False
     for name, handler in [(_DEPTHWISE_WEIGHT_GRADIENT, library.KdepDepthwiseWeightGradient),
@@ -107,6 +108,6 @@ def depthwise_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, s
 def conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
                          padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """The gradient of a k x k dense conv's HWIO kernel (k, k, Cin, Cout), in float32, from its NHWC input x and
-    output gradient `grad`: fast for few input channels (a stem on RGB images), correct for any."""
+    output gradient `grad`: fast for few weights (a stem on RGB images, a ResNet's 56 px convs), correct for any."""
     return _weight_gradient(_CONV_WEIGHT_GRADIENT, (kernel_size, kernel_size, x.shape[-1], grad.shape[-1]), x, grad,
                             stride, padding)

@@ -97,27 +97,32 @@ def _flax_pointwise_conv(lhs, rhs, window_strides, padding, **conv_options):
     return pointwise_conv(lhs, rhs, window_strides[0])
 
 
-_FEW_INPUT_CHANNELS = 4  # a stem's, on RGB images
+# The largest k*k*Cin*Cout whose weight gradient comes from kdep_jax's C++ kernel. The kernel adds each image's
+# sums into a float64 copy of the weight gradient row by row, so it is fast while that copy stays in the L2 cache:
+# alone, 1.5-2x XLA's speed for a ResNet's 56 px 3x3 convs (64 -> 64, and 64 -> 128 with stride 2: this size),
+# 5x for MobileNetV2's stem, but 2-6x slower from the 28 px convs (128 -> 128) on; the ResNet-18 step 1.04x
+# (AMD EPYC Zen 5, benchmarks/README.md).
+_NATIVE_CONV_MAX_WEIGHTS = 3 * 3 * 64 * 128
 
 
 def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
-    """nn.Conv's convolution hook for conv2d's k x k convs on CPU: a float32 conv with few input channels (a
-    stem) takes its weight gradient from kdep_jax's C++ kernel where that is on (`few_channel_conv`); the
-    others are XLA's. conv2d's convs have no dilation or groups and NHWC / HWIO layouts."""
-    native = (rhs.shape[2] <= _FEW_INPUT_CHANNELS and lhs.dtype == rhs.dtype == jnp.float32
+    """nn.Conv's convolution hook for conv2d's k x k convs on CPU: a float32 conv with few weights (a stem, a
+    ResNet's first stage) takes its weight gradient from kdep_jax's C++ kernel where that is on
+    (`native_weight_gradient_conv`); the others are XLA's. conv2d's convs have no dilation or groups and NHWC /
+    HWIO layouts."""
+    native = (rhs.size <= _NATIVE_CONV_MAX_WEIGHTS and lhs.dtype == rhs.dtype == jnp.float32
               and jax.device_count() == 1 and _native_conv_weight_gradient())
     if not native:
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **conv_options)
-    return few_channel_conv(lhs, rhs, window_strides[0], tuple(tuple(pair) for pair in padding))
+    return native_weight_gradient_conv(lhs, rhs, window_strides[0], tuple(tuple(pair) for pair in padding))
 
 
 @functools.cache
 def _native_conv_weight_gradient() -> bool:
-    """Whether a conv with few input channels (a stem) takes its weight gradient from kdep_jax's C++ kernel
-    (`cpu_kernels`), where XLA:CPU's Eigen contracts only 3 channels at a time: 2.2x faster alone for ResNet's 7x7/2
-    stem and 6.5x for MobileNetV2's 3x3/2, the ResNet-18 step 1.00-1.04x (median 1.02x) and MobileNetV2's level,
-    on an AVX-512 AMD EPYC (Zen 4). AVX-512 CPUs only until it is measured on the others; where the kernel cannot
-    be built (no C++ compiler), XLA's."""
+    """Whether a conv with few weights takes its weight gradient from kdep_jax's C++ kernel (`cpu_kernels`): XLA:CPU
+    hands it to Eigen, which contracts only 3 channels at a time for a stem and runs a ResNet's 56 px convs at half
+    the kernel's speed. AVX-512 CPUs only until it is measured on the others; where the kernel cannot be built (no
+    C++ compiler), XLA's (benchmarks/README.md, stops 34 and 35)."""
     return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
@@ -127,24 +132,24 @@ def _dense_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Ar
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def few_channel_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+def native_weight_gradient_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
     """XLA's conv (NHWC, HWIO; padding ((top, bottom), (left, right))) whose weight gradient is kdep_jax's C++
     kernel, on one CPU device. The input gradient stays XLA's (a stem's, on the images, is never needed)."""
     return _dense_conv(x, kernel, stride, padding)
 
 
-def _few_channel_conv_vjp_forward(x, kernel, stride, padding):
+def _native_weight_gradient_conv_vjp_forward(x, kernel, stride, padding):
     return _dense_conv(x, kernel, stride, padding), (x, kernel)
 
 
-def _few_channel_conv_vjp_backward(stride, padding, residuals, grad):
+def _native_weight_gradient_conv_vjp_backward(stride, padding, residuals, grad):
     x, kernel = residuals
     grad_x = jax.vjp(lambda x: _dense_conv(x, kernel, stride, padding), x)[1](grad)[0]
     grad_kernel = cpu_kernels.conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
     return grad_x, grad_kernel.astype(kernel.dtype)
 
 
-few_channel_conv.defvjp(_few_channel_conv_vjp_forward, _few_channel_conv_vjp_backward)
+native_weight_gradient_conv.defvjp(_native_weight_gradient_conv_vjp_forward, _native_weight_gradient_conv_vjp_backward)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bool,
