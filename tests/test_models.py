@@ -273,10 +273,10 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     (True, 1, 1, 3, 3, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
     (False, 2, 20, 3, 72, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: output channels 32 + 32 + a tail of 8
     (False, 2, 16, 3, 32, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stem
-    (False, 2, 7, 6, 33, 3, 1, ((1, 1), (1, 1))),  # input channels in a block of 4 and one of 2
+    (False, 2, 7, 13, 33, 3, 1, ((1, 1), (1, 1))),  # input channels in a block of 8 and one of 5
     (False, 1, 9, 1, 16, 5, 2, ((1, 2), (2, 1))), (False, 3, 5, 4, 8, 3, 1, ((0, 2), (1, 1))),  # no 32-block
     (False, 1, 1, 3, 40, 3, 1, ((1, 1), (1, 1))),
-    (False, 2, 8, 64, 72, 3, 2, ((1, 1), (1, 1))),  # a ResNet's first stage: 16 input blocks of 4
+    (False, 2, 8, 64, 72, 3, 2, ((1, 1), (1, 1))),  # a ResNet's first stage: 8 input blocks of 8
 ])
 def test_native_weight_gradients_match_float64(depthwise, batch, size, in_channels, out_channels, kernel_size,
                                                stride, padding):
