@@ -99,8 +99,8 @@ def _flax_pointwise_conv(lhs, rhs, window_strides, padding, **conv_options):
 
 # The largest k*k*Cin*Cout whose weight gradient comes from kdep_jax's C++ kernel. The kernel adds each image's
 # sums into a float64 copy of the weight gradient row by row, so it is fast while that copy stays in the L2 cache:
-# alone, 1.5-2x XLA's speed for a ResNet's 56 px 3x3 convs (64 -> 64, and 64 -> 128 with stride 2: this size),
-# 5x for MobileNetV2's stem, but 2-6x slower from the 28 px convs (128 -> 128) on; the ResNet-18 step 1.04x
+# alone, 2.1-2.2x XLA's speed for a ResNet's 56 px 3x3 convs (64 -> 64, and 64 -> 128 with stride 2: this size),
+# 5x for MobileNetV2's stem, but 1.8-6x slower from the 28 px convs (128 -> 128) on; the ResNet-18 step 1.06-1.07x
 # (AMD EPYC Zen 5, benchmarks/README.md).
 _NATIVE_CONV_MAX_WEIGHTS = 3 * 3 * 64 * 128
 
