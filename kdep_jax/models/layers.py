@@ -184,17 +184,19 @@ def _materialise_gradients() -> bool:
 @functools.cache
 def _chunk_weight_gradient() -> bool:
     """Whether the shifted sum's weight gradient is summed over chunks of images in a loop
-    (`_weight_gradient_in_chunks`): the MobileNetV2 step 1.03-1.05x on an AVX-512 AMD EPYC (Zen 4); on an AVX-512
-    Intel Xeon an earlier form (contiguous chunks of 2 images) was 1.4-1.7x faster alone and 1.02-1.08x on the
-    step. AVX2-only CPUs keep the one-pass form until it is measured there (benchmarks/README.md)."""
+    (`_weight_gradient_in_chunks`): the MobileNetV2 step 1.03-1.05x on an AVX-512 AMD EPYC (Zen 4), level on Zen 5
+    (0.98-1.00x); on an AVX-512 Intel Xeon an earlier form (contiguous chunks of 2 images) was 1.4-1.7x faster
+    alone and 1.02-1.08x on the step. AVX2-only CPUs keep the one-pass form until it is measured there
+    (benchmarks/README.md)."""
     return "avx512f" in xla_flags.cpu_features()
 
 
 @functools.cache
 def _native_weight_gradient() -> bool:
     """Whether the shifted sum's weight gradient is kdep_jax's C++ kernel (`cpu_kernels`) rather than XLA's forms:
-    3-5x faster alone than the chunked form, the MobileNetV2 step 1.08x, on an AVX-512 AMD EPYC (Zen 4). AVX-512
-    CPUs only until it is measured on the others; where it cannot be built (no C++ compiler), XLA's forms."""
+    3-5x faster alone than the chunked form, the MobileNetV2 step 1.08x on an AVX-512 AMD EPYC (Zen 4), 1.02x on
+    Zen 5. AVX-512 CPUs only until it is measured on the others; where it cannot be built (no C++ compiler), XLA's
+    forms."""
     return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
