@@ -78,8 +78,9 @@ def available() -> bool:
         warnings.warn(
             f"kdep_jax could not build its CPU kernels for convolutions' weight gradients ({SOURCE.name}, "
             f"with {os.environ.get('CXX', 'g++')}): {detail.strip()[-500:]}\nIt uses XLA's forms instead: the "
-            "same gradients, more slowly (MobileNetV2's depthwise convs, the stems, a ResNet's first stage). To get the kernels, install a "
-            "C++ compiler (e.g. `apt install g++`) or point $CXX at one.", RuntimeWarning, stacklevel=2)
+            "same gradients, more slowly (MobileNetV2's depthwise convs, the stems, a ResNet's first stage). To get "
+            "the kernels, install a C++ compiler (e.g. `apt install g++`) or point $CXX at one.", RuntimeWarning,
+            stacklevel=2)
         return False
     for name, handler in [(_DEPTHWISE_WEIGHT_GRADIENT, library.KdepDepthwiseWeightGradient),
                           (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient)]:

@@ -149,7 +149,8 @@ def _native_weight_gradient_conv_vjp_backward(stride, padding, residuals, grad):
     return grad_x, grad_kernel.astype(kernel.dtype)
 
 
-native_weight_gradient_conv.defvjp(_native_weight_gradient_conv_vjp_forward, _native_weight_gradient_conv_vjp_backward)
+native_weight_gradient_conv.defvjp(_native_weight_gradient_conv_vjp_forward,
+                                   _native_weight_gradient_conv_vjp_backward)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bool,
