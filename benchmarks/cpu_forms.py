@@ -33,6 +33,7 @@ FORMS = {
     "chunk_weight_gradient": ("step:mobilenet_v2",),
     "native_weight_gradient": ("step:mobilenet_v2",),
     "native_conv_weight_gradient": ("step:resnet18", "step:mobilenet_v2"),
+    "native_conv": ("step:resnet18", "step:mobilenet_v2"),
     "pad_wide_kernels": ("forward:convnext_tiny", "forward:efficientnet_lite0"),
     "materialise_gelu": ("forward:swin_t", "forward:convnext_tiny", "forward:vit_b_16"),
 }

@@ -304,16 +304,50 @@ def test_native_weight_gradients_match_float64(depthwise, batch, size, in_channe
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
+    (2, 20, 22, 3, 64, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: two blocks of 32 output channels
+    (2, 16, 16, 3, 32, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stem
+    (1, 5, 31, 13, 32, 3, 1, ((1, 1), (1, 1))),  # 31 columns: blocks of 14, 14 and 3 pixels
+    (3, 7, 7, 40, 32, 3, 1, ((1, 1), (1, 1))),  # 7 px: two rows at a time, the last row alone
+    (2, 9, 10, 6, 32, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's "SAME" padding of a stride-2 conv
+    (2, 6, 8, 5, 32, 5, 1, ((1, 3), (2, 2))),  # uneven padding
+    (1, 1, 1, 3, 32, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
+])
+def test_native_conv_matches_float64(batch, height, width, in_channels, out_channels, kernel_size, stride, padding):
+    """kdep_jax's C++ conv kernel against numpy float64: for every output pixel, the zero-padded input's k x k
+    window times the kernel, summed over taps and input channels."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(width * out_channels + height)
+    x = rng.normal(size=(batch, height, width, in_channels)).astype(np.float32)
+    kernel = rng.normal(size=(kernel_size, kernel_size, in_channels, out_channels)).astype(np.float32)
+    (top, bottom), (left, right) = padding
+    padded = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out_h, out_w = ((padded.shape[axis] - kernel_size) // stride + 1 for axis in (1, 2))
+    expected = np.zeros((batch, out_h, out_w, out_channels))
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+            expected += np.einsum("nhwc,co->nhwo", window, kernel[i, j].astype(np.float64))
+    ours = jax.jit(functools.partial(cpu_kernels.conv, stride=stride, padding=padding))(jnp.asarray(x),
+                                                                                       jnp.asarray(kernel))
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("in_channels, out_channels, kernel_size, stride", [
-    (3, 40, 7, 2), (3, 40, 3, 2),  # stems
-    (64, 40, 3, 1),  # few weights, as in a ResNet's first stage
-    (96, 96, 3, 2),  # more than layers._NATIVE_CONV_MAX_WEIGHTS: XLA's
+    (3, 64, 7, 2), (3, 40, 3, 2),  # stems: 64 output channels take the conv kernel, 40 do not
+    (64, 64, 3, 1),  # a ResNet's first stage: every pass from kdep_jax's kernels
+    (64, 128, 3, 2),  # stride 2: the input gradient is XLA's
+    (96, 96, 3, 1),  # more than layers._NATIVE_CONV_MAX_WEIGHTS: XLA's weight gradient
+    (40, 32, 3, 1),  # 40 input channels: XLA's input gradient
 ])
 @pytest.mark.parametrize("native", [True, False])
-def test_conv2d_gradients_equal_with_and_without_the_native_weight_gradient(in_channels, out_channels, kernel_size,
-                                                                           stride, native, monkeypatch):
-    """conv2d on one CPU device with kdep_jax's C++ weight-gradient kernel on and off: the value and both gradients
-    equal XLA's plain convolution's to float32 rounding; the kernel runs only for convs with few weights."""
+def test_conv2d_equals_xla_with_and_without_the_native_kernels(in_channels, out_channels, kernel_size, stride, native,
+                                                               monkeypatch):
+    """conv2d on one CPU device with kdep_jax's C++ kernels on and off: the value and both gradients equal XLA's
+    plain convolution's to float32 rounding; each kernel runs exactly where `layers._flax_conv` says."""
+    monkeypatch.setattr(layers, "_native_conv", lambda: native)
     monkeypatch.setattr(layers, "_native_conv_weight_gradient", lambda: native)
     monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
     rng = np.random.default_rng(in_channels)
@@ -328,9 +362,13 @@ def test_conv2d_gradients_equal_with_and_without_the_native_weight_gradient(in_c
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     grads = jax.jit(lambda f, p, x: jax.vjp(f, p, x)[1](cotangent), static_argnums=0)
-    compiled = grads.lower(conv.apply, params, x).compile().as_text()
+    forward = jax.jit(conv.apply).lower(params, x).compile().as_text()
+    backward = grads.lower(conv.apply, params, x).compile().as_text()
+    blocks = in_channels % 32 == 0, out_channels % 32 == 0
+    assert ('"kdep_conv"' in forward) == (native and blocks[1])
+    assert ('"kdep_conv"' in backward) == (native and blocks[0] and blocks[1] and stride == 1)
     few_weights = kernel_size ** 2 * in_channels * out_channels <= layers._NATIVE_CONV_MAX_WEIGHTS
-    assert ("kdep_conv_weight_gradient" in compiled) == (native and few_weights)
+    assert ('"kdep_conv_weight_gradient"' in backward) == (native and few_weights)
     np.testing.assert_allclose(conv.apply(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
     for ours, reference in zip(jax.tree.leaves(grads(conv.apply, params, x)), jax.tree.leaves(grads(plain, params, x))):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())

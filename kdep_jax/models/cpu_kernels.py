@@ -1,10 +1,11 @@
 """kdep_jax's own XLA:CPU kernels (cpu_kernels.cc), compiled for this CPU on first use.
 
-Two convolution weight gradients that XLA:CPU runs far below the CPU's speed: a depthwise conv's, which XLA runs as
-k*k passes over the batch, each copying a shifted window of the input out of memory, and a dense conv's with few
+Convolutions that XLA:CPU runs below the CPU's speed: a dense conv's forward pass (and a stride-1 conv's input
+gradient), which XLA hands to Eigen; a depthwise conv's weight gradient, which XLA runs as k*k passes over the
+batch, each copying a shifted window of the input out of memory; and the weight gradient of a dense conv with few
 weights: a stem's on the RGB image, which XLA hands to Eigen as a contraction only 3 channels long, and a ResNet's
-56 px convs'. The C++ kernels make one pass over each image's rows, keeping each tap's sums in registers (1.5-6x
-faster alone on AMD EPYCs, Zen 4 and Zen 5; benchmarks/README.md).
+56 px convs'. The C++ kernels keep their sums in registers over many pixels and channels (1.1-6x faster alone on
+AMD EPYCs, Zen 4 and Zen 5; benchmarks/README.md).
 They are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
 (`$KDEP_JAX_KERNEL_CACHE`, else `~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler,
 jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where they cannot
@@ -31,6 +32,8 @@ from kdep_jax import xla_flags
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _DEPTHWISE_WEIGHT_GRADIENT = "kdep_depthwise_weight_gradient"
 _CONV_WEIGHT_GRADIENT = "kdep_conv_weight_gradient"
+_CONV = "kdep_conv"
+CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
 def cache_dir() -> Path:
@@ -76,25 +79,24 @@ def available() -> bool:
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or str(error)
         warnings.warn(
-            f"kdep_jax could not build its CPU kernels for convolutions' weight gradients ({SOURCE.name}, "
+            f"kdep_jax could not build its CPU kernels for convolutions ({SOURCE.name}, "
             f"with {os.environ.get('CXX', 'g++')}): {detail.strip()[-500:]}\nIt uses XLA's forms instead: the "
-            "same gradients, more slowly (MobileNetV2's depthwise convs, the stems, a ResNet's first stage). To get "
+            "same results, more slowly (convolutions, MobileNetV2's depthwise convs' gradients). To get "
             "the kernels, install a C++ compiler (e.g. `apt install g++`) or point $CXX at one.", RuntimeWarning,
             stacklevel=2)
         return False
     for name, handler in [(_DEPTHWISE_WEIGHT_GRADIENT, library.KdepDepthwiseWeightGradient),
-                          (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient)]:
+                          (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient), (_CONV, library.KdepConv)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
 
-def _weight_gradient(target: str, kernel_shape: tuple[int, ...], x: jax.Array, grad: jax.Array, stride: int,
-                     padding) -> jax.Array:
+def _call(target: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array, stride: int, padding) -> jax.Array:
     """One device's batch: under a sharded jit, XLA would gather the batch for a kernel first."""
     if not available():
         raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(kernel_shape, jnp.float32), vmap_method="sequential")
-    return call(x.astype(jnp.float32), grad.astype(jnp.float32), stride=np.int64(stride),
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
+    return call(a.astype(jnp.float32), b.astype(jnp.float32), stride=np.int64(stride),
                 pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
 
 
@@ -102,13 +104,20 @@ def depthwise_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, s
                               padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """The gradient of a k x k depthwise conv's HWIO kernel (k, k, 1, C), in float32, from its NHWC input x and
     output gradient `grad`; padding ((top, bottom), (left, right)) as in `layers.depthwise_conv`."""
-    return _weight_gradient(_DEPTHWISE_WEIGHT_GRADIENT, (kernel_size, kernel_size, 1, x.shape[-1]), x, grad, stride,
-                            padding)
+    return _call(_DEPTHWISE_WEIGHT_GRADIENT, (kernel_size, kernel_size, 1, x.shape[-1]), x, grad, stride, padding)
 
 
 def conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
                          padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """The gradient of a k x k dense conv's HWIO kernel (k, k, Cin, Cout), in float32, from its NHWC input x and
     output gradient `grad`: fast for few weights (a stem on RGB images, a ResNet's 56 px convs), correct for any."""
-    return _weight_gradient(_CONV_WEIGHT_GRADIENT, (kernel_size, kernel_size, x.shape[-1], grad.shape[-1]), x, grad,
-                            stride, padding)
+    return _call(_CONV_WEIGHT_GRADIENT, (kernel_size, kernel_size, x.shape[-1], grad.shape[-1]), x, grad, stride,
+                 padding)
+
+
+def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """A dense conv in float32: NHWC x, HWIO kernel (k, k, Cin, Cout) with Cout a multiple of CONV_OUT_BLOCK, zero
+    padding ((top, bottom), (left, right)); the output is (N, Ho, Wo, Cout) as for `jax.lax.conv_general_dilated`."""
+    k = kernel.shape[0]
+    out_size = [(size + before + after - k) // stride + 1 for size, (before, after) in zip(x.shape[1:3], padding)]
+    return _call(_CONV, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride, padding)

@@ -106,15 +106,32 @@ _NATIVE_CONV_MAX_WEIGHTS = 3 * 3 * 64 * 128
 
 
 def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
-    """nn.Conv's convolution hook for conv2d's k x k convs on CPU: a float32 conv with few weights (a stem, a
-    ResNet's first stage) takes its weight gradient from kdep_jax's C++ kernel where that is on
-    (`native_weight_gradient_conv`); the others are XLA's. conv2d's convs have no dilation or groups and NHWC /
-    HWIO layouts."""
-    native = (rhs.size <= _NATIVE_CONV_MAX_WEIGHTS and lhs.dtype == rhs.dtype == jnp.float32
-              and jax.device_count() == 1 and _native_conv_weight_gradient())
-    if not native:
+    """nn.Conv's convolution hook for conv2d's k x k convs on CPU. On one device, in float32, where kdep_jax's C++
+    kernels are on: the forward pass and a stride-1 conv's input gradient from its conv kernel (output channels
+    in blocks of 32), and a conv with few weights (a stem, a ResNet's first stage) its weight gradient from its
+    weight-gradient kernel (`native_conv`); the rest is XLA's. conv2d's convs have no dilation or groups and
+    NHWC / HWIO layouts."""
+    k, _, in_channels, out_channels = rhs.shape
+    stride, padding = window_strides[0], tuple(tuple(pair) for pair in padding)
+    one_device_float32 = lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1
+    forward = one_device_float32 and out_channels % cpu_kernels.CONV_OUT_BLOCK == 0 and _native_conv()
+    forms = (forward,
+             forward and stride == 1 and in_channels % cpu_kernels.CONV_OUT_BLOCK == 0
+             and all(0 <= before < k and 0 <= after < k for before, after in padding),
+             one_device_float32 and rhs.size <= _NATIVE_CONV_MAX_WEIGHTS and _native_conv_weight_gradient())
+    if not any(forms):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **conv_options)
-    return native_weight_gradient_conv(lhs, rhs, window_strides[0], tuple(tuple(pair) for pair in padding))
+    return native_conv(lhs, rhs, stride, padding, forms)
+
+
+@functools.cache
+def _native_conv() -> bool:
+    """Whether conv2d's convs take their forward pass (and a stride-1 conv's input gradient) from kdep_jax's C++
+    kernel (`cpu_kernels.conv`): alone 1.1-1.3x faster than XLA's Eigen convolutions at a ResNet's 56 to 14 px, level
+    at 7 px, 1.2x for the stems; the ResNet-18 step 1.11x, the MobileNetV2 step 1.06x (AMD EPYC Zen 5,
+    benchmarks/README.md). AVX-512 CPUs only until it is measured on the others; where the kernels cannot be built
+    (no C++ compiler), XLA's."""
+    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
 @functools.cache
@@ -131,26 +148,41 @@ def _dense_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Ar
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def native_weight_gradient_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
-    """XLA's conv (NHWC, HWIO; padding ((top, bottom), (left, right))) whose weight gradient is kdep_jax's C++
-    kernel, on one CPU device. The input gradient stays XLA's (a stem's, on the images, is never needed)."""
-    return _dense_conv(x, kernel, stride, padding)
+def _native_conv_value(x, kernel, stride, padding, forms):
+    return cpu_kernels.conv(x, kernel, stride, padding) if forms[0] else _dense_conv(x, kernel, stride, padding)
 
 
-def _native_weight_gradient_conv_vjp_forward(x, kernel, stride, padding):
-    return _dense_conv(x, kernel, stride, padding), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def native_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, forms: tuple[bool, bool, bool]) -> jax.Array:
+    """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on one CPU device whose forward pass,
+    input gradient and weight gradient each come from kdep_jax's C++ kernels where forms (three bools, in that
+    order) say so, from XLA's convolution elsewhere."""
+    return _native_conv_value(x, kernel, stride, padding, forms)
 
 
-def _native_weight_gradient_conv_vjp_backward(stride, padding, residuals, grad):
+def _native_conv_vjp_forward(x, kernel, stride, padding, forms):
+    return _native_conv_value(x, kernel, stride, padding, forms), (x, kernel)
+
+
+def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
+    """A stride-1 conv's input gradient is the conv of its output gradient with the kernel flipped in space and
+    its channel axes swapped, padded k - 1 - p where the conv was padded p."""
     x, kernel = residuals
-    grad_x = jax.vjp(lambda x: _dense_conv(x, kernel, stride, padding), x)[1](grad)[0]
-    grad_kernel = cpu_kernels.conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
-    return grad_x, grad_kernel.astype(kernel.dtype)
+    _, native_input_gradient, native_weight_gradient = forms
+    k = kernel.shape[0]
+    if native_input_gradient:
+        flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+        grad_x = cpu_kernels.conv(grad, flipped, 1, tuple((k - 1 - before, k - 1 - after) for before, after in padding))
+    else:
+        grad_x = jax.vjp(lambda x: _dense_conv(x, kernel, stride, padding), x)[1](grad)[0]
+    if native_weight_gradient:
+        grad_kernel = cpu_kernels.conv_weight_gradient(x, grad, k, stride, padding)
+    else:
+        grad_kernel = jax.vjp(lambda kernel: _dense_conv(x, kernel, stride, padding), kernel)[1](grad)[0]
+    return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
 
-native_weight_gradient_conv.defvjp(_native_weight_gradient_conv_vjp_forward,
-                                   _native_weight_gradient_conv_vjp_backward)
+native_conv.defvjp(_native_conv_vjp_forward, _native_conv_vjp_backward)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bool,
@@ -178,7 +210,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
 def _materialise_gradients() -> bool:
     """Whether the shifted sum's backward pass reads and writes its gradients through buffers of their own
     (`_materialised`): measured 1.17x on the MobileNetV2 step on an AVX-512 Intel Xeon, level (1.00-1.03x) on
-    AVX-512 AMD EPYCs (Zen 5, Zen 4); AVX2-only CPUs keep the fused form until it is measured there (benchmarks/README.md)."""
+    AVX-512 AMD EPYCs (Zen 5, Zen 4); AVX2-only CPUs keep the fused form until it is measured there
+    (benchmarks/README.md)."""
     return "avx512f" in xla_flags.cpu_features()
 
 
