@@ -6,14 +6,14 @@
 //   kernel flipped). XLA runs it through Eigen at 60-90% of this kernel's speed, a stem's at 40%.
 // - KdepDepthwiseWeightGradient: a depthwise conv's weight gradient (Cin == Cout, dw (k, k, 1, C)). XLA runs it
 //   as k*k passes over the batch, each copying a shifted window of x out of memory.
-// - KdepConvWeightGradient: the weight gradient of a dense conv with few weights (a stem on the RGB image, whose
-//   contraction XLA hands to Eigen only Cin = 3 long, or a ResNet's 56 px convs, which Eigen runs at half this
-//   kernel's speed). Its float64 partials hold the whole weight gradient, so it is fast while they fit in the L2
-//   cache.
+// - KdepConvWeightGradient: a dense conv's weight gradient (a stem's on the RGB image XLA hands to Eigen as a
+//   contraction only Cin = 3 long; Eigen runs a ResNet's 56 and 28 px convs' at a half to two thirds of this
+//   kernel's speed).
 //
-// The weight gradients make one pass over each image's rows and keep each tap's sums over a row in registers, 16
-// or 32 output channels at a time. Each image's sums go into float64 partials, added in image order at the end,
-// so the result does not depend on how many threads ran or which images each took.
+// The weight gradients keep each tap's sums over many pixels in registers, 16 or 32 output channels at a time.
+// The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
+// partials, added in image order at the end, so the result does not depend on how many threads ran or which
+// images each took.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -37,6 +38,9 @@ int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) 
 struct Shape {
   int64_t height, width, in_channels, out_height, out_width, out_channels, k, stride, pad_top, pad_left;
 };
+
+using Vector = float __attribute__((vector_size(64), aligned(4)));  // 16 floats: one AVX-512 register
+constexpr int64_t kVectorOutBlock = 32;  // the output channels whose sums the kernels keep in two vectors
 
 // Calls row(x_tap, dy_row, first, end, tap) for each output row of one image and each tap (i, j) whose input
 // row is inside x: output column wo of the row reads x_tap[wo * stride * in_channels ...], inside x for wo in
@@ -84,58 +88,93 @@ void AddDepthwiseImage(const float* x, const float* dy, double* partial, const S
   });
 }
 
-constexpr int64_t kDenseLanes = 32;
+// The columns [first, end) of an output row whose input column, wo * stride + j - pad_left, is inside x.
+std::pair<int64_t, int64_t> TapColumns(const Shape& s, int64_t j) {
+  return {std::max<int64_t>(0, -FloorDiv(j - s.pad_left, s.stride)),
+          std::min<int64_t>(s.out_width, FloorDiv(s.width - 1 + s.pad_left - j, s.stride) + 1)};
+}
 
-// Adds to tap (Cin, Cout) one row's products of input channels ci0 ... ci0 + kIn - 1 of the tap's window with
-// the output gradient, kDenseLanes output channels at a time.
+// A chunk of images' output channels [co_begin, co_end), and its rows [r0, r1) counted over all its images.
+struct DenseBlock {
+  const float* x;
+  const float* dy;
+  int64_t co_begin, co_end, r0, r1;
+};
+
+// Adds to tap (Cin, Cout) the products of input channels ci0 ... ci0 + kIn - 1 of tap (i, j)'s window with the
+// output gradient over the block's rows, summed in registers 32 output channels at a time.
 template <int kIn>
-void AddDenseTapRow(const float* x_tap, const float* dy_row, int64_t first, int64_t end, int64_t ci0,
-                    const Shape& s, double* tap) {
+void AddDenseTapBand(const DenseBlock& b, const Shape& s, int64_t i, int64_t j, int64_t ci0, double* tap) {
   const int64_t cin = s.in_channels, cout = s.out_channels;
-  int64_t co0 = 0;
-  for (; co0 + kDenseLanes <= cout; co0 += kDenseLanes) {
-    float sum[kIn][kDenseLanes] = {};
-    for (int64_t wo = first; wo < end; ++wo) {
-      const float* xp = x_tap + wo * s.stride * cin + ci0;
-      const float* dp = dy_row + wo * cout + co0;
+  const auto [first, end] = TapColumns(s, j);
+  auto rows = [&](auto add_pixel) {
+    for (int64_t r = b.r0; r < b.r1; ++r) {
+      const int64_t image = r / s.out_height, ho = r % s.out_height, hi = ho * s.stride + i - s.pad_top;
+      if (hi < 0 || hi >= s.height) continue;
+      // Output column wo reads x_row + wo * stride * Cin.
+      const float* x_row = b.x + ((image * s.height + hi) * s.width + j - s.pad_left) * cin + ci0;
+      const float* dy_row = b.dy + r * s.out_width * cout;
+      for (int64_t wo = first; wo < end; ++wo) add_pixel(x_row + wo * s.stride * cin, dy_row + wo * cout);
+    }
+  };
+  int64_t co0 = b.co_begin;
+  for (; co0 + kVectorOutBlock <= b.co_end; co0 += kVectorOutBlock) {
+    Vector sum[kIn][2] = {};
+    rows([&](const float* xp, const float* dp) {
+      Vector dy0, dy1;
+      std::memcpy(&dy0, dp + co0, sizeof(Vector));
+      std::memcpy(&dy1, dp + co0 + 16, sizeof(Vector));
       for (int q = 0; q < kIn; ++q) {
-        for (int64_t l = 0; l < kDenseLanes; ++l) sum[q][l] += xp[q] * dp[l];
+        sum[q][0] += xp[q] * dy0;
+        sum[q][1] += xp[q] * dy1;
+      }
+    });
+    for (int q = 0; q < kIn; ++q) {
+      for (int l = 0; l < 16; ++l) {
+        tap[(ci0 + q) * cout + co0 + l] += sum[q][0][l];
+        tap[(ci0 + q) * cout + co0 + 16 + l] += sum[q][1][l];
       }
     }
-    for (int q = 0; q < kIn; ++q) {
-      for (int64_t l = 0; l < kDenseLanes; ++l) tap[(ci0 + q) * cout + co0 + l] += sum[q][l];
-    }
   }
-  for (; co0 < cout; ++co0) {
-    for (int q = 0; q < kIn; ++q) {
-      float sum = 0.0f;
-      for (int64_t wo = first; wo < end; ++wo) sum += x_tap[wo * s.stride * cin + ci0 + q] * dy_row[wo * cout + co0];
-      tap[(ci0 + q) * cout + co0] += sum;
-    }
+  for (; co0 < b.co_end; ++co0) {
+    float sum[kIn] = {};
+    rows([&](const float* xp, const float* dp) {
+      for (int q = 0; q < kIn; ++q) sum[q] += xp[q] * dp[co0];
+    });
+    for (int q = 0; q < kIn; ++q) tap[(ci0 + q) * cout + co0] += sum[q];
   }
 }
 
-constexpr int64_t kDenseInputBlock = 8;  // 8 x 32 sums: 16 AVX-512 registers (1.25x faster than 4 x 32)
+constexpr int64_t kDenseInputBlock = 14;  // 14 x 32 sums: 28 AVX-512 registers
+constexpr int64_t kDenseBandPixels = 512;  // output pixels per band, at least (1.0-1.3x faster than 1024 or 2048)
+constexpr int64_t kDenseChunkPixels = 56 * 56;  // output pixels per chunk of images, at least
 
-// Adds to partial (k*k, Cin, Cout) the products of each tap's window of one image's x with its dy, up to
-// kDenseInputBlock input channels at a time.
-void AddDenseImage(const float* x, const float* dy, double* partial, const Shape& s) {
+// Adds to partial (k*k, Cin, Cout) the products of each tap's window of a chunk of images' x with their dy, for
+// output channels [co_begin, co_end). A band of rows at a time, whose x and dy stay in the L2 cache while each
+// tap and block of channels passes over them.
+void AddDenseChunk(const float* x, const float* dy, int64_t images, int64_t co_begin, int64_t co_end,
+                   double* partial, const Shape& s) {
   const int64_t cin = s.in_channels, cout = s.out_channels;
-  ForEachTapRow(x, dy, s, [&](const float* x_tap, const float* dy_row, int64_t first, int64_t end, int64_t t) {
-    double* tap = partial + t * cin * cout;
-    for (int64_t ci0 = 0; ci0 < cin; ci0 += kDenseInputBlock) {
-      switch (std::min<int64_t>(kDenseInputBlock, cin - ci0)) {
-        case 8: AddDenseTapRow<8>(x_tap, dy_row, first, end, ci0, s, tap); break;
-        case 7: AddDenseTapRow<7>(x_tap, dy_row, first, end, ci0, s, tap); break;
-        case 6: AddDenseTapRow<6>(x_tap, dy_row, first, end, ci0, s, tap); break;
-        case 5: AddDenseTapRow<5>(x_tap, dy_row, first, end, ci0, s, tap); break;
-        case 4: AddDenseTapRow<4>(x_tap, dy_row, first, end, ci0, s, tap); break;
-        case 3: AddDenseTapRow<3>(x_tap, dy_row, first, end, ci0, s, tap); break;
-        case 2: AddDenseTapRow<2>(x_tap, dy_row, first, end, ci0, s, tap); break;
-        default: AddDenseTapRow<1>(x_tap, dy_row, first, end, ci0, s, tap);
+  const int64_t band = std::max<int64_t>(1, (kDenseBandPixels + s.out_width - 1) / std::max<int64_t>(1, s.out_width));
+  for (int64_t r0 = 0; r0 < images * s.out_height; r0 += band) {
+    const DenseBlock b{x, dy, co_begin, co_end, r0, std::min(images * s.out_height, r0 + band)};
+    for (int64_t i = 0; i < s.k; ++i) {
+      for (int64_t j = 0; j < s.k; ++j) {
+        double* tap = partial + (i * s.k + j) * cin * cout;
+        for (int64_t ci0 = 0; ci0 < cin; ci0 += kDenseInputBlock) {
+          switch (std::min(kDenseInputBlock, cin - ci0)) {
+#define KDEP_DENSE_CASE(n) \
+  case n: AddDenseTapBand<n>(b, s, i, j, ci0, tap); break;
+            KDEP_DENSE_CASE(14) KDEP_DENSE_CASE(13) KDEP_DENSE_CASE(12) KDEP_DENSE_CASE(11) KDEP_DENSE_CASE(10)
+            KDEP_DENSE_CASE(9) KDEP_DENSE_CASE(8) KDEP_DENSE_CASE(7) KDEP_DENSE_CASE(6) KDEP_DENSE_CASE(5)
+            KDEP_DENSE_CASE(4) KDEP_DENSE_CASE(3) KDEP_DENSE_CASE(2)
+#undef KDEP_DENSE_CASE
+            default: AddDenseTapBand<1>(b, s, i, j, ci0, tap);
+          }
+        }
       }
     }
-  });
+  }
 }
 
 // Tasks handed out one at a time to the calling thread and to helpers on XLA's thread pool. The caller waits
@@ -171,10 +210,14 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, MakeWorker make_worker) {
   tasks->all_done.wait(lock, [&] { return tasks->done == count; });
 }
 
-// dw = the sum over images of add_image's float64 partials, added in image order.
+// dw = the sum over chunks of images of their float64 partials, added in chunk order: chunk_images images per
+// chunk, as the shapes say (never the threads). add(x, dy, images, co_begin, co_end, partial, shape) adds a
+// chunk's products for output channels [co_begin, co_end) to its partial; the channels are split into groups,
+// blocks of 32, so that there are tasks for every thread.
 template <typename F>
 ffi::Error WeightGradient(ffi::ThreadPool& pool, Float32x4d& x, Float32x4d& dy, ffi::Result<Float32x4d>& dw,
-                          int64_t stride, int64_t pad_top, int64_t pad_left, bool depthwise, F add_image) {
+                          int64_t stride, int64_t pad_top, int64_t pad_left, bool depthwise, int64_t chunk_pixels,
+                          F add) {
   const auto x_dims = x.dimensions(), dy_dims = dy.dimensions(), dw_dims = dw->dimensions();
   const int64_t n = x_dims[0];
   const Shape s{x_dims[1], x_dims[2], x_dims[3], dy_dims[1], dy_dims[2], dy_dims[3], dw_dims[0],
@@ -183,21 +226,30 @@ ffi::Error WeightGradient(ffi::ThreadPool& pool, Float32x4d& x, Float32x4d& dy, 
                           (depthwise ? dw_dims[2] == 1 && s.in_channels == s.out_channels
                                      : dw_dims[2] == s.in_channels);
   if (!shapes_fit) return ffi::Error::InvalidArgument("kdep_jax CPU kernel: shapes that do not fit together");
+  const int64_t out_pixels = std::max<int64_t>(1, s.out_height * s.out_width);
+  const int64_t chunk_images = std::clamp<int64_t>((chunk_pixels + out_pixels - 1) / out_pixels, 1, std::max<int64_t>(n, 1));
+  const int64_t chunks = (n + chunk_images - 1) / chunk_images;
+  const int64_t blocks = (s.out_channels + kVectorOutBlock - 1) / kVectorOutBlock;
+  const int64_t groups = depthwise ? 1 : std::clamp<int64_t>(4 * pool.num_threads() / std::max<int64_t>(chunks, 1), 1, blocks);
   const int64_t taps = dw->element_count();
-  std::vector<double> partials(n * taps, 0.0);
+  std::vector<double> partials(chunks * taps, 0.0);
   const float* x_data = x.typed_data();
   const float* dy_data = dy.typed_data();
   double* partials_data = partials.data();
-  ParallelFor(pool, n, [&]() {
-    return [&](int64_t image) {
-      add_image(x_data + image * s.height * s.width * s.in_channels,
-                dy_data + image * s.out_height * s.out_width * s.out_channels, partials_data + image * taps, s);
+  ParallelFor(pool, chunks * groups, [&]() {
+    return [&](int64_t task) {
+      const int64_t chunk = task / groups, group = task % groups, first_image = chunk * chunk_images;
+      const int64_t co_begin = std::min(s.out_channels, group * blocks / groups * kVectorOutBlock);
+      const int64_t co_end = std::min(s.out_channels, (group + 1) * blocks / groups * kVectorOutBlock);
+      add(x_data + first_image * s.height * s.width * s.in_channels,
+          dy_data + first_image * s.out_height * s.out_width * s.out_channels,
+          std::min(chunk_images, n - first_image), co_begin, co_end, partials_data + chunk * taps, s);
     };
   });
   float* out = dw->typed_data();
   for (int64_t t = 0; t < taps; ++t) {
     double sum = 0.0;
-    for (int64_t image = 0; image < n; ++image) sum += partials_data[image * taps + t];
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partials_data[chunk * taps + t];
     out[t] = static_cast<float>(sum);
   }
   return ffi::Error::Success();
@@ -205,27 +257,28 @@ ffi::Error WeightGradient(ffi::ThreadPool& pool, Float32x4d& x, Float32x4d& dy, 
 
 ffi::Error DepthwiseWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy, ffi::Result<Float32x4d> dw,
                                    int64_t stride, int64_t pad_top, int64_t pad_left) {
-  return WeightGradient(pool, x, dy, dw, stride, pad_top, pad_left, /*depthwise=*/true, AddDepthwiseImage);
+  return WeightGradient(pool, x, dy, dw, stride, pad_top, pad_left, /*depthwise=*/true, /*chunk_pixels=*/1,
+                        [](const float* x, const float* dy, int64_t, int64_t, int64_t, double* partial,
+                           const Shape& s) { AddDepthwiseImage(x, dy, partial, s); });
 }
 
 ffi::Error ConvWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy, ffi::Result<Float32x4d> dw,
                               int64_t stride, int64_t pad_top, int64_t pad_left) {
-  return WeightGradient(pool, x, dy, dw, stride, pad_top, pad_left, /*depthwise=*/false, AddDenseImage);
+  return WeightGradient(pool, x, dy, dw, stride, pad_top, pad_left, /*depthwise=*/false, kDenseChunkPixels,
+                        AddDenseChunk);
 }
 
 // The forward conv: y (N, Ho, Wo, Cout) from x and the HWIO kernel w (k, k, Cin, Cout), Cout a multiple of
-// kConvOutBlock. Each task takes one output row of one image (two rows of a narrow image, 7 px) and copies the
-// input rows it reads, zero-padded, into scratch memory. Per block of kConvOutBlock output channels, a
+// kVectorOutBlock. Each task takes one output row of one image (two rows of a narrow image, 7 px) and copies the
+// input rows it reads, zero-padded, into scratch memory. Per block of kVectorOutBlock output channels, a
 // micro-kernel keeps the sums of up to kConvPixels output pixels in registers (28 AVX-512 vectors) over all
 // taps and input channels: each weight vector it loads serves every pixel, each input value every output
 // channel of the block. Every output is summed by one thread in one order: the result does not depend on
 // the threads.
-using Vector = float __attribute__((vector_size(64), aligned(4)));  // 16 floats: one AVX-512 register
-constexpr int64_t kConvOutBlock = 32;  // two vectors
 constexpr int kConvPixels = 14;
 
-// Writes the kConvOutBlock output channels of kRows x kColumns output pixels: pixel (r, p) reads the padded
-// input from rows[r] + p * stride * Cin; `packed` is the block's weights, (k, k, Cin, kConvOutBlock).
+// Writes the kVectorOutBlock output channels of kRows x kColumns output pixels: pixel (r, p) reads the padded
+// input from rows[r] + p * stride * Cin; `packed` is the block's weights, (k, k, Cin, kVectorOutBlock).
 template <int kColumns, int kRows>
 void ConvPixels(const float* const* rows, int64_t row_pitch, const float* packed, const Shape& s, float* out,
                 int64_t out_row_pitch) {
@@ -236,13 +289,13 @@ void ConvPixels(const float* const* rows, int64_t row_pitch, const float* packed
   const int64_t cin = s.in_channels, step = s.stride * cin;
   for (int64_t i = 0; i < s.k; ++i) {
     for (int64_t j = 0; j < s.k; ++j) {
-      const float* tap = packed + (i * s.k + j) * cin * kConvOutBlock;
+      const float* tap = packed + (i * s.k + j) * cin * kVectorOutBlock;
       const float* x_tap[kRows];
       for (int r = 0; r < kRows; ++r) x_tap[r] = rows[r] + i * row_pitch + j * cin;
       for (int64_t ci = 0; ci < cin; ++ci) {
         Vector w0, w1;
-        std::memcpy(&w0, tap + ci * kConvOutBlock, sizeof(Vector));
-        std::memcpy(&w1, tap + ci * kConvOutBlock + 16, sizeof(Vector));
+        std::memcpy(&w0, tap + ci * kVectorOutBlock, sizeof(Vector));
+        std::memcpy(&w1, tap + ci * kVectorOutBlock + 16, sizeof(Vector));
         for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 16
           for (int p = 0; p < kColumns; ++p) {
@@ -284,17 +337,17 @@ ffi::Error Conv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Fl
   const Shape s{x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2], y_dims[3], w_dims[0],
                 stride, pad_top, pad_left};
   const bool shapes_fit = y_dims[0] == n && w_dims[1] == s.k && w_dims[2] == s.in_channels &&
-                          w_dims[3] == s.out_channels && s.out_channels % kConvOutBlock == 0 && stride >= 1 &&
+                          w_dims[3] == s.out_channels && s.out_channels % kVectorOutBlock == 0 && stride >= 1 &&
                           pad_top >= 0 && pad_left >= 0;
   if (!shapes_fit) return ffi::Error::InvalidArgument("kdep_jax CPU conv kernel: shapes that do not fit together");
-  // The weights, block by block of output channels: (Cout / kConvOutBlock, k, k, Cin, kConvOutBlock).
-  const int64_t blocks = s.out_channels / kConvOutBlock, block_size = s.k * s.k * s.in_channels * kConvOutBlock;
+  // The weights, block by block of output channels: (Cout / kVectorOutBlock, k, k, Cin, kVectorOutBlock).
+  const int64_t blocks = s.out_channels / kVectorOutBlock, block_size = s.k * s.k * s.in_channels * kVectorOutBlock;
   std::vector<float> packed(blocks * block_size);
   const float* w_data = w.typed_data();
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t t = 0; t < s.k * s.k * s.in_channels; ++t) {
-      std::copy_n(w_data + t * s.out_channels + b * kConvOutBlock, kConvOutBlock,
-                  packed.data() + b * block_size + t * kConvOutBlock);
+      std::copy_n(w_data + t * s.out_channels + b * kVectorOutBlock, kVectorOutBlock,
+                  packed.data() + b * block_size + t * kVectorOutBlock);
     }
   }
   const int64_t rows_per_task = 2 * s.out_width <= kConvPixels ? 2 : 1;
@@ -326,14 +379,14 @@ ffi::Error Conv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Fl
         const float* block = packed.data() + b * block_size;
         if (rows == 2 && rows_per_task == 2) {
           const float* pair[2] = {scratch.data(), scratch.data() + s.stride * row_pitch};
-          ConvPixelsOfWidth<2>(s.out_width, pair, row_pitch, block, s, out + b * kConvOutBlock, out_row_pitch);
+          ConvPixelsOfWidth<2>(s.out_width, pair, row_pitch, block, s, out + b * kVectorOutBlock, out_row_pitch);
           continue;
         }
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t column = 0; column < s.out_width; column += kConvPixels) {
             const float* row[1] = {scratch.data() + r * s.stride * row_pitch + column * s.stride * s.in_channels};
             ConvPixelsOfWidth<1>(std::min<int64_t>(kConvPixels, s.out_width - column), row, row_pitch, block, s,
-                                 out + r * out_row_pitch + column * s.out_channels + b * kConvOutBlock,
+                                 out + r * out_row_pitch + column * s.out_channels + b * kVectorOutBlock,
                                  out_row_pitch);
           }
         }

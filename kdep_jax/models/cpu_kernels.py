@@ -1,11 +1,10 @@
 """kdep_jax's own XLA:CPU kernels (cpu_kernels.cc), compiled for this CPU on first use.
 
 Convolutions that XLA:CPU runs below the CPU's speed: a dense conv's forward pass (and a stride-1 conv's input
-gradient), which XLA hands to Eigen; a depthwise conv's weight gradient, which XLA runs as k*k passes over the
-batch, each copying a shifted window of the input out of memory; and the weight gradient of a dense conv with few
-weights: a stem's on the RGB image, which XLA hands to Eigen as a contraction only 3 channels long, and a ResNet's
-56 px convs'. The C++ kernels keep their sums in registers over many pixels and channels (1.1-6x faster alone on
-AMD EPYCs, Zen 4 and Zen 5; benchmarks/README.md).
+gradient) and weight gradient, which XLA hands to Eigen (a stem's as a contraction only 3 channels long); a
+depthwise conv's weight gradient, which XLA runs as k*k passes over the batch, each copying a shifted window of the
+input out of memory. The C++ kernels keep their sums in registers over many pixels and channels (1.1-8x faster
+alone on AMD EPYCs, Zen 4 and Zen 5; benchmarks/README.md).
 They are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
 (`$KDEP_JAX_KERNEL_CACHE`, else `~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler,
 jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where they cannot
@@ -110,7 +109,7 @@ def depthwise_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, s
 def conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
                          padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """The gradient of a k x k dense conv's HWIO kernel (k, k, Cin, Cout), in float32, from its NHWC input x and
-    output gradient `grad`: fast for few weights (a stem on RGB images, a ResNet's 56 px convs), correct for any."""
+    output gradient `grad`."""
     return _call(_CONV_WEIGHT_GRADIENT, (kernel_size, kernel_size, x.shape[-1], grad.shape[-1]), x, grad, stride,
                  padding)
 

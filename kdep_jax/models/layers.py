@@ -97,20 +97,11 @@ def _flax_pointwise_conv(lhs, rhs, window_strides, padding, **conv_options):
     return pointwise_conv(lhs, rhs, window_strides[0])
 
 
-# The largest k*k*Cin*Cout whose weight gradient comes from kdep_jax's C++ kernel. The kernel adds each image's
-# sums into a float64 copy of the weight gradient row by row, so it is fast while that copy stays in the L2 cache:
-# alone, 2.1-2.2x XLA's speed for a ResNet's 56 px 3x3 convs (64 -> 64, and 64 -> 128 with stride 2: this size),
-# 5x for MobileNetV2's stem, but 1.8-6x slower from the 28 px convs (128 -> 128) on; the ResNet-18 step 1.06-1.07x
-# (AMD EPYC Zen 5, benchmarks/README.md).
-_NATIVE_CONV_MAX_WEIGHTS = 3 * 3 * 64 * 128
-
-
 def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
     """nn.Conv's convolution hook for conv2d's k x k convs on CPU. On one device, in float32, where kdep_jax's C++
-    kernels are on: the forward pass and a stride-1 conv's input gradient from its conv kernel (output channels
-    in blocks of 32), and a conv with few weights (a stem, a ResNet's first stage) its weight gradient from its
-    weight-gradient kernel (`native_conv`); the rest is XLA's. conv2d's convs have no dilation or groups and
-    NHWC / HWIO layouts."""
+    kernels are on (`native_conv`): the forward pass and a stride-1 conv's input gradient from its conv kernel
+    (output channels in blocks of 32), the weight gradient from its weight-gradient kernel; the rest is XLA's.
+    conv2d's convs have no dilation or groups and NHWC / HWIO layouts."""
     k, _, in_channels, out_channels = rhs.shape
     stride, padding = window_strides[0], tuple(tuple(pair) for pair in padding)
     one_device_float32 = lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1
@@ -118,7 +109,7 @@ def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
     forms = (forward,
              forward and stride == 1 and in_channels % cpu_kernels.CONV_OUT_BLOCK == 0
              and all(0 <= before < k and 0 <= after < k for before, after in padding),
-             one_device_float32 and rhs.size <= _NATIVE_CONV_MAX_WEIGHTS and _native_conv_weight_gradient())
+             one_device_float32 and _native_conv_weight_gradient())
     if not any(forms):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **conv_options)
     return native_conv(lhs, rhs, stride, padding, forms)
@@ -136,10 +127,11 @@ def _native_conv() -> bool:
 
 @functools.cache
 def _native_conv_weight_gradient() -> bool:
-    """Whether a conv with few weights takes its weight gradient from kdep_jax's C++ kernel (`cpu_kernels`): XLA:CPU
-    hands it to Eigen, which contracts only 3 channels at a time for a stem and runs a ResNet's 56 px convs at half
-    the kernel's speed. AVX-512 CPUs only until it is measured on the others; where the kernel cannot be built (no
-    C++ compiler), XLA's (benchmarks/README.md, stops 34 and 35)."""
+    """Whether conv2d's convs take their weight gradient from kdep_jax's C++ kernel (`cpu_kernels`): alone 1.5-2.9x
+    XLA's (Eigen's) speed at a ResNet's 56 and 28 px and its stem, 8x at MobileNetV2's stem, level at 14 and 7 px;
+    the ResNet-18 step 1.13x against XLA's weight gradients for every conv (AMD EPYC Zen 5, benchmarks/README.md).
+    AVX-512 CPUs only until it is measured on the others; where the kernel cannot be built (no C++ compiler),
+    XLA's."""
     return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
