@@ -227,10 +227,12 @@ ffi::Error WeightGradient(ffi::ThreadPool& pool, Float32x4d& x, Float32x4d& dy, 
                                      : dw_dims[2] == s.in_channels);
   if (!shapes_fit) return ffi::Error::InvalidArgument("kdep_jax CPU kernel: shapes that do not fit together");
   const int64_t out_pixels = std::max<int64_t>(1, s.out_height * s.out_width);
-  const int64_t chunk_images = std::clamp<int64_t>((chunk_pixels + out_pixels - 1) / out_pixels, 1, std::max<int64_t>(n, 1));
+  const int64_t chunk_images =
+      std::clamp<int64_t>((chunk_pixels + out_pixels - 1) / out_pixels, 1, std::max<int64_t>(n, 1));
   const int64_t chunks = (n + chunk_images - 1) / chunk_images;
   const int64_t blocks = (s.out_channels + kVectorOutBlock - 1) / kVectorOutBlock;
-  const int64_t groups = depthwise ? 1 : std::clamp<int64_t>(4 * pool.num_threads() / std::max<int64_t>(chunks, 1), 1, blocks);
+  const int64_t groups =
+      depthwise ? 1 : std::clamp<int64_t>(4 * pool.num_threads() / std::max<int64_t>(chunks, 1), 1, blocks);
   const int64_t taps = dw->element_count();
   std::vector<double> partials(chunks * taps, 0.0);
   const float* x_data = x.typed_data();
@@ -268,66 +270,96 @@ ffi::Error ConvWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy,
                         AddDenseChunk);
 }
 
-// The forward conv: y (N, Ho, Wo, Cout) from x and the HWIO kernel w (k, k, Cin, Cout), Cout a multiple of
-// kVectorOutBlock. Each task takes one output row of one image (two rows of a narrow image, 7 px) and copies the
-// input rows it reads, zero-padded, into scratch memory. Per block of kVectorOutBlock output channels, a
-// micro-kernel keeps the sums of up to kConvPixels output pixels in registers (28 AVX-512 vectors) over all
-// taps and input channels: each weight vector it loads serves every pixel, each input value every output
-// channel of the block. Every output is summed by one thread in one order: the result does not depend on
-// the threads.
+// Dense convs: the forward pass y (N, Ho, Wo, Cout) of x and the HWIO kernel w (k, k, Cin, Cout), and a strided
+// conv's input gradient dx (N, H, W, Cin) from dy and w, with the channels they write a multiple of
+// kVectorOutBlock. Each task takes one row of the result of one image and copies the rows it reads, zero-padded,
+// into scratch memory. Per block of kVectorOutBlock channels, a
+// micro-kernel keeps the sums of up to kConvPixels pixels in registers (28 AVX-512 vectors) over all taps and
+// channels it reads: each weight vector it loads serves every pixel, each value read every channel of the block.
+// Every result is summed by one thread in one order: it does not depend on the threads.
 constexpr int kConvPixels = 14;
 
-// Writes the kVectorOutBlock output channels of kRows x kColumns output pixels: pixel (r, p) reads the padded
-// input from rows[r] + p * stride * Cin; `packed` is the block's weights, (k, k, Cin, kVectorOutBlock).
-template <int kColumns, int kRows>
-void ConvPixels(const float* const* rows, int64_t row_pitch, const float* packed, const Shape& s, float* out,
-                int64_t out_row_pitch) {
-  Vector sum[kRows][kColumns][2];
-  for (int r = 0; r < kRows; ++r) {
-    for (int p = 0; p < kColumns; ++p) sum[r][p][0] = sum[r][p][1] = Vector{};
-  }
-  const int64_t cin = s.in_channels, step = s.stride * cin;
-  for (int64_t i = 0; i < s.k; ++i) {
-    for (int64_t j = 0; j < s.k; ++j) {
-      const float* tap = packed + (i * s.k + j) * cin * kVectorOutBlock;
-      const float* x_tap[kRows];
-      for (int r = 0; r < kRows; ++r) x_tap[r] = rows[r] + i * row_pitch + j * cin;
-      for (int64_t ci = 0; ci < cin; ++ci) {
-        Vector w0, w1;
-        std::memcpy(&w0, tap + ci * kVectorOutBlock, sizeof(Vector));
-        std::memcpy(&w1, tap + ci * kVectorOutBlock + 16, sizeof(Vector));
-        for (int r = 0; r < kRows; ++r) {
+// One tap of the micro-kernel: where its pixel 0 reads, and its weights (channels read, kVectorOutBlock).
+struct ConvTap {
+  const float* in;
+  const float* w;
+};
+
+// Writes kVectorOutBlock channels of kColumns pixels: pixel p sums, over the taps, the products of the `channels`
+// values at tap.in + offset + p * step with the tap's weights; it goes to out + p * pixel_pitch.
+template <int kColumns>
+void ConvPixels(const std::vector<ConvTap>& taps, int64_t offset, int64_t channels, int64_t step, float* out,
+                int64_t pixel_pitch) {
+  Vector sum[kColumns][2];
+  for (int p = 0; p < kColumns; ++p) sum[p][0] = sum[p][1] = Vector{};
+  for (const ConvTap& tap : taps) {
+    const float* in = tap.in + offset;
+    for (int64_t c = 0; c < channels; ++c) {
+      Vector w0, w1;
+      std::memcpy(&w0, tap.w + c * kVectorOutBlock, sizeof(Vector));
+      std::memcpy(&w1, tap.w + c * kVectorOutBlock + 16, sizeof(Vector));
 #pragma GCC unroll 16
-          for (int p = 0; p < kColumns; ++p) {
-            const float value = x_tap[r][p * step + ci];
-            sum[r][p][0] += value * w0;
-            sum[r][p][1] += value * w1;
-          }
-        }
+      for (int p = 0; p < kColumns; ++p) {
+        const float value = in[p * step + c];
+        sum[p][0] += value * w0;
+        sum[p][1] += value * w1;
       }
     }
   }
-  for (int r = 0; r < kRows; ++r) {
-    for (int p = 0; p < kColumns; ++p) {
-      std::memcpy(out + r * out_row_pitch + p * s.out_channels, &sum[r][p][0], sizeof(Vector));
-      std::memcpy(out + r * out_row_pitch + p * s.out_channels + 16, &sum[r][p][1], sizeof(Vector));
+  for (int p = 0; p < kColumns; ++p) {
+    std::memcpy(out + p * pixel_pitch, &sum[p][0], sizeof(Vector));
+    std::memcpy(out + p * pixel_pitch + 16, &sum[p][1], sizeof(Vector));
+  }
+}
+
+// ConvPixels over a row of `columns` pixels, kConvPixels at a time.
+void ConvRow(int64_t columns, const std::vector<ConvTap>& taps, int64_t channels, int64_t step, float* out,
+             int64_t pixel_pitch) {
+  for (int64_t p0 = 0; p0 < columns; p0 += kConvPixels) {
+    float* block_out = out + p0 * pixel_pitch;
+    switch (std::min<int64_t>(kConvPixels, columns - p0)) {
+#define KDEP_CONV_PIXELS_CASE(n) \
+  case n: ConvPixels<n>(taps, p0 * step, channels, step, block_out, pixel_pitch); break;
+      KDEP_CONV_PIXELS_CASE(14) KDEP_CONV_PIXELS_CASE(13) KDEP_CONV_PIXELS_CASE(12) KDEP_CONV_PIXELS_CASE(11)
+      KDEP_CONV_PIXELS_CASE(10) KDEP_CONV_PIXELS_CASE(9) KDEP_CONV_PIXELS_CASE(8) KDEP_CONV_PIXELS_CASE(7)
+      KDEP_CONV_PIXELS_CASE(6) KDEP_CONV_PIXELS_CASE(5) KDEP_CONV_PIXELS_CASE(4) KDEP_CONV_PIXELS_CASE(3)
+      KDEP_CONV_PIXELS_CASE(2)
+#undef KDEP_CONV_PIXELS_CASE
+      default: ConvPixels<1>(taps, p0 * step, channels, step, block_out, pixel_pitch);
     }
   }
 }
 
-template <int kRows>
-void ConvPixelsOfWidth(int64_t columns, const float* const* rows, int64_t row_pitch, const float* packed,
-                       const Shape& s, float* out, int64_t out_row_pitch) {
-  switch (columns) {
-#define KDEP_CONV_PIXELS_CASE(n) \
-  case n: ConvPixels<n, kRows>(rows, row_pitch, packed, s, out, out_row_pitch); break;
-    KDEP_CONV_PIXELS_CASE(14) KDEP_CONV_PIXELS_CASE(13) KDEP_CONV_PIXELS_CASE(12) KDEP_CONV_PIXELS_CASE(11)
-    KDEP_CONV_PIXELS_CASE(10) KDEP_CONV_PIXELS_CASE(9) KDEP_CONV_PIXELS_CASE(8) KDEP_CONV_PIXELS_CASE(7)
-    KDEP_CONV_PIXELS_CASE(6) KDEP_CONV_PIXELS_CASE(5) KDEP_CONV_PIXELS_CASE(4) KDEP_CONV_PIXELS_CASE(3)
-    KDEP_CONV_PIXELS_CASE(2)
-#undef KDEP_CONV_PIXELS_CASE
-    default: ConvPixels<1, kRows>(rows, row_pitch, packed, s, out, out_row_pitch);
+// w (k, k, Cin, Cout) in blocks of kVectorOutBlock channels, of Cout (forward) or of Cin (input gradient):
+// (Cout / 32, k, k, Cin, 32) or (Cin / 32, k, k, Cout, 32).
+std::vector<float> PackWeights(const float* w, const Shape& s, bool by_input_channel) {
+  const int64_t cin = s.in_channels, cout = s.out_channels, taps = s.k * s.k;
+  const int64_t read = by_input_channel ? cout : cin, written = by_input_channel ? cin : cout;
+  std::vector<float> packed(taps * cin * cout);
+  for (int64_t b = 0; b < written / kVectorOutBlock; ++b) {
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t c = 0; c < read; ++c) {
+        float* to = packed.data() + ((b * taps + t) * read + c) * kVectorOutBlock;
+        for (int64_t l = 0; l < kVectorOutBlock; ++l) {
+          const int64_t ci = by_input_channel ? b * kVectorOutBlock + l : c;
+          const int64_t co = by_input_channel ? c : b * kVectorOutBlock + l;
+          to[l] = w[(t * cin + ci) * cout + co];
+        }
+      }
+    }
   }
+  return packed;
+}
+
+// Copies an image row (`width` pixels of `channels`) into `row` from its column `left` on, as far as its
+// `row_width` columns reach, with zeros around.
+void CopyPaddedRow(const float* image_row, int64_t width, int64_t channels, int64_t left, int64_t row_width,
+                   float* row) {
+  const int64_t first = std::clamp<int64_t>(left, 0, row_width);
+  const int64_t end = std::clamp<int64_t>(left + width, first, row_width);
+  std::fill_n(row, first * channels, 0.0f);
+  std::copy_n(image_row + (first - left) * channels, (end - first) * channels, row + first * channels);
+  std::fill(row + end * channels, row + row_width * channels, 0.0f);
 }
 
 ffi::Error Conv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Float32x4d> y, int64_t stride,
@@ -340,55 +372,104 @@ ffi::Error Conv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Fl
                           w_dims[3] == s.out_channels && s.out_channels % kVectorOutBlock == 0 && stride >= 1 &&
                           pad_top >= 0 && pad_left >= 0;
   if (!shapes_fit) return ffi::Error::InvalidArgument("kdep_jax CPU conv kernel: shapes that do not fit together");
-  // The weights, block by block of output channels: (Cout / kVectorOutBlock, k, k, Cin, kVectorOutBlock).
-  const int64_t blocks = s.out_channels / kVectorOutBlock, block_size = s.k * s.k * s.in_channels * kVectorOutBlock;
-  std::vector<float> packed(blocks * block_size);
-  const float* w_data = w.typed_data();
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int64_t t = 0; t < s.k * s.k * s.in_channels; ++t) {
-      std::copy_n(w_data + t * s.out_channels + b * kVectorOutBlock, kVectorOutBlock,
-                  packed.data() + b * block_size + t * kVectorOutBlock);
-    }
-  }
-  const int64_t rows_per_task = 2 * s.out_width <= kConvPixels ? 2 : 1;
-  const int64_t tasks_per_image = (s.out_height + rows_per_task - 1) / rows_per_task;
+  const std::vector<float> packed = PackWeights(w.typed_data(), s, /*by_input_channel=*/false);
+  const int64_t block_size = s.k * s.k * s.in_channels * kVectorOutBlock;
   const int64_t padded_width = (s.out_width - 1) * s.stride + s.k, row_pitch = padded_width * s.in_channels;
-  const int64_t input_rows = (rows_per_task - 1) * s.stride + s.k;
   const float* x_data = x.typed_data();
   float* y_data = y->typed_data();
-  ParallelFor(pool, n * tasks_per_image, [&]() {
-    return [&, scratch = std::vector<float>(input_rows * row_pitch)](int64_t task) mutable {
-      const int64_t image = task / tasks_per_image, first_row = task % tasks_per_image * rows_per_task;
-      const int64_t rows = std::min(rows_per_task, s.out_height - first_row);
-      const int64_t first = std::min(s.pad_left, padded_width), end = std::min(padded_width, s.width + s.pad_left);
-      for (int64_t r = 0; r < (rows - 1) * s.stride + s.k; ++r) {
-        const int64_t hi = first_row * s.stride + r - s.pad_top;
-        float* row = scratch.data() + r * row_pitch;
-        if (hi < 0 || hi >= s.height || end <= first) {
+  ParallelFor(pool, n * s.out_height, [&]() {
+    return [&, scratch = std::vector<float>(s.k * row_pitch), taps = std::vector<ConvTap>(s.k * s.k)](
+               int64_t task) mutable {
+      const int64_t image = task / s.out_height, ho = task % s.out_height;
+      for (int64_t i = 0; i < s.k; ++i) {
+        const int64_t hi = ho * s.stride + i - s.pad_top;
+        float* row = scratch.data() + i * row_pitch;
+        if (hi < 0 || hi >= s.height) {
           std::fill_n(row, row_pitch, 0.0f);
-          continue;
+        } else {
+          CopyPaddedRow(x_data + (image * s.height + hi) * s.width * s.in_channels, s.width, s.in_channels,
+                        s.pad_left, padded_width, row);
         }
-        std::fill_n(row, first * s.in_channels, 0.0f);
-        std::copy_n(x_data + ((image * s.height + hi) * s.width + first - s.pad_left) * s.in_channels,
-                    (end - first) * s.in_channels, row + first * s.in_channels);
-        std::fill(row + end * s.in_channels, row + row_pitch, 0.0f);
       }
-      float* out = y_data + (image * s.out_height + first_row) * s.out_width * s.out_channels;
-      const int64_t out_row_pitch = s.out_width * s.out_channels;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const float* block = packed.data() + b * block_size;
-        if (rows == 2 && rows_per_task == 2) {
-          const float* pair[2] = {scratch.data(), scratch.data() + s.stride * row_pitch};
-          ConvPixelsOfWidth<2>(s.out_width, pair, row_pitch, block, s, out + b * kVectorOutBlock, out_row_pitch);
-          continue;
+      for (int64_t b = 0; b < s.out_channels / kVectorOutBlock; ++b) {
+        for (int64_t t = 0; t < s.k * s.k; ++t) {
+          taps[t] = {scratch.data() + t / s.k * row_pitch + t % s.k * s.in_channels,
+                     packed.data() + b * block_size + t * s.in_channels * kVectorOutBlock};
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t column = 0; column < s.out_width; column += kConvPixels) {
-            const float* row[1] = {scratch.data() + r * s.stride * row_pitch + column * s.stride * s.in_channels};
-            ConvPixelsOfWidth<1>(std::min<int64_t>(kConvPixels, s.out_width - column), row, row_pitch, block, s,
-                                 out + r * out_row_pitch + column * s.out_channels + b * kVectorOutBlock,
-                                 out_row_pitch);
+        ConvRow(s.out_width, taps, s.in_channels, s.stride * s.in_channels,
+                y_data + task * s.out_width * s.out_channels + b * kVectorOutBlock, s.out_channels);
+      }
+    };
+  });
+  return ffi::Error::Success();
+}
+
+// The input gradient dx of a conv with any stride, from dy and w. Input pixel (hi, wi) gets dy (ho, wo) times
+// tap (i, j) where hi = ho * stride + i - pad_top (columns alike). For each input row, the taps whose i fits a
+// row ho of dy, and for each phase wi % stride of the columns, the taps whose j fits: a conv of dy's rows with
+// stride 1 whose pixels go to every stride-th column of dx.
+ffi::Error ConvInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4d w, ffi::Result<Float32x4d> dx,
+                             int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto dy_dims = dy.dimensions(), w_dims = w.dimensions(), dx_dims = dx->dimensions();
+  const int64_t n = dx_dims[0];
+  const Shape s{dx_dims[1], dx_dims[2], dx_dims[3], dy_dims[1], dy_dims[2], dy_dims[3], w_dims[0],
+                stride, pad_top, pad_left};
+  const bool shapes_fit = dy_dims[0] == n && w_dims[1] == s.k && w_dims[2] == s.in_channels &&
+                          w_dims[3] == s.out_channels && s.in_channels % kVectorOutBlock == 0 && stride >= 1;
+  if (!shapes_fit) {
+    return ffi::Error::InvalidArgument("kdep_jax CPU conv input gradient kernel: shapes that do not fit together");
+  }
+  const std::vector<float> packed = PackWeights(w.typed_data(), s, /*by_input_channel=*/true);
+  const int64_t block_size = s.k * s.k * s.out_channels * kVectorOutBlock;
+  // Column phase by phase: the taps j that reach it, and the column of dy each one's pixel 0 reads (wo = b +
+  // shift for dx's column wi = phase + b * stride).
+  struct ColumnTap {
+    int64_t j, shift;
+  };
+  std::vector<std::vector<ColumnTap>> column_taps(s.stride);
+  int64_t left = 0, right = s.out_width;  // the columns of dy the phases read, from -left to right - 1
+  for (int64_t phase = 0; phase < std::min(s.stride, s.width); ++phase) {
+    const int64_t columns = (s.width - phase + s.stride - 1) / s.stride;
+    for (int64_t j = 0; j < s.k; ++j) {
+      if (FloorDiv(phase + s.pad_left - j, s.stride) * s.stride != phase + s.pad_left - j) continue;
+      const int64_t shift = (phase + s.pad_left - j) / s.stride;
+      column_taps[phase].push_back({j, shift});
+      left = std::max(left, -shift);
+      right = std::max(right, columns + shift);
+    }
+  }
+  const int64_t padded_width = left + right, row_pitch = padded_width * s.out_channels;
+  const int64_t max_rows = (s.k + s.stride - 1) / s.stride;
+  const float* dy_data = dy.typed_data();
+  float* dx_data = dx->typed_data();
+  ParallelFor(pool, n * s.height, [&]() {
+    return [&, scratch = std::vector<float>(max_rows * row_pitch), taps = std::vector<ConvTap>()](
+               int64_t task) mutable {
+      const int64_t image = task / s.height, hi = task % s.height;
+      float* out_row = dx_data + task * s.width * s.in_channels;
+      // The taps i whose row of dy, (hi + pad_top - i) / stride, is inside dy, each copied to a row of scratch.
+      std::vector<std::pair<int64_t, const float*>> row_taps;
+      for (int64_t i = 0; i < s.k; ++i) {
+        const int64_t offset = hi + s.pad_top - i, ho = FloorDiv(offset, s.stride);
+        if (ho * s.stride != offset || ho < 0 || ho >= s.out_height) continue;
+        float* row = scratch.data() + row_taps.size() * row_pitch;
+        CopyPaddedRow(dy_data + (image * s.out_height + ho) * s.out_width * s.out_channels, s.out_width,
+                      s.out_channels, left, padded_width, row);
+        row_taps.push_back({i, row + left * s.out_channels});
+      }
+      for (int64_t phase = 0; phase < std::min(s.stride, s.width); ++phase) {
+        const int64_t columns = (s.width - phase + s.stride - 1) / s.stride;
+        float* out = out_row + phase * s.in_channels;
+        for (int64_t b = 0; b < s.in_channels / kVectorOutBlock; ++b) {
+          taps.clear();
+          for (const auto& [i, row] : row_taps) {
+            for (const ColumnTap& column : column_taps[phase]) {
+              const float* in = row + column.shift * s.out_channels;
+              taps.push_back({in, packed.data() + b * block_size + (i * s.k + column.j) * s.out_channels *
+                                                                   kVectorOutBlock});
+            }
           }
+          ConvRow(columns, taps, s.out_channels, s.out_channels, out + b * kVectorOutBlock, s.stride * s.in_channels);
         }
       }
     };
@@ -411,5 +492,6 @@ ffi::Error Conv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Fl
 
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepDepthwiseWeightGradient, DepthwiseWeightGradient);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvWeightGradient, ConvWeightGradient);
-// The forward conv takes the same arguments: (x, w) -> y.
+// The convs take the same arguments: (x, w) -> y and (dy, w) -> dx.
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepConv, Conv);
+KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvInputGradient, ConvInputGradient);

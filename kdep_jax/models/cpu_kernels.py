@@ -32,6 +32,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _DEPTHWISE_WEIGHT_GRADIENT = "kdep_depthwise_weight_gradient"
 _CONV_WEIGHT_GRADIENT = "kdep_conv_weight_gradient"
 _CONV = "kdep_conv"
+_CONV_INPUT_GRADIENT = "kdep_conv_input_gradient"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -85,7 +86,8 @@ def available() -> bool:
             stacklevel=2)
         return False
     for name, handler in [(_DEPTHWISE_WEIGHT_GRADIENT, library.KdepDepthwiseWeightGradient),
-                          (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient), (_CONV, library.KdepConv)]:
+                          (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient), (_CONV, library.KdepConv),
+                          (_CONV_INPUT_GRADIENT, library.KdepConvInputGradient)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -120,3 +122,10 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int,
     k = kernel.shape[0]
     out_size = [(size + before + after - k) // stride + 1 for size, (before, after) in zip(x.shape[1:3], padding)]
     return _call(_CONV, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride, padding)
+
+
+def conv_input_gradient(grad: jax.Array, kernel: jax.Array, input_shape: tuple[int, ...], stride: int,
+                        padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The gradient of `conv`'s input, of shape input_shape (N, H, W, Cin) with Cin a multiple of CONV_OUT_BLOCK,
+    from its output gradient `grad` (N, Ho, Wo, Cout), in float32."""
+    return _call(_CONV_INPUT_GRADIENT, tuple(input_shape), grad, kernel, stride, padding)

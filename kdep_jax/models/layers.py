@@ -99,29 +99,28 @@ def _flax_pointwise_conv(lhs, rhs, window_strides, padding, **conv_options):
 
 def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
     """nn.Conv's convolution hook for conv2d's k x k convs on CPU. On one device, in float32, where kdep_jax's C++
-    kernels are on (`native_conv`): the forward pass and a stride-1 conv's input gradient from its conv kernel
-    (output channels in blocks of 32), the weight gradient from its weight-gradient kernel; the rest is XLA's.
-    conv2d's convs have no dilation or groups and NHWC / HWIO layouts."""
-    k, _, in_channels, out_channels = rhs.shape
-    stride, padding = window_strides[0], tuple(tuple(pair) for pair in padding)
+    kernels are on (`native_conv`): the forward pass and the input gradient from its conv kernels (where the
+    channels they write come in blocks of 32), the weight gradient from its weight-gradient kernel; the rest is
+    XLA's. conv2d's convs have no dilation or groups and NHWC / HWIO layouts."""
+    _, _, in_channels, out_channels = rhs.shape
     one_device_float32 = lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1
-    forward = one_device_float32 and out_channels % cpu_kernels.CONV_OUT_BLOCK == 0 and _native_conv()
-    forms = (forward,
-             forward and stride == 1 and in_channels % cpu_kernels.CONV_OUT_BLOCK == 0
-             and all(0 <= before < k and 0 <= after < k for before, after in padding),
+    native = one_device_float32 and _native_conv()
+    forms = (native and out_channels % cpu_kernels.CONV_OUT_BLOCK == 0,
+             native and in_channels % cpu_kernels.CONV_OUT_BLOCK == 0,
              one_device_float32 and _native_conv_weight_gradient())
     if not any(forms):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **conv_options)
-    return native_conv(lhs, rhs, stride, padding, forms)
+    return native_conv(lhs, rhs, window_strides[0], tuple(tuple(pair) for pair in padding), forms)
 
 
 @functools.cache
 def _native_conv() -> bool:
-    """Whether conv2d's convs take their forward pass (and a stride-1 conv's input gradient) from kdep_jax's C++
-    kernel (`cpu_kernels.conv`): alone 1.1-1.3x faster than XLA's Eigen convolutions at a ResNet's 56 to 14 px, level
-    at 7 px, 1.2x for the stems; the ResNet-18 step 1.11x, the MobileNetV2 step 1.06x (AMD EPYC Zen 5,
-    benchmarks/README.md). AVX-512 CPUs only until it is measured on the others; where the kernels cannot be built
-    (no C++ compiler), XLA's."""
+    """Whether conv2d's convs take their forward pass and input gradient from kdep_jax's C++ kernels
+    (`cpu_kernels.conv`, `cpu_kernels.conv_input_gradient`): alone 1.1-1.3x faster than XLA's Eigen convolutions at
+    a ResNet's 56 to 7 px, 1.2x for the stems, 1.4-5x for the strided convs' input gradients; the ResNet-18 step
+    1.11x (stride-1 input gradients only), the MobileNetV2 step 1.06x (AMD EPYC Zen 5, benchmarks/README.md).
+    AVX-512 CPUs only until it is measured on the others; where the kernels cannot be built (no C++ compiler),
+    XLA's."""
     return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
@@ -157,18 +156,14 @@ def _native_conv_vjp_forward(x, kernel, stride, padding, forms):
 
 
 def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
-    """A stride-1 conv's input gradient is the conv of its output gradient with the kernel flipped in space and
-    its channel axes swapped, padded k - 1 - p where the conv was padded p."""
     x, kernel = residuals
     _, native_input_gradient, native_weight_gradient = forms
-    k = kernel.shape[0]
     if native_input_gradient:
-        flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-        grad_x = cpu_kernels.conv(grad, flipped, 1, tuple((k - 1 - before, k - 1 - after) for before, after in padding))
+        grad_x = cpu_kernels.conv_input_gradient(grad, kernel, x.shape, stride, padding)
     else:
         grad_x = jax.vjp(lambda x: _dense_conv(x, kernel, stride, padding), x)[1](grad)[0]
     if native_weight_gradient:
-        grad_kernel = cpu_kernels.conv_weight_gradient(x, grad, k, stride, padding)
+        grad_kernel = cpu_kernels.conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
     else:
         grad_kernel = jax.vjp(lambda kernel: _dense_conv(x, kernel, stride, padding), kernel)[1](grad)[0]
     return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
