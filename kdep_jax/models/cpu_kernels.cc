@@ -2,8 +2,9 @@
 // the CPU's speed, on NHWC inputs x (N, H, W, Cin), outputs and output gradients dy (N, Ho, Wo, Cout) and HWIO
 // kernels (k, k, Cin or 1, Cout).
 //
-// - KdepConv: a dense conv's forward pass, and so a stride-1 conv's input gradient (the conv of dy with the
-//   kernel flipped). XLA runs it through Eigen at 60-90% of this kernel's speed, a stem's at 40%.
+// - KdepConv: a dense conv's forward pass, which XLA runs through Eigen at 75-100% of this kernel's speed.
+// - KdepConvInputGradient: a dense conv's input gradient, any stride (Eigen: 20% of this kernel's speed for a
+//   ResNet's 56 px stride-2 conv, on one thread; 70-85% for the others).
 // - KdepDepthwiseWeightGradient: a depthwise conv's weight gradient (Cin == Cout, dw (k, k, 1, C)). XLA runs it
 //   as k*k passes over the batch, each copying a shifted window of x out of memory.
 // - KdepConvWeightGradient: a dense conv's weight gradient (a stem's on the RGB image XLA hands to Eigen as a
@@ -42,6 +43,12 @@ struct Shape {
 using Vector = float __attribute__((vector_size(64), aligned(4)));  // 16 floats: one AVX-512 register
 constexpr int64_t kVectorOutBlock = 32;  // the output channels whose sums the kernels keep in two vectors
 
+// The columns [first, end) of an output row whose input column, wo * stride + j - pad_left, is inside x.
+std::pair<int64_t, int64_t> TapColumns(const Shape& s, int64_t j) {
+  return {std::max<int64_t>(0, -FloorDiv(j - s.pad_left, s.stride)),
+          std::min<int64_t>(s.out_width, FloorDiv(s.width - 1 + s.pad_left - j, s.stride) + 1)};
+}
+
 // Calls row(x_tap, dy_row, first, end, tap) for each output row of one image and each tap (i, j) whose input
 // row is inside x: output column wo of the row reads x_tap[wo * stride * in_channels ...], inside x for wo in
 // [first, end); tap = i * k + j.
@@ -54,9 +61,7 @@ void ForEachTapRow(const float* x, const float* dy, const Shape& s, F row) {
       if (hi < 0 || hi >= s.height) continue;
       const float* x_row = x + hi * s.width * s.in_channels;
       for (int64_t j = 0; j < s.k; ++j) {
-        // Output column wo reads input column wo * stride + j - pad_left.
-        const int64_t first = std::max<int64_t>(0, -FloorDiv(j - s.pad_left, s.stride));
-        const int64_t end = std::min<int64_t>(s.out_width, FloorDiv(s.width - 1 + s.pad_left - j, s.stride) + 1);
+        const auto [first, end] = TapColumns(s, j);
         row(x_row + (j - s.pad_left) * s.in_channels, dy_row, first, end, i * s.k + j);
       }
     }
@@ -86,12 +91,6 @@ void AddDepthwiseImage(const float* x, const float* dy, double* partial, const S
       tap[c0] += sum;
     }
   });
-}
-
-// The columns [first, end) of an output row whose input column, wo * stride + j - pad_left, is inside x.
-std::pair<int64_t, int64_t> TapColumns(const Shape& s, int64_t j) {
-  return {std::max<int64_t>(0, -FloorDiv(j - s.pad_left, s.stride)),
-          std::min<int64_t>(s.out_width, FloorDiv(s.width - 1 + s.pad_left - j, s.stride) + 1)};
 }
 
 // A chunk of images' output channels [co_begin, co_end), and its rows [r0, r1) counted over all its images.
@@ -270,13 +269,13 @@ ffi::Error ConvWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy,
                         AddDenseChunk);
 }
 
-// Dense convs: the forward pass y (N, Ho, Wo, Cout) of x and the HWIO kernel w (k, k, Cin, Cout), and a strided
-// conv's input gradient dx (N, H, W, Cin) from dy and w, with the channels they write a multiple of
-// kVectorOutBlock. Each task takes one row of the result of one image and copies the rows it reads, zero-padded,
-// into scratch memory. Per block of kVectorOutBlock channels, a
-// micro-kernel keeps the sums of up to kConvPixels pixels in registers (28 AVX-512 vectors) over all taps and
-// channels it reads: each weight vector it loads serves every pixel, each value read every channel of the block.
-// Every result is summed by one thread in one order: it does not depend on the threads.
+// Dense convs: the forward pass y (N, Ho, Wo, Cout) of x and the HWIO kernel w (k, k, Cin, Cout), and a conv's
+// input gradient dx (N, H, W, Cin) from dy and w, with the channels they write a multiple of kVectorOutBlock. Each
+// task takes one row of the result of one image and copies the rows it reads, zero-padded, into scratch memory.
+// Per block of kVectorOutBlock channels, a micro-kernel keeps the sums of up to kConvPixels pixels in registers
+// (28 AVX-512 vectors) over all taps and channels it reads: each weight vector it loads serves every pixel, each
+// value read every channel of the block. Every result is summed by one thread in one order: it does not depend on
+// the threads.
 constexpr int kConvPixels = 14;
 
 // One tap of the micro-kernel: where its pixel 0 reads, and its weights (channels read, kVectorOutBlock).
