@@ -117,8 +117,8 @@ def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
 def _native_conv() -> bool:
     """Whether conv2d's convs take their forward pass and input gradient from kdep_jax's C++ kernels
     (`cpu_kernels.conv`, `cpu_kernels.conv_input_gradient`): alone 1.1-1.3x faster than XLA's Eigen convolutions at
-    a ResNet's 56 to 7 px, 1.2x for the stems, 1.4-5x for the strided convs' input gradients; the ResNet-18 step
-    1.11x (stride-1 input gradients only), the MobileNetV2 step 1.06x (AMD EPYC Zen 5, benchmarks/README.md).
+    a ResNet's 56 to 14 px (level at 7 px), 1.2x for the stems, 1.4-5x for the strided convs' input gradients; the
+    ResNet-18 step 1.13x, the MobileNetV2 step 1.06x (its stem only; AMD EPYC Zen 5, benchmarks/README.md).
     AVX-512 CPUs only until it is measured on the others; where the kernels cannot be built (no C++ compiler),
     XLA's."""
     return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
