@@ -442,12 +442,12 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4d w, 
   const float* dy_data = dy.typed_data();
   float* dx_data = dx->typed_data();
   ParallelFor(pool, n * s.height, [&]() {
-    return [&, scratch = std::vector<float>(max_rows * row_pitch), taps = std::vector<ConvTap>()](
-               int64_t task) mutable {
+    return [&, scratch = std::vector<float>(max_rows * row_pitch), taps = std::vector<ConvTap>(),
+            row_taps = std::vector<std::pair<int64_t, const float*>>()](int64_t task) mutable {
       const int64_t image = task / s.height, hi = task % s.height;
       float* out_row = dx_data + task * s.width * s.in_channels;
       // The taps i whose row of dy, (hi + pad_top - i) / stride, is inside dy, each copied to a row of scratch.
-      std::vector<std::pair<int64_t, const float*>> row_taps;
+      row_taps.clear();
       for (int64_t i = 0; i < s.k; ++i) {
         const int64_t offset = hi + s.pad_top - i, ho = FloorDiv(offset, s.stride);
         if (ho * s.stride != offset || ho < 0 || ho >= s.out_height) continue;
