@@ -506,6 +506,30 @@ def test_gelu_in_a_conditional_on_a_batch_sharded_over_devices(axis_type, monkey
     np.testing.assert_allclose(value, torch.nn.functional.gelu(torch.from_numpy(x)).numpy(), rtol=1e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("as_select", [True, False])
+def test_relu_matches_torch_at_zero_and_on_nan(as_select, monkeypatch):
+    """layers.relu in both forms (a select on AVX-512 CPUs, flax's elsewhere), jitted as in a model: value and
+    gradient exactly torch's, on values that include the kink (torch's gradient at 0 is 0), signed zeros,
+    infinities and NaN (which stays NaN; at NaN the gradient is flax's, 0, where torch's passes the cotangent on)."""
+    monkeypatch.setattr(layers, "_relu_as_select", lambda: as_select)
+    x = np.array([np.nan, -np.inf, -7.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 6.0, np.inf], np.float32)
+    cotangent = np.arange(1, x.size + 1, dtype=np.float32)
+
+    @jax.jit
+    def value_and_grad(x):
+        value, pullback = jax.vjp(layers.relu, x)
+        return value, pullback(jnp.asarray(cotangent))[0]
+
+    value, grad = value_and_grad(jnp.asarray(x))
+    torch_x = torch.from_numpy(x).requires_grad_()
+    torch_value = torch.nn.functional.relu(torch_x)
+    torch_value.backward(torch.from_numpy(cotangent))
+    np.testing.assert_array_equal(value, torch_value.detach().numpy())
+    number = ~np.isnan(x)
+    np.testing.assert_array_equal(grad[number], torch_x.grad.numpy()[number])
+    assert grad[0] == 0.0
+
+
 @pytest.mark.parametrize("shifted_max", [True, False])
 @pytest.mark.parametrize("size", [8, 9])
 def test_max_pool_matches_torch_with_ties(shifted_max, size):

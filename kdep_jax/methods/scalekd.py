@@ -50,8 +50,8 @@ import jax.numpy as jnp
 from kdep_jax import losses, models, teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 from kdep_jax.methods.base import Method
-from kdep_jax.models.layers import (BatchNorm, Dtype, layer_norm, torch_default_bias_init, torch_default_kernel_init,
-                                    torch_linear)
+from kdep_jax.models.layers import (BatchNorm, Dtype, layer_norm, relu, torch_default_bias_init,
+                                    torch_default_kernel_init, torch_linear)
 
 VIEWS = ("spatial", "frequency")
 STAGES = (3, 4)
@@ -98,19 +98,19 @@ class CrossAttentionProjector(nn.Module):
         x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=torch_default_kernel_init,
                     bias_init=torch_default_bias_init(9 * channels), dtype=self.dtype, param_dtype=jnp.float32,
                     name="proj_student_0")(x.astype(self.dtype))
-        x = nn.relu(BatchNorm(dtype=self.dtype, name="proj_student_1")(x, train))
+        x = relu(BatchNorm(dtype=self.dtype, name="proj_student_1")(x, train))
         pos_embed = self.param("pos_embed", nn.initializers.normal(0.02), (1, height, width, channels), jnp.float32)
         x = (x + pos_embed.astype(self.dtype)).reshape(batch, height * width, channels)
         if self.learned_queries:
             table = self.param("query", nn.initializers.normal(1.0), (self.learned_queries, self.teacher_dim),
                                jnp.float32)
             queries = jnp.broadcast_to(table, (batch, *table.shape))
-        queries = nn.relu(torch_linear(self.teacher_dim, self.teacher_dim, self.dtype, "proj_pos_0")(
+        queries = relu(torch_linear(self.teacher_dim, self.teacher_dim, self.dtype, "proj_pos_0")(
             queries.astype(self.dtype)))
         x = PositionAttention(self.teacher_dim, self.num_heads, self.softmax_scale, self.dtype,
                               name="pos_attention")(queries, x)
         x = layer_norm(1e-5, self.dtype, "norm")(x)
-        hidden = nn.relu(torch_linear(4 * self.teacher_dim, self.teacher_dim, self.dtype, "ffn_0")(x))
+        hidden = relu(torch_linear(4 * self.teacher_dim, self.teacher_dim, self.dtype, "ffn_0")(x))
         return (x + torch_linear(self.teacher_dim, 4 * self.teacher_dim, self.dtype, "ffn_1")(hidden)).astype(
             jnp.float32)
 

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, global_avg_pool, max_pool, torch_linear
+from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, global_avg_pool, max_pool, relu, torch_linear
 from kdep_jax.models.naming import TorchNaming
 from kdep_jax.models.preprocessing import IMAGENET
 
@@ -36,7 +36,7 @@ class ResNetBlock(nn.Module):
         y = x
         for index, (features, kernel_size, stride) in enumerate(convs, start=1):
             if index > 1:
-                y = nn.relu(y)
+                y = relu(y)
             y = conv2d(features, kernel_size, stride, dtype=self.dtype, name=f"conv{index}")(y)
             y = BatchNorm(dtype=self.dtype, name=f"bn{index}")(y, train)
         identity = x
@@ -70,7 +70,7 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False):
         x = x.astype(self.dtype)
         x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+        x = relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
         x = max_pool(x, 3, 2, 1, shifted_max=jax.default_backend() == "cpu")
         features = {}
         for stage, num_blocks in enumerate(self.stage_sizes):
@@ -78,7 +78,7 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 0 and block == 0 else 1
                 pre_relu = ResNetBlock(self.base_width * 2**stage, stride, self.bottleneck, self.dtype,
                                        name=f"layer{stage + 1}_{block}")(x, train)
-                x = nn.relu(pre_relu)
+                x = relu(pre_relu)
             features[f"stage{stage + 1}"] = x.astype(jnp.float32)
         features.update(pre_relu=global_avg_pool(pre_relu), pooled=global_avg_pool(x))
         logits = None
