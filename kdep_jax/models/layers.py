@@ -517,10 +517,10 @@ def relu(x: jax.Array) -> jax.Array:
     """torch.nn.ReLU: NaN stays NaN, the gradient at 0 is 0 (as flax's nn.relu).
 
     On AVX-512 CPUs a select: XLA:CPU runs a loop fusion that ends in jnp.maximum (flax's nn.relu) slower than
-    one that ends in a select, and keeps more of its buffers alive: ResNet-50's forward pass 0.82 -> 0.71 s (XLA
-    temp 490 -> 319 MiB), the ResNet-50 -> ResNet-18 step 1.06x, -> MobileNetV2 1.04x (AMD EPYC Zen 5,
-    benchmarks/README.md; ReLU6 as selects made MobileNetV2's step slower: it keeps jax.nn.relu6). AVX2-only CPUs
-    and accelerators keep flax's form until it is measured there.
+    one that ends in a select, and keeps more of its buffers alive: ResNet-50's forward pass at batch 32 0.82 ->
+    0.71 s (XLA temp 490 -> 319 MiB); in one process 1.15x on it at batch 8, 1.04x on the ResNet-50 -> ResNet-18 and
+    -> MobileNetV2 steps (AMD EPYC Zen 5, benchmarks/README.md; ReLU6 as selects made MobileNetV2's step slower: it
+    keeps jax.nn.relu6). AVX2-only CPUs and accelerators keep flax's form until it is measured there.
     """
     if jax.default_backend() == "cpu" and _relu_as_select():
         return _select_relu(x)
