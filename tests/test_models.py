@@ -530,12 +530,15 @@ def test_relu_matches_torch_at_zero_and_on_nan(as_select, monkeypatch):
     assert grad[0] == 0.0
 
 
-@pytest.mark.parametrize("shifted_max", [True, False])
+@pytest.mark.parametrize("form", ["shifted_max, C++ backward", "shifted_max", "flax"])
 @pytest.mark.parametrize("size", [8, 9])
-def test_max_pool_matches_torch_with_ties(shifted_max, size):
+def test_max_pool_matches_torch_with_ties(form, size, monkeypatch):
     """Values and gradient against torch.nn.functional.max_pool2d(3, 2, 1), on small integers, so that most
     windows hold several equal maxima: the gradient must go to the first one in row-major order, as torch's (a
-    wrong choice moves a whole cotangent; where windows overlap, the sums' order may differ in the last bit)."""
+    wrong choice moves a whole cotangent; where windows overlap, the sums' order may differ in the last bit). In
+    each form: the strided slices with the C++ kernel's backward pass (AVX-512 CPUs) or XLA's, and flax's."""
+    monkeypatch.setattr(layers, "_native_max_pool_gradient", lambda: form.endswith("C++ backward"))
+    shifted_max = form != "flax"
     rng = np.random.default_rng(size)
     x = rng.integers(0, 3, size=(2, size, size + 1, 4)).astype(np.float32)
     x[0, :3] = 0.0  # a block of zeros, as a ReLU leaves before ResNet's stem pool
@@ -548,3 +551,23 @@ def test_max_pool_matches_torch_with_ties(shifted_max, size):
     torch_out.backward(torch.from_numpy(cotangent.transpose(0, 3, 1, 2).copy()))
     np.testing.assert_array_equal(out, torch_out.detach().numpy().transpose(0, 2, 3, 1))
     np.testing.assert_allclose(grad, torch_x.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-7)
+
+
+def test_max_pool_gradient_kernel_equals_xla_form_on_infinities_and_nan(monkeypatch):
+    """The C++ max-pool gradient against the strided slices' XLA backward pass where torch has no say: a window whose
+    in-image values are all -inf (its first tap is then a padded one, which takes the gradient away), windows with
+    a NaN (whose maximum equals no tap), and a stride-1 pool with more padding."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 9, 8, 3)).astype(np.float32)
+    x[0, :2, :2] = -np.inf
+    x[1, 4, 5, 1] = np.nan
+    grads = {}
+    for native in (True, False):
+        monkeypatch.setattr(layers, "_native_max_pool_gradient", lambda: native)
+        for k, stride, pad in [(3, 2, 1), (3, 1, 2)]:
+            out, pullback = jax.vjp(lambda x: max_pool(x, k, stride, pad, True), jnp.asarray(x))
+            cotangent = np.random.default_rng(k * stride + pad).normal(size=out.shape).astype(np.float32)
+            grads[native, stride] = np.asarray(pullback(jnp.asarray(cotangent))[0])
+    for stride in (2, 1):
+        np.testing.assert_allclose(grads[True, stride], grads[False, stride], rtol=1e-6, atol=1e-6)
+    assert grads[True, 2][0, 0, 0].tolist() == [0.0, 0.0, 0.0]  # the all -inf window's gradient left with the padding

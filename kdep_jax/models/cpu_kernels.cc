@@ -10,6 +10,8 @@
 // - KdepConvWeightGradient: a dense conv's weight gradient (a stem's on the RGB image XLA hands to Eigen as a
 //   contraction only Cin = 3 long; Eigen runs a ResNet's 56 and 28 px convs' at a half to two thirds of this
 //   kernel's speed).
+// - KdepMaxPoolGradient: a max-pool's input gradient (ResNet's stem pool), which XLA runs as a chain of selects
+//   over the k*k strided windows of the padded input, each placed back by an interior-padded copy.
 //
 // The weight gradients keep each tap's sums over many pixels in registers, 16 or 32 output channels at a time.
 // The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
@@ -20,6 +22,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -476,6 +479,69 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4d w, 
   return ffi::Error::Success();
 }
 
+// The input gradient dx (N, H, W, C) of a k x k max-pool with `stride` and -inf padding, from its input x and
+// output gradient dy (N, Ho, Wo, C): each output's gradient goes to the first tap, in row-major order, whose value
+// equals the window's maximum (torch's rule, and layers.max_pool's; a padded tap is -inf and takes nothing). A NaN
+// maximum equals no tap. One image per task, its windows in order: the sums do not depend on the threads.
+ffi::Error MaxPoolGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy, ffi::Result<Float32x4d> dx,
+                           int64_t k, int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto x_dims = x.dimensions(), dy_dims = dy.dimensions(), dx_dims = dx->dimensions();
+  const int64_t n = x_dims[0], height = x_dims[1], width = x_dims[2], c = x_dims[3];
+  const int64_t out_height = dy_dims[1], out_width = dy_dims[2];
+  const bool shapes_fit = std::equal(x_dims.begin(), x_dims.end(), dx_dims.begin()) && dy_dims[0] == n &&
+                          dy_dims[3] == c && k >= 1 && stride >= 1 && pad_top >= 0 && pad_left >= 0;
+  if (!shapes_fit) {
+    return ffi::Error::InvalidArgument("kdep_jax CPU max-pool gradient kernel: shapes that do not fit together");
+  }
+  const float* x_data = x.typed_data();
+  const float* dy_data = dy.typed_data();
+  float* dx_data = dx->typed_data();
+  constexpr float kPadding = -std::numeric_limits<float>::infinity();
+  ParallelFor(pool, n, [&]() {
+    return [&, maximum = std::vector<float>(c), taken = std::vector<int32_t>(c)](int64_t image) mutable {
+      const float* x_image = x_data + image * height * width * c;
+      float* dx_image = dx_data + image * height * width * c;
+      std::fill_n(dx_image, height * width * c, 0.0f);
+      for (int64_t ho = 0; ho < out_height; ++ho) {
+        for (int64_t wo = 0; wo < out_width; ++wo) {
+          const float* grad = dy_data + ((image * out_height + ho) * out_width + wo) * c;
+          auto in_image = [&](int64_t i, int64_t j) {
+            const int64_t hi = ho * stride + i - pad_top, wi = wo * stride + j - pad_left;
+            return hi >= 0 && hi < height && wi >= 0 && wi < width ? (hi * width + wi) * c : int64_t{-1};
+          };
+          std::fill(maximum.begin(), maximum.end(), kPadding);
+          for (int64_t i = 0; i < k; ++i) {
+            for (int64_t j = 0; j < k; ++j) {
+              const int64_t at = in_image(i, j);
+              if (at < 0) continue;
+              for (int64_t ch = 0; ch < c; ++ch) {  // jnp.maximum's: NaN wins
+                const float value = x_image[at + ch];
+                maximum[ch] = value > maximum[ch] || value != value ? value : maximum[ch];
+              }
+            }
+          }
+          std::fill(taken.begin(), taken.end(), 0);
+          for (int64_t i = 0; i < k; ++i) {
+            for (int64_t j = 0; j < k; ++j) {
+              const int64_t at = in_image(i, j);
+              if (at < 0) {  // a padded tap: first only where the maximum is -inf
+                for (int64_t ch = 0; ch < c; ++ch) taken[ch] |= maximum[ch] == kPadding;
+                continue;
+              }
+              for (int64_t ch = 0; ch < c; ++ch) {
+                const int32_t first = !taken[ch] & (x_image[at + ch] == maximum[ch]);
+                dx_image[at + ch] += first ? grad[ch] : 0.0f;
+                taken[ch] |= first;
+              }
+            }
+          }
+        }
+      }
+    };
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define KDEP_WEIGHT_GRADIENT_HANDLER(name, function)         \
@@ -494,3 +560,13 @@ KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvWeightGradient, ConvWeightGradient);
 // The convs take the same arguments: (x, w) -> y and (dy, w) -> dx.
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepConv, Conv);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvInputGradient, ConvInputGradient);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepMaxPoolGradient, MaxPoolGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Float32x4d>()
+                                  .Arg<Float32x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Attr<int64_t>("kernel_size")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));

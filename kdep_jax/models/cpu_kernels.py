@@ -33,6 +33,7 @@ _DEPTHWISE_WEIGHT_GRADIENT = "kdep_depthwise_weight_gradient"
 _CONV_WEIGHT_GRADIENT = "kdep_conv_weight_gradient"
 _CONV = "kdep_conv"
 _CONV_INPUT_GRADIENT = "kdep_conv_input_gradient"
+_MAX_POOL_GRADIENT = "kdep_max_pool_gradient"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -87,18 +88,21 @@ def available() -> bool:
         return False
     for name, handler in [(_DEPTHWISE_WEIGHT_GRADIENT, library.KdepDepthwiseWeightGradient),
                           (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient), (_CONV, library.KdepConv),
-                          (_CONV_INPUT_GRADIENT, library.KdepConvInputGradient)]:
+                          (_CONV_INPUT_GRADIENT, library.KdepConvInputGradient),
+                          (_MAX_POOL_GRADIENT, library.KdepMaxPoolGradient)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
 
-def _call(target: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array, stride: int, padding) -> jax.Array:
+def _call(target: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array, stride: int, padding,
+          **attributes: int) -> jax.Array:
     """One device's batch: under a sharded jit, XLA would gather the batch for a kernel first."""
     if not available():
         raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
     return call(a.astype(jnp.float32), b.astype(jnp.float32), stride=np.int64(stride),
-                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
+                **{name: np.int64(value) for name, value in attributes.items()})
 
 
 def depthwise_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
@@ -129,3 +133,10 @@ def conv_input_gradient(grad: jax.Array, kernel: jax.Array, input_shape: tuple[i
     """The gradient of `conv`'s input, of shape input_shape (N, H, W, Cin) with Cin a multiple of CONV_OUT_BLOCK,
     from its output gradient `grad` (N, Ho, Wo, Cout), in float32."""
     return _call(_CONV_INPUT_GRADIENT, tuple(input_shape), grad, kernel, stride, padding)
+
+
+def max_pool_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
+                      padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The input gradient of a k x k max-pool padded with -inf (`layers.max_pool`), in float32, from its NHWC input x
+    and output gradient `grad`: each output's gradient to the first tap, in row-major order, that holds the maximum."""
+    return _call(_MAX_POOL_GRADIENT, x.shape, x, grad, stride, padding, kernel_size=kernel_size)

@@ -401,7 +401,10 @@ def _max_pool_backward(k: int, stride: int, pad: int, x: jax.Array, grad: jax.Ar
     """Each output's gradient goes to the first tap that equals the maximum, placed back at that tap's strided
     positions of the padded input by an interior-padded lax.pad. Over the slices of a padded x, the maximum
     recomputed from them: XLA runs this chain of selects 3x slower over `_tap_slices` or over the forward's
-    maximum, which it then recomputes inside the chain (benchmarks/README.md)."""
+    maximum, which it then recomputes inside the chain (benchmarks/README.md). On AVX-512 CPUs, a C++ kernel's
+    (`_native_max_pool_gradient`)."""
+    if x.dtype == grad.dtype == jnp.float32 and jax.device_count() == 1 and _native_max_pool_gradient():
+        return (cpu_kernels.max_pool_gradient(x, grad, k, stride, ((pad, pad), (pad, pad))),)
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
     _, padded_height, padded_width, _ = padded.shape
     out_size = [_output_size(size, k, stride, (pad, pad)) for size in x.shape[1:3]]
@@ -422,6 +425,16 @@ def _max_pool_backward(k: int, stride: int, pad: int, x: jax.Array, grad: jax.Ar
 _shifted_max_pool = jax.custom_vjp(lambda x, k, stride, pad: _max_pool_forward(x, k, stride, pad)[0],
                                    nondiff_argnums=(1, 2, 3))
 _shifted_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+@functools.cache
+def _native_max_pool_gradient() -> bool:
+    """Whether the max-pool's backward pass (on one CPU device, in float32) is kdep_jax's C++ kernel
+    (`cpu_kernels.max_pool_gradient`) rather than XLA's chain of selects over strided slices: ResNet's stem pool at
+    batch 32, forward and backward, 41.5 against 97.0 ms; the ResNet-18 step 1.01x (AMD EPYC Zen 5,
+    benchmarks/README.md). AVX-512 CPUs only until it is measured on the others; where the kernels cannot be built,
+    XLA's."""
+    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
 class DepthwiseConv(nn.Module):
