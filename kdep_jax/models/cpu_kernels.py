@@ -3,8 +3,9 @@
 Convolutions that XLA:CPU runs below the CPU's speed: a dense conv's forward pass (and a stride-1 conv's input
 gradient) and weight gradient, which XLA hands to Eigen (a stem's as a contraction only 3 channels long); a
 depthwise conv's weight gradient, which XLA runs as k*k passes over the batch, each copying a shifted window of the
-input out of memory. The C++ kernels keep their sums in registers over many pixels and channels (1.1-8x faster
-alone on AMD EPYCs, Zen 4 and Zen 5; benchmarks/README.md).
+input out of memory; and a max-pool's input gradient, which XLA runs as a chain of selects over strided windows.
+The C++ kernels keep their sums in registers over many pixels and channels (1.1-8x faster alone on AMD EPYCs, Zen 4
+and Zen 5; benchmarks/README.md).
 They are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
 (`$KDEP_JAX_KERNEL_CACHE`, else `~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler,
 jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where they cannot
