@@ -48,14 +48,14 @@ def step_workload(student: str, args):
     import jax
 
     setup_args = argparse.Namespace(teacher="resnet50", student=student, dtype="float32", batch=args.step_batch,
-                                    image_size=args.image_size, device="cpu", input="synthetic")
-    step, state, constants, next_batch = distill_step.kdep_jax_setup(setup_args, cached=False)
-    batch = next_batch()
-    compiled = step.lower(state, batch, constants).compile()
+                                    image_size=args.image_size, device="cpu", input="synthetic", steps_per_call=1)
+    step, state, count, constants, next_batches = distill_step.kdep_jax_setup(setup_args, cached=False)
+    batches = next_batches()
+    compiled = step.lower(state, batches, count, constants).compile()
     carried = [state]
 
     def run():
-        carried[0], metrics = compiled(carried[0], batch, constants)
+        carried[0], metrics = compiled(carried[0], batches, count, constants)
         return metrics["loss"]
 
     return run, lambda: jax.tree.leaves(carried[0])

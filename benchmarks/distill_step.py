@@ -87,9 +87,10 @@ def fma_peak_shares(results: dict, keys) -> dict:
 
 
 def kdep_jax_setup(args, cached: bool):
-    """kdep_jax's step as its trainer builds it, with XLA's flags set first as `python -m kdep_jax.main` sets them:
-    (the jitted step, the train state, the teacher's replicated constants, a function giving the next sharded
-    batch). cached: the teacher's targets come with the batch (the target cache) and the step skips the teacher."""
+    """kdep_jax's steps as its trainer builds them, with XLA's flags set first as `python -m kdep_jax.main` sets
+    them: (the jitted call of args.steps_per_call steps, the train state, the replicated step count and teacher
+    constants, a function giving the next call's sharded batches). cached: the teacher's targets come with the
+    batch (the target cache) and the step skips the teacher."""
     os.environ["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
     from kdep_jax import xla_flags
 
@@ -115,7 +116,9 @@ def kdep_jax_setup(args, cached: bool):
     tx = optim.sgd(optim.step_decay_schedule(0.1, 100, 30, 0.1, 90), 0.9, 5e-4)
     config.data.image_size = args.image_size
     state = trainer.create_train_state(distill.initial_variables(config, method, teacher, alignment), tx, mesh, seed=0)
-    step = trainer.make_train_step(distill.make_loss_fn(config, method, None, cached_targets=cached), tx, mesh)
+    step = trainer.make_train_step(distill.make_loss_fn(config, method, None, cached_targets=cached), tx, mesh,
+                                   args.steps_per_call)
+    count = parallel.replicate(np.int32(args.steps_per_call), mesh)
     constants = () if cached else parallel.replicate((teacher.variables, alignment), mesh)
     host_batches = jpeg_batches(args) if args.input == "jpeg" else synthetic_batches(args)
     rng = np.random.default_rng(0)
@@ -124,9 +127,12 @@ def kdep_jax_setup(args, cached: bool):
         batch = {"image": next(host_batches)["image"]}
         if cached:
             batch["targets"] = rng.normal(size=(args.batch, dim)).astype(np.float16)
-        return parallel.shard_batch(batch, mesh)
+        return batch
 
-    return step, state, constants, next_batch
+    def next_batches():
+        return parallel.shard_batches([next_batch() for _ in range(args.steps_per_call)], mesh, args.steps_per_call)
+
+    return step, state, count, constants, next_batches
 
 
 def xla_flop_count(step, *step_args) -> float | None:
@@ -147,26 +153,26 @@ def xla_flop_count(step, *step_args) -> float | None:
 
 def kdep_jax_step(args) -> dict:
     cached = args.framework == "kdep_jax_cached"
-    step, state, constants, next_batch = kdep_jax_setup(args, cached)
+    step, state, count, constants, next_batches = kdep_jax_setup(args, cached)
     import jax  # after the setup, which sets JAX_PLATFORMS and XLA_FLAGS
 
     from kdep_jax import target_cache, trainer
 
-    first_batch = next_batch()
-    flops = xla_flop_count(step, state, first_batch, constants)
-    times = []
+    first_batches = next_batches()
+    flops = xla_flop_count(step, state, first_batches, count, constants)
+    times = []  # seconds per step
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
-        state, metrics = step(state, next_batch(), constants)
+        state, metrics = step(state, next_batches(), count, constants)
         if i == 0:  # as kdep_jax's trainer does once the step is compiled
             trainer.release_freed_host_memory()
         jax.block_until_ready(metrics["loss"])
         if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start) / args.steps_per_call)
     result = {"seconds": statistics.median(times), "times": times, "device_kind": jax.devices()[0].device_kind,
-              "flops": flops}
+              "flops": flops, "steps_per_call": args.steps_per_call}
     if cached:
-        result["cache_bytes_per_image_epoch"] = target_cache.bytes_per_image_epoch(first_batch["targets"].shape[-1])
+        result["cache_bytes_per_image_epoch"] = target_cache.bytes_per_image_epoch(first_batches["targets"].shape[-1])
     if args.device == "gpu":
         result["peak_bytes"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
         peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device_kind"]), None)
@@ -350,8 +356,10 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls (kdep_jax) or steps (PyTorch)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (kdep_jax) or steps (PyTorch)")
+    parser.add_argument("--steps-per-call", type=int,
+                        help="kdep_jax's steps per XLA execution (default: the trainer's, config.steps_per_call)")
     parser.add_argument("--input", default="synthetic", choices=["synthetic", "jpeg"],
                         help="kdep_jax's batches: one synthetic batch, or the real input pipeline over JPEGs")
     parser.add_argument("--target-cache", action="store_true",
@@ -365,6 +373,10 @@ def main():
                         help="(child) the PyTorch configuration to time")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
     args = parser.parse_args()
+    if args.steps_per_call is None:
+        from kdep_jax import config_lib
+
+        args.steps_per_call = config_lib.kdep_config().steps_per_call
 
     if args.framework != "both":  # a child: measure one framework, print its JSON
         print(json.dumps((pytorch_step if args.framework == "pytorch" else kdep_jax_step)(args)))
@@ -408,7 +420,7 @@ def main():
     memory = "peak device memory" if args.device == "gpu" else "peak RSS"
     device = results.get("cpu", results.get("kdep_jax_device_kind", "?"))
     print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} "
-          f"({device}), {results['cpus']} CPUs, kdep_jax input {args.input}")
+          f"({device}), {results['cpus']} CPUs, kdep_jax input {args.input}, {args.steps_per_call} steps per call")
     labels = [("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets")]
     labels += [(f"pytorch_{c}", f"PyTorch {c}" + (" (best)" if c == results.get("pytorch_best_config") else ""))
                for c in configs]

@@ -53,15 +53,16 @@ def measure(args) -> dict:
     step = trainer.make_train_step(distill.make_loss_fn(config, method, classes), tx, mesh)
     constants = parallel.replicate((teacher.variables, None), mesh)
     rng = np.random.default_rng(0)
-    batch = parallel.shard_batch({"image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(
-        np.float32), "label": rng.integers(0, classes, args.batch).astype(np.int32)}, mesh)
+    batch = parallel.shard_batches([{"image": rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(
+        np.float32), "label": rng.integers(0, classes, args.batch).astype(np.int32)}], mesh, 1)
+    count = parallel.replicate(np.int32(1), mesh)  # one step per call
     start = time.perf_counter()
-    compiled = step.lower(state, batch, constants).compile()
+    compiled = step.lower(state, batch, count, constants).compile()
     compile_seconds = time.perf_counter() - start
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch, constants)
+        state, metrics = compiled(state, batch, count, constants)
         jax.block_until_ready(metrics["loss"])
         if i >= args.warmup:
             times.append(time.perf_counter() - start)

@@ -105,8 +105,9 @@ def distill(config, workdir, mesh, teacher: teacher_lib.Teacher, method: methods
     loss_fn = make_loss_fn(config, method, teacher.num_classes, cached_targets=cached)
     faults.point("stage.distill")
     return trainer.fit(
-        workdir=workdir, settings=settings, state=state, train_step=trainer.make_train_step(loss_fn, tx, mesh),
-        constants=step_constants, batches=batches, mesh=mesh, lr_schedule=schedule)
+        workdir=workdir, settings=settings, state=state,
+        train_step=trainer.make_train_step(loss_fn, tx, mesh, settings.steps_per_call), constants=step_constants,
+        batches=batches, mesh=mesh, lr_schedule=schedule)
 
 
 def exported_student(config, method: methods.Method, state: trainer.TrainState) -> dict:

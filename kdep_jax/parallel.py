@@ -51,6 +51,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches stacked on a leading axis (one per step of a call), each sharded along 'data'."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -70,6 +75,14 @@ def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Assembles each process's rows into global arrays sharded along 'data'."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def shard_batches(local_batches: list[dict], mesh: Mesh, steps_per_call: int) -> dict:
+    """Each process's rows of up to `steps_per_call` batches, stacked on a leading axis into global arrays sharded
+    along 'data' (`trainer.make_train_step`). The last batch fills the places of missing ones, which go unused."""
+    filled = local_batches + local_batches[-1:] * (steps_per_call - len(local_batches))
+    sharding = stacked_batch_sharding(mesh)
+    return jax.tree.map(lambda *xs: jax.make_array_from_process_local_data(sharding, np.stack(xs)), *filled)
 
 
 def replicate(tree, mesh: Mesh):

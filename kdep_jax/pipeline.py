@@ -26,8 +26,8 @@ _OUTPUTS = ("checkpoints", "metrics.jsonl", "alignment.npz", "tcs_coordinates.np
 
 # Fields that change how a run is carried out, not what it computes: a resume may change them freely.
 # Matched at any depth ("downstream.log_every_steps" too).
-RUN_ONLY_FIELDS = ("log_every_steps", "checkpoint_every_steps", "checkpoint_every_secs", "keep_checkpoints",
-                   "eval_batch_size", "data.threads", "overwrite", "allow_changes")
+RUN_ONLY_FIELDS = ("log_every_steps", "steps_per_call", "checkpoint_every_steps", "checkpoint_every_secs",
+                   "keep_checkpoints", "eval_batch_size", "data.threads", "overwrite", "allow_changes")
 
 
 class Preempted(Exception):

@@ -152,7 +152,8 @@ def train(config, workdir, mesh, backbone=None, field_prefix: str = "") -> train
                  info.num_examples, info.num_classes, settings.num_steps)
     return trainer.fit(
         workdir=workdir, settings=settings, state=state,
-        train_step=trainer.make_train_step(make_loss_fn(model, config.linear_probe), tx, mesh), constants=(),
+        train_step=trainer.make_train_step(make_loss_fn(model, config.linear_probe), tx, mesh, settings.steps_per_call),
+        constants=(),
         batches=lambda start: data.train_batches(config.data, config.data.split, config.train.batch_size,
                                                  seed=config.seed, start_step=start),
         mesh=mesh, lr_schedule=schedule, evaluate=evaluate)

@@ -252,7 +252,7 @@ def _check_loop(config, prefix: str, num_devices: int, num_processes: int) -> No
     if not 0 <= train.warmup_epochs < train.num_epochs:
         raise ConfigError(f"{field}train.warmup_epochs={train.warmup_epochs}: it must be at least 0 and less than "
                           f"train.num_epochs={train.num_epochs}.")
-    for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    for name in ("log_every_steps", "steps_per_call", "checkpoint_every_steps", "keep_checkpoints"):
         if config[name] < 1:
             raise ConfigError(f"{field}{name}={config[name]}: it must be 1 or more.")
     _check_batch(train.batch_size, f"{prefix}train.batch_size", num_devices, num_processes)

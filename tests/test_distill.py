@@ -42,8 +42,9 @@ def run_steps(setup, num_devices, num_steps=2):
     step = trainer.make_train_step(distill.make_loss_fn(config, method, None), tx, mesh)
     losses = []
     for _ in range(num_steps):
-        state, metrics = step(state, parallel.shard_batch({"image": images}, mesh), constants)
-        losses.append(float(metrics["loss"]))
+        state, metrics = step(state, parallel.shard_batches([{"image": images}], mesh, 1),
+                              parallel.replicate(np.int32(1), mesh), constants)
+        losses.append(float(metrics["loss"][0]))
     return jax.device_get(state), losses, jax.device_get(constants[0])
 
 

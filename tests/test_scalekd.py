@@ -253,8 +253,9 @@ def test_teacher_stays_frozen_while_gradients_reach_the_projectors_through_it():
     constants = parallel.replicate((teacher.variables, None), mesh)
     step = trainer.make_train_step(distill.make_loss_fn(config, method, TINY_CLASSES), tx, mesh)
     for _ in range(2):
-        state, metrics = step(state, parallel.shard_batch(batch, mesh), constants)
-        assert np.isfinite(float(metrics["loss"]))
+        state, metrics = step(state, parallel.shard_batches([batch], mesh, 1), parallel.replicate(np.int32(1), mesh),
+                              constants)
+        assert np.isfinite(float(metrics["loss"][0]))
     assert set(metrics) == {"loss", "spatial_stage3", "frequency_stage3", "spatial_stage4", "frequency_stage4", "kd",
                             "ce"}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(constants[0]), before)
