@@ -16,6 +16,10 @@ the float32 FMA peak. The figures, per CPU family, are in benchmarks/README.md.
     python benchmarks/distill_step.py --target-cache   # also the step with cached teacher targets
     python benchmarks/distill_step.py --teacher swin_t --batch 8   # a transformer teacher (or vit_b_16)
     python benchmarks/distill_step.py --framework kdep_jax --input jpeg   # kdep_jax fed by the input pipeline
+    python benchmarks/distill_step.py --preload /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4  # both on TCMalloc
+
+kdep_jax runs its steps as its trainer does, config.steps_per_call of them per call (--steps-per-call), and
+--warmup and --repeats count its calls; each timed call gives its seconds per step.
 """
 from __future__ import annotations
 
@@ -338,10 +342,12 @@ def pytorch_step(args) -> dict:
     return result
 
 
-def run_child(framework: str, argv: list[str]) -> dict | None:
-    """One framework's measurement in a fresh process; None when it cannot run (e.g. no torch)."""
+def run_child(framework: str, argv: list[str], preload: str | None = None) -> dict | None:
+    """One framework's measurement in a fresh process, with `preload` (a malloc library) preloaded into it; None
+    when it cannot run (e.g. no torch)."""
     command = [sys.executable, __file__, *argv, "--framework", framework, "--json"]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = dict(os.environ, LD_PRELOAD=preload) if preload else None
+    completed = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if completed.returncode != 0:
         sys.stderr.write(f"{framework} failed:\n{completed.stderr[-3000:]}")
         return None
@@ -372,6 +378,8 @@ def main():
     parser.add_argument("--pytorch-config", default="eager", choices=sorted(PYTORCH_CONFIGS),
                         help="(child) the PyTorch configuration to time")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    parser.add_argument("--preload", help="a malloc library to preload (LD_PRELOAD) into every framework's process, "
+                        "e.g. TCMalloc's libtcmalloc_minimal.so.4 as PyTorch's CPU tuning guide advises")
     args = parser.parse_args()
     if args.steps_per_call is None:
         from kdep_jax import config_lib
@@ -382,8 +390,11 @@ def main():
         print(json.dumps((pytorch_step if args.framework == "pytorch" else kdep_jax_step)(args)))
         return
     argv = [a for a in sys.argv[1:] if a not in ("--json", "--target-cache")]
+    if args.preload and not os.path.isfile(args.preload):
+        parser.error(f"--preload {args.preload}: no such file")
     results = {"student": args.student, "teacher": args.teacher, "device": args.device, "batch": args.batch,
-               "image_size": args.image_size, "dtype": args.dtype, "input": args.input, "cpus": os.cpu_count()}
+               "image_size": args.image_size, "dtype": args.dtype, "input": args.input, "cpus": os.cpu_count(),
+               "preload": args.preload}
     if args.device == "cpu":
         results["cpu"] = cpu_name()
         results["fp32_peak_flops"], results["fp32_peak_formula"] = cpu_fp32_peak_flops()
@@ -393,7 +404,7 @@ def main():
     configs = [c for c in args.pytorch_configs.split(",") if c]
     children += [(f"pytorch_{c}", "pytorch", ["--pytorch-config", c]) for c in configs]
     for key, framework, extra in children:
-        measured = run_child(framework, argv + extra)
+        measured = run_child(framework, argv + extra, args.preload)
         if measured is not None:
             results[f"{key}_images_per_sec"] = args.batch / measured.pop("seconds")
             results.update({f"{key}_{name}": value for name, value in measured.items()})
@@ -420,7 +431,8 @@ def main():
     memory = "peak device memory" if args.device == "gpu" else "peak RSS"
     device = results.get("cpu", results.get("kdep_jax_device_kind", "?"))
     print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} "
-          f"({device}), {results['cpus']} CPUs, kdep_jax input {args.input}, {args.steps_per_call} steps per call")
+          f"({device}), {results['cpus']} CPUs, kdep_jax input {args.input}, {args.steps_per_call} steps per call"
+          + (f", {os.path.basename(args.preload)} preloaded" if args.preload else ""))
     labels = [("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets")]
     labels += [(f"pytorch_{c}", f"PyTorch {c}" + (" (best)" if c == results.get("pytorch_best_config") else ""))
                for c in configs]

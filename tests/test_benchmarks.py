@@ -46,14 +46,15 @@ def test_fp32_peak_from_cpuinfo():
 
 @pytest.mark.slow
 def test_distill_step_benchmark_prints_every_step():
-    """The whole benchmark, tiny: kdep_jax online and with cached targets and PyTorch eager, each in its own process,
-    then the report (a report line that fails to print loses the figures of a half-hour run)."""
+    """The whole benchmark, tiny: kdep_jax online and with cached targets (2 steps per call) and PyTorch eager, each in
+    its own process, then the report (a report line that fails to print loses the figures of a half-hour run)."""
     result = subprocess.run(
         [sys.executable, _PATH, "--student", "resnet18", "--batch", "2", "--image-size", "32", "--warmup", "0",
-         "--repeats", "1", "--target-cache", "--pytorch-configs", "eager"],
+         "--repeats", "1", "--target-cache", "--pytorch-configs", "eager", "--steps-per-call", "2"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     report = result.stdout
+    assert "kdep_jax input synthetic, 2 steps per call" in report, report
     for line in ("  kdep_jax: ", "  kdep_jax, cached targets: ", "  PyTorch eager (best): ", "kdep_jax / PyTorch eager = ",
                  "float32 FMA peak", "target cache: "):
         assert line in report, report
