@@ -4,7 +4,7 @@ With KDEP_JAX_FAULT=<point>:<SIGKILL|SIGTERM>[:<n>] in the environment, the proc
 signal the n-th time (default: the first) it reaches <point>; what happens next is what happens when a
 scheduler or the kernel stops a real run there. Without the variable (every real run) `point` returns at
 once. Points: "stage.<name>" where each pipeline stage starts (teacher, statistics, target_cache, distill,
-export, transfer_kdep, transfer_scratch, results), "<loop>.step" after each training step is dispatched
+export, transfer_kdep, transfer_scratch, results), "<loop>.step" after each call of training steps is dispatched
 (teacher, distill, downstream_kdep, downstream_scratch), "<loop>.saving" while a checkpoint is being
 written, "statistics.batch", "target_cache.step",
 "export.converted" (the student's Flax form written, its PyTorch files not yet) and "results.written".

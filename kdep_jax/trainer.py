@@ -72,9 +72,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, mesh, ste
 
     Why several steps per call: XLA:CPU allocates each execution's temporaries afresh (0.75 GiB for the
     ResNet-50 -> ResNet-18 step), and writing them costs about 200,000 page faults; the steps of one call reuse
-    them (ResNet-18 and MobileNetV2 steps 1.09x and 1.15x at 4 per call, benchmarks/README.md). `count` is an
-    argument, so a call can stop at any step (a log, a checkpoint, the end) without compiling again. The steps
-    compute what as many calls of one step would, to the bit.
+    them (the ResNet-50 -> ResNet-18 and -> MobileNetV2 steps 1.08-1.10x and 1.10-1.15x faster at 4 per call on a
+    Zen 5 EPYC, benchmarks/README.md). `count` is an argument, so a call can stop at any step (a log, a checkpoint,
+    the end) without compiling again. The steps compute what as many calls of one step would, to the bit.
     """
 
     def one_step(state: TrainState, batch: dict, constants):
