@@ -32,7 +32,8 @@ from kdep_jax import convert
 from conftest import REPO
 
 WIDTH = 0.25  # ResNet-18s of 128-d features: the same code path, a fraction of the work
-NUM_STEPS = 8  # distillation: 2 epochs of the tiny demo data (152 images, batches of 32); checkpoints every 2 steps
+NUM_STEPS = 8  # distillation: 2 epochs of the tiny demo data (152 images, batches of 32); logs and checkpoints every
+# 2 steps, so that each call runs 2 steps (trainer.make_train_step), their batches stacked across the processes
 RUN_TIMEOUT = 900  # seconds for one launch (the first ones compile everything on a shared 2-core machine)
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ class _Launch:
         args = [sys.executable, "-m", "kdep_jax.main", "--config=configs/demo.py:tiny", f"--workdir={workdir}",
                 f"--config.teacher.width={WIDTH}", f"--config.teacher.train.model.width={WIDTH}",
                 f"--config.student.width={WIDTH}", f"--config.downstream.model.width={WIDTH}",
-                "--config.train.num_epochs=2"]
+                "--config.train.num_epochs=2", "--config.log_every_steps=2"]  # calls of 2 distillation steps
         port = _free_port() if num_processes > 1 else None
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -172,7 +173,7 @@ def test_two_processes_match_one_process(runs):
     assert runs["ref_codes"] == [0] and runs["second_codes"] == [0, 0]
     reference, multi = runs["reference"], runs["multi"]
     ref_rows, multi_rows = _metrics(reference), _metrics(multi)
-    assert [r["step"] for r in ref_rows] == [r["step"] for r in multi_rows] == list(range(1, NUM_STEPS + 1))
+    assert [r["step"] for r in ref_rows] == [r["step"] for r in multi_rows] == list(range(2, NUM_STEPS + 1, 2))
     assert [(r["loss"], r["lr"]) for r in multi_rows] == [(r["loss"], r["lr"]) for r in ref_rows], (
         [r["loss"] for r in ref_rows], [r["loss"] for r in multi_rows])
     for (path, a), (_, b) in zip(_leaves(multi / "teacher" / "model"), _leaves(reference / "teacher" / "model"),
