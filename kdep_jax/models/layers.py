@@ -599,7 +599,9 @@ class BatchNorm(nn.Module):
             if count < 2:
                 raise ValueError(f"BatchNorm in train mode needs more than 1 value per channel, got input {x.shape}")
             mean = x.mean(axes)
-            var = jnp.square(x - mean).mean(axes)  # two-pass: no cancellation for large means
+            # Two-pass: no cancellation for large means. The variance's gradient through the mean is exactly zero
+            # (the centred values sum to zero), and autodiff would spend two passes over x computing it.
+            var = jnp.square(x - jax.lax.stop_gradient(mean)).mean(axes)
             if not self.is_initializing():
                 unbiased_var = var * (count / (count - 1))
                 running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
