@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 # Each form (a function `layers._<form>()` that says whether it is on) and the workloads it was measured on:
 # "step:<student>" or "forward:<arch>".
 FORMS = {
-    "pointwise_gradients_as_dots": ("step:mobilenet_v2", "step:resnet18"),
+    "pointwise_weight_gradient_as_dot": ("step:mobilenet_v2", "step:resnet18"),
     "materialise_gradients": ("step:mobilenet_v2",),
     "chunk_weight_gradient": ("step:mobilenet_v2",),
     "native_weight_gradient": ("step:mobilenet_v2",),

@@ -449,10 +449,11 @@ def test_depthwise_weight_gradient_in_chunks_keeps_a_split_batch_on_its_devices(
 @pytest.mark.parametrize("stride, size", [(1, 5), (2, 6), (2, 7)])
 @pytest.mark.parametrize("as_dot", [True, False])
 def test_pointwise_conv_gradients_match_float64(stride, size, as_dot, monkeypatch):
-    """conv2d's 1x1 conv, with its gradients as dots (AVX-512 CPUs) and as XLA's convolutions (the others): the
-    value and both gradients against numpy float64, strided and odd sizes included; as dots, a stride-1 conv's
-    input gradient in a loop compiles to no convolution (XLA:CPU makes it a dot alone, not in a loop body)."""
-    monkeypatch.setattr(layers, "_pointwise_gradients_as_dots", lambda: as_dot)
+    """conv2d's 1x1 conv on CPU, with the weight gradient as a dot (AVX-512 CPUs) and as XLA's convolution (the
+    others): the value and both gradients against numpy float64, strided and odd sizes included. A stride-1 conv's
+    input gradient, a dot on every CPU, compiles to no convolution in a loop's body, where XLA:CPU would leave its
+    own form a convolution (it makes it a dot only outside loops)."""
+    monkeypatch.setattr(layers, "_pointwise_weight_gradient_as_dot", lambda: as_dot)
     rng = np.random.default_rng(size)
     x = rng.normal(size=(2, size, size + 1, 6)).astype(np.float32)
     conv = conv2d(4, 1, stride)
@@ -462,13 +463,14 @@ def test_pointwise_conv_gradients_match_float64(stride, size, as_dot, monkeypatc
     cotangent = rng.normal(size=(*seen.shape[:3], 4)).astype(np.float32)
     out, backward = jax.vjp(conv.apply, params, jnp.asarray(x))
     grad_params, grad_x = backward(jnp.asarray(cotangent))
+
     def input_gradients_in_a_loop(params, cotangent):  # as the trainer's loop of steps runs them
         def add_input_gradient(_, total):
             return total + jax.vjp(lambda x: conv.apply(params, x), jnp.asarray(x))[1](cotangent)[0]
         return jax.lax.fori_loop(0, 2, add_input_gradient, jnp.zeros(x.shape))
 
     loop_program = jax.jit(input_gradients_in_a_loop).lower(params, jnp.asarray(cotangent)).compile().as_text()
-    assert (" convolution(" in loop_program) == (not as_dot or stride > 1)
+    assert (" convolution(" in loop_program) == (stride > 1)
     expected_grad_x = np.zeros(x.shape)
     expected_grad_x[:, ::stride, ::stride, :] = cotangent @ kernel.T
     np.testing.assert_allclose(out, seen @ kernel, rtol=1e-5, atol=1e-5)

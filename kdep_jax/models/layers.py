@@ -41,7 +41,7 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
     hook = None
     if jax.default_backend() == "cpu":
         if kernel_size == 1:
-            hook = _flax_pointwise_conv if _pointwise_gradients_as_dots() else None
+            hook = _flax_pointwise_conv
         elif not tf_same_padding:
             hook = _flax_conv
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
@@ -50,11 +50,10 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
 
 
 @functools.cache
-def _pointwise_gradients_as_dots() -> bool:
-    """Whether conv2d's 1x1 convs take their gradients as dot products (`pointwise_conv`): the weight gradient
-    measured faster on an AVX-512 Intel Xeon, level on AVX-512 AMD EPYCs (Zen 5, Zen 4), the input gradient faster
-    on Zen 5 (not yet measured on the others); AVX2-only CPUs keep XLA's until it is measured there
-    (benchmarks/README.md)."""
+def _pointwise_weight_gradient_as_dot() -> bool:
+    """Whether conv2d's 1x1 convs take their weight gradient as a dot product (`pointwise_conv`): measured
+    faster on an AVX-512 Intel Xeon, level on AVX-512 AMD EPYCs (Zen 5, Zen 4); AVX2-only CPUs keep XLA's until it is
+    measured there (benchmarks/README.md)."""
     return "avx512f" in xla_flags.cpu_features()
 
 
@@ -63,35 +62,37 @@ def _pointwise_conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """A 1x1 conv (kernel (1, 1, C, O)) whose gradients are dot products: the weight gradient one over the
-    (N * H * W, C) input and output gradient, the input gradient (at stride 1) the output gradient times the
-    transposed kernel.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int, weight_gradient_as_dot: bool) -> jax.Array:
+    """A 1x1 conv (kernel (1, 1, C, O)) on CPU whose input gradient (at stride 1) is a dot product of the output
+    gradient and the transposed kernel, and whose weight gradient, where weight_gradient_as_dot, is one dot
+    product over the (N * H * W, C) input and output gradient.
 
-    XLA's own weight gradient is a convolution with an H x W window, which XLA:CPU runs through Eigen after
-    transposing both operands (and recomputing the input's BatchNorm and activation inside the transpose); a
-    dot contracting the leading axis of both goes to YNNPACK without them: 1.1-7x faster alone (MobileNetV2's and
-    ResNet's shapes, benchmarks/README.md). XLA's input gradient is a convolution with the kernel's channels
-    swapped, which XLA:CPU makes a dot alone but not in the body of the trainer's loop of steps, where Eigen runs it
-    at 10-80 GFLOP/s for MobileNetV2's thin convs (0.28 s of the 0.97 s of its step's kernels, Zen 5); written as a
-    dot it goes to YNNPACK. A strided conv's input gradient stays
-    XLA's (as a dot placed back by an interior pad it was no faster in ResNet-18's step). The forward pass is
-    XLA's, already a dot.
+    XLA's own input gradient is a convolution with the kernel's channels swapped, which XLA:CPU makes a dot alone
+    but not in the body of the trainer's loop of steps, where Eigen runs it at 10-80 GFLOP/s for MobileNetV2's thin
+    convs (0.28 s of the 0.97 s of its step's kernels, Zen 5); written as a dot it goes to YNNPACK (or Eigen's
+    matrix product), as it did before the loop. A strided conv's input gradient stays XLA's (as a dot placed back
+    by an interior pad it was no faster in ResNet-18's step). XLA's own weight gradient is a convolution with an
+    H x W window, which XLA:CPU runs through Eigen after transposing both operands (and recomputing the input's
+    BatchNorm and activation inside the transpose); a dot contracting the leading axis of both goes to YNNPACK
+    without them: 1.1-7x faster alone (MobileNetV2's and ResNet's shapes, benchmarks/README.md). The forward pass
+    is XLA's, already a dot.
     """
     return _pointwise_conv_forward(x, kernel, stride)
 
 
-def _pointwise_conv_vjp_forward(x, kernel, stride):
+def _pointwise_conv_vjp_forward(x, kernel, stride, weight_gradient_as_dot):
     return _pointwise_conv_forward(x, kernel, stride), (x, kernel)
 
 
-def _pointwise_conv_vjp_backward(stride, residuals, grad):
+def _pointwise_conv_vjp_backward(stride, weight_gradient_as_dot, residuals, grad):
     x, kernel = residuals
     if stride == 1:
         grad_x = jax.lax.dot_general(grad, kernel[0, 0], (((3,), (1,)), ((), ())))
     else:
         grad_x = jax.vjp(lambda x: _pointwise_conv_forward(x, kernel, stride), x)[1](grad)[0]
+    if not weight_gradient_as_dot:
+        return grad_x, jax.vjp(lambda kernel: _pointwise_conv_forward(x, kernel, stride), kernel)[1](grad)[0]
     seen = x[:, ::stride, ::stride, :]  # the pixels a strided 1x1 conv reads
     grad_kernel = jax.lax.dot_general(seen.reshape(-1, seen.shape[-1]), grad.reshape(-1, grad.shape[-1]),
                                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -104,7 +105,7 @@ pointwise_conv.defvjp(_pointwise_conv_vjp_forward, _pointwise_conv_vjp_backward)
 def _flax_pointwise_conv(lhs, rhs, window_strides, padding, **conv_options):
     """nn.Conv's convolution hook for conv2d's 1x1 convs: those have no padding, dilation or groups, and
     NHWC / HWIO layouts, so only the stride is passed on."""
-    return pointwise_conv(lhs, rhs, window_strides[0])
+    return pointwise_conv(lhs, rhs, window_strides[0], _pointwise_weight_gradient_as_dot())
 
 
 def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
