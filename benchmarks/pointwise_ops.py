@@ -1,7 +1,7 @@
 """The 1x1 convolutions' weight gradients on CPU, each alone: XLA's, kdep_jax's dot, PyTorch channels_last's.
 
 XLA's weight gradient of a 1x1 conv is a convolution with an H x W window, which XLA:CPU runs through Eigen
-after transposing both operands; `kdep_jax.models.layers.pointwise_conv` (the CPU default on AVX-512) takes it
+after transposing both operands; `kdep_jax.models.layers.pointwise_conv` (on AVX-512 CPUs, by default) takes it
 as one dot product over the (N * H * W, C) input and output gradient instead. This times both, and PyTorch's
 `aten.convolution_backward` in channels_last, for each distinct 1x1 conv of torchvision's MobileNetV2 (34 in
 all) and ResNet-18's three stride-2 downsampling convs, at 224 px, batch 32, float32, with the XLA flags of
@@ -52,6 +52,9 @@ def kdep_jax_ops(repeats: int) -> dict[str, float]:
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
+    def dot_conv(x, kernel, stride):
+        return pointwise_conv(x, kernel, stride, True)
+
     def weight_gradient(conv, stride, x, kernel, grad):
         return jax.vjp(lambda kernel: conv(x, kernel, stride), kernel)[1](grad)[0]
 
@@ -62,7 +65,7 @@ def kdep_jax_ops(repeats: int) -> dict[str, float]:
         x = jax.numpy.asarray(rng.normal(size=(BATCH, size, size, in_channels)).astype(np.float32))
         kernel = jax.numpy.asarray(rng.normal(size=(1, 1, in_channels, out_channels)).astype(np.float32))
         grad = jax.numpy.asarray(rng.normal(size=(BATCH, out_size, out_size, out_channels)).astype(np.float32))
-        for variant, conv in (("XLA's convolution", xla_conv), ("kdep_jax: dot", pointwise_conv)):
+        for variant, conv in (("XLA's convolution", xla_conv), ("kdep_jax: dot", dot_conv)):
             compiled = jax.jit(functools.partial(weight_gradient, conv, stride))
             results[f"{name(net, size, in_channels, out_channels, stride, count)} [{variant}]"] = median_ms(
                 lambda: jax.block_until_ready(compiled(x, kernel, grad)), repeats)
