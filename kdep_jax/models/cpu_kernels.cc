@@ -52,6 +52,17 @@ std::pair<int64_t, int64_t> TapColumns(const Shape& s, int64_t j) {
           std::min<int64_t>(s.out_width, FloorDiv(s.width - 1 + s.pad_left - j, s.stride) + 1)};
 }
 
+// Copies an image row (`width` pixels of `channels`) into `row` from its column `left` on, as far as its
+// `row_width` columns reach, with zeros around.
+void CopyPaddedRow(const float* image_row, int64_t width, int64_t channels, int64_t left, int64_t row_width,
+                   float* row) {
+  const int64_t first = std::clamp<int64_t>(left, 0, row_width);
+  const int64_t end = std::clamp<int64_t>(left + width, first, row_width);
+  std::fill_n(row, first * channels, 0.0f);
+  std::copy_n(image_row + (first - left) * channels, (end - first) * channels, row + first * channels);
+  std::fill(row + end * channels, row + row_width * channels, 0.0f);
+}
+
 // Calls row(x_tap, dy_row, first, end, tap) for each output row of one image and each tap (i, j) whose input
 // row is inside x: output column wo of the row reads x_tap[wo * stride * in_channels ...], inside x for wo in
 // [first, end); tap = i * k + j.
@@ -96,33 +107,15 @@ void AddDepthwiseImage(const float* x, const float* dy, double* partial, const S
   });
 }
 
-// A chunk of images' output channels [co_begin, co_end), and its rows [r0, r1) counted over all its images.
-struct DenseBlock {
-  const float* x;
-  const float* dy;
-  int64_t co_begin, co_end, r0, r1;
-};
-
-// Adds to tap (Cin, Cout) the products of input channels ci0 ... ci0 + kIn - 1 of tap (i, j)'s window with the
-// output gradient over the block's rows, summed in registers 32 output channels at a time.
-template <int kIn>
-void AddDenseTapBand(const DenseBlock& b, const Shape& s, int64_t i, int64_t j, int64_t ci0, double* tap) {
-  const int64_t cin = s.in_channels, cout = s.out_channels;
-  const auto [first, end] = TapColumns(s, j);
-  auto rows = [&](auto add_pixel) {
-    for (int64_t r = b.r0; r < b.r1; ++r) {
-      const int64_t image = r / s.out_height, ho = r % s.out_height, hi = ho * s.stride + i - s.pad_top;
-      if (hi < 0 || hi >= s.height) continue;
-      // Output column wo reads x_row + wo * stride * Cin.
-      const float* x_row = b.x + ((image * s.height + hi) * s.width + j - s.pad_left) * cin + ci0;
-      const float* dy_row = b.dy + r * s.out_width * cout;
-      for (int64_t wo = first; wo < end; ++wo) add_pixel(x_row + wo * s.stride * cin, dy_row + wo * cout);
-    }
-  };
-  int64_t co0 = b.co_begin;
-  for (; co0 + kVectorOutBlock <= b.co_end; co0 += kVectorOutBlock) {
+// Adds to tap (kIn, Cout) the products of kIn input channels with the output gradient over a band of pixels,
+// summed in registers 32 output channels at a time. pixels(add_pixel) calls add_pixel(xp, dp) for each pixel of
+// the band: its kIn input values at xp, its output gradient (Cout) at dp.
+template <int kIn, typename Pixels>
+void AddTapBand(Pixels pixels, int64_t co_begin, int64_t co_end, int64_t cout, double* tap) {
+  int64_t co0 = co_begin;
+  for (; co0 + kVectorOutBlock <= co_end; co0 += kVectorOutBlock) {
     Vector sum[kIn][2] = {};
-    rows([&](const float* xp, const float* dp) {
+    pixels([&](const float* xp, const float* dp) {
       Vector dy0, dy1;
       std::memcpy(&dy0, dp + co0, sizeof(Vector));
       std::memcpy(&dy1, dp + co0 + 16, sizeof(Vector));
@@ -133,47 +126,101 @@ void AddDenseTapBand(const DenseBlock& b, const Shape& s, int64_t i, int64_t j, 
     });
     for (int q = 0; q < kIn; ++q) {
       for (int l = 0; l < 16; ++l) {
-        tap[(ci0 + q) * cout + co0 + l] += sum[q][0][l];
-        tap[(ci0 + q) * cout + co0 + 16 + l] += sum[q][1][l];
+        tap[q * cout + co0 + l] += sum[q][0][l];
+        tap[q * cout + co0 + 16 + l] += sum[q][1][l];
       }
     }
   }
-  for (; co0 < b.co_end; ++co0) {
+  for (; co0 < co_end; ++co0) {
     float sum[kIn] = {};
-    rows([&](const float* xp, const float* dp) {
+    pixels([&](const float* xp, const float* dp) {
       for (int q = 0; q < kIn; ++q) sum[q] += xp[q] * dp[co0];
     });
-    for (int q = 0; q < kIn; ++q) tap[(ci0 + q) * cout + co0] += sum[q];
+    for (int q = 0; q < kIn; ++q) tap[q * cout + co0] += sum[q];
   }
 }
 
 constexpr int64_t kDenseInputBlock = 14;  // 14 x 32 sums: 28 AVX-512 registers
+
+// AddTapBand over `channels` input channels, kDenseInputBlock at a time: pixels(ci0, add_pixel) passes add_pixel
+// the values from channel ci0 on; tap (channels, Cout).
+template <typename Pixels>
+void AddTapBands(int64_t channels, Pixels pixels, int64_t co_begin, int64_t co_end, int64_t cout, double* tap) {
+  for (int64_t ci0 = 0; ci0 < channels; ci0 += kDenseInputBlock) {
+    auto from_ci0 = [&](auto add_pixel) { pixels(ci0, add_pixel); };
+    double* block = tap + ci0 * cout;
+    switch (std::min(kDenseInputBlock, channels - ci0)) {
+#define KDEP_DENSE_CASE(n) \
+  case n: AddTapBand<n>(from_ci0, co_begin, co_end, cout, block); break;
+      KDEP_DENSE_CASE(14) KDEP_DENSE_CASE(13) KDEP_DENSE_CASE(12) KDEP_DENSE_CASE(11) KDEP_DENSE_CASE(10)
+      KDEP_DENSE_CASE(9) KDEP_DENSE_CASE(8) KDEP_DENSE_CASE(7) KDEP_DENSE_CASE(6) KDEP_DENSE_CASE(5)
+      KDEP_DENSE_CASE(4) KDEP_DENSE_CASE(3) KDEP_DENSE_CASE(2)
+#undef KDEP_DENSE_CASE
+      default: AddTapBand<1>(from_ci0, co_begin, co_end, cout, block);
+    }
+  }
+}
+
 constexpr int64_t kDenseBandPixels = 512;  // output pixels per band, at least (1.0-1.3x faster than 1024 or 2048)
 constexpr int64_t kDenseChunkPixels = 56 * 56;  // output pixels per chunk of images, at least
 
 // Adds to partial (k*k, Cin, Cout) the products of each tap's window of a chunk of images' x with their dy, for
 // output channels [co_begin, co_end). A band of rows at a time, whose x and dy stay in the L2 cache while each
 // tap and block of channels passes over them.
+//
+// Inputs narrower than kDenseInputBlock channels (a stem's RGB image) would fill few of the registers: their bands
+// stay inside one image, and the rows of x a band reads are copied, zero-padded, to scratch memory, where a row of
+// taps (i, 0 ... k - 1) reads k * Cin consecutive values at each pixel, as one run of channels (ResNet's stem: 7
+// runs of 21, not 49 of 3).
 void AddDenseChunk(const float* x, const float* dy, int64_t images, int64_t co_begin, int64_t co_end,
                    double* partial, const Shape& s) {
   const int64_t cin = s.in_channels, cout = s.out_channels;
   const int64_t band = std::max<int64_t>(1, (kDenseBandPixels + s.out_width - 1) / std::max<int64_t>(1, s.out_width));
-  for (int64_t r0 = 0; r0 < images * s.out_height; r0 += band) {
-    const DenseBlock b{x, dy, co_begin, co_end, r0, std::min(images * s.out_height, r0 + band)};
-    for (int64_t i = 0; i < s.k; ++i) {
-      for (int64_t j = 0; j < s.k; ++j) {
-        double* tap = partial + (i * s.k + j) * cin * cout;
-        for (int64_t ci0 = 0; ci0 < cin; ci0 += kDenseInputBlock) {
-          switch (std::min(kDenseInputBlock, cin - ci0)) {
-#define KDEP_DENSE_CASE(n) \
-  case n: AddDenseTapBand<n>(b, s, i, j, ci0, tap); break;
-            KDEP_DENSE_CASE(14) KDEP_DENSE_CASE(13) KDEP_DENSE_CASE(12) KDEP_DENSE_CASE(11) KDEP_DENSE_CASE(10)
-            KDEP_DENSE_CASE(9) KDEP_DENSE_CASE(8) KDEP_DENSE_CASE(7) KDEP_DENSE_CASE(6) KDEP_DENSE_CASE(5)
-            KDEP_DENSE_CASE(4) KDEP_DENSE_CASE(3) KDEP_DENSE_CASE(2)
-#undef KDEP_DENSE_CASE
-            default: AddDenseTapBand<1>(b, s, i, j, ci0, tap);
+  if (cin < kDenseInputBlock) {
+    const int64_t padded_width = (s.out_width - 1) * s.stride + s.k, row_pitch = padded_width * cin;
+    std::vector<float> scratch(((band - 1) * s.stride + s.k) * row_pitch);
+    for (int64_t image = 0; image < images; ++image) {
+      for (int64_t ho0 = 0; ho0 < s.out_height; ho0 += band) {
+        const int64_t ho1 = std::min(s.out_height, ho0 + band), rows = (ho1 - ho0 - 1) * s.stride + s.k;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t hi = ho0 * s.stride + r - s.pad_top;
+          float* row = scratch.data() + r * row_pitch;
+          if (hi < 0 || hi >= s.height) {
+            std::fill_n(row, row_pitch, 0.0f);
+          } else {
+            CopyPaddedRow(x + (image * s.height + hi) * s.width * cin, s.width, cin, s.pad_left, padded_width, row);
           }
         }
+        for (int64_t i = 0; i < s.k; ++i) {
+          auto pixels = [&](int64_t ci0, auto add_pixel) {
+            for (int64_t ho = ho0; ho < ho1; ++ho) {
+              const float* x_row = scratch.data() + ((ho - ho0) * s.stride + i) * row_pitch + ci0;
+              const float* dy_row = dy + (image * s.out_height + ho) * s.out_width * cout;
+              for (int64_t wo = 0; wo < s.out_width; ++wo) add_pixel(x_row + wo * s.stride * cin, dy_row + wo * cout);
+            }
+          };
+          AddTapBands(s.k * cin, pixels, co_begin, co_end, cout, partial + i * s.k * cin * cout);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t r0 = 0; r0 < images * s.out_height; r0 += band) {
+    const int64_t r1 = std::min(images * s.out_height, r0 + band);
+    for (int64_t i = 0; i < s.k; ++i) {
+      for (int64_t j = 0; j < s.k; ++j) {
+        const auto [first, end] = TapColumns(s, j);
+        auto pixels = [&](int64_t ci0, auto add_pixel) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t image = r / s.out_height, ho = r % s.out_height, hi = ho * s.stride + i - s.pad_top;
+            if (hi < 0 || hi >= s.height) continue;
+            // Output column wo reads x_row + wo * stride * Cin.
+            const float* x_row = x + ((image * s.height + hi) * s.width + j - s.pad_left) * cin + ci0;
+            const float* dy_row = dy + r * s.out_width * cout;
+            for (int64_t wo = first; wo < end; ++wo) add_pixel(x_row + wo * s.stride * cin, dy_row + wo * cout);
+          }
+        };
+        AddTapBands(cin, pixels, co_begin, co_end, cout, partial + (i * s.k + j) * cin * cout);
       }
     }
   }
@@ -351,17 +398,6 @@ std::vector<float> PackWeights(const float* w, const Shape& s, bool by_input_cha
     }
   }
   return packed;
-}
-
-// Copies an image row (`width` pixels of `channels`) into `row` from its column `left` on, as far as its
-// `row_width` columns reach, with zeros around.
-void CopyPaddedRow(const float* image_row, int64_t width, int64_t channels, int64_t left, int64_t row_width,
-                   float* row) {
-  const int64_t first = std::clamp<int64_t>(left, 0, row_width);
-  const int64_t end = std::clamp<int64_t>(left + width, first, row_width);
-  std::fill_n(row, first * channels, 0.0f);
-  std::copy_n(image_row + (first - left) * channels, (end - first) * channels, row + first * channels);
-  std::fill(row + end * channels, row + row_width * channels, 0.0f);
 }
 
 ffi::Error Conv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Float32x4d> y, int64_t stride,
