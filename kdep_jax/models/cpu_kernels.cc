@@ -63,48 +63,103 @@ void CopyPaddedRow(const float* image_row, int64_t width, int64_t channels, int6
   std::fill(row + end * channels, row + row_width * channels, 0.0f);
 }
 
-// Calls row(x_tap, dy_row, first, end, tap) for each output row of one image and each tap (i, j) whose input
-// row is inside x: output column wo of the row reads x_tap[wo * stride * in_channels ...], inside x for wo in
-// [first, end); tap = i * k + j.
-template <typename F>
-void ForEachTapRow(const float* x, const float* dy, const Shape& s, F row) {
-  for (int64_t ho = 0; ho < s.out_height; ++ho) {
-    const float* dy_row = dy + ho * s.out_width * s.out_channels;
-    for (int64_t i = 0; i < s.k; ++i) {
-      const int64_t hi = ho * s.stride + i - s.pad_top;
-      if (hi < 0 || hi >= s.height) continue;
-      const float* x_row = x + hi * s.width * s.in_channels;
-      for (int64_t j = 0; j < s.k; ++j) {
-        const auto [first, end] = TapColumns(s, j);
-        row(x_row + (j - s.pad_left) * s.in_channels, dy_row, first, end, i * s.k + j);
-      }
+constexpr int64_t kDepthwiseLanes = 16;  // one AVX-512 vector, two AVX2 ones
+constexpr int kDepthwiseColumnTaps = 7;  // column taps whose sums a row keeps in registers at once
+
+// Adds to taps (kTaps column taps j0 ... j0 + kTaps - 1 of one tap row, C channels each) the products of one row
+// of x (x_row: column w at x_row + w * C) with one row of dy, for the channels c0 ... c0 + 15. Each tap's sums stay
+// in two registers, even and odd output columns apart, so that 2 * kTaps chains of FMAs run side by side; the
+// columns where one of the taps falls outside x are added one at a time.
+//
+// columns[j]: TapColumns(s, j); [inner_first, inner_end): the columns where all kTaps taps are inside x.
+template <int kTaps>
+void AddDepthwiseRowTaps(const float* x_row, const float* dy_row, double* taps, int64_t j0, int64_t c0,
+                         const std::pair<int64_t, int64_t>* columns, int64_t inner_first, int64_t inner_end,
+                         const Shape& s) {
+  const int64_t c = s.in_channels;
+  auto load = [](const float* from) {
+    Vector v;
+    std::memcpy(&v, from, sizeof(Vector));
+    return v;
+  };
+  // Output column wo, tap j reads x_row + (wo * stride + j - pad_left) * C + c0.
+  const float* x_tap = x_row + (j0 - s.pad_left) * c + c0;
+  const int64_t x_step = s.stride * c;
+  Vector even[kTaps] = {}, odd[kTaps] = {};
+  int64_t wo = inner_first;
+  for (; wo + 1 < inner_end; wo += 2) {
+    const Vector dy0 = load(dy_row + wo * c + c0), dy1 = load(dy_row + (wo + 1) * c + c0);
+    const float* x0 = x_tap + wo * x_step;
+#pragma GCC unroll 7
+    for (int t = 0; t < kTaps; ++t) {
+      even[t] += load(x0 + t * c) * dy0;
+      odd[t] += load(x0 + x_step + t * c) * dy1;
     }
+  }
+  auto add_column = [&](int64_t column) {
+    const Vector d = load(dy_row + column * c + c0);
+#pragma GCC unroll 7
+    for (int t = 0; t < kTaps; ++t) {
+      const auto [first, end] = columns[j0 + t];
+      if (column >= first && column < end) even[t] += load(x_tap + column * x_step + t * c) * d;
+    }
+  };
+  if (wo < inner_end) add_column(wo);
+  for (int64_t column = 0; column < inner_first; ++column) add_column(column);
+  for (int64_t column = inner_end; column < s.out_width; ++column) add_column(column);
+#pragma GCC unroll 7
+  for (int t = 0; t < kTaps; ++t) {
+    const Vector sum = even[t] + odd[t];
+    for (int l = 0; l < kDepthwiseLanes; ++l) taps[(j0 + t) * c + c0 + l] += sum[l];
   }
 }
 
-constexpr int64_t kDepthwiseLanes = 16;  // one AVX-512 vector, two AVX2 ones
-
-// Adds to partial (k*k, C) the products of each tap's window of one image's x with its dy.
+// Adds to partial (k*k, C) the products of each tap's window of one image's x with its dy: output row by row, for
+// each tap row inside x, its column taps (up to kDepthwiseColumnTaps at a time) 16 channels at a time, then the
+// channels left one at a time.
 void AddDepthwiseImage(const float* x, const float* dy, double* partial, const Shape& s) {
   const int64_t c = s.in_channels;
-  ForEachTapRow(x, dy, s, [&](const float* x_tap, const float* dy_row, int64_t first, int64_t end, int64_t t) {
-    double* tap = partial + t * c;
-    int64_t c0 = 0;
-    for (; c0 + kDepthwiseLanes <= c; c0 += kDepthwiseLanes) {
-      float sum[kDepthwiseLanes] = {};
-      for (int64_t wo = first; wo < end; ++wo) {
-        const float* xp = x_tap + wo * s.stride * c + c0;
-        const float* dp = dy_row + wo * c + c0;
-        for (int64_t l = 0; l < kDepthwiseLanes; ++l) sum[l] += xp[l] * dp[l];
+  std::vector<std::pair<int64_t, int64_t>> columns(s.k), inner(s.k);  // inner: of the taps j0 ... j0 + 6
+  for (int64_t j = 0; j < s.k; ++j) columns[j] = TapColumns(s, j);
+  for (int64_t j0 = 0; j0 < s.k; j0 += kDepthwiseColumnTaps) {
+    inner[j0] = {0, s.out_width};
+    for (int64_t j = j0; j < std::min<int64_t>(s.k, j0 + kDepthwiseColumnTaps); ++j) {
+      inner[j0] = {std::max(inner[j0].first, columns[j].first), std::min(inner[j0].second, columns[j].second)};
+    }
+    inner[j0].second = std::max(inner[j0].first, inner[j0].second);
+  }
+  for (int64_t ho = 0; ho < s.out_height; ++ho) {
+    const float* dy_row = dy + ho * s.out_width * c;
+    for (int64_t i = 0; i < s.k; ++i) {
+      const int64_t hi = ho * s.stride + i - s.pad_top;
+      if (hi < 0 || hi >= s.height) continue;
+      const float* x_row = x + hi * s.width * c;
+      double* taps = partial + i * s.k * c;
+      for (int64_t c0 = 0; c0 + kDepthwiseLanes <= c; c0 += kDepthwiseLanes) {
+        for (int64_t j0 = 0; j0 < s.k; j0 += kDepthwiseColumnTaps) {
+          const auto [inner_first, inner_end] = inner[j0];
+          switch (std::min<int64_t>(kDepthwiseColumnTaps, s.k - j0)) {
+#define KDEP_DEPTHWISE_CASE(n) \
+  case n: AddDepthwiseRowTaps<n>(x_row, dy_row, taps, j0, c0, columns.data(), inner_first, inner_end, s); break;
+            KDEP_DEPTHWISE_CASE(7) KDEP_DEPTHWISE_CASE(6) KDEP_DEPTHWISE_CASE(5) KDEP_DEPTHWISE_CASE(4)
+            KDEP_DEPTHWISE_CASE(3) KDEP_DEPTHWISE_CASE(2)
+#undef KDEP_DEPTHWISE_CASE
+            default: AddDepthwiseRowTaps<1>(x_row, dy_row, taps, j0, c0, columns.data(), inner_first, inner_end, s);
+          }
+        }
       }
-      for (int64_t l = 0; l < kDepthwiseLanes; ++l) tap[c0 + l] += sum[l];
+      for (int64_t j = 0; j < s.k; ++j) {
+        const auto [first, end] = columns[j];
+        for (int64_t ch = c / kDepthwiseLanes * kDepthwiseLanes; ch < c; ++ch) {
+          float sum = 0.0f;
+          for (int64_t wo = first; wo < end; ++wo) {
+            sum += x_row[(wo * s.stride + j - s.pad_left) * c + ch] * dy_row[wo * c + ch];
+          }
+          taps[j * c + ch] += sum;
+        }
+      }
     }
-    for (; c0 < c; ++c0) {
-      float sum = 0.0f;
-      for (int64_t wo = first; wo < end; ++wo) sum += x_tap[wo * s.stride * c + c0] * dy_row[wo * c + c0];
-      tap[c0] += sum;
-    }
-  });
+  }
 }
 
 // Adds to tap (kIn, Cout) the products of kIn input channels with the output gradient over a band of pixels,
