@@ -271,6 +271,8 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     (True, 1, 8, 5, 5, 5, 2, ((2, 2), (2, 2))), (True, 2, 6, 20, 20, 5, 1, ((1, 3), (2, 2))),  # uneven padding
     (True, 2, 9, 7, 7, 7, 1, ((3, 3), (3, 3))),
     (True, 1, 1, 3, 3, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
+    # 40 x 43 and 20 x 22 output pixels: bands of 2 and 5 rows
+    (True, 1, 40, 16, 16, 3, 1, ((1, 1), (1, 1))), (True, 1, 40, 16, 16, 3, 2, ((0, 1), (0, 1))),
     (False, 2, 20, 3, 72, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: output channels 32 + 32 + a tail of 8
     # RGB inputs, copied band by band: 24 x 25 and 30 x 33 output pixels, bands of 21 and 16 rows (two per image)
     (False, 1, 47, 3, 64, 7, 2, ((3, 3), (3, 3))), (False, 2, 30, 3, 40, 3, 1, ((1, 1), (1, 1))),

@@ -64,49 +64,55 @@ void CopyPaddedRow(const float* image_row, int64_t width, int64_t channels, int6
 }
 
 constexpr int64_t kDepthwiseLanes = 16;  // one AVX-512 vector, two AVX2 ones
-constexpr int kDepthwiseColumnTaps = 7;  // column taps whose sums a row keeps in registers at once
+constexpr int kDepthwiseColumnTaps = 7;  // column taps whose sums a band keeps in registers at once
 
-// Adds to taps (kTaps column taps j0 ... j0 + kTaps - 1 of one tap row, C channels each) the products of one row
-// of x (x_row: column w at x_row + w * C) with one row of dy, for the channels c0 ... c0 + 15. Each tap's sums stay
-// in two registers, even and odd output columns apart, so that 2 * kTaps chains of FMAs run side by side; the
-// columns where one of the taps falls outside x are added one at a time.
+constexpr int64_t kDepthwiseBandPixels = 112;  // output pixels per band of rows whose sums stay in registers
+
+// Adds to taps (kTaps column taps j0 ... j0 + kTaps - 1 of tap row i, C channels each) the products of one image's
+// x with its dy over the output rows [ho0, ho1), for the channels c0 ... c0 + 15. Each tap's sums stay in two
+// registers over the band, even and odd output columns apart, so that 2 * kTaps chains of FMAs run side by side;
+// the columns where one of the taps falls outside x are added one at a time.
 //
 // columns[j]: TapColumns(s, j); [inner_first, inner_end): the columns where all kTaps taps are inside x.
 template <int kTaps>
-void AddDepthwiseRowTaps(const float* x_row, const float* dy_row, double* taps, int64_t j0, int64_t c0,
-                         const std::pair<int64_t, int64_t>* columns, int64_t inner_first, int64_t inner_end,
-                         const Shape& s) {
-  const int64_t c = s.in_channels;
+void AddDepthwiseBandTaps(const float* x, const float* dy, int64_t ho0, int64_t ho1, int64_t i, int64_t j0,
+                          int64_t c0, const std::pair<int64_t, int64_t>* columns, int64_t inner_first,
+                          int64_t inner_end, double* taps, const Shape& s) {
+  const int64_t c = s.in_channels, x_step = s.stride * c;
   auto load = [](const float* from) {
     Vector v;
     std::memcpy(&v, from, sizeof(Vector));
     return v;
   };
-  // Output column wo, tap j reads x_row + (wo * stride + j - pad_left) * C + c0.
-  const float* x_tap = x_row + (j0 - s.pad_left) * c + c0;
-  const int64_t x_step = s.stride * c;
   Vector even[kTaps] = {}, odd[kTaps] = {};
-  int64_t wo = inner_first;
-  for (; wo + 1 < inner_end; wo += 2) {
-    const Vector dy0 = load(dy_row + wo * c + c0), dy1 = load(dy_row + (wo + 1) * c + c0);
-    const float* x0 = x_tap + wo * x_step;
+  for (int64_t ho = ho0; ho < ho1; ++ho) {
+    const int64_t hi = ho * s.stride + i - s.pad_top;
+    if (hi < 0 || hi >= s.height) continue;
+    const float* dy_row = dy + ho * s.out_width * c + c0;
+    // Output column wo, tap j0 + t reads x_tap + wo * stride * C + t * C.
+    const float* x_tap = x + (hi * s.width + j0 - s.pad_left) * c + c0;
+    int64_t wo = inner_first;
+    for (; wo + 1 < inner_end; wo += 2) {
+      const Vector dy0 = load(dy_row + wo * c), dy1 = load(dy_row + (wo + 1) * c);
+      const float* x0 = x_tap + wo * x_step;
 #pragma GCC unroll 7
-    for (int t = 0; t < kTaps; ++t) {
-      even[t] += load(x0 + t * c) * dy0;
-      odd[t] += load(x0 + x_step + t * c) * dy1;
+      for (int t = 0; t < kTaps; ++t) {
+        even[t] += load(x0 + t * c) * dy0;
+        odd[t] += load(x0 + x_step + t * c) * dy1;
+      }
     }
+    auto add_column = [&](int64_t column) {
+      const Vector d = load(dy_row + column * c);
+#pragma GCC unroll 7
+      for (int t = 0; t < kTaps; ++t) {
+        const auto [first, end] = columns[j0 + t];
+        if (column >= first && column < end) even[t] += load(x_tap + column * x_step + t * c) * d;
+      }
+    };
+    if (wo < inner_end) add_column(wo);
+    for (int64_t column = 0; column < inner_first; ++column) add_column(column);
+    for (int64_t column = inner_end; column < s.out_width; ++column) add_column(column);
   }
-  auto add_column = [&](int64_t column) {
-    const Vector d = load(dy_row + column * c + c0);
-#pragma GCC unroll 7
-    for (int t = 0; t < kTaps; ++t) {
-      const auto [first, end] = columns[j0 + t];
-      if (column >= first && column < end) even[t] += load(x_tap + column * x_step + t * c) * d;
-    }
-  };
-  if (wo < inner_end) add_column(wo);
-  for (int64_t column = 0; column < inner_first; ++column) add_column(column);
-  for (int64_t column = inner_end; column < s.out_width; ++column) add_column(column);
 #pragma GCC unroll 7
   for (int t = 0; t < kTaps; ++t) {
     const Vector sum = even[t] + odd[t];
@@ -114,8 +120,8 @@ void AddDepthwiseRowTaps(const float* x_row, const float* dy_row, double* taps, 
   }
 }
 
-// Adds to partial (k*k, C) the products of each tap's window of one image's x with its dy: output row by row, for
-// each tap row inside x, its column taps (up to kDepthwiseColumnTaps at a time) 16 channels at a time, then the
+// Adds to partial (k*k, C) the products of each tap's window of one image's x with its dy: band by band of output
+// rows, for each tap row, its column taps (up to kDepthwiseColumnTaps at a time) 16 channels at a time, then the
 // channels left one at a time.
 void AddDepthwiseImage(const float* x, const float* dy, double* partial, const Shape& s) {
   const int64_t c = s.in_channels;
@@ -128,34 +134,38 @@ void AddDepthwiseImage(const float* x, const float* dy, double* partial, const S
     }
     inner[j0].second = std::max(inner[j0].first, inner[j0].second);
   }
-  for (int64_t ho = 0; ho < s.out_height; ++ho) {
-    const float* dy_row = dy + ho * s.out_width * c;
+  const int64_t band = std::max<int64_t>(1, kDepthwiseBandPixels / std::max<int64_t>(1, s.out_width));
+  for (int64_t ho0 = 0; ho0 < s.out_height; ho0 += band) {
+    const int64_t ho1 = std::min(s.out_height, ho0 + band);
     for (int64_t i = 0; i < s.k; ++i) {
-      const int64_t hi = ho * s.stride + i - s.pad_top;
-      if (hi < 0 || hi >= s.height) continue;
-      const float* x_row = x + hi * s.width * c;
       double* taps = partial + i * s.k * c;
       for (int64_t c0 = 0; c0 + kDepthwiseLanes <= c; c0 += kDepthwiseLanes) {
         for (int64_t j0 = 0; j0 < s.k; j0 += kDepthwiseColumnTaps) {
-          const auto [inner_first, inner_end] = inner[j0];
+          const auto [first, end] = inner[j0];
           switch (std::min<int64_t>(kDepthwiseColumnTaps, s.k - j0)) {
 #define KDEP_DEPTHWISE_CASE(n) \
-  case n: AddDepthwiseRowTaps<n>(x_row, dy_row, taps, j0, c0, columns.data(), inner_first, inner_end, s); break;
+  case n: AddDepthwiseBandTaps<n>(x, dy, ho0, ho1, i, j0, c0, columns.data(), first, end, taps, s); break;
             KDEP_DEPTHWISE_CASE(7) KDEP_DEPTHWISE_CASE(6) KDEP_DEPTHWISE_CASE(5) KDEP_DEPTHWISE_CASE(4)
             KDEP_DEPTHWISE_CASE(3) KDEP_DEPTHWISE_CASE(2)
 #undef KDEP_DEPTHWISE_CASE
-            default: AddDepthwiseRowTaps<1>(x_row, dy_row, taps, j0, c0, columns.data(), inner_first, inner_end, s);
+            default: AddDepthwiseBandTaps<1>(x, dy, ho0, ho1, i, j0, c0, columns.data(), first, end, taps, s);
           }
         }
       }
-      for (int64_t j = 0; j < s.k; ++j) {
-        const auto [first, end] = columns[j];
-        for (int64_t ch = c / kDepthwiseLanes * kDepthwiseLanes; ch < c; ++ch) {
-          float sum = 0.0f;
-          for (int64_t wo = first; wo < end; ++wo) {
-            sum += x_row[(wo * s.stride + j - s.pad_left) * c + ch] * dy_row[wo * c + ch];
+      for (int64_t ho = ho0; ho < ho1; ++ho) {
+        const int64_t hi = ho * s.stride + i - s.pad_top;
+        if (hi < 0 || hi >= s.height) continue;
+        const float* x_row = x + hi * s.width * c;
+        const float* dy_row = dy + ho * s.out_width * c;
+        for (int64_t j = 0; j < s.k; ++j) {
+          const auto [first, end] = columns[j];
+          for (int64_t ch = c / kDepthwiseLanes * kDepthwiseLanes; ch < c; ++ch) {
+            float sum = 0.0f;
+            for (int64_t wo = first; wo < end; ++wo) {
+              sum += x_row[(wo * s.stride + j - s.pad_left) * c + ch] * dy_row[wo * c + ch];
+            }
+            taps[j * c + ch] += sum;
           }
-          taps[j * c + ch] += sum;
         }
       }
     }
