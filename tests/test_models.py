@@ -277,7 +277,7 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     # RGB inputs, copied band by band: 24 x 25 and 30 x 33 output pixels, bands of 21 and 16 rows (two per image)
     (False, 1, 47, 3, 64, 7, 2, ((3, 3), (3, 3))), (False, 2, 30, 3, 40, 3, 1, ((1, 1), (1, 1))),
     (False, 2, 16, 3, 32, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stem
-    (False, 2, 7, 13, 33, 3, 1, ((1, 1), (1, 1))),  # 13 input channels: one block, short of 14
+    (False, 2, 7, 13, 33, 3, 1, ((1, 1), (1, 1))),  # 13 input channels: narrower than a block of 14, copied too
     (False, 1, 9, 1, 16, 5, 2, ((1, 2), (2, 1))), (False, 3, 5, 4, 8, 3, 1, ((0, 2), (1, 1))),  # no 32-block
     (False, 1, 1, 3, 40, 3, 1, ((1, 1), (1, 1))),
     (False, 2, 8, 64, 72, 3, 2, ((1, 1), (1, 1))),  # a ResNet's first stage: input channels in blocks of 14 and 8

@@ -65,8 +65,7 @@ void CopyPaddedRow(const float* image_row, int64_t width, int64_t channels, int6
 
 constexpr int64_t kDepthwiseLanes = 16;  // one AVX-512 vector, two AVX2 ones
 constexpr int kDepthwiseColumnTaps = 7;  // column taps whose sums a band keeps in registers at once
-
-constexpr int64_t kDepthwiseBandPixels = 112;  // output pixels per band of rows whose sums stay in registers
+constexpr int64_t kDepthwiseBandPixels = 112;  // output pixels per band of rows, at least (or the whole image)
 
 // Adds to taps (kTaps column taps j0 ... j0 + kTaps - 1 of tap row i, C channels each) the products of one image's
 // x with its dy over the output rows [ho0, ho1), for the channels c0 ... c0 + 15. Each tap's sums stay in two
