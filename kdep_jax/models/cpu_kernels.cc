@@ -63,6 +63,22 @@ void CopyPaddedRow(const float* image_row, int64_t width, int64_t channels, int6
   std::fill(row + end * channels, row + row_width * channels, 0.0f);
 }
 
+// Copies the rows first_row ... first_row + rows - 1 of one image of x (N, H, W, Cin) into `out`, each as
+// CopyPaddedRow does from column pad_left on, padded_width pixels apart; rows outside the image are zeros.
+void CopyPaddedRows(const float* image, const Shape& s, int64_t first_row, int64_t rows, int64_t padded_width,
+                    float* out) {
+  const int64_t row_pitch = padded_width * s.in_channels;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t hi = first_row + r;
+    float* row = out + r * row_pitch;
+    if (hi < 0 || hi >= s.height) {
+      std::fill_n(row, row_pitch, 0.0f);
+    } else {
+      CopyPaddedRow(image + hi * s.width * s.in_channels, s.width, s.in_channels, s.pad_left, padded_width, row);
+    }
+  }
+}
+
 constexpr int64_t kDepthwiseLanes = 16;  // one AVX-512 vector, two AVX2 ones
 constexpr int kDepthwiseColumnTaps = 7;  // column taps whose sums a band keeps in registers at once
 constexpr int64_t kDepthwiseBandPixels = 112;  // output pixels per band of rows, at least (or the whole image)
@@ -245,16 +261,9 @@ void AddDenseChunk(const float* x, const float* dy, int64_t images, int64_t co_b
     std::vector<float> scratch(((band - 1) * s.stride + s.k) * row_pitch);
     for (int64_t image = 0; image < images; ++image) {
       for (int64_t ho0 = 0; ho0 < s.out_height; ho0 += band) {
-        const int64_t ho1 = std::min(s.out_height, ho0 + band), rows = (ho1 - ho0 - 1) * s.stride + s.k;
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t hi = ho0 * s.stride + r - s.pad_top;
-          float* row = scratch.data() + r * row_pitch;
-          if (hi < 0 || hi >= s.height) {
-            std::fill_n(row, row_pitch, 0.0f);
-          } else {
-            CopyPaddedRow(x + (image * s.height + hi) * s.width * cin, s.width, cin, s.pad_left, padded_width, row);
-          }
-        }
+        const int64_t ho1 = std::min(s.out_height, ho0 + band);
+        CopyPaddedRows(x + image * s.height * s.width * cin, s, ho0 * s.stride - s.pad_top,
+                       (ho1 - ho0 - 1) * s.stride + s.k, padded_width, scratch.data());
         for (int64_t i = 0; i < s.k; ++i) {
           auto pixels = [&](int64_t ci0, auto add_pixel) {
             for (int64_t ho = ho0; ho < ho1; ++ho) {
@@ -483,16 +492,8 @@ ffi::Error Conv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Fl
     return [&, scratch = std::vector<float>(s.k * row_pitch), taps = std::vector<ConvTap>(s.k)](
                int64_t task) mutable {
       const int64_t image = task / s.out_height, ho = task % s.out_height;
-      for (int64_t i = 0; i < s.k; ++i) {
-        const int64_t hi = ho * s.stride + i - s.pad_top;
-        float* row = scratch.data() + i * row_pitch;
-        if (hi < 0 || hi >= s.height) {
-          std::fill_n(row, row_pitch, 0.0f);
-        } else {
-          CopyPaddedRow(x_data + (image * s.height + hi) * s.width * s.in_channels, s.width, s.in_channels,
-                        s.pad_left, padded_width, row);
-        }
-      }
+      CopyPaddedRows(x_data + image * s.height * s.width * s.in_channels, s, ho * s.stride - s.pad_top, s.k,
+                     padded_width, scratch.data());
       for (int64_t b = 0; b < s.out_channels / kVectorOutBlock; ++b) {
         // A row of taps (i, 0 ... k - 1) reads k * Cin consecutive values of its padded scratch row, and its
         // weights lie in the same order: one run of channels per row, so a stem's 7 x 3 values are one loop of 21
