@@ -32,6 +32,7 @@ FORMS = {
     "materialise_gradients": ("step:mobilenet_v2",),
     "chunk_weight_gradient": ("step:mobilenet_v2",),
     "native_weight_gradient": ("step:mobilenet_v2",),
+    "native_input_gradient": ("step:mobilenet_v2",),
     "native_conv_weight_gradient": ("step:resnet18", "step:mobilenet_v2"),
     "native_conv": ("step:resnet18", "step:mobilenet_v2"),
     "native_max_pool_gradient": ("step:resnet18",),

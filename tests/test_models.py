@@ -233,13 +233,14 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
                                                                monkeypatch):
     """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients, in
     the forms of AVX-512 CPUs (gradients in buffers of their own, the weight gradient over chunks of the batch,
-    wide kernels' input padded once; on one device, the weight gradient from kdep_jax's C++ kernel) and of the
+    wide kernels' input padded once; on one device, both gradients from kdep_jax's C++ kernels) and of the
     others. Batch 8: two chunks."""
     avx512_forms = forms != "avx2"
     monkeypatch.setattr(layers, "_materialise_gradients", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_chunk_weight_gradient", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_pad_wide_kernels", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_native_weight_gradient", lambda: avx512_forms)
+    monkeypatch.setattr(layers, "_native_input_gradient", lambda: avx512_forms)
     if forms == "avx512_one_device":  # the suite's process has 4 CPU devices; `python -m kdep_jax.main` has one
         monkeypatch.setattr(jax, "device_count", lambda: 1)
     rng = np.random.default_rng(stride * size)
@@ -258,8 +259,9 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
         grad_x, grad_kernel = pullback(cotangent * 0.5 + 0.25)
         return out, jnp.where(x > 0, grad_x, 0.0), grad_kernel
 
-    native_kernel = "kdep_depthwise_weight_gradient" in value_and_grads.lower(True).compile().as_text()
-    assert native_kernel == (forms == "avx512_one_device")
+    program = value_and_grads.lower(True).compile().as_text()
+    for native_kernel in ("kdep_depthwise_weight_gradient", "kdep_depthwise_input_gradient"):
+        assert (native_kernel in program) == (forms == "avx512_one_device")
     for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):
         assert shifted.shape == conv.shape
         np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
@@ -368,6 +370,41 @@ def test_native_conv_input_gradient_matches_float64(batch, height, width, in_cha
                 "nhwo,co->nhwc", grad.astype(np.float64), kernel[i, j].astype(np.float64))
     expected = expected[:, top:top + height, left:left + width]
     ours = jax.jit(functools.partial(cpu_kernels.conv_input_gradient, input_shape=(batch, height, width, in_channels),
+                                     stride=stride, padding=padding))(jnp.asarray(grad), jnp.asarray(kernel))
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("batch, height, width, channels, kernel_size, stride, padding", [
+    (2, 9, 7, 37, 3, 1, ((1, 1), (1, 1))),  # 37 channels: two blocks of 16 side by side and a tail of 5
+    (1, 8, 9, 144, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's: 8 blocks of 16 side by side and one more
+    (2, 9, 10, 96, 3, 2, ((0, 1), (0, 1))),  # 96 = 4 + 2 blocks of 16; TensorFlow's "SAME" padding
+    (1, 50, 10, 16, 3, 1, ((1, 1), (1, 1))),  # 500 pixels of dx: bands of 45 rows, the second of 5
+    (1, 11, 10, 48, 5, 2, ((2, 2), (2, 2))), (2, 6, 8, 20, 5, 1, ((1, 3), (2, 2))),  # 5x5, uneven padding
+    (1, 9, 9, 7, 7, 1, ((3, 3), (3, 3))),  # ConvNeXt's 7x7 (49 taps)
+    (2, 7, 7, 17, 3, 3, ((1, 0), (2, 1))),  # stride 3
+    (1, 1, 1, 32, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
+    (1, 4, 4, 16, 3, 2, ((0, 0), (0, 0))),  # no padding: one output pixel, which no tap carries to dx's last row
+])
+def test_native_depthwise_input_gradient_matches_float64(batch, height, width, channels, kernel_size, stride,
+                                                         padding):
+    """kdep_jax's C++ kernel for a depthwise conv's input gradient against numpy float64: the output gradient
+    times each tap's weights, added at the tap's strided positions of the zero-padded input, the padding cut off."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(width * channels + stride)
+    kernel = rng.normal(size=(kernel_size, kernel_size, 1, channels)).astype(np.float32)
+    (top, bottom), (left, right) = padding
+    out_h, out_w = ((size + before + after - kernel_size) // stride + 1
+                    for size, (before, after) in zip((height, width), padding))
+    grad = rng.normal(size=(batch, out_h, out_w, channels)).astype(np.float32)
+    expected = np.zeros((batch, height + top + bottom, width + left + right, channels))
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            expected[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride] += (
+                grad * kernel[i, j, 0].astype(np.float64))
+    expected = expected[:, top:top + height, left:left + width]
+    ours = jax.jit(functools.partial(cpu_kernels.depthwise_input_gradient, input_shape=(batch, height, width, channels),
                                      stride=stride, padding=padding))(jnp.asarray(grad), jnp.asarray(kernel))
     assert ours.shape == expected.shape and ours.dtype == jnp.float32
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())

@@ -3,7 +3,8 @@
 Convolutions that XLA:CPU runs below the CPU's speed: a dense conv's forward pass (and a stride-1 conv's input
 gradient) and weight gradient, which XLA hands to Eigen (a stem's as a contraction only 3 channels long); a
 depthwise conv's weight gradient, which XLA runs as k*k passes over the batch, each copying a shifted window of the
-input out of memory; and a max-pool's input gradient, which XLA runs as a chain of selects over strided windows.
+input out of memory, and its input gradient (k*k shifted products added in fused loops); and a max-pool's input
+gradient, which XLA runs as a chain of selects over strided windows.
 The C++ kernels keep their sums in registers over many pixels and channels (1.1-8x faster alone on AMD EPYCs, Zen 4
 and Zen 5; benchmarks/README.md).
 They are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
@@ -35,6 +36,7 @@ _CONV_WEIGHT_GRADIENT = "kdep_conv_weight_gradient"
 _CONV = "kdep_conv"
 _CONV_INPUT_GRADIENT = "kdep_conv_input_gradient"
 _MAX_POOL_GRADIENT = "kdep_max_pool_gradient"
+_DEPTHWISE_INPUT_GRADIENT = "kdep_depthwise_input_gradient"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -90,7 +92,8 @@ def available() -> bool:
     for name, handler in [(_DEPTHWISE_WEIGHT_GRADIENT, library.KdepDepthwiseWeightGradient),
                           (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient), (_CONV, library.KdepConv),
                           (_CONV_INPUT_GRADIENT, library.KdepConvInputGradient),
-                          (_MAX_POOL_GRADIENT, library.KdepMaxPoolGradient)]:
+                          (_MAX_POOL_GRADIENT, library.KdepMaxPoolGradient),
+                          (_DEPTHWISE_INPUT_GRADIENT, library.KdepDepthwiseInputGradient)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -104,6 +107,13 @@ def _call(target: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array, s
     return call(a.astype(jnp.float32), b.astype(jnp.float32), stride=np.int64(stride),
                 pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
                 **{name: np.int64(value) for name, value in attributes.items()})
+
+
+def depthwise_input_gradient(grad: jax.Array, kernel: jax.Array, input_shape: tuple[int, ...], stride: int,
+                             padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The gradient of a k x k depthwise conv's input, of shape input_shape (N, H, W, C), from its output gradient
+    `grad` (N, Ho, Wo, C) and HWIO kernel (k, k, 1, C), in float32; padding as in `layers.depthwise_conv`."""
+    return _call(_DEPTHWISE_INPUT_GRADIENT, tuple(input_shape), grad, kernel, stride, padding)
 
 
 def depthwise_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,

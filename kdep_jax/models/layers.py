@@ -199,9 +199,12 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
         return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             feature_group_count=kernel.shape[-1])
-    # kdep_jax's kernel sees one device's batch: a batch split over several CPU devices keeps XLA's forms.
-    native = jax.device_count() == 1 and _native_weight_gradient()
-    return _shifted_sum(x, kernel, stride, padding, (_materialise_gradients(), _chunk_weight_gradient(), native))
+    # kdep_jax's kernels see one device's batch: a batch split over several CPU devices keeps XLA's forms.
+    one_device = jax.device_count() == 1
+    native_input_gradient = one_device and x.dtype == kernel.dtype == jnp.float32 and _native_input_gradient()
+    forms = (_materialise_gradients(), _chunk_weight_gradient(), one_device and _native_weight_gradient(),
+             native_input_gradient)
+    return _shifted_sum(x, kernel, stride, padding, forms)
 
 
 @functools.cache
@@ -229,6 +232,17 @@ def _native_weight_gradient() -> bool:
     3-5x faster alone than the chunked form, the MobileNetV2 step 1.08x on an AVX-512 AMD EPYC (Zen 4), 1.02x on
     Zen 5. AVX-512 CPUs only until it is measured on the others; where it cannot be built (no C++ compiler), XLA's
     forms."""
+    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
+
+
+@functools.cache
+def _native_input_gradient() -> bool:
+    """Whether the shifted sum's input gradient is kdep_jax's C++ kernel (`cpu_kernels`) rather than XLA's fused
+    loops: MobileNetV2's 17 alone 58 -> 37 ms at batch 32 (PyTorch channels_last 44-46), its step 1.06-1.07x on
+    TCMalloc and 1.00x on glibc's malloc (AMD EPYC Zen 5, benchmarks/README.md). A kernel for the forward pass
+    was not kept: XLA then keeps each depthwise output for the backward pass instead of recomputing it in the
+    loops that read it (0.5 GiB more temporaries, no faster). AVX-512 CPUs only until it is measured on the
+    others; where the kernels cannot be built (no C++ compiler), XLA's forms."""
     return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
@@ -314,12 +328,17 @@ def _shifted_sum_forward(x, kernel, stride, padding, forms):
 
 def _shifted_sum_backward(stride, padding, forms, residuals, grad):
     """The autodiff of `_shifted_sum_padded`. forms: (`_materialise_gradients()`, `_chunk_weight_gradient()`,
-    `_native_weight_gradient()` on one device)."""
+    `_native_weight_gradient()` on one device, `_native_input_gradient()` on one device in float32)."""
     x, kernel = residuals
-    materialise, chunk_weight_gradient, native_weight_gradient = forms
+    materialise, chunk_weight_gradient, native_weight_gradient, native_input_gradient = forms
+    # For XLA's k*k reads of the gradient; the kernel reads it once.
+    materialise = materialise and not native_input_gradient
     if materialise:
         grad = _materialised(grad, kernel)
-    grad_x = jax.vjp(lambda x: _shifted_sum_padded(x, kernel, stride, padding), x)[1](grad)[0]
+    if native_input_gradient:
+        grad_x = cpu_kernels.depthwise_input_gradient(grad, kernel, x.shape, stride, padding)
+    else:
+        grad_x = jax.vjp(lambda x: _shifted_sum_padded(x, kernel, stride, padding), x)[1](grad)[0]
     if native_weight_gradient:
         grad_kernel = cpu_kernels.depthwise_weight_gradient(x, grad, kernel.shape[0], stride, padding)
         grad_kernel = grad_kernel.astype(kernel.dtype)
