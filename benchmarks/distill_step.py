@@ -148,7 +148,8 @@ def xla_flop_count(step, *step_args) -> float | None:
 
     jax.clear_caches()  # trace the step again, with XLA's convolutions
     with contextlib.ExitStack() as stack:
-        for form in ("_native_conv", "_native_conv_weight_gradient", "_native_weight_gradient"):
+        for form in ("_native_conv", "_native_conv_weight_gradient", "_native_weight_gradient",
+                     "_native_input_gradient"):
             stack.enter_context(mock.patch.object(layers, form, lambda: False))
         flops = (step.lower(*step_args).compile().cost_analysis() or {}).get("flops")
     jax.clear_caches()
