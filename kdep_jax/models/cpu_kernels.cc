@@ -280,20 +280,27 @@ void AddDenseChunk(const float* x, const float* dy, int64_t images, int64_t co_b
     }
     return;
   }
+  // A tap's pixels in the band as offsets into x and dy, one loop over the band rather than one per row, whose
+  // exits cost most at 7 px (ResNet-18's stride-2 14 px and its 7 px weight gradients 1.1x and 1.04x faster alone).
+  std::vector<int64_t> offsets;
   for (int64_t r0 = 0; r0 < images * s.out_height; r0 += band) {
     const int64_t r1 = std::min(images * s.out_height, r0 + band);
     for (int64_t i = 0; i < s.k; ++i) {
       for (int64_t j = 0; j < s.k; ++j) {
         const auto [first, end] = TapColumns(s, j);
-        auto pixels = [&](int64_t ci0, auto add_pixel) {
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t image = r / s.out_height, ho = r % s.out_height, hi = ho * s.stride + i - s.pad_top;
-            if (hi < 0 || hi >= s.height) continue;
-            // Output column wo reads x_row + wo * stride * Cin.
-            const float* x_row = x + ((image * s.height + hi) * s.width + j - s.pad_left) * cin + ci0;
-            const float* dy_row = dy + r * s.out_width * cout;
-            for (int64_t wo = first; wo < end; ++wo) add_pixel(x_row + wo * s.stride * cin, dy_row + wo * cout);
+        offsets.clear();
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t image = r / s.out_height, ho = r % s.out_height, hi = ho * s.stride + i - s.pad_top;
+          if (hi < 0 || hi >= s.height) continue;
+          // Output column wo reads x at x_row + wo * stride * Cin.
+          const int64_t x_row = ((image * s.height + hi) * s.width + j - s.pad_left) * cin;
+          for (int64_t wo = first; wo < end; ++wo) {
+            offsets.push_back(x_row + wo * s.stride * cin);
+            offsets.push_back((r * s.out_width + wo) * cout);
           }
+        }
+        auto pixels = [&](int64_t ci0, auto add_pixel) {
+          for (size_t p = 0; p < offsets.size(); p += 2) add_pixel(x + ci0 + offsets[p], dy + offsets[p + 1]);
         };
         AddTapBands(cin, pixels, co_begin, co_end, cout, partial + (i * s.k + j) * cin * cout);
       }
