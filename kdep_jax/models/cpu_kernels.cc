@@ -594,7 +594,7 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4d w, 
 
 // A depthwise conv's input gradient dx (N, H, W, C) from dy (N, Ho, Wo, C) and w (k, k, 1, C): each pixel of dx
 // sums, channel by channel, the taps that reach it (dy's values times the taps' weights, in row-major order of the
-// taps); one thread per row of dx, so the sums do not depend on the threads.
+// taps); each row of dx is one thread's, so the sums do not depend on the threads.
 
 // One tap of a row of dx: column b of the row reads dy at in + b * in_step (channel 0), for the columns
 // [first, end) where that is inside dy; w: the tap's C weights.
