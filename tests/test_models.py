@@ -343,22 +343,33 @@ def test_native_conv_matches_float64(batch, height, width, in_channels, out_chan
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
-    (2, 8, 9, 64, 40, 3, 2, ((1, 1), (1, 1))),  # a ResNet's strided conv: two blocks of 32 input channels
-    (1, 5, 31, 32, 24, 3, 2, ((1, 1), (1, 1))),  # 31 columns: phases of 16 and 15, each in blocks of 14
-    (2, 9, 10, 32, 8, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's "SAME" padding
-    (1, 10, 11, 32, 5, 5, 3, ((2, 1), (1, 2))),  # stride 3, uneven padding
-    (3, 7, 7, 32, 16, 3, 1, ((1, 1), (1, 1))),  # stride 1
-    (1, 1, 1, 32, 8, 3, 2, ((1, 1), (1, 1))),  # one pixel
+@pytest.mark.parametrize("depthwise, batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
+    (False, 2, 8, 9, 64, 40, 3, 2, ((1, 1), (1, 1))),  # a ResNet's strided conv: two blocks of 32 input channels
+    (False, 1, 5, 31, 32, 24, 3, 2, ((1, 1), (1, 1))),  # 31 columns: phases of 16 and 15, each in blocks of 14
+    (False, 2, 9, 10, 32, 8, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's "SAME" padding
+    (False, 1, 10, 11, 32, 5, 5, 3, ((2, 1), (1, 2))),  # stride 3, uneven padding
+    (False, 3, 7, 7, 32, 16, 3, 1, ((1, 1), (1, 1))),  # stride 1
+    (False, 1, 1, 1, 32, 8, 3, 2, ((1, 1), (1, 1))),  # one pixel
+    (True, 2, 9, 7, 37, 37, 3, 1, ((1, 1), (1, 1))),  # 37 channels: two blocks of 16 side by side and a tail of 5
+    (True, 1, 8, 9, 144, 144, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's: 8 blocks of 16 side by side and one more
+    (True, 2, 9, 10, 96, 96, 3, 2, ((0, 1), (0, 1))),  # 96 = 4 + 2 blocks of 16; TensorFlow's "SAME" padding
+    (True, 1, 50, 10, 16, 16, 3, 1, ((1, 1), (1, 1))),  # 500 pixels of dx: bands of 45 rows, the second of 5
+    (True, 1, 11, 10, 48, 48, 5, 2, ((2, 2), (2, 2))), (True, 2, 6, 8, 20, 20, 5, 1, ((1, 3), (2, 2))),  # 5x5
+    (True, 1, 9, 9, 7, 7, 7, 1, ((3, 3), (3, 3))),  # ConvNeXt's 7x7 (49 taps)
+    (True, 2, 7, 7, 17, 17, 3, 3, ((1, 0), (2, 1))),  # stride 3, uneven padding
+    (True, 1, 1, 1, 32, 32, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap reaches it
+    (True, 1, 4, 4, 16, 16, 3, 2, ((0, 0), (0, 0))),  # no padding: one output pixel; no tap reaches dx's last row
 ])
-def test_native_conv_input_gradient_matches_float64(batch, height, width, in_channels, out_channels, kernel_size,
-                                                    stride, padding):
-    """kdep_jax's C++ kernel for a conv's input gradient against numpy float64: each tap's products of the output
-    gradient with the kernel, added at the tap's strided positions of the zero-padded input, the padding cut off."""
+def test_native_input_gradients_match_float64(depthwise, batch, height, width, in_channels, out_channels, kernel_size,
+                                              stride, padding):
+    """kdep_jax's C++ kernels for the input gradient of a dense conv and of a depthwise one against numpy float64:
+    each tap's products of the output gradient with the kernel (per channel, depthwise), added at the tap's strided
+    positions of the zero-padded input, the padding cut off."""
     from kdep_jax.models import cpu_kernels
 
     rng = np.random.default_rng(width * in_channels + stride)
-    kernel = rng.normal(size=(kernel_size, kernel_size, in_channels, out_channels)).astype(np.float32)
+    kernel = rng.normal(size=(kernel_size, kernel_size, 1 if depthwise else in_channels, out_channels))
+    kernel = kernel.astype(np.float32)
     (top, bottom), (left, right) = padding
     out_h, out_w = ((size + before + after - kernel_size) // stride + 1
                     for size, (before, after) in zip((height, width), padding))
@@ -367,45 +378,12 @@ def test_native_conv_input_gradient_matches_float64(batch, height, width, in_cha
     for i in range(kernel_size):
         for j in range(kernel_size):
             expected[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride] += np.einsum(
-                "nhwo,co->nhwc", grad.astype(np.float64), kernel[i, j].astype(np.float64))
+                "nhwc,c->nhwc" if depthwise else "nhwo,co->nhwc", grad.astype(np.float64),
+                kernel[i, j, 0] if depthwise else kernel[i, j].astype(np.float64))
     expected = expected[:, top:top + height, left:left + width]
-    ours = jax.jit(functools.partial(cpu_kernels.conv_input_gradient, input_shape=(batch, height, width, in_channels),
-                                     stride=stride, padding=padding))(jnp.asarray(grad), jnp.asarray(kernel))
-    assert ours.shape == expected.shape and ours.dtype == jnp.float32
-    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
-
-
-@pytest.mark.parametrize("batch, height, width, channels, kernel_size, stride, padding", [
-    (2, 9, 7, 37, 3, 1, ((1, 1), (1, 1))),  # 37 channels: two blocks of 16 side by side and a tail of 5
-    (1, 8, 9, 144, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's: 8 blocks of 16 side by side and one more
-    (2, 9, 10, 96, 3, 2, ((0, 1), (0, 1))),  # 96 = 4 + 2 blocks of 16; TensorFlow's "SAME" padding
-    (1, 50, 10, 16, 3, 1, ((1, 1), (1, 1))),  # 500 pixels of dx: bands of 45 rows, the second of 5
-    (1, 11, 10, 48, 5, 2, ((2, 2), (2, 2))), (2, 6, 8, 20, 5, 1, ((1, 3), (2, 2))),  # 5x5, uneven padding
-    (1, 9, 9, 7, 7, 1, ((3, 3), (3, 3))),  # ConvNeXt's 7x7 (49 taps)
-    (2, 7, 7, 17, 3, 3, ((1, 0), (2, 1))),  # stride 3
-    (1, 1, 1, 32, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
-    (1, 4, 4, 16, 3, 2, ((0, 0), (0, 0))),  # no padding: one output pixel, which no tap carries to dx's last row
-])
-def test_native_depthwise_input_gradient_matches_float64(batch, height, width, channels, kernel_size, stride,
-                                                         padding):
-    """kdep_jax's C++ kernel for a depthwise conv's input gradient against numpy float64: the output gradient
-    times each tap's weights, added at the tap's strided positions of the zero-padded input, the padding cut off."""
-    from kdep_jax.models import cpu_kernels
-
-    rng = np.random.default_rng(width * channels + stride)
-    kernel = rng.normal(size=(kernel_size, kernel_size, 1, channels)).astype(np.float32)
-    (top, bottom), (left, right) = padding
-    out_h, out_w = ((size + before + after - kernel_size) // stride + 1
-                    for size, (before, after) in zip((height, width), padding))
-    grad = rng.normal(size=(batch, out_h, out_w, channels)).astype(np.float32)
-    expected = np.zeros((batch, height + top + bottom, width + left + right, channels))
-    for i in range(kernel_size):
-        for j in range(kernel_size):
-            expected[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride] += (
-                grad * kernel[i, j, 0].astype(np.float64))
-    expected = expected[:, top:top + height, left:left + width]
-    ours = jax.jit(functools.partial(cpu_kernels.depthwise_input_gradient, input_shape=(batch, height, width, channels),
-                                     stride=stride, padding=padding))(jnp.asarray(grad), jnp.asarray(kernel))
+    gradient = cpu_kernels.depthwise_input_gradient if depthwise else cpu_kernels.conv_input_gradient
+    ours = jax.jit(functools.partial(gradient, input_shape=(batch, height, width, in_channels), stride=stride,
+                                     padding=padding))(jnp.asarray(grad), jnp.asarray(kernel))
     assert ours.shape == expected.shape and ours.dtype == jnp.float32
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
