@@ -519,6 +519,30 @@ ffi::Error Conv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Fl
   return ffi::Error::Success();
 }
 
+// An input gradient's taps, for dx pixel (hi, wi) = (ho * stride + i - pad_top, wo * stride + j - pad_left): the
+// row ho of dy that tap row i brings to row hi of dx (-1 where none does), and, phase by phase of dx's columns
+// (wi % stride), the taps j that reach them, each with the column of dy its pixel 0 reads (wo = b + shift for
+// wi = phase + b * stride).
+int64_t RowOfDy(const Shape& s, int64_t hi, int64_t i) {
+  const int64_t offset = hi + s.pad_top - i, ho = FloorDiv(offset, s.stride);
+  return ho * s.stride == offset && ho >= 0 && ho < s.out_height ? ho : -1;
+}
+
+struct ColumnTap {
+  int64_t j, shift;
+};
+
+std::vector<std::vector<ColumnTap>> ColumnTapsByPhase(const Shape& s) {
+  std::vector<std::vector<ColumnTap>> column_taps(std::min(s.stride, s.width));
+  for (int64_t phase = 0; phase < static_cast<int64_t>(column_taps.size()); ++phase) {
+    for (int64_t j = 0; j < s.k; ++j) {
+      const int64_t offset = phase + s.pad_left - j, shift = FloorDiv(offset, s.stride);
+      if (shift * s.stride == offset) column_taps[phase].push_back({j, shift});
+    }
+  }
+  return column_taps;
+}
+
 // The input gradient dx of a conv with any stride, from dy and w. Input pixel (hi, wi) gets dy (ho, wo) times
 // tap (i, j) where hi = ho * stride + i - pad_top (columns alike). For each input row, the taps whose i fits a
 // row ho of dy, and for each phase wi % stride of the columns, the taps whose j fits: a conv of dy's rows with
@@ -536,21 +560,13 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4d w, 
   }
   const std::vector<float> packed = PackWeights(w.typed_data(), s, /*by_input_channel=*/true);
   const int64_t block_size = s.k * s.k * s.out_channels * kVectorOutBlock;
-  // Column phase by phase: the taps j that reach it, and the column of dy each one's pixel 0 reads (wo = b +
-  // shift for dx's column wi = phase + b * stride).
-  struct ColumnTap {
-    int64_t j, shift;
-  };
-  std::vector<std::vector<ColumnTap>> column_taps(s.stride);
+  const std::vector<std::vector<ColumnTap>> column_taps = ColumnTapsByPhase(s);
   int64_t left = 0, right = s.out_width;  // the columns of dy the phases read, from -left to right - 1
-  for (int64_t phase = 0; phase < std::min(s.stride, s.width); ++phase) {
+  for (int64_t phase = 0; phase < static_cast<int64_t>(column_taps.size()); ++phase) {
     const int64_t columns = (s.width - phase + s.stride - 1) / s.stride;
-    for (int64_t j = 0; j < s.k; ++j) {
-      if (FloorDiv(phase + s.pad_left - j, s.stride) * s.stride != phase + s.pad_left - j) continue;
-      const int64_t shift = (phase + s.pad_left - j) / s.stride;
-      column_taps[phase].push_back({j, shift});
-      left = std::max(left, -shift);
-      right = std::max(right, columns + shift);
+    for (const ColumnTap& column : column_taps[phase]) {
+      left = std::max(left, -column.shift);
+      right = std::max(right, columns + column.shift);
     }
   }
   const int64_t padded_width = left + right, row_pitch = padded_width * s.out_channels;
@@ -565,14 +581,14 @@ ffi::Error ConvInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4d w, 
       // The taps i whose row of dy, (hi + pad_top - i) / stride, is inside dy, each copied to a row of scratch.
       row_taps.clear();
       for (int64_t i = 0; i < s.k; ++i) {
-        const int64_t offset = hi + s.pad_top - i, ho = FloorDiv(offset, s.stride);
-        if (ho * s.stride != offset || ho < 0 || ho >= s.out_height) continue;
+        const int64_t ho = RowOfDy(s, hi, i);
+        if (ho < 0) continue;
         float* row = scratch.data() + row_taps.size() * row_pitch;
         CopyPaddedRow(dy_data + (image * s.out_height + ho) * s.out_width * s.out_channels, s.out_width,
                       s.out_channels, left, padded_width, row);
         row_taps.push_back({i, row + left * s.out_channels});
       }
-      for (int64_t phase = 0; phase < std::min(s.stride, s.width); ++phase) {
+      for (int64_t phase = 0; phase < static_cast<int64_t>(column_taps.size()); ++phase) {
         const int64_t columns = (s.width - phase + s.stride - 1) / s.stride;
         float* out = out_row + phase * s.in_channels;
         for (int64_t b = 0; b < s.in_channels / kVectorOutBlock; ++b) {
@@ -669,8 +685,8 @@ void DepthwiseRow(const std::vector<DepthwiseTap>& taps, int64_t columns, int64_
 // Rows of dx per task: at least this many pixels (or a whole image); one row per task was 1.3x slower alone.
 constexpr int64_t kDepthwiseTaskPixels = 448;
 
-// dx pixel (hi, wi) gets dy (ho, wo) times tap (i, j) where hi = ho * stride + i - pad_top (columns alike): for
-// each row of dx and phase wi % stride of its columns, the taps that reach it read consecutive pixels of dy.
+// For each row of dx and phase of its columns, the taps that reach it (RowOfDy, ColumnTapsByPhase) read
+// consecutive pixels of dy.
 ffi::Error DepthwiseInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4d w, ffi::Result<Float32x4d> dx,
                                   int64_t stride, int64_t pad_top, int64_t pad_left) {
   const auto dy_dims = dy.dimensions(), w_dims = w.dimensions(), dx_dims = dx->dimensions();
@@ -687,20 +703,18 @@ ffi::Error DepthwiseInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4
   const int64_t band = std::clamp<int64_t>((kDepthwiseTaskPixels + s.width - 1) / std::max<int64_t>(s.width, 1), 1,
                                            std::max<int64_t>(s.height, 1));
   const int64_t bands = (s.height + band - 1) / band;
+  const std::vector<std::vector<ColumnTap>> column_taps = ColumnTapsByPhase(s);
   ParallelFor(pool, n * bands, [&]() {
     return [&, taps = std::vector<DepthwiseTap>()](int64_t task) mutable {
       const int64_t image = task / bands, first_row = task % bands * band;
       for (int64_t hi = first_row; hi < std::min(s.height, first_row + band); ++hi) {
-        for (int64_t phase = 0; phase < std::min(s.stride, s.width); ++phase) {
+        for (int64_t phase = 0; phase < static_cast<int64_t>(column_taps.size()); ++phase) {
           const int64_t columns = (s.width - phase + s.stride - 1) / s.stride;
           taps.clear();
           for (int64_t i = 0; i < s.k; ++i) {
-            const int64_t row_offset = hi + s.pad_top - i, ho = FloorDiv(row_offset, s.stride);
-            if (ho * s.stride != row_offset || ho < 0 || ho >= s.out_height) continue;
-            for (int64_t j = 0; j < s.k; ++j) {
-              // Column phase + b * stride reads dy's column b + shift.
-              const int64_t column_offset = phase + s.pad_left - j, shift = FloorDiv(column_offset, s.stride);
-              if (shift * s.stride != column_offset) continue;
+            const int64_t ho = RowOfDy(s, hi, i);
+            if (ho < 0) continue;
+            for (const auto& [j, shift] : column_taps[phase]) {
               taps.push_back({dy_data + ((image * s.out_height + ho) * s.out_width + shift) * c,
                               w_data + (i * s.k + j) * c, std::max<int64_t>(0, -shift),
                               std::min(columns, s.out_width - shift)});
