@@ -35,6 +35,7 @@ FORMS = {
     "native_input_gradient": ("step:mobilenet_v2",),
     "native_conv_weight_gradient": ("step:resnet18", "step:mobilenet_v2"),
     "native_conv": ("step:resnet18", "step:mobilenet_v2"),
+    "winograd_conv": ("step:resnet18", "step:mobilenet_v2", "forward:resnet50"),
     "native_max_pool_gradient": ("step:resnet18",),
     "relu_as_select": ("step:resnet18", "step:mobilenet_v2", "forward:resnet50"),
     "pad_wide_kernels": ("forward:convnext_tiny", "forward:efficientnet_lite0"),

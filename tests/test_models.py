@@ -312,18 +312,27 @@ def test_native_weight_gradients_match_float64(depthwise, batch, size, in_channe
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
-    (2, 20, 22, 3, 64, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: two blocks of 32 output channels
-    (2, 16, 16, 3, 32, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stem
-    (1, 5, 31, 13, 32, 3, 1, ((1, 1), (1, 1))),  # 31 columns: blocks of 14, 14 and 3 pixels
-    (3, 7, 7, 40, 32, 3, 1, ((1, 1), (1, 1))),  # 7 px: two rows at a time, the last row alone
-    (2, 9, 10, 6, 32, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's "SAME" padding of a stride-2 conv
-    (2, 6, 8, 5, 32, 5, 1, ((1, 3), (2, 2))),  # uneven padding
-    (1, 1, 1, 3, 32, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
+_SAME_3X3 = ((1, 1), (1, 1))
+
+
+@pytest.mark.parametrize("winograd, batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
+    (False, 2, 20, 22, 3, 64, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: two blocks of 32 output channels
+    (False, 2, 16, 16, 3, 32, 3, 2, _SAME_3X3),  # MobileNetV2's stem
+    (False, 1, 5, 31, 13, 32, 3, 1, _SAME_3X3),  # 31 columns: blocks of 11, 10 and 10 pixels
+    (False, 3, 7, 7, 40, 32, 3, 1, _SAME_3X3),  # 7 px: two rows at a time, the last row alone
+    (False, 2, 9, 10, 6, 32, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's "SAME" padding of a stride-2 conv
+    (False, 2, 6, 8, 5, 32, 5, 1, ((1, 3), (2, 2))),  # uneven padding
+    (False, 1, 1, 1, 3, 32, 3, 1, _SAME_3X3),  # one pixel: only the centre tap sees the image
+    (True, 1, 5, 31, 16, 32, 3, 1, _SAME_3X3),  # 16 tiles a row, the last half outside; 3 rows of tiles
+    (True, 3, 7, 7, 48, 64, 3, 1, _SAME_3X3),  # 7 px: the image's 16 tiles in one band, two blocks of channels
+    (True, 2, 14, 14, 64, 32, 3, 1, _SAME_3X3),  # bands of 2 rows of 7 tiles, the last band one row
+    (True, 2, 9, 4, 32, 96, 3, 1, _SAME_3X3),  # 2 tiles a row: the whole image one band of 5 rows
+    (True, 1, 1, 1, 16, 32, 3, 1, _SAME_3X3),  # one pixel: one tile, three quarters outside
 ])
-def test_native_conv_matches_float64(batch, height, width, in_channels, out_channels, kernel_size, stride, padding):
-    """kdep_jax's C++ conv kernel against numpy float64: for every output pixel, the zero-padded input's k x k
-    window times the kernel, summed over taps and input channels."""
+def test_native_conv_matches_float64(winograd, batch, height, width, in_channels, out_channels, kernel_size, stride,
+                                     padding):
+    """kdep_jax's C++ conv kernels, direct and Winograd's F(2x2, 3x3), against numpy float64: for every output
+    pixel, the zero-padded input's k x k window times the kernel, summed over taps and input channels."""
     from kdep_jax.models import cpu_kernels
 
     rng = np.random.default_rng(width * out_channels + height)
@@ -337,8 +346,9 @@ def test_native_conv_matches_float64(batch, height, width, in_channels, out_chan
         for j in range(kernel_size):
             window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
             expected += np.einsum("nhwc,co->nhwo", window, kernel[i, j].astype(np.float64))
-    ours = jax.jit(functools.partial(cpu_kernels.conv, stride=stride, padding=padding))(jnp.asarray(x),
-                                                                                       jnp.asarray(kernel))
+    conv = cpu_kernels.winograd_conv if winograd else functools.partial(cpu_kernels.conv, stride=stride,
+                                                                          padding=padding)
+    ours = jax.jit(conv)(jnp.asarray(x), jnp.asarray(kernel))
     assert ours.shape == expected.shape and ours.dtype == jnp.float32
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
@@ -390,17 +400,20 @@ def test_native_input_gradients_match_float64(depthwise, batch, height, width, i
 
 @pytest.mark.parametrize("in_channels, out_channels, kernel_size, stride", [
     (3, 64, 7, 2), (3, 40, 3, 2),  # stems: 64 output channels take the conv kernel, 40 do not
-    (64, 64, 3, 1),  # a ResNet's first stage: every pass from kdep_jax's kernels
-    (64, 128, 3, 2),  # stride 2
-    (32, 72, 3, 1),  # 72 output channels: XLA's forward pass
+    (64, 64, 3, 1),  # a ResNet's 3x3 conv with stride 1: every pass from kdep_jax's kernels (Winograd where on)
+    (64, 128, 3, 2),  # stride 2: the direct kernels
+    (32, 72, 3, 1),  # 72 output channels: XLA's forward pass; 72 read by the input gradient: its direct kernel
+    (48, 32, 3, 1),  # 48 input channels: XLA's input gradient, the forward pass by Winograd where on
     (40, 32, 3, 2),  # 40 input channels: XLA's input gradient
 ])
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("native, winograd", [(True, True), (True, False), (False, False)])
 def test_conv2d_equals_xla_with_and_without_the_native_kernels(in_channels, out_channels, kernel_size, stride, native,
-                                                               monkeypatch):
-    """conv2d on one CPU device with kdep_jax's C++ kernels on and off: the value and both gradients equal XLA's
-    plain convolution's to float32 rounding; each kernel runs exactly where `layers._flax_conv` says."""
+                                                               winograd, monkeypatch):
+    """conv2d on one CPU device with kdep_jax's C++ kernels on (Winograd's or not) and off: the value and both
+    gradients equal XLA's plain convolution's to float32 rounding; each kernel runs exactly where
+    `layers._flax_conv` says."""
     monkeypatch.setattr(layers, "_native_conv", lambda: native)
+    monkeypatch.setattr(layers, "_winograd_conv", lambda: winograd)
     monkeypatch.setattr(layers, "_native_conv_weight_gradient", lambda: native)
     monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
     rng = np.random.default_rng(in_channels)
@@ -417,8 +430,14 @@ def test_conv2d_equals_xla_with_and_without_the_native_kernels(in_channels, out_
     grads = jax.jit(lambda f, p, x: jax.vjp(f, p, x)[1](cotangent), static_argnums=0)
     forward = jax.jit(conv.apply).lower(params, x).compile().as_text()
     backward = grads.lower(conv.apply, params, x).compile().as_text()
-    assert ('"kdep_conv"' in forward) == (native and out_channels % 32 == 0)
-    assert ('"kdep_conv_input_gradient"' in backward) == (native and in_channels % 32 == 0)
+    by_winograd = winograd and kernel_size == 3 and stride == 1
+    forward_winograd = native and by_winograd and out_channels % 32 == 0 and in_channels % 16 == 0
+    assert ('"kdep_winograd_conv"' in forward) == forward_winograd
+    assert ('"kdep_conv"' in forward) == (native and out_channels % 32 == 0 and not forward_winograd)
+    input_gradient_winograd = native and by_winograd and in_channels % 32 == 0 and out_channels % 16 == 0
+    assert ('"kdep_winograd_conv"' in backward) == input_gradient_winograd
+    assert ('"kdep_conv_input_gradient"' in backward) == (native and in_channels % 32 == 0
+                                                         and not input_gradient_winograd)
     assert ('"kdep_conv_weight_gradient"' in backward) == native
     np.testing.assert_allclose(conv.apply(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
     for ours, reference in zip(jax.tree.leaves(grads(conv.apply, params, x)), jax.tree.leaves(grads(plain, params, x))):
