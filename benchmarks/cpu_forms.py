@@ -36,6 +36,7 @@ FORMS = {
     "native_conv_weight_gradient": ("step:resnet18", "step:mobilenet_v2"),
     "native_conv": ("step:resnet18", "step:mobilenet_v2"),
     "winograd_conv": ("step:resnet18", "step:mobilenet_v2", "forward:resnet50"),
+    "winograd_weight_gradient": ("step:resnet18",),
     "native_max_pool_gradient": ("step:resnet18",),
     "relu_as_select": ("step:resnet18", "step:mobilenet_v2", "forward:resnet50"),
     "pad_wide_kernels": ("forward:convnext_tiny", "forward:efficientnet_lite0"),

@@ -267,30 +267,39 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
         np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("depthwise, batch, size, in_channels, out_channels, kernel_size, stride, padding", [
-    (True, 3, 9, 37, 37, 3, 1, ((1, 1), (1, 1))),  # 37 channels: two 16-channel blocks and a tail of 5
-    (True, 2, 12, 32, 32, 3, 2, ((1, 1), (1, 1))), (True, 2, 9, 16, 16, 3, 2, ((0, 1), (0, 1))),  # torch's, TF's
-    (True, 1, 8, 5, 5, 5, 2, ((2, 2), (2, 2))), (True, 2, 6, 20, 20, 5, 1, ((1, 3), (2, 2))),  # uneven padding
-    (True, 2, 9, 7, 7, 7, 1, ((3, 3), (3, 3))),
-    (True, 1, 1, 3, 3, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
+@pytest.mark.parametrize("kind, batch, size, in_channels, out_channels, kernel_size, stride, padding", [
+    ("depthwise", 3, 9, 37, 37, 3, 1, ((1, 1), (1, 1))),  # 37 channels: two 16-channel blocks and a tail of 5
+    ("depthwise", 2, 12, 32, 32, 3, 2, ((1, 1), (1, 1))),  # torch's padding
+    ("depthwise", 2, 9, 16, 16, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's
+    ("depthwise", 1, 8, 5, 5, 5, 2, ((2, 2), (2, 2))),
+    ("depthwise", 2, 6, 20, 20, 5, 1, ((1, 3), (2, 2))),  # uneven padding
+    ("depthwise", 2, 9, 7, 7, 7, 1, ((3, 3), (3, 3))),
+    ("depthwise", 1, 1, 3, 3, 3, 1, ((1, 1), (1, 1))),  # one pixel: only the centre tap sees the image
     # 40 x 43 and 20 x 22 output pixels: bands of 2 and 5 rows
-    (True, 1, 40, 16, 16, 3, 1, ((1, 1), (1, 1))), (True, 1, 40, 16, 16, 3, 2, ((0, 1), (0, 1))),
-    (False, 2, 20, 3, 72, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: output channels 32 + 32 + a tail of 8
+    ("depthwise", 1, 40, 16, 16, 3, 1, ((1, 1), (1, 1))), ("depthwise", 1, 40, 16, 16, 3, 2, ((0, 1), (0, 1))),
+    ("dense", 2, 20, 3, 72, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: output channels 32 + 32 + a tail of 8
     # RGB inputs, copied band by band: 24 x 25 and 30 x 33 output pixels, bands of 21 and 16 rows (two per image)
-    (False, 1, 47, 3, 64, 7, 2, ((3, 3), (3, 3))), (False, 2, 30, 3, 40, 3, 1, ((1, 1), (1, 1))),
-    (False, 2, 16, 3, 32, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stem
-    (False, 2, 7, 13, 33, 3, 1, ((1, 1), (1, 1))),  # 13 input channels: narrower than a block of 14, copied too
-    (False, 1, 9, 1, 16, 5, 2, ((1, 2), (2, 1))), (False, 3, 5, 4, 8, 3, 1, ((0, 2), (1, 1))),  # no 32-block
-    (False, 1, 1, 3, 40, 3, 1, ((1, 1), (1, 1))),
-    (False, 2, 8, 64, 72, 3, 2, ((1, 1), (1, 1))),  # a ResNet's first stage: input channels in blocks of 14 and 8
+    ("dense", 1, 47, 3, 64, 7, 2, ((3, 3), (3, 3))), ("dense", 2, 30, 3, 40, 3, 1, ((1, 1), (1, 1))),
+    ("dense", 2, 16, 3, 32, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's stem
+    ("dense", 2, 7, 13, 33, 3, 1, ((1, 1), (1, 1))),  # 13 input channels: narrower than a block of 14, copied too
+    ("dense", 1, 9, 1, 16, 5, 2, ((1, 2), (2, 1))), ("dense", 3, 5, 4, 8, 3, 1, ((0, 2), (1, 1))),  # no 32-block
+    ("dense", 1, 1, 3, 40, 3, 1, ((1, 1), (1, 1))),
+    ("dense", 2, 8, 64, 72, 3, 2, ((1, 1), (1, 1))),  # a ResNet's first stage: input channels in blocks of 14 and 8
     # 20 x 23 output pixels: chunks of 7 images (7 and 2), bands of 23 rows that run across images; 3 blocks of 32
-    (False, 9, 20, 40, 96, 3, 1, ((1, 1), (1, 1))),
+    ("dense", 9, 20, 40, 96, 3, 1, ((1, 1), (1, 1))),
+    # Winograd's F(2x2, 3x3): 7 x 10 px, 4 x 5 tiles (the last row and column half outside), one band of 8 tile rows
+    ("winograd", 2, 7, 16, 32, 3, 1, ((1, 1), (1, 1))),
+    # 20 x 23 px: chunks of 7 images (7 and 2), each split into 4 groups of 4 elements; bands of 11 tile rows
+    ("winograd", 9, 20, 48, 96, 3, 1, ((1, 1), (1, 1))),
+    ("winograd", 40, 5, 32, 64, 3, 1, ((1, 1), (1, 1))),  # one chunk of 40 images, 8 groups of 2 elements
+    ("winograd", 1, 1, 16, 16, 3, 1, ((1, 1), (1, 1))),  # 1 x 4 px: one row of tiles, half outside
 ])
-def test_native_weight_gradients_match_float64(depthwise, batch, size, in_channels, out_channels, kernel_size,
+def test_native_weight_gradients_match_float64(kind, batch, size, in_channels, out_channels, kernel_size,
                                                stride, padding):
-    """kdep_jax's C++ kernels for the weight gradients of a depthwise conv and of a dense one against
-    numpy float64: for every tap, the products of the zero-padded input's strided window with the output
-    gradient, summed over batch and space, per channel (depthwise) or for every input and output channel."""
+    """kdep_jax's C++ kernels for the weight gradients of a depthwise conv and of a dense one (direct and by
+    Winograd's F(2x2, 3x3)) against numpy float64: for every tap, the products of the zero-padded input's strided
+    window with the output gradient, summed over batch and space, per channel (depthwise) or for every input and
+    output channel."""
     from kdep_jax.models import cpu_kernels
 
     rng = np.random.default_rng(size * out_channels)
@@ -299,15 +308,18 @@ def test_native_weight_gradients_match_float64(depthwise, batch, size, in_channe
     padded = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
     out_h, out_w = ((padded.shape[axis] - kernel_size) // stride + 1 for axis in (1, 2))
     grad = rng.normal(size=(batch, out_h, out_w, out_channels)).astype(np.float32)
-    expected = np.zeros((kernel_size, kernel_size, 1 if depthwise else in_channels, out_channels))
+    expected = np.zeros((kernel_size, kernel_size, 1 if kind == "depthwise" else in_channels, out_channels))
     for i in range(kernel_size):
         for j in range(kernel_size):
             window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
-            expected[i, j] = np.einsum("nhwc,nhwc->c" if depthwise else "nhwc,nhwo->co", window,
+            expected[i, j] = np.einsum("nhwc,nhwc->c" if kind == "depthwise" else "nhwc,nhwo->co", window,
                                        grad.astype(np.float64))
-    kernel = cpu_kernels.depthwise_weight_gradient if depthwise else cpu_kernels.conv_weight_gradient
-    ours = jax.jit(functools.partial(kernel, kernel_size=kernel_size, stride=stride, padding=padding))(
-        jnp.asarray(x), jnp.asarray(grad))
+    if kind == "winograd":
+        gradient = cpu_kernels.winograd_weight_gradient
+    else:
+        kernel = cpu_kernels.depthwise_weight_gradient if kind == "depthwise" else cpu_kernels.conv_weight_gradient
+        gradient = functools.partial(kernel, kernel_size=kernel_size, stride=stride, padding=padding)
+    ours = jax.jit(gradient)(jnp.asarray(x), jnp.asarray(grad))
     assert ours.shape == expected.shape and ours.dtype == jnp.float32
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
@@ -414,6 +426,7 @@ def test_conv2d_equals_xla_with_and_without_the_native_kernels(in_channels, out_
     `layers._flax_conv` says."""
     monkeypatch.setattr(layers, "_native_conv", lambda: native)
     monkeypatch.setattr(layers, "_winograd_conv", lambda: winograd)
+    monkeypatch.setattr(layers, "_winograd_weight_gradient", lambda: winograd)
     monkeypatch.setattr(layers, "_native_conv_weight_gradient", lambda: native)
     monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
     rng = np.random.default_rng(in_channels)
@@ -438,7 +451,9 @@ def test_conv2d_equals_xla_with_and_without_the_native_kernels(in_channels, out_
     assert ('"kdep_winograd_conv"' in backward) == input_gradient_winograd
     assert ('"kdep_conv_input_gradient"' in backward) == (native and in_channels % 32 == 0
                                                          and not input_gradient_winograd)
-    assert ('"kdep_conv_weight_gradient"' in backward) == native
+    weight_gradient_winograd = native and by_winograd and in_channels % 16 == 0 and out_channels % 16 == 0
+    assert ('"kdep_winograd_weight_gradient"' in backward) == weight_gradient_winograd  # 15 x 16 px: at least 14
+    assert ('"kdep_conv_weight_gradient"' in backward) == (native and not weight_gradient_winograd)
     np.testing.assert_allclose(conv.apply(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
     for ours, reference in zip(jax.tree.leaves(grads(conv.apply, params, x)), jax.tree.leaves(grads(plain, params, x))):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())

@@ -344,14 +344,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, MakeWorker make_worker) {
   tasks->all_done.wait(lock, [&] { return tasks->done == count; });
 }
 
-// dw = the sum over chunks of images of their float64 partials, added in chunk order: chunk_images images per
-// chunk, as the shapes say (never the threads). add(x, dy, images, co_begin, co_end, partial, shape) adds a
-// chunk's products for output channels [co_begin, co_end) to its partial; the channels are split into groups,
-// blocks of 32, so that there are tasks for every thread.
-template <typename F>
+// dw = finish(the sum over chunks of images of their float64 partials, added in chunk order): chunk_images images
+// per chunk, as the shapes say (never the threads). add(x, dy, images, part_begin, part_end, partial, shape) adds
+// the products of a chunk's parts [part_begin, part_end) (of `parts`: blocks of 32 output channels, or what the
+// caller splits its sums by) to its partial (partial_size values; dw's own, unless finish maps them to dw); each
+// chunk's parts are split into groups so that there are tasks for every thread.
+template <typename F, typename Finish>
 ffi::Error WeightGradient(ffi::ThreadPool& pool, Float32x4d& x, Float32x4d& dy, ffi::Result<Float32x4d>& dw,
                           int64_t stride, int64_t pad_top, int64_t pad_left, bool depthwise, int64_t chunk_pixels,
-                          F add) {
+                          int64_t parts, int64_t partial_size, F add, Finish finish) {
   const auto x_dims = x.dimensions(), dy_dims = dy.dimensions(), dw_dims = dw->dimensions();
   const int64_t n = x_dims[0];
   const Shape s{x_dims[1], x_dims[2], x_dims[3], dy_dims[1], dy_dims[2], dy_dims[3], dw_dims[0],
@@ -364,44 +365,55 @@ ffi::Error WeightGradient(ffi::ThreadPool& pool, Float32x4d& x, Float32x4d& dy, 
   const int64_t chunk_images =
       std::clamp<int64_t>((chunk_pixels + out_pixels - 1) / out_pixels, 1, std::max<int64_t>(n, 1));
   const int64_t chunks = (n + chunk_images - 1) / chunk_images;
-  const int64_t blocks = (s.out_channels + kVectorOutBlock - 1) / kVectorOutBlock;
-  const int64_t groups =
-      depthwise ? 1 : std::clamp<int64_t>(4 * pool.num_threads() / std::max<int64_t>(chunks, 1), 1, blocks);
-  const int64_t taps = dw->element_count();
-  std::vector<double> partials(chunks * taps, 0.0);
+  const int64_t groups = std::clamp<int64_t>(4 * pool.num_threads() / std::max<int64_t>(chunks, 1), 1, parts);
+  std::vector<double> partials(chunks * partial_size, 0.0);
   const float* x_data = x.typed_data();
   const float* dy_data = dy.typed_data();
   double* partials_data = partials.data();
   ParallelFor(pool, chunks * groups, [&]() {
     return [&](int64_t task) {
       const int64_t chunk = task / groups, group = task % groups, first_image = chunk * chunk_images;
-      const int64_t co_begin = std::min(s.out_channels, group * blocks / groups * kVectorOutBlock);
-      const int64_t co_end = std::min(s.out_channels, (group + 1) * blocks / groups * kVectorOutBlock);
       add(x_data + first_image * s.height * s.width * s.in_channels,
           dy_data + first_image * s.out_height * s.out_width * s.out_channels,
-          std::min(chunk_images, n - first_image), co_begin, co_end, partials_data + chunk * taps, s);
+          std::min(chunk_images, n - first_image), group * parts / groups, (group + 1) * parts / groups,
+          partials_data + chunk * partial_size, s);
     };
   });
-  float* out = dw->typed_data();
-  for (int64_t t = 0; t < taps; ++t) {
-    double sum = 0.0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) sum += partials_data[chunk * taps + t];
-    out[t] = static_cast<float>(sum);
+  std::vector<double> sums(partial_size, 0.0);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    for (int64_t t = 0; t < partial_size; ++t) sums[t] += partials_data[chunk * partial_size + t];
   }
+  finish(sums.data(), dw->typed_data(), s);
   return ffi::Error::Success();
+}
+
+// The weight gradient's own sums, rounded to float32 (dw->element_count() of them).
+auto RoundedSums(int64_t size) {
+  return [size](const double* sums, float* out, const Shape&) {
+    for (int64_t t = 0; t < size; ++t) out[t] = static_cast<float>(sums[t]);
+  };
 }
 
 ffi::Error DepthwiseWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy, ffi::Result<Float32x4d> dw,
                                    int64_t stride, int64_t pad_top, int64_t pad_left) {
   return WeightGradient(pool, x, dy, dw, stride, pad_top, pad_left, /*depthwise=*/true, /*chunk_pixels=*/1,
+                        /*parts=*/1, dw->element_count(),
                         [](const float* x, const float* dy, int64_t, int64_t, int64_t, double* partial,
-                           const Shape& s) { AddDepthwiseImage(x, dy, partial, s); });
+                           const Shape& s) { AddDepthwiseImage(x, dy, partial, s); },
+                        RoundedSums(dw->element_count()));
 }
 
 ffi::Error ConvWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy, ffi::Result<Float32x4d> dw,
                               int64_t stride, int64_t pad_top, int64_t pad_left) {
-  return WeightGradient(pool, x, dy, dw, stride, pad_top, pad_left, /*depthwise=*/false, kDenseChunkPixels,
-                        AddDenseChunk);
+  const int64_t cout = dy.dimensions()[3], blocks = (cout + kVectorOutBlock - 1) / kVectorOutBlock;
+  return WeightGradient(pool, x, dy, dw, stride, pad_top, pad_left, /*depthwise=*/false, kDenseChunkPixels, blocks,
+                        dw->element_count(),
+                        [cout](const float* x, const float* dy, int64_t images, int64_t block_begin,
+                               int64_t block_end, double* partial, const Shape& s) {
+                          AddDenseChunk(x, dy, images, std::min(cout, block_begin * kVectorOutBlock),
+                                        std::min(cout, block_end * kVectorOutBlock), partial, s);
+                        },
+                        RoundedSums(dw->element_count()));
 }
 
 // Dense convs: the forward pass y (N, Ho, Wo, Cout) of x and the HWIO kernel w (k, k, Cin, Cout), and a conv's
@@ -570,6 +582,34 @@ std::vector<float> PackWinogradWeights(ffi::ThreadPool& pool, const float* w, in
   return packed;
 }
 
+// B^T d B of `tiles` 4x4 patches d of padded rows of x, `row_pitch` apart: tile t's patch starts at row
+// 2 * (t / tile_columns), column 2 * (t % tile_columns). Its elements e = 4 * row + column in [e_begin, e_end),
+// channel c, go to patches[(e - e_begin) * e_pitch + t * Cin + c].
+void TransformPatches(const float* rows, int64_t row_pitch, int64_t tile_columns, int64_t tiles, int64_t cin,
+                      int64_t e_begin, int64_t e_end, int64_t e_pitch, float* patches) {
+  for (int64_t t = 0; t < tiles; ++t) {
+    const float* d = rows + (t / tile_columns) * 2 * row_pitch + (t % tile_columns) * 2 * cin;
+    for (int64_t c = 0; c < cin; c += 16) {
+      Vector rows_b[4][4];  // (B^T d)[row][column]
+      for (int col = 0; col < 4; ++col) {
+        const Vector d0 = Load(d + col * cin + c), d1 = Load(d + row_pitch + col * cin + c),
+                     d2 = Load(d + 2 * row_pitch + col * cin + c), d3 = Load(d + 3 * row_pitch + col * cin + c);
+        rows_b[0][col] = d0 - d2;
+        rows_b[1][col] = d1 + d2;
+        rows_b[2][col] = d2 - d1;
+        rows_b[3][col] = d1 - d3;
+      }
+      for (int64_t r = e_begin / 4; r * 4 < e_end; ++r) {
+        const Vector* b = rows_b[r];
+        const Vector v[4] = {b[0] - b[2], b[1] + b[2], b[2] - b[1], b[1] - b[3]};
+        for (int64_t e = std::max(e_begin, r * 4); e < std::min(e_end, r * 4 + 4); ++e) {
+          std::memcpy(patches + (e - e_begin) * e_pitch + t * cin + c, &v[e % 4], sizeof(Vector));
+        }
+      }
+    }
+  }
+}
+
 ffi::Error WinogradConv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Float32x4d> y, int64_t stride,
                         int64_t pad_top, int64_t pad_left) {
   const auto x_dims = x.dimensions(), w_dims = w.dimensions(), y_dims = y->dimensions();
@@ -600,28 +640,7 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::R
       const int64_t band_rows = std::min(band, tile_rows - first_tile_row), tiles = band_rows * tile_columns;
       CopyPaddedRows(x_data + image * s.height * s.width * cin, s, 2 * first_tile_row - 1, 2 * band_rows + 2,
                      padded_width, rows.data());
-      // patches[e][t][c]: B^T d B of tile t, element e, channel c.
-      for (int64_t t = 0; t < tiles; ++t) {
-        const float* d = rows.data() + (t / tile_columns) * 2 * row_pitch + (t % tile_columns) * 2 * cin;
-        for (int64_t c = 0; c < cin; c += 16) {
-          Vector rows_b[4][4];  // (B^T d)[r][col]
-          for (int col = 0; col < 4; ++col) {
-            const Vector d0 = Load(d + col * cin + c), d1 = Load(d + row_pitch + col * cin + c),
-                         d2 = Load(d + 2 * row_pitch + col * cin + c), d3 = Load(d + 3 * row_pitch + col * cin + c);
-            rows_b[0][col] = d0 - d2;
-            rows_b[1][col] = d1 + d2;
-            rows_b[2][col] = d2 - d1;
-            rows_b[3][col] = d1 - d3;
-          }
-          for (int r = 0; r < 4; ++r) {
-            const Vector* t_r = rows_b[r];
-            const Vector v[4] = {t_r[0] - t_r[2], t_r[1] + t_r[2], t_r[2] - t_r[1], t_r[1] - t_r[3]};
-            for (int col = 0; col < 4; ++col) {
-              std::memcpy(patches.data() + ((r * 4 + col) * tiles + t) * cin + c, &v[col], sizeof(Vector));
-            }
-          }
-        }
-      }
+      TransformPatches(rows.data(), row_pitch, tile_columns, tiles, cin, 0, 16, tiles * cin, patches.data());
       float* y_image = y_data + image * s.height * s.width * cout;
       for (int64_t b = 0; b < cout / kVectorOutBlock; ++b) {
         for (int64_t e = 0; e < 16; ++e) {
@@ -654,6 +673,100 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::R
     };
   });
   return ffi::Error::Success();
+}
+
+// The weight gradient of WinogradConv's 3x3 conv, by the same algorithm: y's tile is linear in U = G g G^T, so the
+// gradient of U at element e is the sum over tiles of (B^T d B)[e] times (A dy A^T)[e] (dy's 2x2 tile, 4x4 after),
+// a matrix product (Cin x tiles) x (tiles x Cout) per element, and dw = G^T (that gradient) G. Per chunk of images
+// and group of elements [e_begin, e_end), bands of about kWinogradBandTiles tiles (their transformed patches and
+// output gradients at those elements in the L2 cache) summed by `AddTapBands`, the dense weight gradient's
+// micro-kernel, in float32 over a band, into float64 partials (16, Cin, Cout).
+constexpr int64_t kWinogradBandTiles = 128;
+
+void AddWinogradChunk(const float* x, const float* dy, int64_t images, int64_t e_begin, int64_t e_end,
+                      double* partial, const Shape& s) {
+  const int64_t cin = s.in_channels, cout = s.out_channels, elements = e_end - e_begin;
+  const int64_t tile_rows = (s.height + 1) / 2, tile_columns = (s.width + 1) / 2;
+  const int64_t band = (kWinogradBandTiles + tile_columns - 1) / tile_columns, band_tiles = band * tile_columns;
+  const int64_t padded_width = 2 * tile_columns + 2, row_pitch = padded_width * cin;
+  std::vector<float> rows(4 * row_pitch);
+  // Every value of patches and grads is written before it is read.
+  const std::unique_ptr<float[]> patches(new float[elements * band_tiles * cin]),
+      grads(new float[elements * band_tiles * cout]);
+  for (int64_t r0 = 0; r0 < images * tile_rows; r0 += band) {
+    const int64_t tiles = (std::min(images * tile_rows, r0 + band) - r0) * tile_columns;
+    for (int64_t r = r0; r < r0 + tiles / tile_columns; ++r) {
+      const int64_t image = r / tile_rows, ty = r % tile_rows, t0 = (r - r0) * tile_columns;
+      CopyPaddedRows(x + image * s.height * s.width * cin, s, 2 * ty - 1, 4, padded_width, rows.data());
+      TransformPatches(rows.data(), row_pitch, tile_columns, tile_columns, cin, e_begin, e_end, tiles * cin,
+                       patches.get() + t0 * cin);
+      // grads[e - e_begin][t][co]: A dy A^T of tile t's 2x2 output gradient, zero outside dy.
+      for (int64_t tx = 0; tx < tile_columns; ++tx) {
+        const int64_t t = t0 + tx;
+        for (int64_t co = 0; co < cout; co += 16) {
+          Vector g[2][2];
+          for (int a = 0; a < 2; ++a) {
+            for (int b = 0; b < 2; ++b) {
+              const int64_t ho = 2 * ty + a, wo = 2 * tx + b;
+              g[a][b] = ho < s.height && wo < s.width
+                            ? Load(dy + ((image * s.height + ho) * s.width + wo) * cout + co) : Vector{};
+            }
+          }
+          const Vector rows_a[4][2] = {{g[0][0], g[0][1]}, {g[0][0] + g[1][0], g[0][1] + g[1][1]},
+                                       {g[0][0] - g[1][0], g[0][1] - g[1][1]}, {-g[1][0], -g[1][1]}};
+          for (int64_t r = e_begin / 4; r * 4 < e_end; ++r) {
+            const Vector* p = rows_a[r];
+            const Vector z[4] = {p[0], p[0] + p[1], p[0] - p[1], -p[1]};
+            for (int64_t e = std::max(e_begin, r * 4); e < std::min(e_end, r * 4 + 4); ++e) {
+              std::memcpy(grads.get() + ((e - e_begin) * tiles + t) * cout + co, &z[e % 4], sizeof(Vector));
+            }
+          }
+        }
+      }
+    }
+    for (int64_t e = e_begin; e < e_end; ++e) {
+      const float* patches_e = patches.get() + (e - e_begin) * tiles * cin;
+      const float* grads_e = grads.get() + (e - e_begin) * tiles * cout;
+      auto pixels = [&](int64_t ci0, auto add_pixel) {
+        for (int64_t t = 0; t < tiles; ++t) add_pixel(patches_e + t * cin + ci0, grads_e + t * cout);
+      };
+      AddTapBands(cin, pixels, 0, cout, cout, partial + e * cin * cout);
+    }
+  }
+}
+
+// dw (3, 3, Cin, Cout) = G^T m G from the sums m (16, Cin, Cout) of AddWinogradChunk, in float64.
+void FinishWinogradWeightGradient(const double* m, float* dw, const Shape& s) {
+  const int64_t pairs = s.in_channels * s.out_channels;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    double gm[3][4];  // G^T m
+    for (int b = 0; b < 4; ++b) {
+      const double m0 = m[b * pairs + pair], m1 = m[(4 + b) * pairs + pair], m2 = m[(8 + b) * pairs + pair],
+                   m3 = m[(12 + b) * pairs + pair];
+      gm[0][b] = m0 + 0.5 * (m1 + m2);
+      gm[1][b] = 0.5 * (m1 - m2);
+      gm[2][b] = 0.5 * (m1 + m2) + m3;
+    }
+    for (int i = 0; i < 3; ++i) {
+      const double* r = gm[i];
+      dw[(i * 3) * pairs + pair] = static_cast<float>(r[0] + 0.5 * (r[1] + r[2]));
+      dw[(i * 3 + 1) * pairs + pair] = static_cast<float>(0.5 * (r[1] - r[2]));
+      dw[(i * 3 + 2) * pairs + pair] = static_cast<float>(0.5 * (r[1] + r[2]) + r[3]);
+    }
+  }
+}
+
+ffi::Error WinogradWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy, ffi::Result<Float32x4d> dw,
+                                  int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto x_dims = x.dimensions(), dy_dims = dy.dimensions(), dw_dims = dw->dimensions();
+  const bool shapes_fit = dw_dims[0] == 3 && stride == 1 && pad_top == 1 && pad_left == 1 &&
+                          dy_dims[1] == x_dims[1] && dy_dims[2] == x_dims[2] && x_dims[3] % 16 == 0 &&
+                          dy_dims[3] % 16 == 0;
+  if (!shapes_fit) {
+    return ffi::Error::InvalidArgument("kdep_jax CPU Winograd weight gradient kernel: shapes that do not fit");
+  }
+  return WeightGradient(pool, x, dy, dw, stride, pad_top, pad_left, /*depthwise=*/false, kDenseChunkPixels,
+                        /*parts=*/16, 16 * x_dims[3] * dy_dims[3], AddWinogradChunk, FinishWinogradWeightGradient);
 }
 
 // An input gradient's taps, for dx pixel (hi, wi) = (ho * stride + i - pad_top, wo * stride + j - pad_left): the
@@ -948,6 +1061,7 @@ KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvWeightGradient, ConvWeightGradient);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepConv, Conv);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvInputGradient, ConvInputGradient);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradConv, WinogradConv);
+KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradWeightGradient, WinogradWeightGradient);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepDepthwiseInputGradient, DepthwiseInputGradient);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepMaxPoolGradient, MaxPoolGradient,
                               ffi::Ffi::Bind()

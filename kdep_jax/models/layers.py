@@ -112,22 +112,28 @@ def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
     """nn.Conv's convolution hook for conv2d's k x k convs on CPU. On one device, in float32, where kdep_jax's C++
     kernels are on (`native_conv`): the forward pass and the input gradient from its conv kernels (where the
     channels they write come in blocks of 32; a 3x3 conv with stride 1 by Winograd's F(2x2, 3x3) where its
-    channels come in blocks of 16 too), the weight gradient from its weight-gradient kernel; the rest is XLA's.
-    conv2d's convs have no dilation or groups and NHWC / HWIO layouts."""
+    channels come in blocks of 16 too), the weight gradient from its weight-gradient kernels (Winograd's too, on
+    images of at least _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side); the rest is XLA's. conv2d's convs have no
+    dilation or groups and NHWC / HWIO layouts."""
     k, _, in_channels, out_channels = rhs.shape
     padding = tuple(tuple(pair) for pair in padding)
     one_device_float32 = lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1
     native = one_device_float32 and _native_conv()
-    winograd = native and _winograd_conv() and k == 3 and window_strides[0] == 1 and padding == ((1, 1), (1, 1))
+    winograd_shape = k == 3 and window_strides[0] == 1 and padding == ((1, 1), (1, 1))
+    winograd = native and _winograd_conv() and winograd_shape
 
     def form(written: int, read: int) -> str:
         if not native or written % cpu_kernels.CONV_OUT_BLOCK:
             return "xla"
         return "winograd" if winograd and read % 16 == 0 else "direct"
 
-    forms = (form(out_channels, in_channels), form(in_channels, out_channels),
-             one_device_float32 and _native_conv_weight_gradient())
-    if forms == ("xla", "xla", False):
+    weight_gradient = "xla"
+    if one_device_float32 and _native_conv_weight_gradient():
+        by_winograd = (_winograd_weight_gradient() and winograd_shape and in_channels % 16 == 0
+                       and out_channels % 16 == 0 and min(lhs.shape[1:3]) >= _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE)
+        weight_gradient = "winograd" if by_winograd else "direct"
+    forms = (form(out_channels, in_channels), form(in_channels, out_channels), weight_gradient)
+    if forms == ("xla", "xla", "xla"):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **conv_options)
     return native_conv(lhs, rhs, window_strides[0], padding, forms)
 
@@ -147,9 +153,24 @@ def _native_conv() -> bool:
 def _winograd_conv() -> bool:
     """Whether conv2d's 3x3 convs with stride 1 take their forward pass and input gradient from the Winograd
     F(2x2, 3x3) kernel (`cpu_kernels.winograd_conv`) rather than the direct one, where `_native_conv` is on: 2.25x
-    fewer products, alone 1.5-2.0x faster at a ResNet's 56 to 7 px (AMD EPYC Zen 5, benchmarks/README.md). The
-    sums differ from the direct conv's by float32 rounding (tests/test_models.py checks both against float64)."""
+    fewer products, alone 1.5-2.0x faster at a ResNet's 56 to 7 px; the ResNet-18 step 1.20x, the MobileNetV2 step
+    (its teacher's convs) 1.12x on TCMalloc (AMD EPYC Zen 5, benchmarks/README.md). The sums differ from the direct
+    kernel's by float32 rounding (tests/test_models.py checks both against float64)."""
     return _native_conv()
+
+
+# The smallest image whose 3x3 convs take their weight gradient by Winograd (`_winograd_weight_gradient`): alone
+# 1.2-1.5x faster than the direct kernel at a ResNet's 56 to 14 px, 0.85x at 7 px, where a tile of 2x2 pixels
+# wastes a quarter of its products on padding and each image has few tiles (AMD EPYC Zen 5).
+_WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE = 14
+
+
+@functools.cache
+def _winograd_weight_gradient() -> bool:
+    """Whether conv2d's 3x3 convs with stride 1 take their weight gradient from the Winograd F(2x2, 3x3) kernel
+    (`cpu_kernels.winograd_weight_gradient`) where `_native_conv_weight_gradient` is on, on images of at least
+    _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side (benchmarks/README.md)."""
+    return _native_conv_weight_gradient()
 
 
 @functools.cache
@@ -176,10 +197,10 @@ def _conv_by_form(x: jax.Array, kernel: jax.Array, stride: int, padding, form: s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def native_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, forms: tuple[str, str, bool]) -> jax.Array:
-    """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on one CPU device whose forward pass and
-    input gradient each come from XLA's convolution or kdep_jax's C++ kernels (forms[0], forms[1]: "xla", "direct"
-    or "winograd"), and whose weight gradient comes from kdep_jax's kernel where forms[2]."""
+def native_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, forms: tuple[str, str, str]) -> jax.Array:
+    """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on one CPU device whose forward pass, input
+    gradient and weight gradient each come from XLA's convolution or kdep_jax's C++ kernels, as forms says (for
+    each, "xla", "direct" or "winograd")."""
     return _conv_by_form(x, kernel, stride, padding, forms[0])
 
 
@@ -189,14 +210,16 @@ def _native_conv_vjp_forward(x, kernel, stride, padding, forms):
 
 def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
     x, kernel = residuals
-    _, input_gradient, native_weight_gradient = forms
+    _, input_gradient, weight_gradient = forms
     if input_gradient == "winograd":  # stride 1, padding 1: a conv of grad with the kernel turned round
         grad_x = cpu_kernels.winograd_conv(grad, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
     elif input_gradient == "direct":
         grad_x = cpu_kernels.conv_input_gradient(grad, kernel, x.shape, stride, padding)
     else:
         grad_x = jax.vjp(lambda x: _dense_conv(x, kernel, stride, padding), x)[1](grad)[0]
-    if native_weight_gradient:
+    if weight_gradient == "winograd":
+        grad_kernel = cpu_kernels.winograd_weight_gradient(x, grad)
+    elif weight_gradient == "direct":
         grad_kernel = cpu_kernels.conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
     else:
         grad_kernel = jax.vjp(lambda kernel: _dense_conv(x, kernel, stride, padding), kernel)[1](grad)[0]
