@@ -689,37 +689,40 @@ void AddWinogradChunk(const float* x, const float* dy, int64_t images, int64_t e
   const int64_t tile_rows = (s.height + 1) / 2, tile_columns = (s.width + 1) / 2;
   const int64_t band = (kWinogradBandTiles + tile_columns - 1) / tile_columns, band_tiles = band * tile_columns;
   const int64_t padded_width = 2 * tile_columns + 2, row_pitch = padded_width * cin;
-  std::vector<float> rows(4 * row_pitch);
+  std::vector<float> rows((2 * band + 2) * row_pitch);
   // Every value of patches and grads is written before it is read.
   const std::unique_ptr<float[]> patches(new float[elements * band_tiles * cin]),
       grads(new float[elements * band_tiles * cout]);
   for (int64_t r0 = 0; r0 < images * tile_rows; r0 += band) {
-    const int64_t tiles = (std::min(images * tile_rows, r0 + band) - r0) * tile_columns;
-    for (int64_t r = r0; r < r0 + tiles / tile_columns; ++r) {
-      const int64_t image = r / tile_rows, ty = r % tile_rows, t0 = (r - r0) * tile_columns;
-      CopyPaddedRows(x + image * s.height * s.width * cin, s, 2 * ty - 1, 4, padded_width, rows.data());
-      TransformPatches(rows.data(), row_pitch, tile_columns, tile_columns, cin, e_begin, e_end, tiles * cin,
-                       patches.get() + t0 * cin);
-      // grads[e - e_begin][t][co]: A dy A^T of tile t's 2x2 output gradient, zero outside dy.
-      for (int64_t tx = 0; tx < tile_columns; ++tx) {
-        const int64_t t = t0 + tx;
-        for (int64_t co = 0; co < cout; co += 16) {
-          Vector g[2][2];
-          for (int a = 0; a < 2; ++a) {
-            for (int b = 0; b < 2; ++b) {
-              const int64_t ho = 2 * ty + a, wo = 2 * tx + b;
-              g[a][b] = ho < s.height && wo < s.width
-                            ? Load(dy + ((image * s.height + ho) * s.width + wo) * cout + co) : Vector{};
-            }
+    const int64_t r1 = std::min(images * tile_rows, r0 + band), tiles = (r1 - r0) * tile_columns;
+    // The band's tile rows image by image: each image's rows of x copied once, with the padding around them.
+    for (int64_t first = r0, end; first < r1; first = end) {
+      const int64_t image = first / tile_rows;
+      end = std::min(r1, (image + 1) * tile_rows);
+      CopyPaddedRows(x + image * s.height * s.width * cin, s, 2 * (first % tile_rows) - 1, 2 * (end - first) + 2,
+                     padded_width, rows.data());
+      TransformPatches(rows.data(), row_pitch, tile_columns, (end - first) * tile_columns, cin, e_begin, e_end,
+                       tiles * cin, patches.get() + (first - r0) * tile_columns * cin);
+    }
+    // grads[e - e_begin][t][co]: A dy A^T of tile t's 2x2 output gradient, zero outside dy.
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t r = r0 + t / tile_columns, image = r / tile_rows, ty = r % tile_rows, tx = t % tile_columns;
+      for (int64_t co = 0; co < cout; co += 16) {
+        Vector g[2][2];
+        for (int a = 0; a < 2; ++a) {
+          for (int b = 0; b < 2; ++b) {
+            const int64_t ho = 2 * ty + a, wo = 2 * tx + b;
+            g[a][b] = ho < s.height && wo < s.width
+                          ? Load(dy + ((image * s.height + ho) * s.width + wo) * cout + co) : Vector{};
           }
-          const Vector rows_a[4][2] = {{g[0][0], g[0][1]}, {g[0][0] + g[1][0], g[0][1] + g[1][1]},
-                                       {g[0][0] - g[1][0], g[0][1] - g[1][1]}, {-g[1][0], -g[1][1]}};
-          for (int64_t r = e_begin / 4; r * 4 < e_end; ++r) {
-            const Vector* p = rows_a[r];
-            const Vector z[4] = {p[0], p[0] + p[1], p[0] - p[1], -p[1]};
-            for (int64_t e = std::max(e_begin, r * 4); e < std::min(e_end, r * 4 + 4); ++e) {
-              std::memcpy(grads.get() + ((e - e_begin) * tiles + t) * cout + co, &z[e % 4], sizeof(Vector));
-            }
+        }
+        const Vector rows_a[4][2] = {{g[0][0], g[0][1]}, {g[0][0] + g[1][0], g[0][1] + g[1][1]},
+                                     {g[0][0] - g[1][0], g[0][1] - g[1][1]}, {-g[1][0], -g[1][1]}};
+        for (int64_t row = e_begin / 4; row * 4 < e_end; ++row) {
+          const Vector* p = rows_a[row];
+          const Vector z[4] = {p[0], p[0] + p[1], p[0] - p[1], -p[1]};
+          for (int64_t e = std::max(e_begin, row * 4); e < std::min(e_end, row * 4 + 4); ++e) {
+            std::memcpy(grads.get() + ((e - e_begin) * tiles + t) * cout + co, &z[e % 4], sizeof(Vector));
           }
         }
       }
