@@ -37,7 +37,8 @@ FORMS = {
     "native_conv": ("step:resnet18", "step:mobilenet_v2"),
     "winograd_conv": ("step:resnet18", "step:mobilenet_v2", "forward:resnet50"),
     "winograd_weight_gradient": ("step:resnet18",),
-    "native_max_pool_gradient": ("step:resnet18",),
+    "weight_gradient_of_activation": ("step:resnet18",),
+    "native_max_pool": ("step:resnet18",),
     "relu_as_select": ("step:resnet18", "step:mobilenet_v2", "forward:resnet50"),
     "pad_wide_kernels": ("forward:convnext_tiny", "forward:efficientnet_lite0"),
     "materialise_gelu": ("forward:swin_t", "forward:convnext_tiny", "forward:vit_b_16"),
@@ -46,7 +47,8 @@ FORMS = {
 
 def step_workload(student: str, args):
     """(a function that runs one distillation step, carrying the train state from call to call; a function that
-    gives that state's arrays: parameters, BatchNorm statistics and momentum, which holds the gradients)."""
+    gives that state's arrays: parameters, BatchNorm statistics and momentum, which holds the gradients; the bytes
+    of XLA's temporaries)."""
     import distill_step
     import jax
 
@@ -61,12 +63,12 @@ def step_workload(student: str, args):
         carried[0], metrics = compiled(carried[0], batches, count, constants)
         return metrics["loss"]
 
-    return run, lambda: jax.tree.leaves(carried[0])
+    return run, lambda: jax.tree.leaves(carried[0]), compiled.memory_analysis().temp_size_in_bytes
 
 
 def forward_workload(arch: str, args):
     """(a function that runs one eval-mode forward pass and returns the pooled features; one that gives the
-    features as a list of arrays, to compare)."""
+    features as a list of arrays, to compare; the bytes of XLA's temporaries)."""
     import jax
 
     from kdep_jax import models
@@ -80,11 +82,12 @@ def forward_workload(arch: str, args):
     def run():
         return compiled(variables, images)
 
-    return run, lambda: [run()]
+    return run, lambda: [run()], compiled.memory_analysis().temp_size_in_bytes
 
 
 def compare(form: str, workload: str, args) -> dict:
-    """Median seconds per call with the form on and off, and how far the two variants' results are apart after
+    """Median seconds per call and XLA's temporaries with the form on and off, and how far the two variants' results
+    are apart after
     the warm-up calls: the norm of their difference over all arrays, relative to the norm of the form-off result
     (for a step, the train state, whose momentum holds the last gradients; a per-array measure would blow up on
     the parameters whose gradient is zero but for rounding, such as BatchNorm biases that the next BatchNorm
@@ -97,20 +100,20 @@ def compare(form: str, workload: str, args) -> dict:
     runs = {}
     for on in (True, False):
         with mock.patch.object(layers, f"_{form}", lambda on=on: on):  # read while tracing, i.e. while compiling
-            run, arrays = (step_workload if kind == "step" else forward_workload)(model, args)
+            run, arrays, temp_bytes = (step_workload if kind == "step" else forward_workload)(model, args)
         for _ in range(max(args.warmup, 1)):
             jax.block_until_ready(run())
-        runs[on] = (run, [np.asarray(array, np.float64) for array in arrays()], [])
+        runs[on] = (run, [np.asarray(array, np.float64) for array in arrays()], [], temp_bytes)
     for round_index in range(args.rounds):
         for on in (True, False) if round_index % 2 == 0 else (False, True):
-            run, _, times = runs[on]
+            run, _, times, _ = runs[on]
             start = time.perf_counter()
             jax.block_until_ready(run())
             times.append(time.perf_counter() - start)
     squared_difference = sum(np.sum((on - off) ** 2) for on, off in zip(runs[True][1], runs[False][1]))
     difference = np.sqrt(squared_difference / max(sum(np.sum(off ** 2) for off in runs[False][1]), 1e-30))
     return {"on": statistics.median(runs[True][2]), "off": statistics.median(runs[False][2]),
-            "relative_difference": float(difference)}
+            "relative_difference": float(difference), "temp_on": runs[True][3], "temp_off": runs[False][3]}
 
 
 def main():
@@ -149,7 +152,8 @@ def main():
             batch = args.step_batch if workload.startswith("step:") else args.forward_batch
             print(f"{form:34} {workload + f' batch {batch}':30} on {result['on']:.3f}  off {result['off']:.3f}  "
                   f"on is {result['off'] / result['on']:.2f}x  "
-                  f"results differ by {result['relative_difference']:.1e} (relative norm)", flush=True)
+                  f"results differ by {result['relative_difference']:.1e} (relative norm)  XLA temporaries "
+                  f"{result['temp_on'] / 2**20:.0f} / {result['temp_off'] / 2**20:.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -293,19 +293,26 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     ("winograd", 9, 20, 48, 96, 3, 1, ((1, 1), (1, 1))),
     ("winograd", 40, 5, 32, 64, 3, 1, ((1, 1), (1, 1))),  # one chunk of 40 images, 8 groups of 2 elements
     ("winograd", 1, 1, 16, 16, 3, 1, ((1, 1), (1, 1))),  # 1 x 4 px: one row of tiles, half outside
+    # The input given as relu(x * scale + shift): the padding must stay zero
+    ("winograd of activation", 2, 7, 16, 32, 3, 1, ((1, 1), (1, 1))),
+    ("winograd of activation", 9, 20, 48, 96, 3, 1, ((1, 1), (1, 1))),
 ])
 def test_native_weight_gradients_match_float64(kind, batch, size, in_channels, out_channels, kernel_size,
                                                stride, padding):
     """kdep_jax's C++ kernels for the weight gradients of a depthwise conv and of a dense one (direct and by
-    Winograd's F(2x2, 3x3)) against numpy float64: for every tap, the products of the zero-padded input's strided
-    window with the output gradient, summed over batch and space, per channel (depthwise) or for every input and
-    output channel."""
+    Winograd's F(2x2, 3x3), of x or of relu(x * scale + shift) computed from x) against numpy float64: for every
+    tap, the products of the zero-padded input's strided window with the output gradient, summed over batch and
+    space, per channel (depthwise) or for every input and output channel."""
     from kdep_jax.models import cpu_kernels
 
     rng = np.random.default_rng(size * out_channels)
     x = rng.normal(size=(batch, size, size + 3, in_channels)).astype(np.float32)
+    conv_input = x.astype(np.float64)
+    if kind == "winograd of activation":
+        activation = tuple(rng.normal(size=in_channels).astype(np.float32) for _ in range(2))
+        conv_input = np.maximum(conv_input * activation[0] + activation[1], 0.0)
     (top, bottom), (left, right) = padding
-    padded = np.pad(x.astype(np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)))
+    padded = np.pad(conv_input, ((0, 0), (top, bottom), (left, right), (0, 0)))
     out_h, out_w = ((padded.shape[axis] - kernel_size) // stride + 1 for axis in (1, 2))
     grad = rng.normal(size=(batch, out_h, out_w, out_channels)).astype(np.float32)
     expected = np.zeros((kernel_size, kernel_size, 1 if kind == "depthwise" else in_channels, out_channels))
@@ -316,6 +323,8 @@ def test_native_weight_gradients_match_float64(kind, batch, size, in_channels, o
                                        grad.astype(np.float64))
     if kind == "winograd":
         gradient = cpu_kernels.winograd_weight_gradient
+    elif kind == "winograd of activation":
+        gradient = functools.partial(cpu_kernels.winograd_weight_gradient, activation=activation)
     else:
         kernel = cpu_kernels.depthwise_weight_gradient if kind == "depthwise" else cpu_kernels.conv_weight_gradient
         gradient = functools.partial(kernel, kernel_size=kernel_size, stride=stride, padding=padding)
@@ -459,6 +468,54 @@ def test_conv2d_equals_xla_with_and_without_the_native_kernels(in_channels, out_
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_conv_of_activation_equals_batchnorm_relu_conv(native, monkeypatch):
+    """ConvOfActivation (a conv of BatchNorm's affine map and a ReLU, ResNet's blocks) against BatchNorm, relu and
+    conv2d applied one after the other: the same parameters, the same value, and gradients (of the BatchNorm's and
+    the conv's parameters and of x) equal to float32 rounding, on one CPU device with kdep_jax's C++ kernels on and
+    off. With them, the weight gradient computes the activation from x, and the backward pass keeps x and not the
+    activation too."""
+    from kdep_jax.models.layers import ConvOfActivation
+
+    for switch in ("_native_conv", "_winograd_conv", "_winograd_weight_gradient", "_native_conv_weight_gradient",
+                   "_weight_gradient_of_activation"):
+        monkeypatch.setattr(layers, switch, lambda: native)
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 14, 15, 16)), jnp.float32)
+    batch_norm, fused, conv = BatchNorm(), ConvOfActivation(32, 3), conv2d(32, 3)
+    norm_variables = batch_norm.init(jax.random.key(1), x, train=False)
+    norm_variables = {"params": jax.tree.map(lambda v: v + jnp.asarray(rng.normal(size=v.shape), jnp.float32),
+                                             norm_variables["params"]), "batch_stats": norm_variables["batch_stats"]}
+    scale, shift = batch_norm.apply(norm_variables, x, train=False, affine=True)
+    kernel = fused.init(jax.random.key(2), x, scale, shift)
+    assert jax.tree.map(jnp.shape, kernel) == jax.tree.map(jnp.shape, conv.init(jax.random.key(2), x))
+    np.testing.assert_array_equal(kernel["params"]["kernel"], conv.init(jax.random.key(2), x)["params"]["kernel"])
+
+    def apply(norm_params, conv_params, x, separately):
+        variables = {"params": norm_params, "batch_stats": norm_variables["batch_stats"]}
+        if separately:
+            y, _ = batch_norm.apply(variables, x, train=True, mutable=["batch_stats"])
+            return conv.apply(conv_params, layers.relu(y))
+        (scale, shift), _ = batch_norm.apply(variables, x, train=True, affine=True, mutable=["batch_stats"])
+        return fused.apply(conv_params, x, scale, shift)
+
+    arguments = (norm_variables["params"], kernel, x)
+    cotangent = jnp.asarray(rng.normal(size=(3, 14, 15, 32)), jnp.float32)
+    results = {}
+    for separately in (True, False):
+        out, pullback = jax.vjp(functools.partial(apply, separately=separately), *arguments)
+        results[separately] = out, pullback(cotangent)
+    np.testing.assert_allclose(results[False][0], results[True][0], rtol=1e-5, atol=1e-5)
+    for ours, reference in zip(jax.tree.leaves(results[False][1]), jax.tree.leaves(results[True][1])):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    backward = jax.jit(lambda c, *a: jax.vjp(lambda *a: apply(*a, False), *a)[1](c)).lower(cotangent, *arguments)
+    assert ('"kdep_winograd_weight_gradient_of_activation"' in backward.compile().as_text()) == native
+    _, pullback = jax.vjp(lambda x, s, b: fused.apply(kernel, x, s, b), x, scale, shift)
+    kept = [leaf.shape for leaf in jax.tree.leaves(pullback) if getattr(leaf, "shape", None) == x.shape]
+    assert len(kept) == 1 if native else len(kept) > 1  # x alone; or x, the activation and its ReLU's mask
+
+
 def test_cpu_kernels_build_once_and_say_what_to_do_without_a_compiler(tmp_path, monkeypatch):
     """The kernels' library is built once per source, compiler, jaxlib and CPU (a second build finds it); without
     a C++ compiler kdep_jax warns, naming the fix, and keeps XLA's forms."""
@@ -593,14 +650,16 @@ def test_relu_matches_torch_at_zero_and_on_nan(as_select, monkeypatch):
     assert grad[0] == 0.0
 
 
-@pytest.mark.parametrize("form", ["shifted_max, C++ backward", "shifted_max", "flax"])
+@pytest.mark.parametrize("form", ["shifted_max, C++", "shifted_max", "flax"])
 @pytest.mark.parametrize("size", [8, 9])
 def test_max_pool_matches_torch_with_ties(form, size, monkeypatch):
     """Values and gradient against torch.nn.functional.max_pool2d(3, 2, 1), on small integers, so that most
     windows hold several equal maxima: the gradient must go to the first one in row-major order, as torch's (a
     wrong choice moves a whole cotangent; where windows overlap, the sums' order may differ in the last bit). In
-    each form: the strided slices with the C++ kernel's backward pass (AVX-512 CPUs) or XLA's, and flax's."""
-    monkeypatch.setattr(layers, "_native_max_pool_gradient", lambda: form.endswith("C++ backward"))
+    each form: the strided slices with the C++ kernels' forward and backward passes (AVX-512 CPUs) or XLA's, and
+    flax's."""
+    monkeypatch.setattr(layers, "_native_max_pool", lambda: form.endswith("C++"))
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
     shifted_max = form != "flax"
     rng = np.random.default_rng(size)
     x = rng.integers(0, 3, size=(2, size, size + 1, 4)).astype(np.float32)
@@ -616,21 +675,29 @@ def test_max_pool_matches_torch_with_ties(form, size, monkeypatch):
     np.testing.assert_allclose(grad, torch_x.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-7)
 
 
-def test_max_pool_gradient_kernel_equals_xla_form_on_infinities_and_nan(monkeypatch):
-    """The C++ max-pool gradient against the strided slices' XLA backward pass where torch has no say: a window whose
+def test_max_pool_kernels_equal_xla_form_on_infinities_and_nan(monkeypatch):
+    """The C++ max-pool and its gradient against the strided slices' XLA forms where torch has no say: a window whose
     in-image values are all -inf (its first tap is then a padded one, which takes the gradient away), windows with
-    a NaN (whose maximum equals no tap), and a stride-1 pool with more padding."""
+    a NaN (whose maximum equals no tap), and a stride-1 pool with more padding. The C++ form's backward pass keeps
+    the int8 taps, not x."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 9, 8, 3)).astype(np.float32)
     x[0, :2, :2] = -np.inf
     x[1, 4, 5, 1] = np.nan
-    grads = {}
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
+    outs, grads = {}, {}
     for native in (True, False):
-        monkeypatch.setattr(layers, "_native_max_pool_gradient", lambda: native)
+        monkeypatch.setattr(layers, "_native_max_pool", lambda: native)
         for k, stride, pad in [(3, 2, 1), (3, 1, 2)]:
             out, pullback = jax.vjp(lambda x: max_pool(x, k, stride, pad, True), jnp.asarray(x))
+            kept = {(leaf.shape, leaf.dtype.name) for leaf in jax.tree.leaves(pullback) if hasattr(leaf, "dtype")}
+            assert kept == ({(out.shape, "int8")} if native else {(x.shape, "float32")})
             cotangent = np.random.default_rng(k * stride + pad).normal(size=out.shape).astype(np.float32)
+            outs[native, stride] = np.asarray(out)
             grads[native, stride] = np.asarray(pullback(jnp.asarray(cotangent))[0])
     for stride in (2, 1):
+        np.testing.assert_array_equal(outs[True, stride], outs[False, stride])
         np.testing.assert_allclose(grads[True, stride], grads[False, stride], rtol=1e-6, atol=1e-6)
+    assert np.isnan(outs[True, 2][1, 2, 2, 1])
     assert grads[True, 2][0, 0, 0].tolist() == [0.0, 0.0, 0.0]  # the all -inf window's gradient left with the padding
+    assert grads[True, 2][1, 4, 5, 1] == 0.0  # a NaN maximum takes its gradient nowhere

@@ -14,8 +14,9 @@
 // - KdepConvWeightGradient: a dense conv's weight gradient (a stem's on the RGB image XLA hands to Eigen as a
 //   contraction only Cin = 3 long; Eigen runs a ResNet's 56 and 28 px convs' at a half to two thirds of this
 //   kernel's speed).
-// - KdepMaxPoolGradient: a max-pool's input gradient (ResNet's stem pool), which XLA runs as a chain of selects
-//   over the k*k strided windows of the padded input, each placed back by an interior-padded copy.
+// - KdepMaxPool, KdepMaxPoolGradient: a max-pool (ResNet's stem pool) that also gives the tap that holds each
+//   output's maximum, and its input gradient from those taps, so that the backward pass keeps an int8 per output
+//   instead of the pool's input (XLA, given both from the input, keeps its k*k windows until the backward pass).
 //
 // The weight gradients keep each tap's sums over many pixels in registers, 16 or 32 output channels at a time.
 // The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
@@ -40,6 +41,8 @@ namespace {
 
 // A rank-4 float32 buffer, named: the comma of its template arguments would split the handler macro's arguments.
 using Float32x4d = ffi::Buffer<ffi::F32, 4>;
+using Int8x4d = ffi::Buffer<ffi::S8, 4>;
+using Float32x1d = ffi::Buffer<ffi::F32, 1>;
 
 int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -73,18 +76,36 @@ void CopyPaddedRow(const float* image_row, int64_t width, int64_t channels, int6
   std::fill(row + end * channels, row + row_width * channels, 0.0f);
 }
 
+// A conv's input given as what it is computed from: relu(x * scale + shift), per input channel (a BatchNorm's
+// affine map and `layers.relu`: a NaN stays), so that the caller need not keep it; none where scale is null.
+struct InputActivation {
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+};
+
 // Copies the rows first_row ... first_row + rows - 1 of one image of x (N, H, W, Cin) into `out`, each as
-// CopyPaddedRow does from column pad_left on, padded_width pixels apart; rows outside the image are zeros.
+// CopyPaddedRow does from column pad_left on, padded_width pixels apart; rows outside the image are zeros. With an
+// activation, its values in place of x's (the padding stays zero).
 void CopyPaddedRows(const float* image, const Shape& s, int64_t first_row, int64_t rows, int64_t padded_width,
-                    float* out) {
-  const int64_t row_pitch = padded_width * s.in_channels;
+                    float* out, InputActivation activation = {}) {
+  const int64_t cin = s.in_channels, row_pitch = padded_width * cin;
+  const int64_t first = std::clamp<int64_t>(s.pad_left, 0, padded_width);
+  const int64_t end = std::clamp<int64_t>(s.pad_left + s.width, first, padded_width);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t hi = first_row + r;
     float* row = out + r * row_pitch;
     if (hi < 0 || hi >= s.height) {
       std::fill_n(row, row_pitch, 0.0f);
-    } else {
-      CopyPaddedRow(image + hi * s.width * s.in_channels, s.width, s.in_channels, s.pad_left, padded_width, row);
+      continue;
+    }
+    CopyPaddedRow(image + hi * s.width * cin, s.width, cin, s.pad_left, padded_width, row);
+    if (activation.scale == nullptr) continue;
+    for (int64_t column = first; column < end; ++column) {
+      float* __restrict pixel = row + column * cin;
+      for (int64_t ci = 0; ci < cin; ++ci) {
+        const float value = pixel[ci] * activation.scale[ci] + activation.shift[ci];
+        pixel[ci] = value < 0.0f ? 0.0f : value;
+      }
     }
   }
 }
@@ -684,7 +705,7 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::R
 constexpr int64_t kWinogradBandTiles = 128;
 
 void AddWinogradChunk(const float* x, const float* dy, int64_t images, int64_t e_begin, int64_t e_end,
-                      double* partial, const Shape& s) {
+                      double* partial, const Shape& s, InputActivation activation) {
   const int64_t cin = s.in_channels, cout = s.out_channels, elements = e_end - e_begin;
   const int64_t tile_rows = (s.height + 1) / 2, tile_columns = (s.width + 1) / 2;
   const int64_t band = (kWinogradBandTiles + tile_columns - 1) / tile_columns, band_tiles = band * tile_columns;
@@ -700,7 +721,7 @@ void AddWinogradChunk(const float* x, const float* dy, int64_t images, int64_t e
       const int64_t image = first / tile_rows;
       end = std::min(r1, (image + 1) * tile_rows);
       CopyPaddedRows(x + image * s.height * s.width * cin, s, 2 * (first % tile_rows) - 1, 2 * (end - first) + 2,
-                     padded_width, rows.data());
+                     padded_width, rows.data(), activation);
       TransformPatches(rows.data(), row_pitch, tile_columns, (end - first) * tile_columns, cin, e_begin, e_end,
                        tiles * cin, patches.get() + (first - r0) * tile_columns * cin);
     }
@@ -759,8 +780,8 @@ void FinishWinogradWeightGradient(const double* m, float* dw, const Shape& s) {
   }
 }
 
-ffi::Error WinogradWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy, ffi::Result<Float32x4d> dw,
-                                  int64_t stride, int64_t pad_top, int64_t pad_left) {
+ffi::Error WinogradWeightGradientOf(ffi::ThreadPool& pool, Float32x4d& x, InputActivation activation, Float32x4d& dy,
+                                    ffi::Result<Float32x4d>& dw, int64_t stride, int64_t pad_top, int64_t pad_left) {
   const auto x_dims = x.dimensions(), dy_dims = dy.dimensions(), dw_dims = dw->dimensions();
   const bool shapes_fit = dw_dims[0] == 3 && stride == 1 && pad_top == 1 && pad_left == 1 &&
                           dy_dims[1] == x_dims[1] && dy_dims[2] == x_dims[2] && x_dims[3] % 16 == 0 &&
@@ -768,8 +789,28 @@ ffi::Error WinogradWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d
   if (!shapes_fit) {
     return ffi::Error::InvalidArgument("kdep_jax CPU Winograd weight gradient kernel: shapes that do not fit");
   }
+  auto add = [activation](const float* x, const float* dy, int64_t images, int64_t e_begin, int64_t e_end,
+                          double* partial, const Shape& s) {
+    AddWinogradChunk(x, dy, images, e_begin, e_end, partial, s, activation);
+  };
   return WeightGradient(pool, x, dy, dw, stride, pad_top, pad_left, /*depthwise=*/false, kDenseChunkPixels,
-                        /*parts=*/16, 16 * x_dims[3] * dy_dims[3], AddWinogradChunk, FinishWinogradWeightGradient);
+                        /*parts=*/16, 16 * x_dims[3] * dy_dims[3], add, FinishWinogradWeightGradient);
+}
+
+ffi::Error WinogradWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy, ffi::Result<Float32x4d> dw,
+                                  int64_t stride, int64_t pad_top, int64_t pad_left) {
+  return WinogradWeightGradientOf(pool, x, {}, dy, dw, stride, pad_top, pad_left);
+}
+
+// The weight gradient of a Winograd conv whose input is relu(x * scale + shift) (InputActivation), from x.
+ffi::Error WinogradWeightGradientOfActivation(ffi::ThreadPool pool, Float32x4d x, Float32x1d scale, Float32x1d shift,
+                                              Float32x4d dy, ffi::Result<Float32x4d> dw, int64_t stride,
+                                              int64_t pad_top, int64_t pad_left) {
+  if (scale.dimensions()[0] != x.dimensions()[3] || shift.dimensions()[0] != x.dimensions()[3]) {
+    return ffi::Error::InvalidArgument("kdep_jax CPU Winograd weight gradient kernel: an activation of the wrong size");
+  }
+  return WinogradWeightGradientOf(pool, x, {scale.typed_data(), shift.typed_data()}, dy, dw, stride, pad_top,
+                                  pad_left);
 }
 
 // An input gradient's taps, for dx pixel (hi, wi) = (ho * stride + i - pad_top, wo * stride + j - pad_left): the
@@ -982,60 +1023,97 @@ ffi::Error DepthwiseInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4
   return ffi::Error::Success();
 }
 
-// The input gradient dx (N, H, W, C) of a k x k max-pool with `stride` and -inf padding, from its input x and
-// output gradient dy (N, Ho, Wo, C): each output's gradient goes to the first tap, in row-major order, whose value
-// equals the window's maximum (torch's rule, and layers.max_pool's; a padded tap is -inf and takes nothing). A NaN
-// maximum equals no tap. One image per task, its windows in order: the sums do not depend on the threads.
-ffi::Error MaxPoolGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy, ffi::Result<Float32x4d> dx,
-                           int64_t k, int64_t stride, int64_t pad_top, int64_t pad_left) {
-  const auto x_dims = x.dimensions(), dy_dims = dy.dimensions(), dx_dims = dx->dimensions();
+// A k x k max-pool's output y (N, Ho, Wo, C) of x (N, H, W, C), padded with -inf (jnp.maximum's: a NaN wins), and
+// for each output the tap that holds the maximum (int8), numbered i * k + j in row-major order: the first (torch's
+// rule; a padded tap holds -inf), or k * k where none does (a NaN maximum). One output row per task.
+ffi::Error MaxPool(ffi::ThreadPool pool, Float32x4d x, ffi::Result<Float32x4d> y, ffi::Result<Int8x4d> taps,
+                   int64_t k, int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto x_dims = x.dimensions(), y_dims = y->dimensions(), taps_dims = taps->dimensions();
   const int64_t n = x_dims[0], height = x_dims[1], width = x_dims[2], c = x_dims[3];
+  const int64_t out_height = y_dims[1], out_width = y_dims[2];
+  const bool shapes_fit = std::equal(y_dims.begin(), y_dims.end(), taps_dims.begin()) && y_dims[0] == n &&
+                          y_dims[3] == c && k >= 1 && k * k <= 127 && stride >= 1 && pad_top >= 0 && pad_left >= 0;
+  if (!shapes_fit) {
+    return ffi::Error::InvalidArgument("kdep_jax CPU max-pool kernel: shapes that do not fit together");
+  }
+  const float* x_data = x.typed_data();
+  float* y_data = y->typed_data();
+  int8_t* taps_data = taps->typed_data();
+  constexpr float kPadding = -std::numeric_limits<float>::infinity();
+  ParallelFor(pool, n * out_height, [&]() {
+    // Each output pixel's maximum and tap in float32 and int32 first: loops that compare floats and write int8 do
+    // not vectorise.
+    return [&, maximum = std::vector<float>(c), held = std::vector<int32_t>(c)](int64_t row) mutable {
+      const int64_t image = row / out_height, ho = row % out_height;
+      for (int64_t wo = 0; wo < out_width; ++wo) {
+        auto in_image = [&](int64_t i, int64_t j) -> const float* {
+          const int64_t hi = ho * stride + i - pad_top, wi = wo * stride + j - pad_left;
+          return hi >= 0 && hi < height && wi >= 0 && wi < width ? x_data + ((image * height + hi) * width + wi) * c
+                                                                 : nullptr;
+        };
+        float* __restrict max_of = maximum.data();
+        int32_t* __restrict tap_of = held.data();
+        std::fill_n(max_of, c, kPadding);
+        for (int64_t number = 0; number < k * k; ++number) {
+          const float* __restrict values = in_image(number / k, number % k);
+          if (values == nullptr) continue;
+          for (int64_t ch = 0; ch < c; ++ch) {
+            max_of[ch] = values[ch] > max_of[ch] || values[ch] != values[ch] ? values[ch] : max_of[ch];
+          }
+        }
+        std::fill_n(tap_of, c, static_cast<int32_t>(k * k));
+        for (int64_t number = k * k - 1; number >= 0; --number) {  // the first tap that holds the maximum wins
+          const float* __restrict values = in_image(number / k, number % k);
+          const int32_t tap = static_cast<int32_t>(number);
+          if (values == nullptr) {
+            for (int64_t ch = 0; ch < c; ++ch) tap_of[ch] = max_of[ch] == kPadding ? tap : tap_of[ch];
+          } else {
+            for (int64_t ch = 0; ch < c; ++ch) tap_of[ch] = values[ch] == max_of[ch] ? tap : tap_of[ch];
+          }
+        }
+        const int64_t at = (row * out_width + wo) * c;
+        std::copy_n(max_of, c, y_data + at);
+        std::transform(tap_of, tap_of + c, taps_data + at, [](int32_t tap) { return static_cast<int8_t>(tap); });
+      }
+    };
+  });
+  return ffi::Error::Success();
+}
+
+// The input gradient dx (N, H, W, C) of a k x k max-pool with `stride` and padding, from its output gradient dy
+// (N, Ho, Wo, C) and, for each output, the tap that holds its window's maximum (N, Ho, Wo, C; int8), numbered
+// i * k + j in row-major order (layers.max_pool's forward pass picks the first, torch's rule): a tap in the padding,
+// or a number from k * k up (a NaN maximum, which equals no tap), takes the gradient away. One image per task, its
+// windows in order: the sums do not depend on the threads.
+ffi::Error MaxPoolGradient(ffi::ThreadPool pool, Int8x4d taps, Float32x4d dy, ffi::Result<Float32x4d> dx,
+                           int64_t k, int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto taps_dims = taps.dimensions(), dy_dims = dy.dimensions(), dx_dims = dx->dimensions();
+  const int64_t n = dx_dims[0], height = dx_dims[1], width = dx_dims[2], c = dx_dims[3];
   const int64_t out_height = dy_dims[1], out_width = dy_dims[2];
-  const bool shapes_fit = std::equal(x_dims.begin(), x_dims.end(), dx_dims.begin()) && dy_dims[0] == n &&
+  const bool shapes_fit = std::equal(dy_dims.begin(), dy_dims.end(), taps_dims.begin()) && dy_dims[0] == n &&
                           dy_dims[3] == c && k >= 1 && stride >= 1 && pad_top >= 0 && pad_left >= 0;
   if (!shapes_fit) {
     return ffi::Error::InvalidArgument("kdep_jax CPU max-pool gradient kernel: shapes that do not fit together");
   }
-  const float* x_data = x.typed_data();
+  const int8_t* taps_data = taps.typed_data();
   const float* dy_data = dy.typed_data();
   float* dx_data = dx->typed_data();
-  constexpr float kPadding = -std::numeric_limits<float>::infinity();
   ParallelFor(pool, n, [&]() {
-    return [&, maximum = std::vector<float>(c), taken = std::vector<int32_t>(c)](int64_t image) mutable {
-      const float* x_image = x_data + image * height * width * c;
+    return [&, held = std::vector<int32_t>(c)](int64_t image) mutable {  // int32: see MaxPool
       float* dx_image = dx_data + image * height * width * c;
       std::fill_n(dx_image, height * width * c, 0.0f);
+      int32_t* __restrict tap = held.data();
       for (int64_t ho = 0; ho < out_height; ++ho) {
         for (int64_t wo = 0; wo < out_width; ++wo) {
-          const float* grad = dy_data + ((image * out_height + ho) * out_width + wo) * c;
-          auto in_image = [&](int64_t i, int64_t j) {
-            const int64_t hi = ho * stride + i - pad_top, wi = wo * stride + j - pad_left;
-            return hi >= 0 && hi < height && wi >= 0 && wi < width ? (hi * width + wi) * c : int64_t{-1};
-          };
-          std::fill(maximum.begin(), maximum.end(), kPadding);
+          std::copy_n(taps_data + ((image * out_height + ho) * out_width + wo) * c, c, tap);
+          const float* __restrict grad = dy_data + ((image * out_height + ho) * out_width + wo) * c;
           for (int64_t i = 0; i < k; ++i) {
             for (int64_t j = 0; j < k; ++j) {
-              const int64_t at = in_image(i, j);
-              if (at < 0) continue;
-              for (int64_t ch = 0; ch < c; ++ch) {  // jnp.maximum's: NaN wins
-                const float value = x_image[at + ch];
-                maximum[ch] = value > maximum[ch] || value != value ? value : maximum[ch];
-              }
-            }
-          }
-          std::fill(taken.begin(), taken.end(), 0);
-          for (int64_t i = 0; i < k; ++i) {
-            for (int64_t j = 0; j < k; ++j) {
-              const int64_t at = in_image(i, j);
-              if (at < 0) {  // a padded tap: first only where the maximum is -inf
-                for (int64_t ch = 0; ch < c; ++ch) taken[ch] |= maximum[ch] == kPadding;
-                continue;
-              }
-              for (int64_t ch = 0; ch < c; ++ch) {
-                const int32_t first = !taken[ch] & (x_image[at + ch] == maximum[ch]);
-                dx_image[at + ch] += first ? grad[ch] : 0.0f;
-                taken[ch] |= first;
-              }
+              const int64_t hi = ho * stride + i - pad_top, wi = wo * stride + j - pad_left;
+              if (hi < 0 || hi >= height || wi < 0 || wi >= width) continue;  // a padded tap takes nothing
+              float* __restrict dx_pixel = dx_image + (hi * width + wi) * c;
+              const int32_t number = static_cast<int32_t>(i * k + j);
+              for (int64_t ch = 0; ch < c; ++ch) dx_pixel[ch] += tap[ch] == number ? grad[ch] : 0.0f;
             }
           }
         }
@@ -1066,10 +1144,31 @@ KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvInputGradient, ConvInputGradient);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradConv, WinogradConv);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradWeightGradient, WinogradWeightGradient);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepDepthwiseInputGradient, DepthwiseInputGradient);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepMaxPoolGradient, MaxPoolGradient,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepWinogradWeightGradientOfActivation, WinogradWeightGradientOfActivation,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Float32x4d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Float32x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepMaxPool, MaxPool,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Float32x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Ret<Int8x4d>()
+                                  .Attr<int64_t>("kernel_size")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepMaxPoolGradient, MaxPoolGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Int8x4d>()
                                   .Arg<Float32x4d>()
                                   .Ret<Float32x4d>()
                                   .Attr<int64_t>("kernel_size")

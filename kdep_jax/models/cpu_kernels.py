@@ -36,10 +36,12 @@ _DEPTHWISE_WEIGHT_GRADIENT = "kdep_depthwise_weight_gradient"
 _CONV_WEIGHT_GRADIENT = "kdep_conv_weight_gradient"
 _CONV = "kdep_conv"
 _CONV_INPUT_GRADIENT = "kdep_conv_input_gradient"
+_MAX_POOL = "kdep_max_pool"
 _MAX_POOL_GRADIENT = "kdep_max_pool_gradient"
 _DEPTHWISE_INPUT_GRADIENT = "kdep_depthwise_input_gradient"
 _WINOGRAD_CONV = "kdep_winograd_conv"
 _WINOGRAD_WEIGHT_GRADIENT = "kdep_winograd_weight_gradient"
+_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION = "kdep_winograd_weight_gradient_of_activation"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -95,10 +97,11 @@ def available() -> bool:
     for name, handler in [(_DEPTHWISE_WEIGHT_GRADIENT, library.KdepDepthwiseWeightGradient),
                           (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient), (_CONV, library.KdepConv),
                           (_CONV_INPUT_GRADIENT, library.KdepConvInputGradient),
-                          (_MAX_POOL_GRADIENT, library.KdepMaxPoolGradient),
+                          (_MAX_POOL, library.KdepMaxPool), (_MAX_POOL_GRADIENT, library.KdepMaxPoolGradient),
                           (_DEPTHWISE_INPUT_GRADIENT, library.KdepDepthwiseInputGradient),
                           (_WINOGRAD_CONV, library.KdepWinogradConv),
-                          (_WINOGRAD_WEIGHT_GRADIENT, library.KdepWinogradWeightGradient)]:
+                          (_WINOGRAD_WEIGHT_GRADIENT, library.KdepWinogradWeightGradient),
+                          (_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION, library.KdepWinogradWeightGradientOfActivation)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -109,7 +112,8 @@ def _call(target: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array, s
     if not available():
         raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
-    return call(a.astype(jnp.float32), b.astype(jnp.float32), stride=np.int64(stride),
+    a, b = (v if v.dtype == jnp.int8 else v.astype(jnp.float32) for v in (a, b))  # int8: the max-pool's taps
+    return call(a, b, stride=np.int64(stride),
                 pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
                 **{name: np.int64(value) for name, value in attributes.items()})
 
@@ -151,11 +155,21 @@ def winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _call(_WINOGRAD_CONV, (*x.shape[:3], kernel.shape[-1]), x, kernel, 1, ((1, 1), (1, 1)))
 
 
-def winograd_weight_gradient(x: jax.Array, grad: jax.Array) -> jax.Array:
+def winograd_weight_gradient(x: jax.Array, grad: jax.Array,
+                             activation: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """The gradient of `winograd_conv`'s kernel (3, 3, Cin, Cout), in float32, from its input x and output gradient
     `grad` (channels multiples of 16), by the same F(2x2, 3x3) algorithm: 2.25x fewer products than
-    `conv_weight_gradient`; the sums differ from it by float32 rounding."""
-    return _call(_WINOGRAD_WEIGHT_GRADIENT, (3, 3, x.shape[-1], grad.shape[-1]), x, grad, 1, ((1, 1), (1, 1)))
+    `conv_weight_gradient`; the sums differ from it by float32 rounding. activation (scale, shift), per channel: the
+    conv's input is relu(x * scale + shift) (`layers.relu`), computed here from x."""
+    shape, padding = (3, 3, x.shape[-1], grad.shape[-1]), ((1, 1), (1, 1))
+    if activation is None:
+        return _call(_WINOGRAD_WEIGHT_GRADIENT, shape, x, grad, 1, padding)
+    if not available():
+        raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
+    call = jax.ffi.ffi_call(_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION, jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(*(v.astype(jnp.float32) for v in (x, *activation, grad)), stride=np.int64(1),
+                pad_top=np.int64(1), pad_left=np.int64(1))
 
 
 def conv_input_gradient(grad: jax.Array, kernel: jax.Array, input_shape: tuple[int, ...], stride: int,
@@ -165,8 +179,25 @@ def conv_input_gradient(grad: jax.Array, kernel: jax.Array, input_shape: tuple[i
     return _call(_CONV_INPUT_GRADIENT, tuple(input_shape), grad, kernel, stride, padding)
 
 
-def max_pool_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
+def max_pool(x: jax.Array, kernel_size: int, stride: int,
+             padding: tuple[tuple[int, int], tuple[int, int]]) -> tuple[jax.Array, jax.Array]:
+    """A k x k max-pool of the NHWC x padded with -inf (`layers.max_pool`), in float32, and for each output the int8
+    number of the first tap, in row-major order, that holds its maximum (k * k where none does: a NaN maximum)."""
+    if not available():
+        raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
+    (top, bottom), (left, right) = padding
+    batch, height, width, channels = x.shape
+    out_shape = (batch, (height + top + bottom - kernel_size) // stride + 1,
+                 (width + left + right - kernel_size) // stride + 1, channels)
+    call = jax.ffi.ffi_call(_MAX_POOL, (jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                                        jax.ShapeDtypeStruct(out_shape, jnp.int8)), vmap_method="sequential")
+    return call(x.astype(jnp.float32), kernel_size=np.int64(kernel_size), stride=np.int64(stride),
+                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+
+
+def max_pool_gradient(taps: jax.Array, grad: jax.Array, input_shape: tuple[int, ...], kernel_size: int, stride: int,
                       padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """The input gradient of a k x k max-pool padded with -inf (`layers.max_pool`), in float32, from its NHWC input x
-    and output gradient `grad`: each output's gradient to the first tap, in row-major order, that holds the maximum."""
-    return _call(_MAX_POOL_GRADIENT, x.shape, x, grad, stride, padding, kernel_size=kernel_size)
+    """The input gradient, of shape input_shape (N, H, W, C), of a k x k max-pool (`layers.max_pool`) in float32, from
+    its output gradient `grad` and, for each output, the int8 number of the tap that holds the maximum (row-major;
+    one in the padding, or from k * k up, takes nothing)."""
+    return _call(_MAX_POOL_GRADIENT, tuple(input_shape), taps, grad, stride, padding, kernel_size=kernel_size)

@@ -115,11 +115,19 @@ def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
     channels come in blocks of 16 too), the weight gradient from its weight-gradient kernels (Winograd's too, on
     images of at least _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side); the rest is XLA's. conv2d's convs have no
     dilation or groups and NHWC / HWIO layouts."""
-    k, _, in_channels, out_channels = rhs.shape
     padding = tuple(tuple(pair) for pair in padding)
+    forms = _conv_forms(lhs, rhs, window_strides[0], padding)
+    if forms == ("xla", "xla", "xla"):
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **conv_options)
+    return native_conv(lhs, rhs, window_strides[0], padding, forms)
+
+
+def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[str, str, str]:
+    """Where conv2d's conv on CPU takes its forward pass, input gradient and weight gradient (`native_conv`)."""
+    k, _, in_channels, out_channels = rhs.shape
     one_device_float32 = lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1
     native = one_device_float32 and _native_conv()
-    winograd_shape = k == 3 and window_strides[0] == 1 and padding == ((1, 1), (1, 1))
+    winograd_shape = k == 3 and stride == 1 and padding == ((1, 1), (1, 1))
     winograd = native and _winograd_conv() and winograd_shape
 
     def form(written: int, read: int) -> str:
@@ -132,10 +140,7 @@ def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
         by_winograd = (_winograd_weight_gradient() and winograd_shape and in_channels % 16 == 0
                        and out_channels % 16 == 0 and min(lhs.shape[1:3]) >= _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE)
         weight_gradient = "winograd" if by_winograd else "direct"
-    forms = (form(out_channels, in_channels), form(in_channels, out_channels), weight_gradient)
-    if forms == ("xla", "xla", "xla"):
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **conv_options)
-    return native_conv(lhs, rhs, window_strides[0], padding, forms)
+    return form(out_channels, in_channels), form(in_channels, out_channels), weight_gradient
 
 
 @functools.cache
@@ -208,15 +213,18 @@ def _native_conv_vjp_forward(x, kernel, stride, padding, forms):
     return _conv_by_form(x, kernel, stride, padding, forms[0]), (x, kernel)
 
 
+def _input_gradient(grad: jax.Array, kernel: jax.Array, x: jax.Array, stride: int, padding, form: str) -> jax.Array:
+    if form == "winograd":  # stride 1, padding 1: a conv of grad with the kernel turned round
+        return cpu_kernels.winograd_conv(grad, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    if form == "direct":
+        return cpu_kernels.conv_input_gradient(grad, kernel, x.shape, stride, padding)
+    return jax.vjp(lambda x: _dense_conv(x, kernel, stride, padding), x)[1](grad)[0]
+
+
 def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
     x, kernel = residuals
     _, input_gradient, weight_gradient = forms
-    if input_gradient == "winograd":  # stride 1, padding 1: a conv of grad with the kernel turned round
-        grad_x = cpu_kernels.winograd_conv(grad, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-    elif input_gradient == "direct":
-        grad_x = cpu_kernels.conv_input_gradient(grad, kernel, x.shape, stride, padding)
-    else:
-        grad_x = jax.vjp(lambda x: _dense_conv(x, kernel, stride, padding), x)[1](grad)[0]
+    grad_x = _input_gradient(grad, kernel, x, stride, padding, input_gradient)
     if weight_gradient == "winograd":
         grad_kernel = cpu_kernels.winograd_weight_gradient(x, grad)
     elif weight_gradient == "direct":
@@ -227,6 +235,71 @@ def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
 
 
 native_conv.defvjp(_native_conv_vjp_forward, _native_conv_vjp_backward)
+
+
+class ConvOfActivation(nn.Module):
+    """conv2d's conv (its "kernel" parameter, torch's padding) of relu(x * scale + shift), a BatchNorm's affine map
+    per channel (`BatchNorm(..., affine=True)`) and a ReLU.
+
+    Where the conv's weight gradient is Winograd's (`_conv_forms`), its kernel computes the activation from x itself
+    (`conv_of_activation`): the backward pass keeps x, which the BatchNorm keeps anyway, and not the activation too
+    (ResNet-18's step: XLA's temporaries 578 -> 490 MiB at batch 32; benchmarks/README.md).
+    """
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+        k, pad = self.kernel_size, self.kernel_size // 2
+        kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        kernel, padding = kernel.astype(self.dtype), ((pad, pad), (pad, pad))
+        if jax.default_backend() != "cpu":
+            return _dense_conv(_activation(x, scale, shift, self.dtype), kernel, self.stride, padding)
+        forms = _conv_forms(x, kernel, self.stride, padding)
+        if forms[2] == "winograd" and _weight_gradient_of_activation():
+            return conv_of_activation(x, scale, shift, kernel, padding, forms)
+        hook = _flax_pointwise_conv if k == 1 else _flax_conv
+        return hook(_activation(x, scale, shift, self.dtype), kernel, (self.stride, self.stride), padding,
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.cache
+def _weight_gradient_of_activation() -> bool:
+    """Whether ConvOfActivation's Winograd weight gradient computes the activation from x (`conv_of_activation`)
+    rather than the backward pass keeping it: ResNet-18's step XLA temporaries 578 -> 487 MiB, its time level (AMD
+    EPYC Zen 5, benchmarks/README.md). Wherever the Winograd weight gradient runs."""
+    return _winograd_weight_gradient()
+
+
+def _activation(x: jax.Array, scale: jax.Array, shift: jax.Array, dtype: Dtype) -> jax.Array:
+    """What BatchNorm then relu give: the affine map in float32, the ReLU in the model's dtype."""
+    return relu((x.astype(jnp.float32) * scale + shift).astype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def conv_of_activation(x: jax.Array, scale: jax.Array, shift: jax.Array, kernel: jax.Array, padding,
+                       forms: tuple[str, str, str]) -> jax.Array:
+    """native_conv(relu(x * scale + shift), kernel) in float32 on one CPU device, whose weight gradient is Winograd's
+    (forms[2]); its backward pass keeps x, not the activation, which the weight-gradient kernel computes again."""
+    return _conv_by_form(_activation(x, scale, shift, jnp.float32), kernel, 1, padding, forms[0])
+
+
+def _conv_of_activation_forward(x, scale, shift, kernel, padding, forms):
+    return conv_of_activation(x, scale, shift, kernel, padding, forms), (x, scale, shift, kernel)
+
+
+def _conv_of_activation_backward(padding, forms, residuals, grad):
+    x, scale, shift, kernel = residuals
+    grad_activation = _input_gradient(grad, kernel, x, 1, padding, forms[1])
+    grad_affine = jnp.where(x * scale + shift > 0, grad_activation, jnp.zeros_like(grad_activation))  # relu's
+    axes = tuple(range(x.ndim - 1))
+    return (grad_affine * scale, jnp.sum(grad_affine * x, axes), jnp.sum(grad_affine, axes),
+            cpu_kernels.winograd_weight_gradient(x, grad, (scale, shift)))
+
+
+conv_of_activation.defvjp(_conv_of_activation_forward, _conv_of_activation_backward)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bool,
@@ -458,29 +531,38 @@ def max_pool(x: jax.Array, k: int, stride: int, pad: int, shifted_max: bool) -> 
 
     shifted_max: the maximum of the k*k tap windows (`_tap_slices`), with a backward pass over strided slices
     (`_shifted_max_pool`), which XLA:CPU runs 4x faster than the reduce-window and select-and-scatter of
-    `flax.linen.max_pool` (ResNet's stem pool, batch 32 at 224 px: benchmarks/README.md). Accelerators keep
-    flax's.
+    `flax.linen.max_pool` (ResNet's stem pool, batch 32 at 224 px: benchmarks/README.md); on AVX-512 CPUs a C++
+    kernel's forward and backward passes (`_native_max_pool`). Accelerators keep flax's.
     """
     if not shifted_max:
         return nn.max_pool(x, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
-    return _shifted_max_pool(x, k, stride, pad)
+    return _shifted_max_pool(x, k, stride, pad, x.shape)
 
 
-def _max_pool_forward(x: jax.Array, k: int, stride: int, pad: int):
+def _max_pool_value(x: jax.Array, k: int, stride: int, pad: int, shape: tuple[int, ...]) -> jax.Array:
+    """The pool where nothing differentiates it (a teacher, an evaluation): XLA fuses it with the ReLU before it."""
     fill = jnp.asarray(-jnp.inf, x.dtype)
     windows = (jax.lax.pad(window, fill, placement)
                for _, _, window, placement in _tap_slices(x, k, stride, ((pad, pad), (pad, pad))))
-    return functools.reduce(jnp.maximum, windows), x
+    return functools.reduce(jnp.maximum, windows)
 
 
-def _max_pool_backward(k: int, stride: int, pad: int, x: jax.Array, grad: jax.Array):
-    """Each output's gradient goes to the first tap that equals the maximum, placed back at that tap's strided
-    positions of the padded input by an interior-padded lax.pad. Over the slices of a padded x, the maximum
-    recomputed from them: XLA runs this chain of selects 3x slower over `_tap_slices` or over the forward's
-    maximum, which it then recomputes inside the chain (benchmarks/README.md). On AVX-512 CPUs, a C++ kernel's
-    (`_native_max_pool_gradient`)."""
-    if x.dtype == grad.dtype == jnp.float32 and jax.device_count() == 1 and _native_max_pool_gradient():
-        return (cpu_kernels.max_pool_gradient(x, grad, k, stride, ((pad, pad), (pad, pad))),)
+def _max_pool_forward(x: jax.Array, k: int, stride: int, pad: int, shape: tuple[int, ...]):
+    """The pool, and what its backward pass keeps: x, or with the C++ kernel the int8 number of the tap that holds
+    each output's maximum, a sixteenth of x's size at stride 2."""
+    if x.dtype == jnp.float32 and jax.device_count() == 1 and k * k <= 127 and _native_max_pool():
+        return cpu_kernels.max_pool(x, k, stride, ((pad, pad), (pad, pad)))
+    return _max_pool_value(x, k, stride, pad, shape), x
+
+
+def _max_pool_backward(k: int, stride: int, pad: int, shape: tuple[int, ...], kept: jax.Array, grad: jax.Array):
+    """Each output's gradient goes to the first tap that equals the maximum: with the C++ kernel's taps, its backward
+    pass; from x, placed back at that tap's strided positions of the padded input by an interior-padded lax.pad,
+    over the slices of a padded x, the maximum recomputed from them (XLA runs this chain of selects 3x slower over
+    `_tap_slices` or over the forward's maximum, which it then recomputes inside the chain: benchmarks/README.md)."""
+    if kept.dtype == jnp.int8:
+        return (cpu_kernels.max_pool_gradient(kept, grad, shape, k, stride, ((pad, pad), (pad, pad))),)
+    x = kept
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
     _, padded_height, padded_width, _ = padded.shape
     out_size = [_output_size(size, k, stride, (pad, pad)) for size in x.shape[1:3]]
@@ -498,18 +580,18 @@ def _max_pool_backward(k: int, stride: int, pad: int, x: jax.Array, grad: jax.Ar
     return (grad_padded[:, pad:pad + height, pad:pad + width, :],)
 
 
-_shifted_max_pool = jax.custom_vjp(lambda x, k, stride, pad: _max_pool_forward(x, k, stride, pad)[0],
-                                   nondiff_argnums=(1, 2, 3))
+_shifted_max_pool = jax.custom_vjp(_max_pool_value, nondiff_argnums=(1, 2, 3, 4))
 _shifted_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 
 @functools.cache
-def _native_max_pool_gradient() -> bool:
-    """Whether the max-pool's backward pass (on one CPU device, in float32) is kdep_jax's C++ kernel
-    (`cpu_kernels.max_pool_gradient`) rather than XLA's chain of selects over strided slices: ResNet's stem pool at
-    batch 32, forward and backward, 41.5 against 97.0 ms; the ResNet-18 step 1.01x (AMD EPYC Zen 5,
-    benchmarks/README.md). AVX-512 CPUs only until it is measured on the others; where the kernels cannot be built,
-    XLA's."""
+def _native_max_pool() -> bool:
+    """Whether the max-pool (on one CPU device, in float32) is kdep_jax's C++ kernels (`cpu_kernels.max_pool`,
+    `cpu_kernels.max_pool_gradient`) rather than XLA's maximum and chain of selects over strided slices: the kernel
+    gives each output's tap with its maximum, so the backward pass keeps an int8 per output instead of the pool's
+    input (ResNet-18's stem pool at batch 32: 100 MiB fewer XLA temporaries), and routes the gradient without looking
+    at x again; ResNet's stem pool at batch 32, forward and backward, 41.5 against 97.0 ms (with the earlier kernel
+    from x). AVX-512 CPUs only until it is measured on the others; where the kernels cannot be built, XLA's."""
     return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
@@ -652,7 +734,9 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, affine: bool = False):
+        """The normalised x; with affine, the map itself, (scale, shift) per channel in float32, for a consumer that
+        applies it (`ConvOfActivation`)."""
         channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
@@ -677,6 +761,8 @@ class BatchNorm(nn.Module):
         # torch's CPU kernel's form, x * alpha + beta: its backward pass needs only x, where that of
         # (x - mean) * alpha would keep the centred x too (MobileNetV2 step 1.08x, XLA temp 1.78 -> 1.03 GiB).
         alpha = scale * jax.lax.rsqrt(var + self.epsilon)
+        if affine:
+            return alpha, bias - mean * alpha
         y = x * alpha + (bias - mean * alpha)
         return y.astype(self.dtype)
 

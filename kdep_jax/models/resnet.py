@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import BatchNorm, Dtype, conv2d, global_avg_pool, max_pool, relu, torch_linear
+from kdep_jax.models.layers import (BatchNorm, ConvOfActivation, Dtype, conv2d, global_avg_pool, max_pool, relu,
+                                    torch_linear)
 from kdep_jax.models.naming import TorchNaming
 from kdep_jax.models.preprocessing import IMAGENET
 
@@ -33,12 +34,12 @@ class ResNetBlock(nn.Module):
         else:
             out_channels = self.planes
             convs = ((self.planes, 3, self.stride), (self.planes, 3, 1))
-        y = x
-        for index, (features, kernel_size, stride) in enumerate(convs, start=1):
-            if index > 1:
-                y = relu(y)
-            y = conv2d(features, kernel_size, stride, dtype=self.dtype, name=f"conv{index}")(y)
-            y = BatchNorm(dtype=self.dtype, name=f"bn{index}")(y, train)
+        y = conv2d(convs[0][0], convs[0][1], convs[0][2], dtype=self.dtype, name="conv1")(x)
+        for index, (features, kernel_size, stride) in enumerate(convs[1:], start=2):
+            # bn{index - 1} and its ReLU applied by the next conv, which can then keep y alone for its backward pass.
+            scale, shift = BatchNorm(dtype=self.dtype, name=f"bn{index - 1}")(y, train, affine=True)
+            y = ConvOfActivation(features, kernel_size, stride, dtype=self.dtype, name=f"conv{index}")(y, scale, shift)
+        y = BatchNorm(dtype=self.dtype, name=f"bn{len(convs)}")(y, train)
         identity = x
         if self.stride != 1 or x.shape[-1] != out_channels:
             identity = conv2d(out_channels, 1, self.stride, dtype=self.dtype, name="downsample_0")(x)
