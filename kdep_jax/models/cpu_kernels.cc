@@ -14,6 +14,9 @@
 // - KdepConvWeightGradient: a dense conv's weight gradient (a stem's on the RGB image XLA hands to Eigen as a
 //   contraction only Cin = 3 long; Eigen runs a ResNet's 56 and 28 px convs' at a half to two thirds of this
 //   kernel's speed).
+// - KdepWinogradWeightGradient: a 3x3 conv's weight gradient with stride 1 by Winograd's F(2x2, 3x3); and
+//   KdepWinogradWeightGradientOfActivation, that of a conv of relu(x * scale + shift) (a BatchNorm's affine map and a
+//   ReLU), computed from x as the kernel reads it, so that the backward pass need not keep the activation.
 // - KdepMaxPool, KdepMaxPoolGradient: a max-pool (ResNet's stem pool) that also gives the tap that holds each
 //   output's maximum, and its input gradient from those taps, so that the backward pass keeps an int8 per output
 //   instead of the pool's input (XLA, given both from the input, keeps its k*k windows until the backward pass).

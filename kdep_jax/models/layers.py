@@ -243,7 +243,7 @@ class ConvOfActivation(nn.Module):
 
     Where the conv's weight gradient is Winograd's (`_conv_forms`), its kernel computes the activation from x itself
     (`conv_of_activation`): the backward pass keeps x, which the BatchNorm keeps anyway, and not the activation too
-    (ResNet-18's step: XLA's temporaries 578 -> 490 MiB at batch 32; benchmarks/README.md).
+    (ResNet-18's step: XLA's temporaries 578 -> 487 MiB at batch 32; benchmarks/README.md).
     """
     features: int
     kernel_size: int
@@ -268,8 +268,8 @@ class ConvOfActivation(nn.Module):
 @functools.cache
 def _weight_gradient_of_activation() -> bool:
     """Whether ConvOfActivation's Winograd weight gradient computes the activation from x (`conv_of_activation`)
-    rather than the backward pass keeping it: ResNet-18's step XLA temporaries 578 -> 487 MiB, its time level (AMD
-    EPYC Zen 5, benchmarks/README.md). Wherever the Winograd weight gradient runs."""
+    rather than the backward pass keeping it: ResNet-18's step XLA temporaries 578 -> 487 MiB, its time level
+    (0.97-1.02x; AMD EPYC Zen 5, benchmarks/README.md). Wherever the Winograd weight gradient runs."""
     return _winograd_weight_gradient()
 
 
@@ -589,9 +589,10 @@ def _native_max_pool() -> bool:
     """Whether the max-pool (on one CPU device, in float32) is kdep_jax's C++ kernels (`cpu_kernels.max_pool`,
     `cpu_kernels.max_pool_gradient`) rather than XLA's maximum and chain of selects over strided slices: the kernel
     gives each output's tap with its maximum, so the backward pass keeps an int8 per output instead of the pool's
-    input (ResNet-18's stem pool at batch 32: 100 MiB fewer XLA temporaries), and routes the gradient without looking
-    at x again; ResNet's stem pool at batch 32, forward and backward, 41.5 against 97.0 ms (with the earlier kernel
-    from x). AVX-512 CPUs only until it is measured on the others; where the kernels cannot be built, XLA's."""
+    input (the ResNet-18 step's XLA temporaries 692 -> 578 MiB at batch 32). ResNet's stem pool at batch 32 with the
+    BatchNorm and ReLU before it, forward and backward: 48-52 ms against XLA's 80 (the earlier kernel, which read x
+    again: 44-46); the ResNet-18 step 1.04x (AMD EPYC Zen 5, TCMalloc, benchmarks/README.md). AVX-512 CPUs only
+    until it is measured on the others; where the kernels cannot be built, XLA's."""
     return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
 
 
