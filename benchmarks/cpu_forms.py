@@ -87,11 +87,10 @@ def forward_workload(arch: str, args):
 
 def compare(form: str, workload: str, args) -> dict:
     """Median seconds per call and XLA's temporaries with the form on and off, and how far the two variants' results
-    are apart after
-    the warm-up calls: the norm of their difference over all arrays, relative to the norm of the form-off result
-    (for a step, the train state, whose momentum holds the last gradients; a per-array measure would blow up on
-    the parameters whose gradient is zero but for rounding, such as BatchNorm biases that the next BatchNorm
-    normalises away)."""
+    are apart after the warm-up calls: the norm of their difference over all arrays, relative to the norm of the
+    form-off result (for a step, the train state, whose momentum holds the last gradients; a per-array measure would
+    blow up on the parameters whose gradient is zero but for rounding, such as BatchNorm biases that the next
+    BatchNorm normalises away)."""
     import jax
 
     from kdep_jax.models import layers

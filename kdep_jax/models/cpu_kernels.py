@@ -106,11 +106,15 @@ def available() -> bool:
     return True
 
 
+def _require_kernels() -> None:
+    if not available():
+        raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
+
+
 def _call(target: str, out_shape: tuple[int, ...], a: jax.Array, b: jax.Array, stride: int, padding,
           **attributes: int) -> jax.Array:
     """One device's batch: under a sharded jit, XLA would gather the batch for a kernel first."""
-    if not available():
-        raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
+    _require_kernels()
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
     a, b = (v if v.dtype == jnp.int8 else v.astype(jnp.float32) for v in (a, b))  # int8: the max-pool's taps
     return call(a, b, stride=np.int64(stride),
@@ -164,8 +168,7 @@ def winograd_weight_gradient(x: jax.Array, grad: jax.Array,
     shape, padding = (3, 3, x.shape[-1], grad.shape[-1]), ((1, 1), (1, 1))
     if activation is None:
         return _call(_WINOGRAD_WEIGHT_GRADIENT, shape, x, grad, 1, padding)
-    if not available():
-        raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
+    _require_kernels()
     call = jax.ffi.ffi_call(_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION, jax.ShapeDtypeStruct(shape, jnp.float32),
                             vmap_method="sequential")
     return call(*(v.astype(jnp.float32) for v in (x, *activation, grad)), stride=np.int64(1),
@@ -183,8 +186,7 @@ def max_pool(x: jax.Array, kernel_size: int, stride: int,
              padding: tuple[tuple[int, int], tuple[int, int]]) -> tuple[jax.Array, jax.Array]:
     """A k x k max-pool of the NHWC x padded with -inf (`layers.max_pool`), in float32, and for each output the int8
     number of the first tap, in row-major order, that holds its maximum (k * k where none does: a NaN maximum)."""
-    if not available():
-        raise RuntimeError(f"kdep_jax's CPU kernels could not be built (see the warning above); {SOURCE} is needed")
+    _require_kernels()
     (top, bottom), (left, right) = padding
     batch, height, width, channels = x.shape
     out_shape = (batch, (height + top + bottom - kernel_size) // stride + 1,
