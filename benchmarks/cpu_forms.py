@@ -36,6 +36,7 @@ FORMS = {
     "native_conv_weight_gradient": ("step:resnet18", "step:mobilenet_v2"),
     "native_conv": ("step:resnet18", "step:mobilenet_v2"),
     "winograd_conv": ("step:resnet18", "step:mobilenet_v2", "forward:resnet50"),
+    "winograd_4x4_conv": ("step:resnet18", "step:mobilenet_v2", "forward:resnet50"),
     "winograd_weight_gradient": ("step:resnet18",),
     "weight_gradient_of_activation": ("step:resnet18",),
     "native_max_pool": ("step:resnet18",),

@@ -111,6 +111,28 @@ def test_eval_mode_matches_torchvision(arch, images):
     assert max(errors.values()) < PARITY_TOLERANCE, errors
 
 
+def test_resnet50_with_the_cpu_kernels_matches_torchvision(images, monkeypatch):
+    """What one process on an AVX-512 CPU runs: ResNet-50's convs by kdep_jax's C++ kernels (Winograd's F(4x4, 3x3)
+    from 16 px here, F(2x2, 3x3) below, the direct kernel for the stem and the strided convs), as close to
+    torchvision as XLA's convolutions are: F(4x4, 3x3)'s rounding (tests above) stays far inside the tolerance."""
+    monkeypatch.setattr(layers, "_native_conv", lambda: True)
+    monkeypatch.setattr(layers, "_winograd_conv", lambda: True)
+    monkeypatch.setattr(layers, "_winograd_4x4_conv", lambda: True)
+    monkeypatch.setattr(layers, "_WINOGRAD_4X4_MIN_SIZE", 16)  # 64 px images: layer1's 16 px
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
+    model, variables = random_torchvision_model("resnet50")
+    network = create_model("resnet50")
+    apply = jax.jit(lambda variables, images: network.apply(variables, images, train=False))
+    program = apply.lower(variables, images[1]).compile().as_text()
+    assert all(f'"{kernel}"' in program for kernel in ("kdep_winograd_conv_4x4", "kdep_winograd_conv", "kdep_conv"))
+    expected = torchvision_outputs(model, images[0])
+    ours = as_dict(*apply(variables, images[1]))
+    errors = {name: relative_error(ours[name], expected[name]) for name in expected}
+    print("\nresnet50 with the CPU kernels (max abs error / max abs value): "
+          + ", ".join(f"{name} {error:.2e}" for name, error in errors.items()))
+    assert max(errors.values()) < PARITY_TOLERANCE, errors
+
+
 def test_batchnorm_train_step_matches_torch():
     """Normalises with the biased batch variance; running stats move with momentum 0.1 towards the unbiased one;
     the gradients of the input, scale and bias are torch's."""
@@ -336,24 +358,31 @@ def test_native_weight_gradients_match_float64(kind, batch, size, in_channels, o
 _SAME_3X3 = ((1, 1), (1, 1))
 
 
-@pytest.mark.parametrize("winograd, batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
-    (False, 2, 20, 22, 3, 64, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: two blocks of 32 output channels
-    (False, 2, 16, 16, 3, 32, 3, 2, _SAME_3X3),  # MobileNetV2's stem
-    (False, 1, 5, 31, 13, 32, 3, 1, _SAME_3X3),  # 31 columns: blocks of 11, 10 and 10 pixels
-    (False, 3, 7, 7, 40, 32, 3, 1, _SAME_3X3),  # 7 px: two rows at a time, the last row alone
-    (False, 2, 9, 10, 6, 32, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's "SAME" padding of a stride-2 conv
-    (False, 2, 6, 8, 5, 32, 5, 1, ((1, 3), (2, 2))),  # uneven padding
-    (False, 1, 1, 1, 3, 32, 3, 1, _SAME_3X3),  # one pixel: only the centre tap sees the image
-    (True, 1, 5, 31, 16, 32, 3, 1, _SAME_3X3),  # 16 tiles a row, the last half outside; 3 rows of tiles
-    (True, 3, 7, 7, 48, 64, 3, 1, _SAME_3X3),  # 7 px: the image's 16 tiles in one band, two blocks of channels
-    (True, 2, 14, 14, 64, 32, 3, 1, _SAME_3X3),  # bands of 2 rows of 7 tiles, the last band one row
-    (True, 2, 9, 4, 32, 96, 3, 1, _SAME_3X3),  # 2 tiles a row: the whole image one band of 5 rows
-    (True, 1, 1, 1, 16, 32, 3, 1, _SAME_3X3),  # one pixel: one tile, three quarters outside
+@pytest.mark.parametrize("tile, batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
+    (None, 2, 20, 22, 3, 64, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: two blocks of 32 output channels
+    (None, 2, 16, 16, 3, 32, 3, 2, _SAME_3X3),  # MobileNetV2's stem
+    (None, 1, 5, 31, 13, 32, 3, 1, _SAME_3X3),  # 31 columns: blocks of 11, 10 and 10 pixels
+    (None, 3, 7, 7, 40, 32, 3, 1, _SAME_3X3),  # 7 px: two rows at a time, the last row alone
+    (None, 2, 9, 10, 6, 32, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's "SAME" padding of a stride-2 conv
+    (None, 2, 6, 8, 5, 32, 5, 1, ((1, 3), (2, 2))),  # uneven padding
+    (None, 1, 1, 1, 3, 32, 3, 1, _SAME_3X3),  # one pixel: only the centre tap sees the image
+    (2, 1, 5, 31, 16, 32, 3, 1, _SAME_3X3),  # 16 tiles a row, the last half outside; 3 rows of tiles
+    (2, 3, 7, 7, 48, 64, 3, 1, _SAME_3X3),  # 7 px: the image's 16 tiles in one band, two blocks of channels
+    (2, 2, 14, 14, 64, 32, 3, 1, _SAME_3X3),  # bands of 2 rows of 7 tiles, the last band one row
+    (2, 2, 9, 4, 32, 96, 3, 1, _SAME_3X3),  # 2 tiles a row: the whole image one band of 5 rows
+    (2, 1, 1, 1, 16, 32, 3, 1, _SAME_3X3),  # one pixel: one tile, three quarters outside
+    (4, 1, 5, 31, 16, 32, 3, 1, _SAME_3X3),  # F(4x4, 3x3): 8 tiles a row, the last 3 columns outside; 2 rows
+    (4, 2, 28, 28, 32, 64, 3, 1, _SAME_3X3),  # 28 px: 4 bands of 2 rows of 7 tiles, two blocks of channels
+    (4, 3, 14, 14, 48, 32, 3, 1, _SAME_3X3),  # 14 px: the image's 16 tiles one band, its last row and column half out
+    (4, 2, 9, 4, 32, 96, 3, 1, _SAME_3X3),  # 1 tile a row: the whole image one band of 3 rows
+    (4, 1, 1, 1, 16, 32, 3, 1, _SAME_3X3),  # one pixel: one tile, 15 of its 16 pixels outside
 ])
-def test_native_conv_matches_float64(winograd, batch, height, width, in_channels, out_channels, kernel_size, stride,
+def test_native_conv_matches_float64(tile, batch, height, width, in_channels, out_channels, kernel_size, stride,
                                      padding):
-    """kdep_jax's C++ conv kernels, direct and Winograd's F(2x2, 3x3), against numpy float64: for every output
-    pixel, the zero-padded input's k x k window times the kernel, summed over taps and input channels."""
+    """kdep_jax's C++ conv kernels, direct and Winograd's F(2x2, 3x3) and F(4x4, 3x3) (tile), against numpy float64:
+    for every output pixel, the zero-padded input's k x k window times the kernel, summed over taps and input
+    channels. F(4x4, 3x3)'s transforms have coefficients up to 8 (its points 0, +-1, +-2): it is allowed 2e-5 of
+    the largest output where the others are allowed 1e-6."""
     from kdep_jax.models import cpu_kernels
 
     rng = np.random.default_rng(width * out_channels + height)
@@ -367,11 +396,15 @@ def test_native_conv_matches_float64(winograd, batch, height, width, in_channels
         for j in range(kernel_size):
             window = padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
             expected += np.einsum("nhwc,co->nhwo", window, kernel[i, j].astype(np.float64))
-    conv = cpu_kernels.winograd_conv if winograd else functools.partial(cpu_kernels.conv, stride=stride,
-                                                                          padding=padding)
+    if tile:
+        conv = functools.partial(cpu_kernels.winograd_conv, tile=tile)
+    else:
+        conv = functools.partial(cpu_kernels.conv, stride=stride, padding=padding)
     ours = jax.jit(conv)(jnp.asarray(x), jnp.asarray(kernel))
     assert ours.shape == expected.shape and ours.dtype == jnp.float32
-    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    tolerance = 2e-5 if tile == 4 else 1e-6
+    print(f"\nlargest error / largest output: {np.abs(ours - expected).max() / np.abs(expected).max():.1e}")
+    np.testing.assert_allclose(ours, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("depthwise, batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
@@ -427,14 +460,17 @@ def test_native_input_gradients_match_float64(depthwise, batch, height, width, i
     (48, 32, 3, 1),  # 48 input channels: XLA's input gradient, the forward pass by Winograd where on
     (40, 32, 3, 2),  # 40 input channels: XLA's input gradient
 ])
-@pytest.mark.parametrize("native, winograd", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("native, winograd_tile", [(True, 4), (True, 2), (True, None), (False, None)])
 def test_conv2d_equals_xla_with_and_without_the_native_kernels(in_channels, out_channels, kernel_size, stride, native,
-                                                               winograd, monkeypatch):
-    """conv2d on one CPU device with kdep_jax's C++ kernels on (Winograd's or not) and off: the value and both
-    gradients equal XLA's plain convolution's to float32 rounding; each kernel runs exactly where
-    `layers._flax_conv` says."""
+                                                               winograd_tile, monkeypatch):
+    """conv2d on one CPU device with kdep_jax's C++ kernels on (Winograd's F(4x4, 3x3), F(2x2, 3x3) or none) and
+    off: the value and both gradients equal XLA's plain convolution's to float32 rounding; each kernel runs exactly
+    where `layers._flax_conv` says."""
+    winograd = winograd_tile is not None
     monkeypatch.setattr(layers, "_native_conv", lambda: native)
     monkeypatch.setattr(layers, "_winograd_conv", lambda: winograd)
+    monkeypatch.setattr(layers, "_winograd_4x4_conv", lambda: winograd_tile == 4)
+    monkeypatch.setattr(layers, "_WINOGRAD_4X4_MIN_SIZE", 15)  # x is 15 x 16 px
     monkeypatch.setattr(layers, "_winograd_weight_gradient", lambda: winograd)
     monkeypatch.setattr(layers, "_native_conv_weight_gradient", lambda: native)
     monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
@@ -453,19 +489,23 @@ def test_conv2d_equals_xla_with_and_without_the_native_kernels(in_channels, out_
     forward = jax.jit(conv.apply).lower(params, x).compile().as_text()
     backward = grads.lower(conv.apply, params, x).compile().as_text()
     by_winograd = winograd and kernel_size == 3 and stride == 1
+    winograd_conv = '"kdep_winograd_conv_4x4"' if winograd_tile == 4 else '"kdep_winograd_conv"'
     forward_winograd = native and by_winograd and out_channels % 32 == 0 and in_channels % 16 == 0
-    assert ('"kdep_winograd_conv"' in forward) == forward_winograd
+    assert (winograd_conv in forward) == forward_winograd
     assert ('"kdep_conv"' in forward) == (native and out_channels % 32 == 0 and not forward_winograd)
     input_gradient_winograd = native and by_winograd and in_channels % 32 == 0 and out_channels % 16 == 0
-    assert ('"kdep_winograd_conv"' in backward) == input_gradient_winograd
+    assert (winograd_conv in backward) == input_gradient_winograd
     assert ('"kdep_conv_input_gradient"' in backward) == (native and in_channels % 32 == 0
                                                          and not input_gradient_winograd)
     weight_gradient_winograd = native and by_winograd and in_channels % 16 == 0 and out_channels % 16 == 0
     assert ('"kdep_winograd_weight_gradient"' in backward) == weight_gradient_winograd  # 15 x 16 px: at least 14
     assert ('"kdep_conv_weight_gradient"' in backward) == (native and not weight_gradient_winograd)
-    np.testing.assert_allclose(conv.apply(params, x), plain(params, x), rtol=1e-5, atol=1e-5)
+    tolerance = 2e-5 if winograd_tile == 4 else 1e-5  # F(4x4, 3x3)'s rounding: test_native_conv_matches_float64
+    expected = plain(params, x)
+    value_atol = tolerance * np.abs(expected).max() if winograd_tile == 4 else tolerance
+    np.testing.assert_allclose(conv.apply(params, x), expected, rtol=tolerance, atol=value_atol)
     for ours, reference in zip(jax.tree.leaves(grads(conv.apply, params, x)), jax.tree.leaves(grads(plain, params, x))):
-        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+        np.testing.assert_allclose(ours, reference, rtol=tolerance, atol=tolerance * np.abs(reference).max())
 
 
 @pytest.mark.parametrize("native", [True, False])

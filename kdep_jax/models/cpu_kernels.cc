@@ -3,8 +3,9 @@
 // kernels (k, k, Cin or 1, Cout).
 //
 // - KdepConv: a dense conv's forward pass, which XLA runs through Eigen at 75-100% of this kernel's speed.
-// - KdepWinogradConv: a dense 3x3 conv with stride 1 (forward pass, and input gradient: a conv of dy with the kernel
-//   turned round) by Winograd's F(2x2, 3x3), 16 products per 2x2 tile where the direct conv takes 36.
+// - KdepWinogradConv, KdepWinogradConv4x4: a dense 3x3 conv with stride 1 (forward pass, and input gradient: a conv
+//   of dy with the kernel turned round) by Winograd's F(2x2, 3x3), 16 products per 2x2 tile where the direct conv
+//   takes 36, or F(4x4, 3x3), 36 per 4x4 tile where it takes 144.
 // - KdepConvInputGradient: a dense conv's input gradient, any stride (Eigen: 20% of this kernel's speed for a
 //   ResNet's 56 px stride-2 conv, on one thread; 70-85% for the others).
 // - KdepDepthwiseWeightGradient: a depthwise conv's weight gradient (Cin == Cout, dw (k, k, 1, C)). XLA runs it
@@ -54,6 +55,7 @@ struct Shape {
 };
 
 using Vector = float __attribute__((vector_size(64), aligned(4)));  // 16 floats: one AVX-512 register
+using DoubleVector = double __attribute__((vector_size(64)));  // 8 doubles
 constexpr int64_t kVectorOutBlock = 32;  // the output channels whose sums the kernels keep in two vectors
 
 inline Vector Load(const float* from) {  // 16 floats, wherever they lie
@@ -561,43 +563,111 @@ ffi::Error Conv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Fl
   return ffi::Error::Success();
 }
 
-// A dense 3x3 conv with stride 1 and padding 1 by Winograd's F(2x2, 3x3): each 2x2 tile of y is A^T [(G g G^T) .
-// (B^T d B)] A over the 4x4 patch d of x around it, 16 products per tile and channel pair where the direct conv
-// takes 36, at the price of transforms linear in the channels. Per task, a band of tile rows of one image: its
-// patches, transformed, for all input channels; then, per block of kVectorOutBlock output channels, the 16 matrix
-// products of the transformed patches with the transformed kernel (`ConvRow`'s micro-kernel, one tap of Cin
-// values) and the output transform. The transforms add and subtract in float32 (the kernel's in float64, rounded
-// once); the result differs from the direct conv's by float32 rounding, and does not depend on the threads.
+// A dense 3x3 conv with stride 1 and padding 1 by Winograd's F(m x m, 3x3), m = kTile = 2 or 4: each m x m tile of
+// y is A^T [(G g G^T) . (B^T d B)] A over the (m + 2)^2 patch d of x around it, (m + 2)^2 products per tile and
+// channel pair where the direct conv takes 9 m^2 (2.25x fewer for m = 2, 4x for m = 4), at the price of transforms
+// linear in the channels. Per task, a band of tile rows of one image: its patches, transformed, for all input
+// channels; then, per block of kVectorOutBlock output channels, the (m + 2)^2 matrix products of the transformed
+// patches with the transformed kernel (`ConvRow`'s micro-kernel, one tap of Cin values) and the output transform.
+// The transforms add and subtract in float32 (the kernel's in float64, rounded once); the result differs from the
+// direct conv's by float32 rounding (m = 4's transforms have larger coefficients: a few times more), and does not
+// depend on the threads.
 constexpr int64_t kWinogradTiles = 14;  // tiles per task, at least (or the whole image)
 
-// w (3, 3, Cin, Cout) -> G g G^T for every channel pair, packed (Cout / 32, 16, Cin, 32) like `PackWeights`; a
-// task per block of output channels, each writing 16 runs of 32 values per input channel.
+// The 1-D transforms of F(m, 3): B^T d of a patch column of kPatch values, G g of a kernel column of 3, and A^T m of
+// a column of kPatch products (kTile outputs); the 2-D ones apply them to the columns, then to the rows.
+template <int kTile>
+struct Winograd;
+
+template <>
+struct Winograd<2> {
+  static constexpr int kPatch = 4, kElements = 16;
+  template <typename V>
+  static void Input(const V* d, V* out) {
+    out[0] = d[0] - d[2];
+    out[1] = d[1] + d[2];
+    out[2] = d[2] - d[1];
+    out[3] = d[1] - d[3];
+  }
+  template <typename V>
+  static void Kernel(const V* g, V* out) {
+    out[0] = g[0];
+    out[1] = 0.5 * (g[0] + g[1] + g[2]);
+    out[2] = 0.5 * (g[0] - g[1] + g[2]);
+    out[3] = g[2];
+  }
+  template <typename V>
+  static void Output(const V* m, V* out) {
+    out[0] = m[0] + m[1] + m[2];
+    out[1] = m[1] - m[2] - m[3];
+  }
+};
+
+// Lavin and Gray's F(4, 3), at the points 0, 1, -1, 2, -2 and infinity.
+template <>
+struct Winograd<4> {
+  static constexpr int kPatch = 6, kElements = 36;
+  template <typename V>
+  static void Input(const V* d, V* out) {
+    const V a = d[4] - 4.0f * d[2], b = d[3] - 4.0f * d[1], c = d[4] - d[2], e = 2.0f * (d[3] - d[1]);
+    out[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+    out[1] = a + b;
+    out[2] = a - b;
+    out[3] = c + e;
+    out[4] = c - e;
+    out[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+  }
+  template <typename V>
+  static void Kernel(const V* g, V* out) {
+    out[0] = g[0] / 4.0;
+    out[1] = -(g[0] + g[1] + g[2]) / 6.0;
+    out[2] = -(g[0] - g[1] + g[2]) / 6.0;
+    out[3] = g[0] / 24.0 + g[1] / 12.0 + g[2] / 6.0;
+    out[4] = g[0] / 24.0 - g[1] / 12.0 + g[2] / 6.0;
+    out[5] = g[2];
+  }
+  template <typename V>
+  static void Output(const V* m, V* out) {
+    const V sum12 = m[1] + m[2], difference12 = m[1] - m[2], sum34 = m[3] + m[4], difference34 = m[3] - m[4];
+    out[0] = m[0] + sum12 + sum34;
+    out[1] = difference12 + 2.0f * difference34;
+    out[2] = sum12 + 4.0f * sum34;
+    out[3] = difference12 + 8.0f * difference34 + m[5];
+  }
+};
+
+// w (3, 3, Cin, Cout) -> G g G^T for every channel pair, packed (Cout / 32, kElements, Cin, 32) like `PackWeights`;
+// a task per block of output channels, each writing kElements runs of 32 values per input channel.
+template <int kTile>
 std::vector<float> PackWinogradWeights(ffi::ThreadPool& pool, const float* w, int64_t cin, int64_t cout) {
-  std::vector<float> packed(16 * cin * cout);
+  using T = Winograd<kTile>;
+  constexpr int P = T::kPatch;
+  std::vector<float> packed(T::kElements * cin * cout);
   ParallelFor(pool, cout / kVectorOutBlock, [&]() {
     return [&](int64_t block) {
       constexpr int64_t L = kVectorOutBlock;
       for (int64_t ci = 0; ci < cin; ++ci) {
-        double g[9][L], gg[4][3][L];
-        for (int t = 0; t < 9; ++t) {
-          for (int64_t l = 0; l < L; ++l) g[t][l] = w[(t * cin + ci) * cout + block * L + l];
-        }
-        for (int j = 0; j < 3; ++j) {
-          for (int64_t l = 0; l < L; ++l) {
-            gg[0][j][l] = g[j][l];
-            gg[1][j][l] = 0.5 * (g[j][l] + g[3 + j][l] + g[6 + j][l]);
-            gg[2][j][l] = 0.5 * (g[j][l] - g[3 + j][l] + g[6 + j][l]);
-            gg[3][j][l] = g[6 + j][l];
+        float* to = packed.data() + block * T::kElements * cin * L + ci * L;
+        for (int64_t l = 0; l < L; l += 8) {
+          DoubleVector gg[P][3];  // G g: the kernel's columns transformed
+          for (int j = 0; j < 3; ++j) {
+            DoubleVector column[3], transformed[P];
+            for (int i = 0; i < 3; ++i) {
+              for (int lane = 0; lane < 8; ++lane) {
+                column[i][lane] = w[((i * 3 + j) * cin + ci) * cout + block * L + l + lane];
+              }
+            }
+            T::Kernel(column, transformed);
+            for (int a = 0; a < P; ++a) gg[a][j] = transformed[a];
           }
-        }
-        float* to = packed.data() + block * 16 * cin * L + ci * L;
-        for (int a = 0; a < 4; ++a) {
-          float* row = to + a * 4 * cin * L;
-          for (int64_t l = 0; l < L; ++l) {
-            row[l] = static_cast<float>(gg[a][0][l]);
-            row[cin * L + l] = static_cast<float>(0.5 * (gg[a][0][l] + gg[a][1][l] + gg[a][2][l]));
-            row[2 * cin * L + l] = static_cast<float>(0.5 * (gg[a][0][l] - gg[a][1][l] + gg[a][2][l]));
-            row[3 * cin * L + l] = static_cast<float>(gg[a][2][l]);
+          for (int a = 0; a < P; ++a) {
+            DoubleVector row[P];
+            T::Kernel(gg[a], row);
+            for (int b = 0; b < P; ++b) {
+              for (int lane = 0; lane < 8; ++lane) {
+                to[(a * P + b) * cin * L + l + lane] = static_cast<float>(row[b][lane]);
+              }
+            }
           }
         }
       }
@@ -606,36 +676,39 @@ std::vector<float> PackWinogradWeights(ffi::ThreadPool& pool, const float* w, in
   return packed;
 }
 
-// B^T d B of `tiles` 4x4 patches d of padded rows of x, `row_pitch` apart: tile t's patch starts at row
-// 2 * (t / tile_columns), column 2 * (t % tile_columns). Its elements e = 4 * row + column in [e_begin, e_end),
-// channel c, go to patches[(e - e_begin) * e_pitch + t * Cin + c].
+// B^T d B of `tiles` patches d of padded rows of x, `row_pitch` apart: tile t's patch starts at row
+// kTile * (t / tile_columns), column kTile * (t % tile_columns). Its elements e = kPatch * row + column in
+// [e_begin, e_end), channel c, go to patches[(e - e_begin) * e_pitch + t * Cin + c].
+template <int kTile>
 void TransformPatches(const float* rows, int64_t row_pitch, int64_t tile_columns, int64_t tiles, int64_t cin,
                       int64_t e_begin, int64_t e_end, int64_t e_pitch, float* patches) {
+  constexpr int P = Winograd<kTile>::kPatch;
   for (int64_t t = 0; t < tiles; ++t) {
-    const float* d = rows + (t / tile_columns) * 2 * row_pitch + (t % tile_columns) * 2 * cin;
+    const float* d = rows + (t / tile_columns) * kTile * row_pitch + (t % tile_columns) * kTile * cin;
     for (int64_t c = 0; c < cin; c += 16) {
-      Vector rows_b[4][4];  // (B^T d)[row][column]
-      for (int col = 0; col < 4; ++col) {
-        const Vector d0 = Load(d + col * cin + c), d1 = Load(d + row_pitch + col * cin + c),
-                     d2 = Load(d + 2 * row_pitch + col * cin + c), d3 = Load(d + 3 * row_pitch + col * cin + c);
-        rows_b[0][col] = d0 - d2;
-        rows_b[1][col] = d1 + d2;
-        rows_b[2][col] = d2 - d1;
-        rows_b[3][col] = d1 - d3;
+      Vector rows_b[P][P];  // (B^T d)[row][column]
+      for (int col = 0; col < P; ++col) {
+        Vector column[P], transformed[P];
+        for (int i = 0; i < P; ++i) column[i] = Load(d + i * row_pitch + col * cin + c);
+        Winograd<kTile>::Input(column, transformed);
+        for (int i = 0; i < P; ++i) rows_b[i][col] = transformed[i];
       }
-      for (int64_t r = e_begin / 4; r * 4 < e_end; ++r) {
-        const Vector* b = rows_b[r];
-        const Vector v[4] = {b[0] - b[2], b[1] + b[2], b[2] - b[1], b[1] - b[3]};
-        for (int64_t e = std::max(e_begin, r * 4); e < std::min(e_end, r * 4 + 4); ++e) {
-          std::memcpy(patches + (e - e_begin) * e_pitch + t * cin + c, &v[e % 4], sizeof(Vector));
+      for (int64_t r = e_begin / P; r * P < e_end; ++r) {
+        Vector v[P];
+        Winograd<kTile>::Input(rows_b[r], v);
+        for (int64_t e = std::max(e_begin, r * P); e < std::min(e_end, r * P + P); ++e) {
+          std::memcpy(patches + (e - e_begin) * e_pitch + t * cin + c, &v[e % P], sizeof(Vector));
         }
       }
     }
   }
 }
 
+template <int kTile>
 ffi::Error WinogradConv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::Result<Float32x4d> y, int64_t stride,
                         int64_t pad_top, int64_t pad_left) {
+  using T = Winograd<kTile>;
+  constexpr int P = T::kPatch, E = T::kElements;
   const auto x_dims = x.dimensions(), w_dims = w.dimensions(), y_dims = y->dimensions();
   const int64_t n = x_dims[0];
   const Shape s{x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2], y_dims[3], w_dims[0], stride, pad_top,
@@ -648,45 +721,46 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::R
     return ffi::Error::InvalidArgument("kdep_jax CPU Winograd conv kernel: shapes that do not fit together");
   }
   const int64_t cin = s.in_channels, cout = s.out_channels;
-  const std::vector<float> packed = PackWinogradWeights(pool, w.typed_data(), cin, cout);
-  const int64_t tile_rows = (s.height + 1) / 2, tile_columns = (s.width + 1) / 2;
+  const std::vector<float> packed = PackWinogradWeights<kTile>(pool, w.typed_data(), cin, cout);
+  const int64_t tile_rows = (s.height + kTile - 1) / kTile, tile_columns = (s.width + kTile - 1) / kTile;
   const int64_t band = std::min(tile_rows, (kWinogradTiles + tile_columns - 1) / tile_columns);
   const int64_t bands = (tile_rows + band - 1) / band, band_tiles = band * tile_columns;
-  const int64_t padded_width = 2 * tile_columns + 2, row_pitch = padded_width * cin;
+  const int64_t padded_width = kTile * tile_columns + 2, row_pitch = padded_width * cin;
   const float* x_data = x.typed_data();
   float* y_data = y->typed_data();
   ParallelFor(pool, n * bands, [&]() {
-    return [&, rows = std::vector<float>((2 * band + 2) * row_pitch),
-            patches = std::vector<float>(16 * band_tiles * cin),
-            products = std::vector<float>(16 * band_tiles * kVectorOutBlock), taps = std::vector<ConvTap>(1)](
+    return [&, rows = std::vector<float>((kTile * band + 2) * row_pitch),
+            patches = std::vector<float>(E * band_tiles * cin),
+            products = std::vector<float>(E * band_tiles * kVectorOutBlock), taps = std::vector<ConvTap>(1)](
                int64_t task) mutable {
       const int64_t image = task / bands, first_tile_row = task % bands * band;
       const int64_t band_rows = std::min(band, tile_rows - first_tile_row), tiles = band_rows * tile_columns;
-      CopyPaddedRows(x_data + image * s.height * s.width * cin, s, 2 * first_tile_row - 1, 2 * band_rows + 2,
-                     padded_width, rows.data());
-      TransformPatches(rows.data(), row_pitch, tile_columns, tiles, cin, 0, 16, tiles * cin, patches.data());
+      CopyPaddedRows(x_data + image * s.height * s.width * cin, s, kTile * first_tile_row - 1,
+                     kTile * band_rows + 2, padded_width, rows.data());
+      TransformPatches<kTile>(rows.data(), row_pitch, tile_columns, tiles, cin, 0, E, tiles * cin, patches.data());
       float* y_image = y_data + image * s.height * s.width * cout;
       for (int64_t b = 0; b < cout / kVectorOutBlock; ++b) {
-        for (int64_t e = 0; e < 16; ++e) {
-          taps[0] = {patches.data() + e * tiles * cin, packed.data() + (b * 16 + e) * cin * kVectorOutBlock};
+        for (int64_t e = 0; e < E; ++e) {
+          taps[0] = {patches.data() + e * tiles * cin, packed.data() + (b * E + e) * cin * kVectorOutBlock};
           ConvRow(tiles, taps, cin, cin, products.data() + e * tiles * kVectorOutBlock, kVectorOutBlock);
         }
-        // y's 2x2 tile: A^T m A, its pixels inside y.
+        // y's tile: A^T m A, its pixels inside y.
         for (int64_t t = 0; t < tiles; ++t) {
-          const int64_t ho = 2 * (first_tile_row + t / tile_columns), wo = 2 * (t % tile_columns);
+          const int64_t ho = kTile * (first_tile_row + t / tile_columns), wo = kTile * (t % tile_columns);
           for (int64_t half = 0; half < kVectorOutBlock; half += 16) {
-            Vector m[4][4];
-            for (int e = 0; e < 16; ++e) {
-              m[e / 4][e % 4] = Load(products.data() + (e * tiles + t) * kVectorOutBlock + half);
+            Vector a[kTile][P];  // (A^T m)[r][col]
+            for (int col = 0; col < P; ++col) {
+              Vector column[P], transformed[kTile];
+              for (int i = 0; i < P; ++i) {
+                column[i] = Load(products.data() + ((i * P + col) * tiles + t) * kVectorOutBlock + half);
+              }
+              Winograd<kTile>::Output(column, transformed);
+              for (int r = 0; r < kTile; ++r) a[r][col] = transformed[r];
             }
-            Vector a[2][4];  // (A^T m)[r][col]
-            for (int col = 0; col < 4; ++col) {
-              a[0][col] = m[0][col] + m[1][col] + m[2][col];
-              a[1][col] = m[1][col] - m[2][col] - m[3][col];
-            }
-            for (int r = 0; r < 2 && ho + r < s.height; ++r) {
-              const Vector out[2] = {a[r][0] + a[r][1] + a[r][2], a[r][1] - a[r][2] - a[r][3]};
-              for (int col = 0; col < 2 && wo + col < s.width; ++col) {
+            for (int r = 0; r < kTile && ho + r < s.height; ++r) {
+              Vector out[kTile];
+              Winograd<kTile>::Output(a[r], out);
+              for (int col = 0; col < kTile && wo + col < s.width; ++col) {
                 std::memcpy(y_image + ((ho + r) * s.width + wo + col) * cout + b * kVectorOutBlock + half, &out[col],
                             sizeof(Vector));
               }
@@ -725,7 +799,7 @@ void AddWinogradChunk(const float* x, const float* dy, int64_t images, int64_t e
       end = std::min(r1, (image + 1) * tile_rows);
       CopyPaddedRows(x + image * s.height * s.width * cin, s, 2 * (first % tile_rows) - 1, 2 * (end - first) + 2,
                      padded_width, rows.data(), activation);
-      TransformPatches(rows.data(), row_pitch, tile_columns, (end - first) * tile_columns, cin, e_begin, e_end,
+      TransformPatches<2>(rows.data(), row_pitch, tile_columns, (end - first) * tile_columns, cin, e_begin, e_end,
                        tiles * cin, patches.get() + (first - r0) * tile_columns * cin);
     }
     // grads[e - e_begin][t][co]: A dy A^T of tile t's 2x2 output gradient, zero outside dy.
@@ -1144,7 +1218,8 @@ KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvWeightGradient, ConvWeightGradient);
 // The convs take the same arguments: (x, w) -> y and (dy, w) -> dx (dense and depthwise).
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepConv, Conv);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvInputGradient, ConvInputGradient);
-KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradConv, WinogradConv);
+KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradConv, WinogradConv<2>);
+KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradConv4x4, WinogradConv<4>);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradWeightGradient, WinogradWeightGradient);
 KDEP_WEIGHT_GRADIENT_HANDLER(KdepDepthwiseInputGradient, DepthwiseInputGradient);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepWinogradWeightGradientOfActivation, WinogradWeightGradientOfActivation,

@@ -7,7 +7,8 @@ input out of memory, and its input gradient (k*k shifted products added in fused
 gradient, which XLA runs as a chain of selects over strided windows.
 The C++ kernels keep their sums in registers over many pixels and channels (1.1-8x faster alone on AMD EPYCs, Zen 4
 and Zen 5; benchmarks/README.md); a 3x3 conv with stride 1 can run by Winograd's F(2x2, 3x3), with 2.25x fewer
-products (1.5-2.0x faster alone than the direct kernel).
+products (1.5-2.0x faster alone than the direct kernel), or F(4x4, 3x3), with 4x fewer (another 1.5x at 56 and 28
+px).
 They are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
 (`$KDEP_JAX_KERNEL_CACHE`, else `~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler,
 jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where they cannot
@@ -39,7 +40,7 @@ _CONV_INPUT_GRADIENT = "kdep_conv_input_gradient"
 _MAX_POOL = "kdep_max_pool"
 _MAX_POOL_GRADIENT = "kdep_max_pool_gradient"
 _DEPTHWISE_INPUT_GRADIENT = "kdep_depthwise_input_gradient"
-_WINOGRAD_CONV = "kdep_winograd_conv"
+_WINOGRAD_CONV = {2: "kdep_winograd_conv", 4: "kdep_winograd_conv_4x4"}  # by output tile
 _WINOGRAD_WEIGHT_GRADIENT = "kdep_winograd_weight_gradient"
 _WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION = "kdep_winograd_weight_gradient_of_activation"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
@@ -99,7 +100,8 @@ def available() -> bool:
                           (_CONV_INPUT_GRADIENT, library.KdepConvInputGradient),
                           (_MAX_POOL, library.KdepMaxPool), (_MAX_POOL_GRADIENT, library.KdepMaxPoolGradient),
                           (_DEPTHWISE_INPUT_GRADIENT, library.KdepDepthwiseInputGradient),
-                          (_WINOGRAD_CONV, library.KdepWinogradConv),
+                          (_WINOGRAD_CONV[2], library.KdepWinogradConv),
+                          (_WINOGRAD_CONV[4], library.KdepWinogradConv4x4),
                           (_WINOGRAD_WEIGHT_GRADIENT, library.KdepWinogradWeightGradient),
                           (_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION, library.KdepWinogradWeightGradientOfActivation)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
@@ -152,11 +154,12 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int,
     return _call(_CONV, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride, padding)
 
 
-def winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A dense 3x3 conv with stride 1 and padding 1 by Winograd's F(2x2, 3x3), in float32: NHWC x with Cin a multiple
-    of 16, HWIO kernel (3, 3, Cin, Cout) with Cout a multiple of CONV_OUT_BLOCK; the output is x's size. 2.25x fewer
-    products than `conv`; the sums differ from it by float32 rounding."""
-    return _call(_WINOGRAD_CONV, (*x.shape[:3], kernel.shape[-1]), x, kernel, 1, ((1, 1), (1, 1)))
+def winograd_conv(x: jax.Array, kernel: jax.Array, tile: int = 2) -> jax.Array:
+    """A dense 3x3 conv with stride 1 and padding 1 by Winograd's F(tile x tile, 3x3), tile 2 or 4, in float32: NHWC
+    x with Cin a multiple of 16, HWIO kernel (3, 3, Cin, Cout) with Cout a multiple of CONV_OUT_BLOCK; the output is
+    x's size. 2.25x (tile 2) or 4x (tile 4) fewer products than `conv`; the sums differ from it by float32 rounding,
+    a few times more for tile 4 (larger coefficients in its transforms)."""
+    return _call(_WINOGRAD_CONV[tile], (*x.shape[:3], kernel.shape[-1]), x, kernel, 1, ((1, 1), (1, 1)))
 
 
 def winograd_weight_gradient(x: jax.Array, grad: jax.Array,

@@ -111,10 +111,11 @@ def _flax_pointwise_conv(lhs, rhs, window_strides, padding, **conv_options):
 def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
     """nn.Conv's convolution hook for conv2d's k x k convs on CPU. On one device, in float32, where kdep_jax's C++
     kernels are on (`native_conv`): the forward pass and the input gradient from its conv kernels (where the
-    channels they write come in blocks of 32; a 3x3 conv with stride 1 by Winograd's F(2x2, 3x3) where its
-    channels come in blocks of 16 too), the weight gradient from its weight-gradient kernels (Winograd's too, on
-    images of at least _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side); the rest is XLA's. conv2d's convs have no
-    dilation or groups and NHWC / HWIO layouts."""
+    channels they write come in blocks of 32; a 3x3 conv with stride 1 by Winograd's F(2x2, 3x3), or F(4x4, 3x3) on
+    images of at least _WINOGRAD_4X4_MIN_SIZE pixels a side, where its channels come in blocks of 16 too), the
+    weight gradient from its weight-gradient kernels (Winograd's F(2x2, 3x3) too, on images of at least
+    _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side); the rest is XLA's. conv2d's convs have no dilation or groups
+    and NHWC / HWIO layouts."""
     padding = tuple(tuple(pair) for pair in padding)
     forms = _conv_forms(lhs, rhs, window_strides[0], padding)
     if forms == ("xla", "xla", "xla"):
@@ -133,7 +134,10 @@ def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[s
     def form(written: int, read: int) -> str:
         if not native or written % cpu_kernels.CONV_OUT_BLOCK:
             return "xla"
-        return "winograd" if winograd and read % 16 == 0 else "direct"
+        if not (winograd and read % 16 == 0):
+            return "direct"
+        by_4x4_tiles = _winograd_4x4_conv() and min(lhs.shape[1:3]) >= _WINOGRAD_4X4_MIN_SIZE
+        return "winograd_4x4" if by_4x4_tiles else "winograd"
 
     weight_gradient = "xla"
     if one_device_float32 and _native_conv_weight_gradient():
@@ -162,6 +166,23 @@ def _winograd_conv() -> bool:
     (its teacher's convs) 1.12x on TCMalloc (AMD EPYC Zen 5, benchmarks/README.md). The sums differ from the direct
     kernel's by float32 rounding (tests/test_models.py checks both against float64)."""
     return _native_conv()
+
+
+# The smallest image whose 3x3 convs take their forward pass and input gradient by Winograd's F(4x4, 3x3)
+# (`_winograd_4x4_conv`): alone 1.5x faster than F(2x2, 3x3) at a ResNet's 56 and 28 px, level at 14 px (4x4 tiles
+# over 14 px compute 16), 0.6x at 7 px, where each image has only 4 tiles (AMD EPYC Zen 5).
+_WINOGRAD_4X4_MIN_SIZE = 28
+
+
+@functools.cache
+def _winograd_4x4_conv() -> bool:
+    """Whether the Winograd convs on images of at least _WINOGRAD_4X4_MIN_SIZE pixels a side take F(4x4, 3x3) (4x
+    fewer products than the direct conv; `cpu_kernels.winograd_conv(..., tile=4)`) rather than F(2x2, 3x3) (2.25x),
+    where `_winograd_conv` is on: the ResNet-18 step 1.05x, ResNet-50's forward pass 1.03x (AMD EPYC Zen 5,
+    benchmarks/README.md). Its transforms have larger coefficients: one conv's sums are 4e-6 to 1e-5 of the largest
+    output from float64 where F(2x2, 3x3)'s are 2-9e-7 (tests/test_models.py), but ResNet-50's features stay 1.6-2.0e-6
+    from torch's float64 ones, as torch's float32 ones are (1.4-1.9e-6)."""
+    return _winograd_conv()
 
 
 # The smallest image whose 3x3 convs take their weight gradient by Winograd (`_winograd_weight_gradient`): alone
@@ -193,9 +214,12 @@ def _dense_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Ar
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+_WINOGRAD_TILES = {"winograd": 2, "winograd_4x4": 4}  # the conv forms by Winograd's F(m x m, 3x3), and m
+
+
 def _conv_by_form(x: jax.Array, kernel: jax.Array, stride: int, padding, form: str) -> jax.Array:
-    if form == "winograd":
-        return cpu_kernels.winograd_conv(x, kernel)
+    if form in _WINOGRAD_TILES:
+        return cpu_kernels.winograd_conv(x, kernel, _WINOGRAD_TILES[form])
     if form == "direct":
         return cpu_kernels.conv(x, kernel, stride, padding)
     return _dense_conv(x, kernel, stride, padding)
@@ -205,7 +229,7 @@ def _conv_by_form(x: jax.Array, kernel: jax.Array, stride: int, padding, form: s
 def native_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, forms: tuple[str, str, str]) -> jax.Array:
     """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on one CPU device whose forward pass, input
     gradient and weight gradient each come from XLA's convolution or kdep_jax's C++ kernels, as forms says (for
-    each, "xla", "direct" or "winograd")."""
+    each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4")."""
     return _conv_by_form(x, kernel, stride, padding, forms[0])
 
 
@@ -214,8 +238,8 @@ def _native_conv_vjp_forward(x, kernel, stride, padding, forms):
 
 
 def _input_gradient(grad: jax.Array, kernel: jax.Array, x: jax.Array, stride: int, padding, form: str) -> jax.Array:
-    if form == "winograd":  # stride 1, padding 1: a conv of grad with the kernel turned round
-        return cpu_kernels.winograd_conv(grad, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
+    if form in _WINOGRAD_TILES:  # stride 1, padding 1: a conv of grad with the kernel turned round
+        return cpu_kernels.winograd_conv(grad, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), _WINOGRAD_TILES[form])
     if form == "direct":
         return cpu_kernels.conv_input_gradient(grad, kernel, x.shape, stride, padding)
     return jax.vjp(lambda x: _dense_conv(x, kernel, stride, padding), x)[1](grad)[0]
