@@ -56,6 +56,7 @@ struct Shape {
 
 using Vector = float __attribute__((vector_size(64), aligned(4)));  // 16 floats: one AVX-512 register
 using DoubleVector = double __attribute__((vector_size(64)));  // 8 doubles
+using HalfVector = float __attribute__((vector_size(32), aligned(4)));  // 8 floats, converted to and from doubles
 constexpr int64_t kVectorOutBlock = 32;  // the output channels whose sums the kernels keep in two vectors
 
 inline Vector Load(const float* from) {  // 16 floats, wherever they lie
@@ -619,11 +620,13 @@ struct Winograd<4> {
   }
   template <typename V>
   static void Kernel(const V* g, V* out) {
-    out[0] = g[0] / 4.0;
-    out[1] = -(g[0] + g[1] + g[2]) / 6.0;
-    out[2] = -(g[0] - g[1] + g[2]) / 6.0;
-    out[3] = g[0] / 24.0 + g[1] / 12.0 + g[2] / 6.0;
-    out[4] = g[0] / 24.0 - g[1] / 12.0 + g[2] / 6.0;
+    constexpr double kSixth = 1.0 / 6, kTwelfth = 1.0 / 12, kTwentyFourth = 1.0 / 24;  // products: no divisions
+    const V even = kTwentyFourth * g[0] + kSixth * g[2], odd = kTwelfth * g[1];
+    out[0] = 0.25 * g[0];
+    out[1] = -kSixth * (g[0] + g[1] + g[2]);
+    out[2] = -kSixth * (g[0] - g[1] + g[2]);
+    out[3] = even + odd;
+    out[4] = even - odd;
     out[5] = g[2];
   }
   template <typename V>
@@ -653,9 +656,9 @@ std::vector<float> PackWinogradWeights(ffi::ThreadPool& pool, const float* w, in
           for (int j = 0; j < 3; ++j) {
             DoubleVector column[3], transformed[P];
             for (int i = 0; i < 3; ++i) {
-              for (int lane = 0; lane < 8; ++lane) {
-                column[i][lane] = w[((i * 3 + j) * cin + ci) * cout + block * L + l + lane];
-              }
+              HalfVector values;
+              std::memcpy(&values, w + ((i * 3 + j) * cin + ci) * cout + block * L + l, sizeof(values));
+              column[i] = __builtin_convertvector(values, DoubleVector);
             }
             T::Kernel(column, transformed);
             for (int a = 0; a < P; ++a) gg[a][j] = transformed[a];
@@ -664,9 +667,8 @@ std::vector<float> PackWinogradWeights(ffi::ThreadPool& pool, const float* w, in
             DoubleVector row[P];
             T::Kernel(gg[a], row);
             for (int b = 0; b < P; ++b) {
-              for (int lane = 0; lane < 8; ++lane) {
-                to[(a * P + b) * cin * L + l + lane] = static_cast<float>(row[b][lane]);
-              }
+              const HalfVector rounded = __builtin_convertvector(row[b], HalfVector);
+              std::memcpy(to + (a * P + b) * cin * L + l, &rounded, sizeof(rounded));
             }
           }
         }
