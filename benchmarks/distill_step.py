@@ -17,6 +17,7 @@ the float32 FMA peak. The figures, per CPU family, are in benchmarks/README.md.
     python benchmarks/distill_step.py --teacher swin_t --batch 8   # a transformer teacher (or vit_b_16)
     python benchmarks/distill_step.py --framework kdep_jax --input jpeg   # kdep_jax fed by the input pipeline
     python benchmarks/distill_step.py --preload /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4  # both on TCMalloc
+    python benchmarks/distill_step.py --runs 3 --target-cache   # three runs: each figure's median and range
 
 kdep_jax runs its steps as its trainer does, config.steps_per_call of them per call (--steps-per-call), and
 --warmup and --repeats count its calls; each timed call gives its seconds per step.
@@ -379,6 +380,9 @@ def main():
     parser.add_argument("--pytorch-config", default="eager", choices=sorted(PYTORCH_CONFIGS),
                         help="(child) the PyTorch configuration to time")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="run the whole comparison this many times, one framework and configuration after the "
+                        "other in each; then print each figure's median and range over the runs")
     parser.add_argument("--preload", help="a malloc library to preload (LD_PRELOAD) into every framework's process, "
                         "e.g. TCMalloc's libtcmalloc_minimal.so.4 as PyTorch's CPU tuning guide advises")
     args = parser.parse_args()
@@ -393,6 +397,21 @@ def main():
     argv = [a for a in sys.argv[1:] if a not in ("--json", "--target-cache")]
     if args.preload and not os.path.isfile(args.preload):
         parser.error(f"--preload {args.preload}: no such file")
+    configs = [c for c in args.pytorch_configs.split(",") if c]
+    runs = [compare(args, argv, configs) for _ in range(args.runs)]
+    if args.json:
+        print(json.dumps(runs[0] if args.runs == 1 else {"runs": runs, "summary": summarise(runs)}))
+        return
+    for number, results in enumerate(runs, 1):
+        if args.runs > 1:
+            print(f"run {number} of {args.runs}:")
+        print_report(results, args, configs)
+    if args.runs > 1:
+        print_summary(summarise(runs), args, configs)
+
+
+def compare(args, argv: list[str], configs: list[str]) -> dict:
+    """One run of the comparison: each framework and configuration in its own process, one after the other."""
     results = {"student": args.student, "teacher": args.teacher, "device": args.device, "batch": args.batch,
                "image_size": args.image_size, "dtype": args.dtype, "input": args.input, "cpus": os.cpu_count(),
                "preload": args.preload}
@@ -402,7 +421,6 @@ def main():
     children = [("kdep_jax", "kdep_jax", [])]
     if args.target_cache:
         children.append(("kdep_jax_cached", "kdep_jax_cached", []))
-    configs = [c for c in args.pytorch_configs.split(",") if c]
     children += [(f"pytorch_{c}", "pytorch", ["--pytorch-config", c]) for c in configs]
     for key, framework, extra in children:
         measured = run_child(framework, argv + extra, args.preload)
@@ -426,9 +444,10 @@ def main():
             results["speedup_vs_pytorch"] = results["kdep_jax_images_per_sec"] / results["pytorch_images_per_sec"]
     if "kdep_jax_cached_images_per_sec" in results:
         results["cache_speedup"] = results["kdep_jax_cached_images_per_sec"] / results["kdep_jax_images_per_sec"]
-    if args.json:
-        print(json.dumps(results))
-        return
+    return results
+
+
+def print_report(results: dict, args, configs: list[str]) -> None:
     memory = "peak device memory" if args.device == "gpu" else "peak RSS"
     device = results.get("cpu", results.get("kdep_jax_device_kind", "?"))
     print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} "
@@ -446,14 +465,60 @@ def main():
             if f"{key}_fma_peak_share" in results:
                 line += f", {100 * results[f'{key}_fma_peak_share']:.0f}% of the float32 FMA peak"
             print(line)
-    for c in measured_configs:
-        print(f"  kdep_jax / PyTorch {c} = {results[f'speedup_vs_pytorch_{c}']:.2f}x")
+    for c in configs:
+        if f"speedup_vs_pytorch_{c}" in results:
+            print(f"  kdep_jax / PyTorch {c} = {results[f'speedup_vs_pytorch_{c}']:.2f}x")
     if "fp32_peak_flops" in results and results.get("kdep_jax_flops"):
         print(f"  float32 FMA peak {results['fp32_peak_flops'] / 1e9:.0f} GFLOP/s ({results['fp32_peak_formula']}); "
               f"{results['kdep_jax_flops'] / args.batch / 1e9:.1f} GFLOP per image (XLA's count of kdep_jax's step)")
     if "cache_speedup" in results:
         print(f"  target cache: {results['cache_speedup']:.2f}x the online step, "
               f"{results['kdep_jax_cached_cache_bytes_per_image_epoch']} bytes per image per epoch")
+
+
+SUMMARISED = ("_images_per_sec", "_peak_bytes", "_fma_peak_share", "_mfu", "cache_speedup")  # per-run figures
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Each figure that every run has (images/s, peak memory, speed-ups, shares of the peak) as its median, min and
+    max over the runs: a ratio's median is that of the runs' ratios, each measured within one run; and PyTorch's best
+    configuration run by run."""
+    summary = {}
+    for key in runs[0]:
+        if (key.endswith(SUMMARISED) or key.startswith("speedup_vs_pytorch")) and all(key in run for run in runs):
+            values = [run[key] for run in runs]
+            summary[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    summary["pytorch_best_configs"] = [run.get("pytorch_best_config") for run in runs]
+    return summary
+
+
+def print_summary(summary: dict, args, configs: list[str]) -> None:
+    """The lines of a performance table: each figure's median over the runs, its range in brackets."""
+    def spread(key: str, scale: float = 1.0, digits: int = 2) -> str:
+        figure = summary[key]
+        return (f"{figure['median'] * scale:.{digits}f} ({figure['min'] * scale:.{digits}f}-"
+                f"{figure['max'] * scale:.{digits}f})")
+
+    memory = "peak device memory" if args.device == "gpu" else "peak RSS"
+    runs = len(summary["pytorch_best_configs"])
+    print(f"median of {runs} runs (range):")
+    labels = [("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets"), ("pytorch", "PyTorch's best")]
+    labels += [(f"pytorch_{c}", f"PyTorch {c}") for c in configs]
+    for key, label in labels:
+        if f"{key}_images_per_sec" in summary:
+            line = (f"  {label}: {spread(f'{key}_images_per_sec')} images/s, {memory} "
+                    f"{spread(f'{key}_peak_bytes', 1 / 2**30)} GiB")
+            if f"{key}_fma_peak_share" in summary:
+                line += f", {spread(f'{key}_fma_peak_share', 100, 0)}% of the float32 FMA peak"
+            print(line)
+    if "speedup_vs_pytorch" in summary:
+        print(f"  kdep_jax / PyTorch's best = {spread('speedup_vs_pytorch')}x (best: "
+              f"{', '.join(str(c) for c in summary['pytorch_best_configs'])})")
+    for c in configs:
+        if f"speedup_vs_pytorch_{c}" in summary:
+            print(f"  kdep_jax / PyTorch {c} = {spread(f'speedup_vs_pytorch_{c}')}x")
+    if "cache_speedup" in summary:
+        print(f"  target cache: {spread('cache_speedup')}x the online step")
 
 
 def cpu_name() -> str:

@@ -1,4 +1,5 @@
 """The arithmetic behind the figures that benchmarks/distill_step.py prints (the README's performance tables)."""
+import argparse
 import importlib.util
 import os
 import subprocess
@@ -42,6 +43,32 @@ def test_fp32_peak_from_cpuinfo():
     assert peak(cpuinfo("AuthenticAMD", 26, "2600.000", "avx2 avx512f"))[0] == pytest.approx(cores * 2.6e9 * 2 * 16 * 2)
     assert peak(cpuinfo("AuthenticAMD", 25, "2600.000", "avx2 avx512f"))[0] == pytest.approx(cores * 2.6e9 * 2 * 8 * 2)
     assert peak(cpuinfo("AuthenticAMD", 23, "2450.000", "avx2 fma"))[0] == pytest.approx(cores * 2.45e9 * 2 * 8 * 2)
+
+
+def test_repeated_runs_give_each_figure_its_median_and_range(capsys):
+    """--runs N: a figure's median and range over the runs, a ratio's from the runs' own ratios (not the ratio of
+    the medians), and PyTorch's best configuration run by run; a figure some run lacks is left out."""
+    images = [[20.6, 14.8], [21.7, 16.3], [21.6, 14.9]]  # kdep_jax, PyTorch's best (compile_freezing or channels_last)
+    runs = [{"kdep_jax_images_per_sec": ours, "kdep_jax_peak_bytes": (1.45 + 0.02 * run) * 2**30,
+             "pytorch_images_per_sec": theirs, "pytorch_peak_bytes": 2.1 * 2**30, "speedup_vs_pytorch": ours / theirs,
+             "pytorch_best_config": ["compile_freezing", "channels_last", "compile_freezing"][run], "batch": 32}
+            for run, (ours, theirs) in enumerate(images)]
+    runs[1]["kdep_jax_cached_images_per_sec"] = 35.0
+    summary = distill_step.summarise(runs)
+    ratios = [ours / theirs for ours, theirs in images]
+    assert summary["speedup_vs_pytorch"] == {"median": sorted(ratios)[1], "min": min(ratios), "max": max(ratios)}
+    assert summary["speedup_vs_pytorch"]["median"] != pytest.approx(21.6 / 14.9)  # not the medians' ratio
+    assert summary["kdep_jax_images_per_sec"] == {"median": 21.6, "min": 20.6, "max": 21.7}
+    assert summary["kdep_jax_peak_bytes"]["max"] == pytest.approx(1.49 * 2**30)
+    assert summary["pytorch_best_configs"] == ["compile_freezing", "channels_last", "compile_freezing"]
+    assert "kdep_jax_cached_images_per_sec" not in summary and "batch" not in summary
+    distill_step.print_summary(summary, argparse.Namespace(device="cpu"), ["channels_last", "compile_freezing"])
+    report = capsys.readouterr().out
+    assert "median of 3 runs (range):" in report, report
+    assert "  kdep_jax: 21.60 (20.60-21.70) images/s, peak RSS 1.47 (1.45-1.49) GiB" in report, report
+    assert "  PyTorch's best: 14.90 (14.80-16.30) images/s" in report, report
+    assert (f"  kdep_jax / PyTorch's best = {sorted(ratios)[1]:.2f} ({min(ratios):.2f}-{max(ratios):.2f})x (best: "
+            "compile_freezing, channels_last, compile_freezing)") in report, report
 
 
 @pytest.mark.slow
