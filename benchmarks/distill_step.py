@@ -456,24 +456,35 @@ def print_report(results: dict, args, configs: list[str]) -> None:
     labels = [("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets")]
     labels += [(f"pytorch_{c}", f"PyTorch {c}" + (" (best)" if c == results.get("pytorch_best_config") else ""))
                for c in configs]
-    for key, label in labels:
-        if f"{key}_images_per_sec" in results:
-            line = (f"  {label}: {results[f'{key}_images_per_sec']:.2f} images/s, {memory} "
-                    f"{results[f'{key}_peak_bytes'] / 2**30:.2f} GiB")
-            if f"{key}_mfu" in results:
-                line += f", MFU {100 * results[f'{key}_mfu']:.1f}%"
-            if f"{key}_fma_peak_share" in results:
-                line += f", {100 * results[f'{key}_fma_peak_share']:.0f}% of the float32 FMA peak"
-            print(line)
-    for c in configs:
-        if f"speedup_vs_pytorch_{c}" in results:
-            print(f"  kdep_jax / PyTorch {c} = {results[f'speedup_vs_pytorch_{c}']:.2f}x")
+
+    def value(key: str, scale: float = 1.0, digits: int = 2) -> str:
+        return f"{results[key] * scale:.{digits}f}"
+
+    print("\n".join(figure_lines(results.__contains__, value, labels, configs, memory)))
     if "fp32_peak_flops" in results and results.get("kdep_jax_flops"):
         print(f"  float32 FMA peak {results['fp32_peak_flops'] / 1e9:.0f} GFLOP/s ({results['fp32_peak_formula']}); "
               f"{results['kdep_jax_flops'] / args.batch / 1e9:.1f} GFLOP per image (XLA's count of kdep_jax's step)")
     if "cache_speedup" in results:
         print(f"  target cache: {results['cache_speedup']:.2f}x the online step, "
               f"{results['kdep_jax_cached_cache_bytes_per_image_epoch']} bytes per image per epoch")
+
+
+def figure_lines(has, figure, labels: list[tuple[str, str]], configs: list[str], memory: str) -> list[str]:
+    """Each framework's images/s, memory and shares of the peak, then kdep_jax's ratio to each PyTorch
+    configuration: from one run's figures or from their medians over runs (has(key); figure(key, scale, digits))."""
+    lines = []
+    for key, label in labels:
+        if has(f"{key}_images_per_sec"):
+            line = (f"  {label}: {figure(f'{key}_images_per_sec')} images/s, {memory} "
+                    f"{figure(f'{key}_peak_bytes', 1 / 2**30)} GiB")
+            if has(f"{key}_mfu"):
+                line += f", MFU {figure(f'{key}_mfu', 100, 1)}%"
+            if has(f"{key}_fma_peak_share"):
+                line += f", {figure(f'{key}_fma_peak_share', 100, 0)}% of the float32 FMA peak"
+            lines.append(line)
+    lines += [f"  kdep_jax / PyTorch {c} = {figure(f'speedup_vs_pytorch_{c}')}x" for c in configs
+              if has(f"speedup_vs_pytorch_{c}")]
+    return lines
 
 
 SUMMARISED = ("_images_per_sec", "_peak_bytes", "_fma_peak_share", "_mfu", "cache_speedup")  # per-run figures
@@ -500,23 +511,13 @@ def print_summary(summary: dict, args, configs: list[str]) -> None:
                 f"{figure['max'] * scale:.{digits}f})")
 
     memory = "peak device memory" if args.device == "gpu" else "peak RSS"
-    runs = len(summary["pytorch_best_configs"])
-    print(f"median of {runs} runs (range):")
+    print(f"median of {len(summary['pytorch_best_configs'])} runs (range):")
     labels = [("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets"), ("pytorch", "PyTorch's best")]
     labels += [(f"pytorch_{c}", f"PyTorch {c}") for c in configs]
-    for key, label in labels:
-        if f"{key}_images_per_sec" in summary:
-            line = (f"  {label}: {spread(f'{key}_images_per_sec')} images/s, {memory} "
-                    f"{spread(f'{key}_peak_bytes', 1 / 2**30)} GiB")
-            if f"{key}_fma_peak_share" in summary:
-                line += f", {spread(f'{key}_fma_peak_share', 100, 0)}% of the float32 FMA peak"
-            print(line)
+    print("\n".join(figure_lines(summary.__contains__, spread, labels, configs, memory)))
     if "speedup_vs_pytorch" in summary:
         print(f"  kdep_jax / PyTorch's best = {spread('speedup_vs_pytorch')}x (best: "
               f"{', '.join(str(c) for c in summary['pytorch_best_configs'])})")
-    for c in configs:
-        if f"speedup_vs_pytorch_{c}" in summary:
-            print(f"  kdep_jax / PyTorch {c} = {spread(f'speedup_vs_pytorch_{c}')}x")
     if "cache_speedup" in summary:
         print(f"  target cache: {spread('cache_speedup')}x the online step")
 
