@@ -133,6 +133,41 @@ def test_resnet50_with_the_cpu_kernels_matches_torchvision(images, monkeypatch):
     assert max(errors.values()) < PARITY_TOLERANCE, errors
 
 
+def test_resnet18_gradients_with_the_cpu_kernels_match_torch_float64(images, monkeypatch):
+    """What one process on an AVX-512 CPU trains with: ResNet-18's train-mode gradients through every C++ kernel
+    (F(4x4, 3x3) and F(2x2, 3x3) forward passes and input gradients, Winograd weight gradients, of a BatchNorm's
+    activation too, the direct kernels, the max-pool's taps), against torch's autograd in float64. The kernels'
+    rounding (torch's own float32 gradients are 1e-5 away, these 5e-5) stays well inside the tolerance."""
+    for switch in ("_native_conv", "_winograd_conv", "_winograd_4x4_conv", "_winograd_weight_gradient",
+                   "_native_conv_weight_gradient", "_weight_gradient_of_activation", "_native_max_pool"):
+        monkeypatch.setattr(layers, switch, lambda: True)
+    monkeypatch.setattr(layers, "_WINOGRAD_4X4_MIN_SIZE", 16)  # 64 px images: layer1's 16 px
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
+    model, variables = random_torchvision_model("resnet18")
+    model = copy.deepcopy(model).double().train()
+    cotangent = torch.randn(2, 1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (model(images[0].double()) * cotangent).sum().backward()
+    network = create_model("resnet18")
+
+    def loss(params, images):
+        (logits, _), _ = network.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
+                                       train=True, mutable=["batch_stats"])
+        return jnp.sum(logits * cotangent.numpy().astype(np.float32))
+
+    gradient = jax.jit(jax.grad(loss))
+    program = gradient.lower(variables["params"], images[1]).compile().as_text()
+    for kernel in ("kdep_winograd_conv_4x4", "kdep_winograd_conv", "kdep_winograd_weight_gradient_of_activation",
+                   "kdep_winograd_weight_gradient", "kdep_conv", "kdep_conv_input_gradient",
+                   "kdep_conv_weight_gradient", "kdep_max_pool", "kdep_max_pool_gradient"):
+        assert f'"{kernel}"' in program, kernel
+    ours = to_torchvision({"params": gradient(variables["params"], images[1]),
+                           "batch_stats": variables["batch_stats"]}, "resnet18")
+    errors = {name: relative_error(ours[name], parameter.grad.numpy()) for name, parameter in model.named_parameters()}
+    print(f"\nresnet18 gradients with the CPU kernels: largest error {max(errors.values()):.2e} "
+          f"({max(errors, key=errors.get)})")
+    assert max(errors.values()) < 2e-4, errors
+
+
 def test_batchnorm_train_step_matches_torch():
     """Normalises with the biased batch variance; running stats move with momentum 0.1 towards the unbiased one;
     the gradients of the input, scale and bias are torch's."""
