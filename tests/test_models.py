@@ -111,15 +111,21 @@ def test_eval_mode_matches_torchvision(arch, images):
     assert max(errors.values()) < PARITY_TOLERANCE, errors
 
 
+def every_cpu_kernel_on(monkeypatch):
+    """What one process on an AVX-512 CPU runs, on any CPU: every C++ conv and max-pool kernel, on one device (the
+    suite's process has 4 CPU devices), F(4x4, 3x3) from 16 px (64 px images: a ResNet's layer1)."""
+    for switch in ("_native_conv", "_winograd_conv", "_winograd_4x4_conv", "_winograd_weight_gradient",
+                   "_native_conv_weight_gradient", "_weight_gradient_of_activation", "_native_max_pool"):
+        monkeypatch.setattr(layers, switch, lambda: True)
+    monkeypatch.setattr(layers, "_WINOGRAD_4X4_MIN_SIZE", 16)
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+
+
 def test_resnet50_with_the_cpu_kernels_matches_torchvision(images, monkeypatch):
     """What one process on an AVX-512 CPU runs: ResNet-50's convs by kdep_jax's C++ kernels (Winograd's F(4x4, 3x3)
     from 16 px here, F(2x2, 3x3) below, the direct kernel for the stem and the strided convs), as close to
     torchvision as XLA's convolutions are: F(4x4, 3x3)'s rounding (tests above) stays far inside the tolerance."""
-    monkeypatch.setattr(layers, "_native_conv", lambda: True)
-    monkeypatch.setattr(layers, "_winograd_conv", lambda: True)
-    monkeypatch.setattr(layers, "_winograd_4x4_conv", lambda: True)
-    monkeypatch.setattr(layers, "_WINOGRAD_4X4_MIN_SIZE", 16)  # 64 px images: layer1's 16 px
-    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
+    every_cpu_kernel_on(monkeypatch)
     model, variables = random_torchvision_model("resnet50")
     network = create_model("resnet50")
     apply = jax.jit(lambda variables, images: network.apply(variables, images, train=False))
@@ -138,11 +144,7 @@ def test_resnet18_gradients_with_the_cpu_kernels_match_torch_float64(images, mon
     (F(4x4, 3x3) and F(2x2, 3x3) forward passes and input gradients, Winograd weight gradients, of a BatchNorm's
     activation too, the direct kernels, the max-pool's taps), against torch's autograd in float64. The kernels'
     rounding (torch's own float32 gradients are 1e-5 away, these 5e-5) stays well inside the tolerance."""
-    for switch in ("_native_conv", "_winograd_conv", "_winograd_4x4_conv", "_winograd_weight_gradient",
-                   "_native_conv_weight_gradient", "_weight_gradient_of_activation", "_native_max_pool"):
-        monkeypatch.setattr(layers, switch, lambda: True)
-    monkeypatch.setattr(layers, "_WINOGRAD_4X4_MIN_SIZE", 16)  # 64 px images: layer1's 16 px
-    monkeypatch.setattr(jax, "device_count", lambda: 1)  # the suite's process has 4 CPU devices
+    every_cpu_kernel_on(monkeypatch)
     model, variables = random_torchvision_model("resnet18")
     model = copy.deepcopy(model).double().train()
     cotangent = torch.randn(2, 1000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
