@@ -2,6 +2,7 @@
 import copy
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -664,6 +665,46 @@ def test_pointwise_conv_gradients_match_float64(stride, size, as_dot, monkeypatc
     np.testing.assert_allclose(grad_x, expected_grad_x, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad_params["params"]["kernel"][0, 0],
                                np.einsum("nhwc,nhwo->co", seen, cotangent), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, kernel_size, stride, padding, dtype", [
+    (9, 3, 1, ((1, 1), (1, 1)), "float32"), (10, 3, 2, ((1, 1), (1, 1)), "float32"),
+    (9, 3, 2, ((1, 1), (1, 1)), "bfloat16"), (13, 7, 2, ((3, 3), (3, 3)), "float32"), (11, 3, 2, "SAME", "float32"),
+    (12, 4, 4, "VALID", "float32"), (7, 1, 2, "VALID", "float32")])
+def test_xla_conv_gradients_inside_a_loop_are_jaxs_in_eigens_layout(size, kernel_size, stride, padding, dtype):
+    """The CPU convs' gradients where the C++ kernels are off (bfloat16, a batch over several devices, AVX2 CPUs,
+    patch embeddings, TensorFlow's padding): `layers.conv_input_gradient` and `layers.conv_weight_gradient` equal
+    jax.vjp of XLA's convolution, and in a loop's body, as the trainer's loop of steps runs them, XLA:CPU compiles
+    them in the layout it hands to Eigen (b01f_01io->b01f). JAX's own weight gradient there has the images as
+    features (f01b_i01o->01bf), which XLA:CPU runs in plain loops, 25-90x slower. (The input gradient of a conv
+    whose stride is its size, a patch embedding's, XLA:CPU lays out otherwise inside a loop and out; nothing
+    differentiates a patch embedding's input.)"""
+    rng = np.random.default_rng(size)
+    x = jnp.asarray(rng.normal(size=(2, size, size + 1, 5)), dtype)
+    kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, 5, 6)), dtype)
+    hook = layers.cpu_conv_hook()
+    conv_options = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    out, pullback = jax.vjp(lambda x, kernel: hook(x, kernel, (stride, stride), padding, **conv_options), x, kernel)
+    expected_out, expected_pullback = jax.vjp(
+        lambda x, kernel: jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, **conv_options), x, kernel)
+    cotangent = jnp.asarray(rng.normal(size=out.shape), dtype)
+    for got, expected in zip((out, *pullback(cotangent)), (expected_out, *expected_pullback(cotangent))):
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        expected = np.asarray(expected, np.float32)
+        np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+    wrt = (0, 1) if kernel_size > stride else (1,)  # the input gradient of convs whose windows overlap
+
+    def gradients_in_a_loop(x, kernel, cotangent):
+        def add_gradients(_, totals):
+            grads = jax.vjp(lambda x, kernel: hook(x, kernel, (stride, stride), padding, **conv_options), x, kernel)[1](
+                cotangent)
+            return tuple(total + grads[i] for total, i in zip(totals, wrt))
+        return jax.lax.fori_loop(0, 2, add_gradients, tuple(jnp.zeros_like((x, kernel)[i]) for i in wrt))
+
+    program = jax.jit(gradients_in_a_loop).lower(x, kernel, cotangent).compile().as_text()
+    layouts = re.findall(r" convolution\(.*dim_labels=([^,]+),", program)
+    assert layouts == ["b01f_01io->b01f"] * len(wrt), layouts
 
 
 @pytest.mark.parametrize("in_a_conditional", [True, False])

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from kdep_jax import losses, models, teacher as teacher_lib
 from kdep_jax.errors import ConfigError
 from kdep_jax.methods.base import Method
-from kdep_jax.models.layers import (BatchNorm, Dtype, layer_norm, relu, torch_default_bias_init,
+from kdep_jax.models.layers import (BatchNorm, Dtype, cpu_conv_hook, layer_norm, relu, torch_default_bias_init,
                                     torch_default_kernel_init, torch_linear)
 
 VIEWS = ("spatial", "frequency")
@@ -97,7 +97,7 @@ class CrossAttentionProjector(nn.Module):
         batch, height, width, channels = x.shape
         x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=torch_default_kernel_init,
                     bias_init=torch_default_bias_init(9 * channels), dtype=self.dtype, param_dtype=jnp.float32,
-                    name="proj_student_0")(x.astype(self.dtype))
+                    name="proj_student_0", conv_general_dilated=cpu_conv_hook())(x.astype(self.dtype))
         x = relu(BatchNorm(dtype=self.dtype, name="proj_student_1")(x, train))
         pos_embed = self.param("pos_embed", nn.initializers.normal(0.02), (1, height, width, channels), jnp.float32)
         x = (x + pos_embed.astype(self.dtype)).reshape(batch, height * width, channels)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import DepthwiseConv, Dtype, dense, gelu, layer_norm, stochastic_depth
+from kdep_jax.models.layers import DepthwiseConv, Dtype, cpu_conv_hook, dense, gelu, layer_norm, stochastic_depth
 from kdep_jax.models.naming import TorchNaming
 from kdep_jax.models.preprocessing import Preprocessing
 
@@ -37,7 +37,7 @@ _weight_init = nn.initializers.normal(0.02)
 def _conv(features: int, size: int, dtype: Dtype, name: str) -> nn.Conv:
     """A size x size conv with stride size and bias: the patchify stem (4) and the downsampling layers (2)."""
     return nn.Conv(features, (size, size), strides=(size, size), padding="VALID", kernel_init=_weight_init,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+                   dtype=dtype, param_dtype=jnp.float32, name=name, conv_general_dilated=cpu_conv_hook())
 
 
 class CNBlock(nn.Module):

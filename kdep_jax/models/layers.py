@@ -42,8 +42,8 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
     if jax.default_backend() == "cpu":
         if kernel_size == 1:
             hook = _flax_pointwise_conv
-        elif not tf_same_padding:
-            hook = _flax_conv
+        else:  # TensorFlow's padding keeps XLA's forms (the C++ kernels are tested with torch's)
+            hook = functools.partial(_flax_conv, kernels=not tf_same_padding)
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
                    use_bias=False, kernel_init=conv_kernel_init, dtype=dtype,
                    param_dtype=jnp.float32, name=name, conv_general_dilated=hook)
@@ -72,11 +72,11 @@ def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int, weight_gradient
     but not in the body of the trainer's loop of steps, where Eigen runs it at 10-80 GFLOP/s for MobileNetV2's thin
     convs (0.28 s of the 0.97 s of its step's kernels, Zen 5); written as a dot it goes to YNNPACK (or Eigen's
     matrix product), as it did before the loop. A strided conv's input gradient stays XLA's (as a dot placed back
-    by an interior pad it was no faster in ResNet-18's step). XLA's own weight gradient is a convolution with an
-    H x W window, which XLA:CPU runs through Eigen after transposing both operands (and recomputing the input's
-    BatchNorm and activation inside the transpose); a dot contracting the leading axis of both goes to YNNPACK
-    without them: 1.1-7x faster alone (MobileNetV2's and ResNet's shapes, benchmarks/README.md). The forward pass
-    is XLA's, already a dot.
+    by an interior pad it was no faster in ResNet-18's step; it is `conv_input_gradient`). XLA's own weight gradient
+    is a convolution with an H x W window (`conv_weight_gradient`), which XLA:CPU runs through Eigen after
+    transposing both operands (and recomputing the input's BatchNorm and activation inside the transpose); a dot
+    contracting the leading axis of both goes to YNNPACK without them: 1.1-7x faster alone (MobileNetV2's and
+    ResNet's shapes, benchmarks/README.md). The forward pass is XLA's, already a dot.
     """
     return _pointwise_conv_forward(x, kernel, stride)
 
@@ -87,12 +87,13 @@ def _pointwise_conv_vjp_forward(x, kernel, stride, weight_gradient_as_dot):
 
 def _pointwise_conv_vjp_backward(stride, weight_gradient_as_dot, residuals, grad):
     x, kernel = residuals
+    no_padding = ((0, 0), (0, 0))
     if stride == 1:
         grad_x = jax.lax.dot_general(grad, kernel[0, 0], (((3,), (1,)), ((), ())))
     else:
-        grad_x = jax.vjp(lambda x: _pointwise_conv_forward(x, kernel, stride), x)[1](grad)[0]
+        grad_x = conv_input_gradient(grad, kernel, x.shape, stride, no_padding)
     if not weight_gradient_as_dot:
-        return grad_x, jax.vjp(lambda kernel: _pointwise_conv_forward(x, kernel, stride), kernel)[1](grad)[0]
+        return grad_x, conv_weight_gradient(x, grad, kernel.shape, stride, no_padding)
     seen = x[:, ::stride, ::stride, :]  # the pixels a strided 1x1 conv reads
     grad_kernel = jax.lax.dot_general(seen.reshape(-1, seen.shape[-1]), grad.reshape(-1, grad.shape[-1]),
                                       (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -108,19 +109,32 @@ def _flax_pointwise_conv(lhs, rhs, window_strides, padding, **conv_options):
     return pointwise_conv(lhs, rhs, window_strides[0], _pointwise_weight_gradient_as_dot())
 
 
-def _flax_conv(lhs, rhs, window_strides, padding, **conv_options):
-    """nn.Conv's convolution hook for conv2d's k x k convs on CPU. On one device, in float32, where kdep_jax's C++
-    kernels are on (`native_conv`): the forward pass and the input gradient from its conv kernels (where the
-    channels they write come in blocks of 32; a 3x3 conv with stride 1 by Winograd's F(2x2, 3x3), or F(4x4, 3x3) on
-    images of at least _WINOGRAD_4X4_MIN_SIZE pixels a side, where its channels come in blocks of 16 too), the
-    weight gradient from its weight-gradient kernels (Winograd's F(2x2, 3x3) too, on images of at least
-    _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side); the rest is XLA's. conv2d's convs have no dilation or groups
-    and NHWC / HWIO layouts."""
+_XLA_FORMS = ("xla", "xla", "xla")
+
+
+def _flax_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, feature_group_count=1,
+               *, kernels: bool = True, **conv_options):
+    """nn.Conv's convolution hook for k x k convs on CPU (`native_conv`): NHWC / HWIO layouts, square strides, no
+    dilation or groups. With kernels (conv2d's convs with torch's padding), on one device, in float32, where
+    kdep_jax's C++ kernels are on: the forward pass and the input gradient from its conv kernels (where the channels
+    they write come in blocks of 32; a 3x3 conv with stride 1 by Winograd's F(2x2, 3x3), or F(4x4, 3x3) on images of
+    at least _WINOGRAD_4X4_MIN_SIZE pixels a side, where its channels come in blocks of 16 too), the weight gradient
+    from its weight-gradient kernels (Winograd's F(2x2, 3x3) too, on images of at least
+    _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side); the rest is XLA's."""
+    if feature_group_count != 1 or any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        raise ValueError("kdep_jax's CPU conv hook takes convs without groups or dilation")
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     padding = tuple(tuple(pair) for pair in padding)
-    forms = _conv_forms(lhs, rhs, window_strides[0], padding)
-    if forms == ("xla", "xla", "xla"):
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **conv_options)
+    forms = _conv_forms(lhs, rhs, window_strides[0], padding) if kernels else _XLA_FORMS
     return native_conv(lhs, rhs, window_strides[0], padding, forms)
+
+
+def cpu_conv_hook():
+    """`conv_general_dilated` for an nn.Conv outside conv2d (patch embeddings, TensorFlow's padding, heads): on CPU
+    XLA's convolutions with their gradients in the layout XLA:CPU runs well inside the trainer's loop of steps
+    (`conv_weight_gradient`); None, lax's own, on accelerators."""
+    return functools.partial(_flax_conv, kernels=False) if jax.default_backend() == "cpu" else None
 
 
 def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[str, str, str]:
@@ -227,9 +241,10 @@ def _conv_by_form(x: jax.Array, kernel: jax.Array, stride: int, padding, form: s
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def native_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, forms: tuple[str, str, str]) -> jax.Array:
-    """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on one CPU device whose forward pass, input
-    gradient and weight gradient each come from XLA's convolution or kdep_jax's C++ kernels, as forms says (for
-    each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4")."""
+    """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on CPU whose forward pass, input gradient
+    and weight gradient each come from XLA's convolution or kdep_jax's C++ kernels (one device), as forms says (for
+    each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4"). XLA's gradients
+    are `conv_input_gradient` and `conv_weight_gradient`."""
     return _conv_by_form(x, kernel, stride, padding, forms[0])
 
 
@@ -237,12 +252,43 @@ def _native_conv_vjp_forward(x, kernel, stride, padding, forms):
     return _conv_by_form(x, kernel, stride, padding, forms[0]), (x, kernel)
 
 
+def _turned_round(kernel: jax.Array) -> jax.Array:
+    """The kernel (HWIO) of the conv that gives a stride-1 conv's input gradient: flipped, input and output
+    channels swapped."""
+    return jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+
+
+def conv_input_gradient(grad: jax.Array, kernel: jax.Array, input_shape: tuple[int, ...], stride: int,
+                        padding) -> jax.Array:
+    """The input gradient of `_dense_conv` (what jax.vjp gives) as XLA's convolution in NHWC / HWIO, the layout
+    XLA:CPU hands to Eigen: a conv of grad, dilated by the stride, with the kernel turned round. JAX's own has the
+    kernel as HWOI, which XLA:CPU transposes into that layout outside a loop but not in the body of the trainer's
+    loop of steps, where it ran 2-5x slower (benchmarks/README.md, stop 45)."""
+    pads = [(k - 1 - low, k - 1 - high + (size + low + high - k) % stride)
+            for (low, high), size, k in zip(padding, input_shape[1:3], kernel.shape[:2])]
+    return jax.lax.conv_general_dilated(grad, _turned_round(kernel), (1, 1), pads, lhs_dilation=(stride, stride),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_shape: tuple[int, ...], stride: int,
+                         padding) -> jax.Array:
+    """The weight gradient of `_dense_conv` (HWIO, what jax.vjp gives) as XLA's convolution in NHWC / HWIO, the
+    layout XLA:CPU hands to Eigen: x's channels as the batch and its images as the features, over a window of grad's
+    pixels dilated by the stride. JAX's own (dim_labels f01b_i01o->01bf) XLA:CPU transposes into that layout outside
+    a loop; in the body of the trainer's loop of steps it ran XLA's plain loops, 25-90x slower (benchmarks/README.md,
+    stop 45)."""
+    kh, kw = kernel_shape[:2]
+    sums = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), grad.transpose(1, 2, 0, 3), (1, 1), padding,
+                                        rhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return sums[:, :kh, :kw, :].transpose(1, 2, 0, 3)  # past kh, kw: the rows the strided windows never reach
+
+
 def _input_gradient(grad: jax.Array, kernel: jax.Array, x: jax.Array, stride: int, padding, form: str) -> jax.Array:
     if form in _WINOGRAD_TILES:  # stride 1, padding 1: a conv of grad with the kernel turned round
-        return cpu_kernels.winograd_conv(grad, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), _WINOGRAD_TILES[form])
+        return cpu_kernels.winograd_conv(grad, _turned_round(kernel), _WINOGRAD_TILES[form])
     if form == "direct":
         return cpu_kernels.conv_input_gradient(grad, kernel, x.shape, stride, padding)
-    return jax.vjp(lambda x: _dense_conv(x, kernel, stride, padding), x)[1](grad)[0]
+    return conv_input_gradient(grad, kernel, x.shape, stride, padding)
 
 
 def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
@@ -254,7 +300,7 @@ def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
     elif weight_gradient == "direct":
         grad_kernel = cpu_kernels.conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
     else:
-        grad_kernel = jax.vjp(lambda kernel: _dense_conv(x, kernel, stride, padding), kernel)[1](grad)[0]
+        grad_kernel = conv_weight_gradient(x, grad, kernel.shape, stride, padding)
     return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
 

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdep_jax.models.layers import (Dtype, dense, gelu, layer_norm, stochastic_depth, torch_default_bias_init,
-                                    torch_default_kernel_init)
+from kdep_jax.models.layers import (Dtype, cpu_conv_hook, dense, gelu, layer_norm, stochastic_depth,
+                                    torch_default_bias_init, torch_default_kernel_init)
 from kdep_jax.models.naming import TorchNaming, batchnorm_buffers
 from kdep_jax.models.preprocessing import Preprocessing
 
@@ -168,7 +168,8 @@ class SwinTransformer(nn.Module):
         self.patch_embed = nn.Conv(self.embed_dim, (patch, patch), strides=(patch, patch), padding="VALID",
                                    kernel_init=torch_default_kernel_init,
                                    bias_init=torch_default_bias_init(3 * patch * patch), dtype=self.dtype,
-                                   param_dtype=jnp.float32, name="features_0_0")
+                                   param_dtype=jnp.float32, name="features_0_0",
+                                   conv_general_dilated=cpu_conv_hook())
         self.patch_norm = layer_norm(EPSILON, self.dtype, "features_0_2")
         total_blocks = sum(self.depths)
         self.blocks = [

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import Dtype, dense, gelu, layer_norm, torch_default_kernel_init
+from kdep_jax.models.layers import Dtype, cpu_conv_hook, dense, gelu, layer_norm, torch_default_kernel_init
 from kdep_jax.models.naming import TorchNaming, torch_leaf
 from kdep_jax.models.preprocessing import IMAGENET
 
@@ -146,7 +146,8 @@ class VisionTransformer(nn.Module):
         self.conv_proj = nn.Conv(self.hidden_dim, (self.patch_size, self.patch_size),
                                  strides=(self.patch_size, self.patch_size), padding="VALID",
                                  kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
-                                 dtype=self.dtype, param_dtype=jnp.float32, name="conv_proj")
+                                 dtype=self.dtype, param_dtype=jnp.float32, name="conv_proj",
+                                 conv_general_dilated=cpu_conv_hook())
         self.class_token = self.param("class_token", nn.initializers.zeros, (1, 1, self.hidden_dim), jnp.float32)
         self.encoder = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.stage_ends, self.dtype,
                                name="encoder")
