@@ -9,10 +9,10 @@ The C++ kernels keep their sums in registers over many pixels and channels (1.1-
 and Zen 5; benchmarks/README.md); a 3x3 conv with stride 1 can run by Winograd's F(2x2, 3x3), with 2.25x fewer
 products (1.5-2.0x faster alone than the direct kernel), or F(4x4, 3x3), with 4x fewer (another 1.5x at 56 and 28
 px).
-They are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`) into a cache directory
-(`$KDEP_JAX_KERNEL_CACHE`, else `~/.cache/kdep_jax/kernels`), under a name that hashes the source, the compiler,
-jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own. Where they cannot
-be built kdep_jax warns once and keeps XLA's forms: the same gradients, slower.
+They are built with the machine's C++ compiler (`$CXX`, else g++; `-march=native`, vectors moved whole) into a
+cache directory (`$KDEP_JAX_KERNEL_CACHE`, else `~/.cache/kdep_jax/kernels`), under a name that hashes the source,
+the compiler, jaxlib's version and the CPU's flags, so a rebuilt jaxlib or another CPU gets a build of its own.
+Where they cannot be built kdep_jax warns once and keeps XLA's forms: the same gradients, slower.
 """
 from __future__ import annotations
 
@@ -52,6 +52,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdep_jax" / "kernels"
 
 
+# GCC 12 and newer, tuned for some Intel CPUs, copy 64 bytes (one of the kernels' vectors, read and written with
+# memcpy) in two 32-byte moves (-mmove-max=256: on an Intel Xeon with AMX that GCC's -march=native takes for a
+# Rocket Lake this made the ResNet-18 step 2.4x slower). AMD's and GCC's generic tunings already move them whole,
+# so there these flags change nothing; a compiler without them (clang, older GCC) builds without them.
+_WHOLE_VECTOR_MOVES = ("-mmove-max=512", "-mstore-max=512")
+
+
+def _accepted(compiler: str, flags: tuple[str, ...]) -> list[str]:
+    """`flags` if `compiler` knows them, else none."""
+    probe = subprocess.run([compiler, *flags, "-x", "c++", "-E", "-o", os.devnull, os.devnull], capture_output=True)
+    return list(flags) if probe.returncode == 0 else []
+
+
 def build(directory: Path | None = None) -> Path:
     """The shared library of cpu_kernels.cc for this CPU, compiled into `directory` (`cache_dir()`) unless a
     build for the same source, compiler, jaxlib and CPU is there. Written under a temporary name and renamed,
@@ -61,9 +74,9 @@ def build(directory: Path | None = None) -> Path:
     """
     directory = Path(directory or cache_dir())
     compiler = os.environ.get("CXX", "g++")
-    command = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
-               "-I", jax.ffi.include_dir(), str(SOURCE)]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    command = [compiler, "-O3", "-march=native", *_accepted(compiler, _WHOLE_VECTOR_MOVES), "-std=c++17", "-shared",
+               "-fPIC", "-w", "-I", jax.ffi.include_dir(), str(SOURCE)]
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(command[:-2]), version, jaxlib.__version__,
                                     " ".join(sorted(xla_flags.cpu_features()))]).encode()).hexdigest()[:16]
     library = directory / f"cpu_kernels_{key}.so"
