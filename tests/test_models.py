@@ -347,6 +347,8 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
     ("dense", 2, 8, 64, 72, 3, 2, ((1, 1), (1, 1))),  # a ResNet's first stage: input channels in blocks of 14 and 8
     # 20 x 23 output pixels: chunks of 7 images (7 and 2), bands of 23 rows that run across images; 3 blocks of 32
     ("dense", 9, 20, 40, 96, 3, 1, ((1, 1), (1, 1))),
+    # 5x5 taps, uneven padding: the rows of x a band copies; 20 input channels (14 + 6), 40 output channels (32 + 8)
+    ("dense", 2, 6, 20, 40, 5, 1, ((1, 3), (2, 2))),
     # Winograd's F(2x2, 3x3): 7 x 10 px, 4 x 5 tiles (the last row and column half outside), one band of 8 tile rows
     ("winograd", 2, 7, 16, 32, 3, 1, ((1, 1), (1, 1))),
     # 20 x 23 px: chunks of 7 images (7 and 2), each split into 4 groups of 4 elements; bands of 11 tile rows
@@ -400,12 +402,15 @@ _SAME_3X3 = ((1, 1), (1, 1))
     (None, 2, 20, 22, 3, 64, 7, 2, ((3, 3), (3, 3))),  # ResNet's stem: two blocks of 32 output channels
     (None, 2, 16, 16, 3, 32, 3, 2, _SAME_3X3),  # MobileNetV2's stem
     (None, 1, 5, 31, 13, 32, 3, 1, _SAME_3X3),  # 31 columns: blocks of 11, 10 and 10 pixels
-    (None, 3, 7, 7, 40, 32, 3, 1, _SAME_3X3),  # 7 px: two rows at a time, the last row alone
+    (None, 3, 7, 7, 40, 32, 3, 1, _SAME_3X3),  # 7 px: each image one band of rows
+    (None, 1, 30, 9, 8, 32, 3, 1, _SAME_3X3),  # bands of 13 rows of 9 pixels, the last of 4
+    (None, 1, 61, 13, 8, 32, 3, 2, _SAME_3X3),  # stride 2: bands of 16 and 15 rows, reading 33 and 31 rows of x
     (None, 2, 9, 10, 6, 32, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's "SAME" padding of a stride-2 conv
     (None, 2, 6, 8, 5, 32, 5, 1, ((1, 3), (2, 2))),  # uneven padding
     (None, 1, 1, 1, 3, 32, 3, 1, _SAME_3X3),  # one pixel: only the centre tap sees the image
     (2, 1, 5, 31, 16, 32, 3, 1, _SAME_3X3),  # 16 tiles a row, the last half outside; 3 rows of tiles
-    (2, 3, 7, 7, 48, 64, 3, 1, _SAME_3X3),  # 7 px: the image's 16 tiles in one band, two blocks of channels
+    (2, 3, 7, 7, 48, 64, 3, 1, _SAME_3X3),  # 7 px: the 3 images' 16 tiles each in one task, two blocks of channels
+    (2, 9, 5, 5, 16, 32, 3, 1, _SAME_3X3),  # 5 px: 9 tiles an image, tasks of 7 images and of 2
     (2, 2, 14, 14, 64, 32, 3, 1, _SAME_3X3),  # bands of 2 rows of 7 tiles, the last band one row
     (2, 2, 9, 4, 32, 96, 3, 1, _SAME_3X3),  # 2 tiles a row: the whole image one band of 5 rows
     (2, 1, 1, 1, 16, 32, 3, 1, _SAME_3X3),  # one pixel: one tile, three quarters outside
@@ -451,6 +456,7 @@ def test_native_conv_matches_float64(tile, batch, height, width, in_channels, ou
     (False, 2, 9, 10, 32, 8, 3, 2, ((0, 1), (0, 1))),  # TensorFlow's "SAME" padding
     (False, 1, 10, 11, 32, 5, 5, 3, ((2, 1), (1, 2))),  # stride 3, uneven padding
     (False, 3, 7, 7, 32, 16, 3, 1, ((1, 1), (1, 1))),  # stride 1
+    (False, 1, 30, 9, 32, 8, 3, 1, ((1, 1), (1, 1))),  # bands of 13 rows of dx, the last of 4
     (False, 1, 1, 1, 32, 8, 3, 2, ((1, 1), (1, 1))),  # one pixel
     (True, 2, 9, 7, 37, 37, 3, 1, ((1, 1), (1, 1))),  # 37 channels: two blocks of 16 side by side and a tail of 5
     (True, 1, 8, 9, 144, 144, 3, 2, ((1, 1), (1, 1))),  # MobileNetV2's: 8 blocks of 16 side by side and one more
