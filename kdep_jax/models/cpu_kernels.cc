@@ -523,9 +523,9 @@ constexpr int kConvPixels = 14;
 // (Intel Xeon with AVX-512 and AMX).
 constexpr int64_t kConvTaskPixels = 112;
 
-int64_t BandRows(int64_t height, int64_t width) {
-  return std::clamp<int64_t>((kConvTaskPixels + width - 1) / std::max<int64_t>(width, 1), 1,
-                             std::max<int64_t>(height, 1));
+// Rows of an image of height x width per band of at least task_pixels pixels (or the whole image).
+int64_t BandRows(int64_t height, int64_t width, int64_t task_pixels = kConvTaskPixels) {
+  return std::clamp<int64_t>((task_pixels + width - 1) / std::max<int64_t>(width, 1), 1, std::max<int64_t>(height, 1));
 }
 
 // One tap of the micro-kernel: where its pixel 0 reads, and its weights (channels read, kVectorOutBlock).
@@ -1179,8 +1179,7 @@ ffi::Error DepthwiseInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4
   const float* dy_data = dy.typed_data();
   const float* w_data = w.typed_data();
   float* dx_data = dx->typed_data();
-  const int64_t band = std::clamp<int64_t>((kDepthwiseTaskPixels + s.width - 1) / std::max<int64_t>(s.width, 1), 1,
-                                           std::max<int64_t>(s.height, 1));
+  const int64_t band = BandRows(s.height, s.width, kDepthwiseTaskPixels);
   const int64_t bands = (s.height + band - 1) / band;
   const std::vector<std::vector<ColumnTap>> column_taps = ColumnTapsByPhase(s);
   ParallelFor(pool, n * bands, [&]() {
