@@ -72,12 +72,12 @@ def forward_workload(arch: str, args):
     features as a list of arrays, to compare; the bytes of XLA's temporaries)."""
     import jax
 
-    from kdep_jax import models
+    from kdep_jax import models, trainer
 
     network = models.create_model(arch, num_classes=None)
     images = np.random.default_rng(0).normal(size=(args.forward_batch, args.image_size, args.image_size, 3))
     images = jax.numpy.asarray(images.astype(np.float32))
-    variables = network.init(jax.random.PRNGKey(0), images[:1], train=False)
+    variables = trainer.init_variables(network, args.image_size, seed=0)
     compiled = jax.jit(lambda v, x: network.apply(v, x, train=False)[1]["pooled"]).lower(variables, images).compile()
 
     def run():
