@@ -2,7 +2,11 @@
 import copy
 import functools
 import math
+import os
+import platform
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -288,20 +292,20 @@ def test_initialisers_follow_torchvision():
     (1, 1, 3, None), (2, 2, 5, None),  # taps that only ever see padding (one row; 5x5 on two rows)
     (1, 6, 5, ((1, 3), (2, 2))), (2, 9, 7, None),  # uneven padding; ConvNeXt's 7x7
 ])
-@pytest.mark.parametrize("forms", ["avx2", "avx512", "avx512_one_device"])
+@pytest.mark.parametrize("forms", ["generic", "avx512", "avx512_one_device", "avx2_one_device"])
 def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kernel_size, padding, forms,
                                                                monkeypatch):
     """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients, in
     the forms of AVX-512 CPUs (gradients in buffers of their own, the weight gradient over chunks of the batch,
-    wide kernels' input padded once; on one device, both gradients from kdep_jax's C++ kernels) and of the
-    others. Batch 8: two chunks."""
-    avx512_forms = forms != "avx2"
+    wide kernels' input padded once; on one device, both gradients from kdep_jax's C++ kernels), of AVX2 CPUs (on
+    one device, the kernels; XLA's fused loops around them) and of the others. Batch 8: two chunks."""
+    avx512_forms, kernels = forms.startswith("avx512"), forms != "generic"
     monkeypatch.setattr(layers, "_materialise_gradients", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_chunk_weight_gradient", lambda: avx512_forms)
     monkeypatch.setattr(layers, "_pad_wide_kernels", lambda: avx512_forms)
-    monkeypatch.setattr(layers, "_native_weight_gradient", lambda: avx512_forms)
-    monkeypatch.setattr(layers, "_native_input_gradient", lambda: avx512_forms)
-    if forms == "avx512_one_device":  # the suite's process has 4 CPU devices; `python -m kdep_jax.main` has one
+    monkeypatch.setattr(layers, "_native_weight_gradient", lambda: kernels)
+    monkeypatch.setattr(layers, "_native_input_gradient", lambda: kernels)
+    if forms.endswith("one_device"):  # the suite's process has 4 CPU devices; `python -m kdep_jax.main` has one
         monkeypatch.setattr(jax, "device_count", lambda: 1)
     rng = np.random.default_rng(stride * size)
     x = jnp.asarray(rng.normal(size=(8, size, size + 1, 6)), jnp.float32)
@@ -321,7 +325,7 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
 
     program = value_and_grads.lower(True).compile().as_text()
     for native_kernel in ("kdep_depthwise_weight_gradient", "kdep_depthwise_input_gradient"):
-        assert (native_kernel in program) == (forms == "avx512_one_device")
+        assert (native_kernel in program) == forms.endswith("one_device")
     for shifted, conv in zip(value_and_grads(True), value_and_grads(False)):
         assert shifted.shape == conv.shape
         np.testing.assert_allclose(shifted, conv, rtol=1e-5, atol=1e-5)
@@ -630,6 +634,84 @@ def test_cpu_kernels_move_vectors_whole_where_the_compiler_knows_how(tmp_path):
                      'unrecognized command-line option $a" >&2; exit 1;; esac; done\nexec g++ "$@"\n')
     older.chmod(0o755)
     assert cpu_kernels._accepted(str(older), cpu_kernels._WHOLE_VECTOR_MOVES) == []
+
+
+@pytest.mark.parametrize("flags, runs", [("avx2 fma avx512f", True), ("avx2 fma", True), ("avx avx2", False),
+                                         ("sse4_2 avx", False), ("", False)])
+def test_cpu_kernels_run_on_avx512_and_on_avx2_with_fma(flags, runs, monkeypatch):
+    """The kernels are built for AVX-512 and for AVX2 with FMA (each with its own register blocking); a CPU with
+    neither (an older x86, or no x86 flags: an ARM) keeps XLA's forms."""
+    from kdep_jax import xla_flags
+    from kdep_jax.models import cpu_kernels
+
+    monkeypatch.setattr(xla_flags, "cpu_features", lambda: frozenset(flags.split()))
+    monkeypatch.setattr(cpu_kernels, "available", lambda: True)  # built (tested above); the CPU decides
+    cpu_kernels.runs_here.cache_clear()
+    try:
+        assert cpu_kernels.runs_here() == runs
+    finally:
+        cpu_kernels.runs_here.cache_clear()
+
+
+# Every C++ kernel on small shapes that leave partial blocks of pixels, channels and tiles; run by a fresh process
+# with the kernels' library built by $CXX into $KDEP_JAX_KERNEL_CACHE, the outputs saved to the file argv[1].
+_KERNEL_OUTPUTS = """
+import sys
+import jax
+import numpy as np
+from kdep_jax.models import cpu_kernels as k
+
+rng = np.random.default_rng(0)
+def r(*shape):
+    return jax.numpy.asarray(rng.normal(size=shape).astype(np.float32))
+same, stem = ((1, 1), (1, 1)), ((3, 3), (3, 3))
+x, w, dy, x48 = r(2, 9, 11, 32), r(3, 3, 32, 64), r(2, 9, 11, 64), r(2, 9, 11, 48)
+image, stem_w, stem_dy = r(2, 20, 19, 3), r(7, 7, 3, 32), r(2, 10, 10, 32)
+dw_x, dw_w, dw_dy, dw_dy2 = r(2, 12, 13, 40), r(5, 5, 1, 40), r(2, 12, 13, 40), r(2, 6, 7, 40)
+pooled, taps = k.max_pool(dw_x, 3, 2, same)
+outputs = {
+    "conv": k.conv(x, w, 1, same), "conv_stride_2": k.conv(x, w, 2, same), "stem": k.conv(image, stem_w, 2, stem),
+    "input_gradient": k.conv_input_gradient(dy, w, x.shape, 1, same),
+    "input_gradient_stride_2": k.conv_input_gradient(dy[:, ::2, ::2], w, x.shape, 2, same),
+    "weight_gradient": k.conv_weight_gradient(x, x48, 3, 1, same),
+    "stem_weight_gradient": k.conv_weight_gradient(image, stem_dy, 7, 2, stem),
+    "winograd_2": k.winograd_conv(x, w, 2), "winograd_4": k.winograd_conv(x, w, 4),
+    "winograd_weight_gradient": k.winograd_weight_gradient(x, x48),
+    "winograd_weight_gradient_of_activation": k.winograd_weight_gradient(x, x48, (r(32), r(32))),
+    "depthwise_weight_gradient": k.depthwise_weight_gradient(dw_x, dw_dy, 3, 1, same),
+    "depthwise_weight_gradient_5x5_stride_2": k.depthwise_weight_gradient(dw_x, dw_dy2, 5, 2, ((2, 2), (2, 2))),
+    "depthwise_input_gradient": k.depthwise_input_gradient(dw_dy, dw_w[1:4, 1:4], dw_x.shape, 1, same),
+    "depthwise_input_gradient_5x5_stride_2": k.depthwise_input_gradient(dw_dy2, dw_w, dw_x.shape, 2, ((2, 2), (2, 2))),
+    "max_pool": pooled, "max_pool_taps": taps, "max_pool_gradient": k.max_pool_gradient(taps, r(*pooled.shape),
+                                                                                      dw_x.shape, 3, 2, same),
+}
+np.savez(sys.argv[1], **{name: np.asarray(value) for name, value in outputs.items()})
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="AVX2 and AVX-512 are x86 instruction sets")
+def test_cpu_kernels_built_for_avx2_equal_this_cpus_build(tmp_path):
+    """The kernels keep fewer sums in registers on CPUs without AVX-512 (`kSumLanes`, `kSumRows` in
+    cpu_kernels.cc); built here without AVX-512 (`-mno-avx512f` after `-march=native`: what an AVX2-only CPU
+    builds), every kernel gives what this CPU's build gives, to float32 rounding (each output's sum runs in the
+    same order in both, so on these shapes bit for bit). On an AVX2-only CPU both builds are the same."""
+    avx2_compiler = tmp_path / "g++-avx2"
+    avx2_compiler.write_text('#!/bin/sh\nexec g++ "$@" -mno-avx512f\n')
+    avx2_compiler.chmod(0o755)
+    outputs = {}
+    for name, compiler in [("native", "g++"), ("avx2", str(avx2_compiler))]:
+        env = {**os.environ, "CXX": compiler, "KDEP_JAX_KERNEL_CACHE": str(tmp_path / name), "XLA_FLAGS": "",
+               "JAX_PLATFORMS": "cpu"}
+        result = subprocess.run([sys.executable, "-c", _KERNEL_OUTPUTS, str(tmp_path / f"{name}.npz")], env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = np.load(tmp_path / f"{name}.npz")
+    library = next((tmp_path / "avx2").glob("*.so"))
+    assert "zmm" not in subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True).stdout
+    assert sorted(outputs["avx2"].files) == sorted(outputs["native"].files)
+    for name in outputs["native"].files:
+        native, avx2 = outputs["native"][name], outputs["avx2"][name]
+        np.testing.assert_allclose(avx2, native, rtol=0, atol=1e-6 * np.abs(native).max(), err_msg=name)
 
 
 def test_depthwise_weight_gradient_in_chunks_keeps_a_split_batch_on_its_devices(monkeypatch):

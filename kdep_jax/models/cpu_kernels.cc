@@ -22,7 +22,7 @@
 //   output's maximum, and its input gradient from those taps, so that the backward pass keeps an int8 per output
 //   instead of the pool's input (XLA, given both from the input, keeps its k*k windows until the backward pass).
 //
-// The weight gradients keep each tap's sums over many pixels in registers, 16 or 32 output channels at a time.
+// The weight gradients keep each tap's sums over many pixels in registers, kSumLanes output channels at a time.
 // The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
 // partials, added in image order at the end, so the result does not depend on how many threads ran or which
 // images each took.
@@ -54,12 +54,30 @@ struct Shape {
   int64_t height, width, in_channels, out_height, out_width, out_channels, k, stride, pad_top, pad_left;
 };
 
+// One register of floats: GCC keeps a vector wider than the CPU's registers in memory, not in two registers.
+#if defined(__AVX512F__)
 using Vector = float __attribute__((vector_size(64), aligned(4)));  // 16 floats: one AVX-512 register
+#else
+using Vector = float __attribute__((vector_size(32), aligned(4)));  // 8 floats: one AVX2 register
+#endif
+constexpr int64_t kLanes = sizeof(Vector) / sizeof(float);
 using DoubleVector = double __attribute__((vector_size(64)));  // 8 doubles
 using HalfVector = float __attribute__((vector_size(32), aligned(4)));  // 8 floats, converted to and from doubles
-constexpr int64_t kVectorOutBlock = 32;  // the output channels whose sums the kernels keep in two vectors
+constexpr int64_t kVectorOutBlock = 32;  // the output channels of a block of the dense kernels' weights
 
-inline Vector Load(const float* from) {  // 16 floats, wherever they lie
+// The micro-kernels' register blocking: AVX-512 has 32 vector registers, AVX2 16, and a kernel keeps its sums in
+// at most 28 or 12 of them, so that none spill to memory.
+#if defined(__AVX512F__)
+constexpr int64_t kSumLanes = 32;  // the output channels whose sums a dense micro-kernel keeps at once
+constexpr int kSumRows = 14;  // the pixels (forward pass) or input channels (weight gradient) it keeps them for
+constexpr int kDepthwiseColumnTaps = 7;  // column taps whose sums a depthwise band keeps at once, 2 vectors each
+#else
+constexpr int64_t kSumLanes = 16;
+constexpr int kSumRows = 6;
+constexpr int kDepthwiseColumnTaps = 6;
+#endif
+
+inline Vector Load(const float* from) {  // kLanes floats, wherever they lie
   Vector v;
   std::memcpy(&v, from, sizeof(Vector));
   return v;
@@ -116,8 +134,7 @@ void CopyPaddedRows(const float* image, const Shape& s, int64_t first_row, int64
   }
 }
 
-constexpr int64_t kDepthwiseLanes = 16;  // one AVX-512 vector, two AVX2 ones
-constexpr int kDepthwiseColumnTaps = 7;  // column taps whose sums a band keeps in registers at once
+constexpr int64_t kDepthwiseLanes = kLanes;
 constexpr int64_t kDepthwiseBandPixels = 112;  // output pixels per band of rows, at least (or the whole image)
 
 // Adds to taps (kTaps column taps j0 ... j0 + kTaps - 1 of tap row i, C channels each) the products of one image's
@@ -168,8 +185,8 @@ void AddDepthwiseBandTaps(const float* x, const float* dy, int64_t ho0, int64_t 
 }
 
 // Adds to partial (k*k, C) the products of each tap's window of one image's x with its dy: band by band of output
-// rows, for each tap row, its column taps (up to kDepthwiseColumnTaps at a time) 16 channels at a time, then the
-// channels left one at a time.
+// rows, for each tap row, its column taps (up to kDepthwiseColumnTaps at a time) a vector of channels at a time,
+// then the channels left one at a time.
 void AddDepthwiseImage(const float* x, const float* dy, double* partial, const Shape& s) {
   const int64_t c = s.in_channels;
   std::vector<std::pair<int64_t, int64_t>> columns(s.k), inner(s.k);  // inner: of the taps j0 ... j0 + 6
@@ -220,26 +237,24 @@ void AddDepthwiseImage(const float* x, const float* dy, double* partial, const S
 }
 
 // Adds to tap (kIn, Cout) the products of kIn input channels with the output gradient over a band of pixels,
-// summed in registers 32 output channels at a time. pixels(add_pixel) calls add_pixel(xp, dp) for each pixel of
+// summed in registers kSumLanes output channels at a time. pixels(add_pixel) calls add_pixel(xp, dp) for each pixel of
 // the band: its kIn input values at xp, its output gradient's channels from dy_channel0 on at dp.
 template <int kIn, typename Pixels>
 void AddTapBand(Pixels pixels, int64_t co_begin, int64_t co_end, int64_t cout, double* tap, int64_t dy_channel0) {
   int64_t co0 = co_begin;
-  for (; co0 + kVectorOutBlock <= co_end; co0 += kVectorOutBlock) {
-    Vector sum[kIn][2] = {};
+  constexpr int V = kSumLanes / kLanes;  // vectors of sums per input channel
+  for (; co0 + kSumLanes <= co_end; co0 += kSumLanes) {
+    Vector sum[kIn][V] = {};
     pixels([&](const float* xp, const float* dp) {
-      Vector dy0, dy1;
-      std::memcpy(&dy0, dp + co0 - dy_channel0, sizeof(Vector));
-      std::memcpy(&dy1, dp + co0 - dy_channel0 + 16, sizeof(Vector));
+      Vector d[V];
+      for (int v = 0; v < V; ++v) std::memcpy(&d[v], dp + co0 - dy_channel0 + kLanes * v, sizeof(Vector));
       for (int q = 0; q < kIn; ++q) {
-        sum[q][0] += xp[q] * dy0;
-        sum[q][1] += xp[q] * dy1;
+        for (int v = 0; v < V; ++v) sum[q][v] += xp[q] * d[v];
       }
     });
     for (int q = 0; q < kIn; ++q) {
-      for (int l = 0; l < 16; ++l) {
-        tap[q * cout + co0 + l] += sum[q][0][l];
-        tap[q * cout + co0 + 16 + l] += sum[q][1][l];
+      for (int v = 0; v < V; ++v) {
+        for (int l = 0; l < kLanes; ++l) tap[q * cout + co0 + kLanes * v + l] += sum[q][v][l];
       }
     }
   }
@@ -252,7 +267,7 @@ void AddTapBand(Pixels pixels, int64_t co_begin, int64_t co_end, int64_t cout, d
   }
 }
 
-constexpr int64_t kDenseInputBlock = 14;  // 14 x 32 sums: 28 AVX-512 registers
+constexpr int64_t kDenseInputBlock = kSumRows;
 
 // AddTapBand over `channels` input channels, kDenseInputBlock at a time: pixels(ci0, add_pixel) passes add_pixel
 // the values from channel ci0 on; tap (channels, Cout).
@@ -511,10 +526,10 @@ ffi::Error ConvWeightGradient(ffi::ThreadPool pool, Float32x4d x, Float32x4d dy,
 // task takes a band of rows of the result of one image (`BandRows`) and copies the rows it reads, zero-padded, into
 // scratch memory; then block by block of channels, each block's weights serve all its rows.
 // Per block of kVectorOutBlock channels, a micro-kernel keeps the sums of up to kConvPixels pixels in registers
-// (28 AVX-512 vectors) over all taps and channels it reads: each weight vector it loads serves every pixel, each
-// value read every channel of the block. Every result is summed by one thread in one order: it does not depend on
-// the threads.
-constexpr int kConvPixels = 14;
+// (kSumLanes channels at a time) over all taps and channels it reads: each weight vector it loads serves every
+// pixel, each value read every channel it sums. Every result is summed by one thread in one order: it does not
+// depend on the threads, nor on the register blocking.
+constexpr int kConvPixels = kSumRows;
 
 // Pixels a task of the dense convs writes, at least (or a whole image): a band of rows of one image, whose
 // blocks of weights, read into the L2 cache once, serve all its rows. With a row per task, a ResNet's 7 px convs
@@ -539,25 +554,29 @@ struct ConvTap {
 template <int kColumns>
 void ConvPixels(const std::vector<ConvTap>& taps, int64_t offset, int64_t channels, int64_t step, float* out,
                 int64_t pixel_pitch) {
-  Vector sum[kColumns][2];
-  for (int p = 0; p < kColumns; ++p) sum[p][0] = sum[p][1] = Vector{};
-  for (const ConvTap& tap : taps) {
-    const float* in = tap.in + offset;
-    for (int64_t c = 0; c < channels; ++c) {
-      Vector w0, w1;
-      std::memcpy(&w0, tap.w + c * kVectorOutBlock, sizeof(Vector));
-      std::memcpy(&w1, tap.w + c * kVectorOutBlock + 16, sizeof(Vector));
+  constexpr int V = kSumLanes / kLanes;  // vectors of sums per pixel
+  for (int64_t lane0 = 0; lane0 < kVectorOutBlock; lane0 += kSumLanes) {
+    Vector sum[kColumns][V];
+    for (int p = 0; p < kColumns; ++p) {
+      for (int v = 0; v < V; ++v) sum[p][v] = Vector{};
+    }
+    for (const ConvTap& tap : taps) {
+      const float* in = tap.in + offset;
+      for (int64_t c = 0; c < channels; ++c) {
+        Vector w[V];
+        for (int v = 0; v < V; ++v) {
+          std::memcpy(&w[v], tap.w + c * kVectorOutBlock + lane0 + kLanes * v, sizeof(Vector));
+        }
 #pragma GCC unroll 16
-      for (int p = 0; p < kColumns; ++p) {
-        const float value = in[p * step + c];
-        sum[p][0] += value * w0;
-        sum[p][1] += value * w1;
+        for (int p = 0; p < kColumns; ++p) {
+          const float value = in[p * step + c];
+          for (int v = 0; v < V; ++v) sum[p][v] += value * w[v];
+        }
       }
     }
-  }
-  for (int p = 0; p < kColumns; ++p) {
-    std::memcpy(out + p * pixel_pitch, &sum[p][0], sizeof(Vector));
-    std::memcpy(out + p * pixel_pitch + 16, &sum[p][1], sizeof(Vector));
+    for (int p = 0; p < kColumns; ++p) {
+      for (int v = 0; v < V; ++v) std::memcpy(out + p * pixel_pitch + lane0 + kLanes * v, &sum[p][v], sizeof(Vector));
+    }
   }
 }
 
@@ -771,7 +790,7 @@ void TransformPatches(const float* rows, int64_t row_pitch, int64_t tile_columns
   constexpr int P = Winograd<kTile>::kPatch;
   for (int64_t t = 0; t < tiles; ++t) {
     const float* d = rows + (t / tile_columns) * kTile * row_pitch + (t % tile_columns) * kTile * cin;
-    for (int64_t c = 0; c < cin; c += 16) {
+    for (int64_t c = 0; c < cin; c += kLanes) {
       Vector rows_b[P][P];  // (B^T d)[row][column]
       for (int col = 0; col < P; ++col) {
         Vector column[P], transformed[P];
@@ -843,7 +862,7 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, Float32x4d x, Float32x4d w, ffi::R
         for (int64_t t = 0; t < tiles; ++t) {
           float* y_image = y_data + (first_image + t / image_tiles) * s.height * s.width * cout;
           const int64_t ho = kTile * (first_tile_row + t % image_tiles / tile_columns), wo = kTile * (t % tile_columns);
-          for (int64_t half = 0; half < kVectorOutBlock; half += 16) {
+          for (int64_t half = 0; half < kVectorOutBlock; half += kLanes) {
             Vector a[kTile][P];  // (A^T m)[r][col]
             for (int col = 0; col < P; ++col) {
               Vector column[P], transformed[kTile];
@@ -901,7 +920,7 @@ void AddWinogradChunk(const float* x, const float* dy, int64_t images, int64_t e
     // grads[e - e_begin][t][co]: A dy A^T of tile t's 2x2 output gradient, zero outside dy.
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t r = r0 + t / tile_columns, image = r / tile_rows, ty = r % tile_rows, tx = t % tile_columns;
-      for (int64_t co = 0; co < cout; co += 16) {
+      for (int64_t co = 0; co < cout; co += kLanes) {
         Vector g[2][2];
         for (int a = 0; a < 2; ++a) {
           for (int b = 0; b < 2; ++b) {
@@ -1099,7 +1118,7 @@ struct DepthwiseTap {
   int64_t first, end;
 };
 
-// Writes column b's channels [c, c + kBlocks x the lanes of V): V is Vector (16 channels) or float (one). The
+// Writes column b's channels [c, c + kBlocks x the lanes of V): V is Vector (kLanes channels) or float (one). The
 // kBlocks sums are independent chains of FMAs, side by side (inlined: 1.2x faster alone than one block at a time).
 template <typename V, int kBlocks, bool kCheck>
 inline __attribute__((always_inline)) void DepthwisePixel(const std::vector<DepthwiseTap>& taps, int64_t b,
@@ -1119,7 +1138,7 @@ inline __attribute__((always_inline)) void DepthwisePixel(const std::vector<Dept
   for (int q = 0; q < kBlocks; ++q) std::memcpy(out + c + q * kLanes, &sum[q], sizeof(V));
 }
 
-// Columns [b0, b1) of a row: 128 channels at a time, then 64, 32, 16, then the rest one at a time.
+// Columns [b0, b1) of a row: 8 vectors of channels at a time, then 4, 2, 1, then the rest one at a time.
 template <bool kCheck>
 void DepthwiseColumns(const std::vector<DepthwiseTap>& taps, int64_t b0, int64_t b1, int64_t in_step,
                       int64_t channels, float* out, int64_t out_step) {

@@ -167,9 +167,8 @@ def _native_conv() -> bool:
     (`cpu_kernels.conv`, `cpu_kernels.conv_input_gradient`): alone 1.1-1.3x faster than XLA's Eigen convolutions at
     a ResNet's 56 to 14 px (level at 7 px), 1.2x for the stems, 1.4-5x for the strided convs' input gradients; the
     ResNet-18 step 1.13x, the MobileNetV2 step 1.06x (its stem only; AMD EPYC Zen 5, benchmarks/README.md).
-    AVX-512 CPUs only until it is measured on the others; where the kernels cannot be built (no C++ compiler),
-    XLA's."""
-    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
+    Where the kernels run (`cpu_kernels.runs_here`); elsewhere XLA's."""
+    return cpu_kernels.runs_here()
 
 
 @functools.cache
@@ -218,9 +217,8 @@ def _native_conv_weight_gradient() -> bool:
     """Whether conv2d's convs take their weight gradient from kdep_jax's C++ kernel (`cpu_kernels`): alone 1.5-2.9x
     XLA's (Eigen's) speed at a ResNet's 56 and 28 px and its stem, 8x at MobileNetV2's stem, level at 14 and 7 px;
     the ResNet-18 step 1.13x against XLA's weight gradients for every conv (AMD EPYC Zen 5, benchmarks/README.md).
-    AVX-512 CPUs only until it is measured on the others; where the kernel cannot be built (no C++ compiler),
-    XLA's."""
-    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
+    Where the kernels run (`cpu_kernels.runs_here`); elsewhere XLA's."""
+    return cpu_kernels.runs_here()
 
 
 def _dense_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
@@ -419,9 +417,8 @@ def _chunk_weight_gradient() -> bool:
 def _native_weight_gradient() -> bool:
     """Whether the shifted sum's weight gradient is kdep_jax's C++ kernel (`cpu_kernels`) rather than XLA's forms:
     3-5x faster alone than the chunked form, the MobileNetV2 step 1.08x on an AVX-512 AMD EPYC (Zen 4), 1.02x on
-    Zen 5. AVX-512 CPUs only until it is measured on the others; where it cannot be built (no C++ compiler), XLA's
-    forms."""
-    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
+    Zen 5. Where the kernels run (`cpu_kernels.runs_here`); elsewhere XLA's forms."""
+    return cpu_kernels.runs_here()
 
 
 @functools.cache
@@ -430,9 +427,9 @@ def _native_input_gradient() -> bool:
     loops: MobileNetV2's 17 alone 58 -> 37 ms at batch 32 (PyTorch channels_last 44-46), its step 1.06-1.07x on
     TCMalloc and 1.00x on glibc's malloc (AMD EPYC Zen 5, benchmarks/README.md). A kernel for the forward pass
     was not kept: XLA then keeps each depthwise output for the backward pass instead of recomputing it in the
-    loops that read it (0.5 GiB more temporaries, no faster). AVX-512 CPUs only until it is measured on the
-    others; where the kernels cannot be built (no C++ compiler), XLA's forms."""
-    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
+    loops that read it (0.5 GiB more temporaries, no faster). Where the kernels run (`cpu_kernels.runs_here`);
+    elsewhere XLA's forms."""
+    return cpu_kernels.runs_here()
 
 
 @functools.cache
@@ -661,9 +658,9 @@ def _native_max_pool() -> bool:
     gives each output's tap with its maximum, so the backward pass keeps an int8 per output instead of the pool's
     input (the ResNet-18 step's XLA temporaries 692 -> 578 MiB at batch 32). ResNet's stem pool at batch 32 with the
     BatchNorm and ReLU before it, forward and backward: 48-52 ms against XLA's 80 (the earlier kernel, which read x
-    again: 44-46); the ResNet-18 step 1.04x (AMD EPYC Zen 5, TCMalloc, benchmarks/README.md). AVX-512 CPUs only
-    until it is measured on the others; where the kernels cannot be built, XLA's."""
-    return "avx512f" in xla_flags.cpu_features() and cpu_kernels.available()
+    again: 44-46); the ResNet-18 step 1.04x (AMD EPYC Zen 5, TCMalloc, benchmarks/README.md). Where the kernels run
+    (`cpu_kernels.runs_here`); elsewhere XLA's."""
+    return cpu_kernels.runs_here()
 
 
 class DepthwiseConv(nn.Module):
