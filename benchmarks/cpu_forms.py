@@ -1,11 +1,11 @@
 """Each CPU-dependent form of kdep_jax on and off, in one process: what decides which CPUs get it.
 
-`kdep_jax/models/layers.py` picks some forms of its ops by the CPU's instruction set (on with AVX-512, off on
-AVX2-only CPUs until measured there). Here each form is compiled both ways into the workloads it was measured on
-(the distillation step, ResNet-50 teacher, for the students' forms; a model's eval-mode forward pass for the
-teachers') and the two are timed alternately, round by round, in one process, so that the machine's drift hits
-both alike. The forms compute the same values in another order, so the two results differ by float32 rounding
-only: that difference is printed too. The figures, per CPU, are in benchmarks/README.md.
+`kdep_jax/models/layers.py` picks some forms of its ops by the CPU's instruction set (some on every x86 CPU with AVX2
+and FMA, some on AVX-512 CPUs only, as each was measured). Here each form is compiled both ways into the workloads it
+was measured on (the distillation step, ResNet-50 teacher, for the students' forms; a model's eval-mode forward pass for
+the teachers') and the two are timed alternately, round by round, in one process, so that the machine's drift hits both
+alike. The forms compute the same values in another order, so the two results differ by float32 rounding only: that
+difference is printed too. The figures, per CPU, are in benchmarks/README.md.
 
     python benchmarks/cpu_forms.py                          # every form, on every workload it was measured on
     python benchmarks/cpu_forms.py --form materialise_gelu --rounds 8

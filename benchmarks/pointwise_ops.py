@@ -1,12 +1,12 @@
 """The 1x1 convolutions' weight gradients on CPU, each alone: XLA's, kdep_jax's dot, PyTorch channels_last's.
 
-XLA's weight gradient of a 1x1 conv is a convolution with an H x W window, which XLA:CPU runs through Eigen
-after transposing both operands; `kdep_jax.models.layers.pointwise_conv` (on AVX-512 CPUs, by default) takes it
+XLA's weight gradient of a 1x1 conv is a convolution with an H x W window, which XLA:CPU runs through Eigen after
+transposing both operands; `kdep_jax.models.layers.pointwise_conv` (on x86 CPUs with AVX2 and FMA, by default) takes it
 as one dot product over the (N * H * W, C) input and output gradient instead. This times both, and PyTorch's
-`aten.convolution_backward` in channels_last, for each distinct 1x1 conv of torchvision's MobileNetV2 (34 in
-all) and ResNet-18's three stride-2 downsampling convs, at 224 px, batch 32, float32, with the XLA flags of
-`python -m kdep_jax.main`. Each framework runs in its own child process; median milliseconds over timed
-repetitions after one warm-up.
+`aten.convolution_backward` in channels_last, for each distinct 1x1 conv of torchvision's MobileNetV2 (34 in all) and
+ResNet-18's three stride-2 downsampling convs, at 224 px, batch 32, float32, with the XLA flags of `python -m
+kdep_jax.main`. Each framework runs in its own child process; median milliseconds over timed repetitions after one
+warm-up.
 
     python benchmarks/pointwise_ops.py
 """

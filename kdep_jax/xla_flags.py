@@ -16,15 +16,16 @@ _YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 # rewrites as dots (most of ResNet-50), to YNNPACK.
 DEFAULTS = {_YNN_FUSION_TYPE: "dot"}
 
-# CPUs with AVX-512 (measured on an Intel Xeon with AVX-512 and AMX, and on AMD EPYC Zen 5 and Zen 4, with
-# AVX-512 and no AMX): reductions too (BatchNorm's batch statistics and their gradients): 1.3x on the ResNet-18
-# step and 2.4x on the MobileNetV2 step on the Xeon, 1.19x and 1.60x on Zen 5, 1.07x and 1.52x on Zen 4 (all
-# against "dot" with XLA's default scheduler). On the AVX2 machines "reduce" changed nothing on the ResNet-18 step (MobileNetV2 not measured
-# there), so they keep the setting measured on them. With "reduce", XLA's default thunk order (the
-# concurrency-optimised scheduler) keeps many more buffers alive at once: the memory-optimised one takes the
-# MobileNetV2 step's working memory from 4.5 to 1.7 GiB and makes it 1.2x faster (ResNet-18: 1.23 to 0.80 GiB,
-# no slower; on the EPYC, peak RSS 4.7 to 2.0 GiB and 1.3x faster, ResNet-18 1.9 to 1.4 GiB and 1.07x).
-AVX512_DEFAULTS = {_YNN_FUSION_TYPE: "dot,reduce", "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
+# x86 CPUs with AVX2 and FMA, AVX-512 ones among them: reductions too (BatchNorm's batch statistics and their
+# gradients), with XLA's memory-optimised scheduler. Against "dot" with XLA's default scheduler: the ResNet-18 and
+# MobileNetV2 steps 1.3x and 2.4x on an Intel Xeon (AVX-512, AMX), 1.19x and 1.60x on AMD EPYC Zen 5, 1.07x and
+# 1.52x on Zen 4, and 1.07x and 1.26x on an AVX2 CPU simulated on Zen 4 (XLA's code capped at AVX2; YNNPACK's
+# cannot be); on a real AVX2-only AMD EPYC, before kdep_jax's C++ kernels, "reduce" alone was level on the ResNet-18
+# step. With "reduce", XLA's default thunk order (the concurrency-optimised scheduler) keeps many more buffers alive
+# at once: the memory-optimised one takes the MobileNetV2 step's working memory from 4.5 to 1.7 GiB and makes it
+# 1.2x faster (ResNet-18: 1.23 to 0.80 GiB, no slower; on the EPYC, peak RSS 4.7 to 2.0 GiB and 1.3x faster,
+# ResNet-18 1.9 to 1.4 GiB and 1.07x).
+AVX2_FMA_DEFAULTS = {_YNN_FUSION_TYPE: "dot,reduce", "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
 
 def cpu_features(cpuinfo: str | None = None) -> frozenset[str]:
@@ -45,11 +46,15 @@ def cpu_features(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
+def avx2_fma(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU is an x86 one with AVX2 and FMA (every AVX-512 CPU has both): the CPUs kdep_jax's C++
+    kernels, its measured XLA flags and most of its CPU forms are for."""
+    return {"avx2", "fma"} <= cpu_features(cpuinfo)
+
+
 def defaults(cpuinfo: str | None = None) -> dict[str, str]:
     """The default flags for the CPU described by `cpuinfo` (this machine's /proc/cpuinfo when None)."""
-    if "avx512f" in cpu_features(cpuinfo):
-        return dict(AVX512_DEFAULTS)
-    return dict(DEFAULTS)
+    return dict(AVX2_FMA_DEFAULTS if avx2_fma(cpuinfo) else DEFAULTS)
 
 
 def apply_defaults(environ=os.environ, cpuinfo: str | None = None) -> None:

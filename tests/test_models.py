@@ -297,14 +297,14 @@ def test_depthwise_shifted_sum_equals_the_grouped_convolution(stride, size, kern
                                                                monkeypatch):
     """The CPU form (sum of shifted products) against XLA's grouped convolution: values and both gradients, in
     the forms of AVX-512 CPUs (gradients in buffers of their own, the weight gradient over chunks of the batch,
-    wide kernels' input padded once; on one device, both gradients from kdep_jax's C++ kernels), of AVX2 CPUs (on
-    one device, the kernels; XLA's fused loops around them) and of the others. Batch 8: two chunks."""
-    avx512_forms, kernels = forms.startswith("avx512"), forms != "generic"
-    monkeypatch.setattr(layers, "_materialise_gradients", lambda: avx512_forms)
+    wide kernels' input padded once; on one device, both gradients from kdep_jax's C++ kernels), of AVX2 CPUs (the
+    same, the weight gradient in one pass where the kernels do not run) and of the others. Batch 8: two chunks."""
+    avx512_forms, x86_forms = forms.startswith("avx512"), forms != "generic"
+    monkeypatch.setattr(layers, "_materialise_gradients", lambda: x86_forms)
     monkeypatch.setattr(layers, "_chunk_weight_gradient", lambda: avx512_forms)
-    monkeypatch.setattr(layers, "_pad_wide_kernels", lambda: avx512_forms)
-    monkeypatch.setattr(layers, "_native_weight_gradient", lambda: kernels)
-    monkeypatch.setattr(layers, "_native_input_gradient", lambda: kernels)
+    monkeypatch.setattr(layers, "_pad_wide_kernels", lambda: x86_forms)
+    monkeypatch.setattr(layers, "_native_weight_gradient", lambda: x86_forms)
+    monkeypatch.setattr(layers, "_native_input_gradient", lambda: x86_forms)
     if forms.endswith("one_device"):  # the suite's process has 4 CPU devices; `python -m kdep_jax.main` has one
         monkeypatch.setattr(jax, "device_count", lambda: 1)
     rng = np.random.default_rng(stride * size)
@@ -644,7 +644,7 @@ def test_cpu_kernels_run_on_avx512_and_on_avx2_with_fma(flags, runs, monkeypatch
     from kdep_jax import xla_flags
     from kdep_jax.models import cpu_kernels
 
-    monkeypatch.setattr(xla_flags, "cpu_features", lambda: frozenset(flags.split()))
+    monkeypatch.setattr(xla_flags, "cpu_features", lambda cpuinfo=None: frozenset(flags.split()))
     monkeypatch.setattr(cpu_kernels, "available", lambda: True)  # built (tested above); the CPU decides
     cpu_kernels.runs_here.cache_clear()
     try:
@@ -738,10 +738,10 @@ def test_depthwise_weight_gradient_in_chunks_keeps_a_split_batch_on_its_devices(
 @pytest.mark.parametrize("stride, size", [(1, 5), (2, 6), (2, 7)])
 @pytest.mark.parametrize("as_dot", [True, False])
 def test_pointwise_conv_gradients_match_float64(stride, size, as_dot, monkeypatch):
-    """conv2d's 1x1 conv on CPU, with the weight gradient as a dot (AVX-512 CPUs) and as XLA's convolution (the
-    others): the value and both gradients against numpy float64, strided and odd sizes included. A stride-1 conv's
-    input gradient, a dot on every CPU, compiles to no convolution in a loop's body, where XLA:CPU would leave its
-    own form a convolution (it makes it a dot only outside loops)."""
+    """conv2d's 1x1 conv on CPU, with the weight gradient as a dot (x86 CPUs with AVX2 and FMA) and as XLA's
+    convolution (the others): the value and both gradients against numpy float64, strided and odd sizes included.
+    A stride-1 conv's input gradient, a dot on every CPU, compiles to no convolution in a loop's body, where
+    XLA:CPU would leave its own form a convolution (it makes it a dot only outside loops)."""
     monkeypatch.setattr(layers, "_pointwise_weight_gradient_as_dot", lambda: as_dot)
     rng = np.random.default_rng(size)
     x = rng.normal(size=(2, size, size + 1, 6)).astype(np.float32)
@@ -847,9 +847,10 @@ def test_gelu_in_a_conditional_on_a_batch_sharded_over_devices(axis_type, monkey
 
 @pytest.mark.parametrize("as_select", [True, False])
 def test_relu_matches_torch_at_zero_and_on_nan(as_select, monkeypatch):
-    """layers.relu in both forms (a select on AVX-512 CPUs, flax's elsewhere), jitted as in a model: value and
-    gradient exactly torch's, on values that include the kink (torch's gradient at 0 is 0), signed zeros,
-    infinities and NaN (which stays NaN; at NaN the gradient is flax's, 0, where torch's passes the cotangent on)."""
+    """layers.relu in both forms (a select on x86 CPUs with AVX2 and FMA, flax's elsewhere), jitted as in a model:
+    value and gradient exactly torch's, on values that include the kink (torch's gradient at 0 is 0), signed
+    zeros, infinities and NaN (which stays NaN; at NaN the gradient is flax's, 0, where torch's passes the
+    cotangent on)."""
     monkeypatch.setattr(layers, "_relu_as_select", lambda: as_select)
     x = np.array([np.nan, -np.inf, -7.0, -1e-30, -0.0, 0.0, 1e-30, 0.5, 6.0, np.inf], np.float32)
     cotangent = np.arange(1, x.size + 1, dtype=np.float32)

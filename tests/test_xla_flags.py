@@ -37,15 +37,19 @@ def test_cpu_features_come_from_the_first_flags_line():
     assert xla_flags.cpu_features("processor : 0\nFeatures : fp asimd\n") == frozenset()  # not x86: generic
 
 
-def test_an_avx2_only_cpu_keeps_the_generic_defaults():
-    assert xla_flags.defaults(AMD_AVX2_CPUINFO) == xla_flags.DEFAULTS == {YNN: "dot"}
-    assert xla_flags.defaults("") == xla_flags.DEFAULTS  # nothing known about the CPU
+def test_x86_cpus_with_avx2_and_fma_get_the_measured_defaults():
+    for cpuinfo in (AMD_AVX2_CPUINFO, INTEL_AMX_CPUINFO):
+        assert xla_flags.avx2_fma(cpuinfo)
+        assert xla_flags.defaults(cpuinfo) == xla_flags.AVX2_FMA_DEFAULTS
+    assert xla_flags.AVX2_FMA_DEFAULTS[YNN].split(",") == ["dot", "reduce"]
+    assert xla_flags.AVX2_FMA_DEFAULTS["xla_cpu_enable_concurrency_optimized_scheduler"] == "false"
 
 
-def test_an_avx512_cpu_gets_its_own_defaults():
-    assert xla_flags.defaults(INTEL_AMX_CPUINFO) == xla_flags.AVX512_DEFAULTS
-    assert xla_flags.AVX512_DEFAULTS[YNN].split(",") == ["dot", "reduce"]
-    assert xla_flags.AVX512_DEFAULTS["xla_cpu_enable_concurrency_optimized_scheduler"] == "false"
+def test_other_cpus_keep_the_generic_defaults():
+    older_x86 = "processor : 0\nflags : fpu sse4_2 avx f16c\n"  # AVX without AVX2 and FMA
+    for cpuinfo in (older_x86, "processor : 0\nFeatures : fp asimd\n", ""):
+        assert not xla_flags.avx2_fma(cpuinfo)
+        assert xla_flags.defaults(cpuinfo) == xla_flags.DEFAULTS == {YNN: "dot"}
 
 
 def test_defaults_are_added_to_other_flags():

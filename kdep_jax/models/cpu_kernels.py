@@ -128,8 +128,7 @@ def runs_here() -> bool:
     fewer sums in registers (AVX2 simulated on the `AMD EPYC` Zen 4, family 25 model 17: the ResNet-18 step 1.41x and
     the MobileNetV2 step 2.61x faster with the kernels than with XLA's forms; benchmarks/README.md), where they can
     be built (`available`)."""
-    features = xla_flags.cpu_features()
-    return ("avx512f" in features or {"avx2", "fma"} <= features) and available()
+    return xla_flags.avx2_fma() and available()
 
 
 def _require_kernels() -> None:

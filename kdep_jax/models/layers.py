@@ -52,9 +52,9 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
 @functools.cache
 def _pointwise_weight_gradient_as_dot() -> bool:
     """Whether conv2d's 1x1 convs take their weight gradient as a dot product (`pointwise_conv`): measured
-    faster on an AVX-512 Intel Xeon, level on AVX-512 AMD EPYCs (Zen 5, Zen 4); AVX2-only CPUs keep XLA's until it is
-    measured there (benchmarks/README.md)."""
-    return "avx512f" in xla_flags.cpu_features()
+    faster on an AVX-512 Intel Xeon, level on AVX-512 AMD EPYCs (Zen 5, Zen 4), the ResNet-18 and MobileNetV2 steps
+    1.08x on an AVX2 CPU simulated on Zen 4 (benchmarks/README.md)."""
+    return xla_flags.avx2_fma()
 
 
 def _pointwise_conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -398,9 +398,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bo
 def _materialise_gradients() -> bool:
     """Whether the shifted sum's backward pass reads and writes its gradients through buffers of their own
     (`_materialised`): measured 1.17x on the MobileNetV2 step on an AVX-512 Intel Xeon, level (1.00-1.03x) on
-    AVX-512 AMD EPYCs (Zen 5, Zen 4); AVX2-only CPUs keep the fused form until it is measured there
-    (benchmarks/README.md)."""
-    return "avx512f" in xla_flags.cpu_features()
+    AVX-512 AMD EPYCs (Zen 5, Zen 4) and on an AVX2 CPU simulated on Zen 4 (1.02x; benchmarks/README.md)."""
+    return xla_flags.avx2_fma()
 
 
 @functools.cache
@@ -435,9 +434,9 @@ def _native_input_gradient() -> bool:
 @functools.cache
 def _pad_wide_kernels() -> bool:
     """Whether depthwise kernels from 5x5 up pad their input once in the forward pass (`_shifted_sum_value`):
-    measured on AVX-512 Intel Xeon and AMD EPYC CPUs; AVX2-only CPUs keep the per-tap form until it is measured
-    there."""
-    return "avx512f" in xla_flags.cpu_features()
+    measured on AVX-512 Intel Xeon and AMD EPYC CPUs, and on an AVX2 CPU simulated on Zen 4 (ConvNeXt-T's and
+    EfficientNet-Lite0's forward passes 1.5x; benchmarks/README.md)."""
+    return xla_flags.avx2_fma()
 
 
 def _output_size(size: int, k: int, stride: int, pad: tuple[int, int]) -> int:
@@ -498,10 +497,11 @@ def _shifted_sum_padded(x: jax.Array, kernel: jax.Array, stride: int, padding) -
 
 def _shifted_sum_value(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
     """The forward pass. A 3x3 kernel's taps are padded into place one by one (`_shifted_sum_unpadded`). From 5x5
-    up the input is padded once instead (`_shifted_sum_padded`), on AVX-512 CPUs: the per-tap pads' bounds checks
-    grow with the k*k taps, and the padded form is 1.4-4x faster alone at 5x5 and 7x7 (EfficientNet-Lite,
-    ConvNeXt), where at 3x3 it is 1.5-3.7x slower (benchmarks/README.md). Its output then gets a buffer of its
-    own, so that XLA does not fold the sum into the YNNPACK dot that follows (ConvNeXt's LayerNorm and Linear).
+    up the input is padded once instead (`_shifted_sum_padded`), on x86 CPUs with AVX2 and FMA: the per-tap pads'
+    bounds checks grow with the k*k taps, and the padded form is 1.4-4x faster alone at 5x5 and 7x7
+    (EfficientNet-Lite, ConvNeXt), where at 3x3 it is 1.5-3.7x slower (benchmarks/README.md). Its output then gets
+    a buffer of its own, so that XLA does not fold the sum into the YNNPACK dot that follows (ConvNeXt's LayerNorm
+    and Linear).
     """
     if kernel.shape[0] >= 5 and _pad_wide_kernels():
         return _materialised(_shifted_sum_padded(x, kernel, stride, padding), kernel)
@@ -598,8 +598,8 @@ def max_pool(x: jax.Array, k: int, stride: int, pad: int, shifted_max: bool) -> 
 
     shifted_max: the maximum of the k*k tap windows (`_tap_slices`), with a backward pass over strided slices
     (`_shifted_max_pool`), which XLA:CPU runs 4x faster than the reduce-window and select-and-scatter of
-    `flax.linen.max_pool` (ResNet's stem pool, batch 32 at 224 px: benchmarks/README.md); on AVX-512 CPUs a C++
-    kernel's forward and backward passes (`_native_max_pool`). Accelerators keep flax's.
+    `flax.linen.max_pool` (ResNet's stem pool, batch 32 at 224 px: benchmarks/README.md); where the C++ kernels
+    run, their forward and backward passes (`_native_max_pool`). Accelerators keep flax's.
     """
     if not shifted_max:
         return nn.max_pool(x, (k, k), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
@@ -728,9 +728,9 @@ def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
 def gelu(x: jax.Array) -> jax.Array:
     """torch.nn.GELU(), the exact form (flax's nn.gelu defaults to the tanh approximation).
 
-    On AVX-512 CPUs it runs inside a conditional whose predicate XLA cannot evaluate (both branches compute
-    it), so that its value lands in a buffer of its own. Otherwise XLA:CPU folds its multiplications into the
-    YNNPACK dot product of the Linear layer that reads it, which then reads three full-size arrays instead of
+    On x86 CPUs with AVX2 and FMA it runs inside a conditional whose predicate XLA cannot evaluate (both branches
+    compute it), so that its value lands in a buffer of its own. Otherwise XLA:CPU folds its multiplications into
+    the YNNPACK dot product of the Linear layer that reads it, which then reads three full-size arrays instead of
     one: Swin-T's forward pass 1.18x, ConvNeXt-T's 1.17x, ViT-B/16's 1.11x. In the conditional, torch's formula
     x / 2 * (1 + erf(x / sqrt(2))) is 5% faster than flax's, which goes through erfc (benchmarks/README.md).
     """
@@ -747,19 +747,21 @@ def _gelu_erf(x: jax.Array) -> jax.Array:
 
 @functools.cache
 def _materialise_gelu() -> bool:
-    """Whether `gelu` runs in a conditional of its own: measured on AVX-512 Intel Xeon and AMD EPYC CPUs;
-    AVX2-only CPUs keep the plain form until it is measured there."""
-    return "avx512f" in xla_flags.cpu_features()
+    """Whether `gelu` runs in a conditional of its own: measured on AVX-512 Intel Xeon and AMD EPYC CPUs, and on an
+    AVX2 CPU simulated on Zen 4 (Swin-T's, ConvNeXt-T's and ViT-B/16's forward passes 1.11x, 1.22x and 1.05x;
+    benchmarks/README.md)."""
+    return xla_flags.avx2_fma()
 
 
 def relu(x: jax.Array) -> jax.Array:
     """torch.nn.ReLU: NaN stays NaN, the gradient at 0 is 0 (as flax's nn.relu).
 
-    On AVX-512 CPUs a select: XLA:CPU runs a loop fusion that ends in jnp.maximum (flax's nn.relu) slower than
-    one that ends in a select, and keeps more of its buffers alive: ResNet-50's forward pass at batch 32 0.82 ->
-    0.71 s (XLA temp 490 -> 319 MiB); in one process 1.15x on it at batch 8, 1.04x on the ResNet-50 -> ResNet-18 and
-    -> MobileNetV2 steps (AMD EPYC Zen 5, benchmarks/README.md; ReLU6 as selects made MobileNetV2's step slower: it
-    keeps jax.nn.relu6). AVX2-only CPUs and accelerators keep flax's form until it is measured there.
+    On x86 CPUs with AVX2 and FMA a select: XLA:CPU runs a loop fusion that ends in jnp.maximum (flax's nn.relu)
+    slower than one that ends in a select, and keeps more of its buffers alive: ResNet-50's forward pass at batch 32
+    0.82 -> 0.71 s (XLA temp 490 -> 319 MiB); in one process 1.15x on it at batch 8, 1.04x on the ResNet-50 ->
+    ResNet-18 and -> MobileNetV2 steps (AMD EPYC Zen 5, benchmarks/README.md; ReLU6 as selects made MobileNetV2's
+    step slower: it keeps jax.nn.relu6); on an AVX2 CPU simulated on Zen 4 the ResNet-18 step and ResNet-50's
+    forward pass 1.06-1.07x, the MobileNetV2 step 0.99x. Accelerators and other CPUs keep flax's form.
     """
     if jax.default_backend() == "cpu" and _relu_as_select():
         return _select_relu(x)
@@ -768,7 +770,7 @@ def relu(x: jax.Array) -> jax.Array:
 
 @functools.cache
 def _relu_as_select() -> bool:
-    return "avx512f" in xla_flags.cpu_features()
+    return xla_flags.avx2_fma()
 
 
 @jax.custom_jvp
