@@ -53,7 +53,7 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
 def _pointwise_weight_gradient_as_dot() -> bool:
     """Whether conv2d's 1x1 convs take their weight gradient as a dot product (`pointwise_conv`): measured
     faster on an AVX-512 Intel Xeon, level on AVX-512 AMD EPYCs (Zen 5, Zen 4), the ResNet-18 and MobileNetV2 steps
-    1.08x on an AVX2 CPU simulated on Zen 4 (benchmarks/README.md)."""
+    1.04-1.05x on an AVX2 CPU simulated on Zen 4 (benchmarks/README.md)."""
     return xla_flags.avx2_fma()
 
 
@@ -760,8 +760,8 @@ def relu(x: jax.Array) -> jax.Array:
     slower than one that ends in a select, and keeps more of its buffers alive: ResNet-50's forward pass at batch 32
     0.82 -> 0.71 s (XLA temp 490 -> 319 MiB); in one process 1.15x on it at batch 8, 1.04x on the ResNet-50 ->
     ResNet-18 and -> MobileNetV2 steps (AMD EPYC Zen 5, benchmarks/README.md; ReLU6 as selects made MobileNetV2's
-    step slower: it keeps jax.nn.relu6); on an AVX2 CPU simulated on Zen 4 the ResNet-18 step and ResNet-50's
-    forward pass 1.06-1.07x, the MobileNetV2 step 0.99x. Accelerators and other CPUs keep flax's form.
+    step slower: it keeps jax.nn.relu6); on an AVX2 CPU simulated on Zen 4 the ResNet-18 and MobileNetV2 steps and
+    ResNet-50's forward pass 1.05-1.06x. Accelerators and other CPUs keep flax's form.
     """
     if jax.default_backend() == "cpu" and _relu_as_select():
         return _select_relu(x)
