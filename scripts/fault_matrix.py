@@ -119,9 +119,10 @@ def outcome(workdir: Path) -> dict:
 
 
 def environment(cache_dir: Path) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
-            "PYTHONPATH": str(REPO), "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    """CPU only, and a compilation cache that the launches share: the caller's (the test suite's), else cache_dir."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            **os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PYTHONPATH": str(REPO)}
 
 
 def full_plan(stages=None) -> dict[str, list[tuple[Fault, str]]]:

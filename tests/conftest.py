@@ -7,6 +7,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Four fake CPU devices, so every test that builds a mesh can use 1, 2 or 4 of them.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+# The end-to-end tests compile the same networks several times, here and in the runs and notebook kernels they start
+# as subprocesses (which inherit this environment): let them all share compiled programs. A cached executable is the
+# program the compiler would build again, so no result changes.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kdep_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")  # the same programs here as in the subprocesses
 from kdep_jax import xla_flags  # noqa: E402
 
 xla_flags.apply_defaults()  # the suite tests what `python -m kdep_jax.main` runs
@@ -18,10 +24,10 @@ import torchvision  # noqa: E402,F401
 import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
-jax.config.update("jax_default_matmul_precision", "highest")
-# The end-to-end tests compile the same networks several times: let them share compiled programs.
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "kdep_jax_test_xla_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 import runpy  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -11,8 +11,8 @@ test as subprocesses (bounded in time, free ports, every child killed on failure
 The fault matrix (tests/test_faults.py, scripts/fault_matrix.py) stops a 1-process run at every stage with
 SIGKILL and SIGTERM, a half-written checkpoint included, and checks its exact resume.
 
-A persistent compilation cache shared by the runs keeps the reruns from compiling again; cached
-executables are the same programs, so it does not change any number compared here.
+The suite's persistent compilation cache (conftest.py), which the runs inherit, keeps the reruns from
+compiling again; cached executables are the same programs, so it does not change any number compared here.
 """
 import json
 import os
@@ -56,8 +56,7 @@ class _Launch:
                 "--config.train.num_epochs=2", "--config.log_every_steps=2"]  # calls of 2 distillation steps
         port = _free_port() if num_processes > 1 else None
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "TF_CPP_MIN_LOG_LEVEL": "2",
-               "JAX_COMPILATION_CACHE_DIR": str(ctx.cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.procs = []
         for i, log in enumerate(self.logs):
             extra = [] if port is None else [f"--coordinator_address=localhost:{port}",
@@ -113,7 +112,6 @@ class _Context:
     def __init__(self, root: Path):
         self.root = root
         self.logdir = root / "logs"
-        self.cache = root / "compilation_cache"
         self.logdir.mkdir()
         self.children: list[subprocess.Popen] = []
 

@@ -1,6 +1,5 @@
 """The notebooks in colabs/ run end to end in their small setting, and are saved without outputs."""
 import os
-import tempfile
 from pathlib import Path
 
 import nbformat
@@ -18,11 +17,9 @@ def runs_dir(tmp_path_factory):
 
 
 def kernel_env(runs_dir) -> dict:
-    """The test process's environment (CPU only, 4 fake devices: see conftest.py), the notebooks' small setting, and
-    the compilation cache of the other end-to-end tests, which compile the same tiny networks."""
-    return {**os.environ, "KDEP_NOTEBOOK_SMALL": "1", "KDEP_NOTEBOOK_WORKDIR": str(runs_dir),
-            "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "kdep_jax_test_xla_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+    """The test process's environment (CPU only, 4 fake devices, and the compilation cache of the other end-to-end
+    tests, which compile the same tiny networks: see conftest.py) and the notebooks' small setting."""
+    return {**os.environ, "KDEP_NOTEBOOK_SMALL": "1", "KDEP_NOTEBOOK_WORKDIR": str(runs_dir)}
 
 
 @pytest.mark.slow
