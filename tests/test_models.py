@@ -604,15 +604,10 @@ def test_conv_of_activation_equals_batchnorm_relu_conv(native, monkeypatch):
     assert len(kept) == 1 if native else len(kept) > 1  # x alone; or x, the activation and its ReLU's mask
 
 
-def test_cpu_kernels_build_once_and_say_what_to_do_without_a_compiler(tmp_path, monkeypatch):
-    """The kernels' library is built once per source, compiler, jaxlib and CPU (a second build finds it); without
-    a C++ compiler kdep_jax warns, naming the fix, and keeps XLA's forms."""
+def test_cpu_kernels_say_what_to_do_without_a_compiler(tmp_path, monkeypatch):
+    """Without a C++ compiler kdep_jax warns, naming the fix, and keeps XLA's forms."""
     from kdep_jax.models import cpu_kernels
 
-    library = cpu_kernels.build(tmp_path)
-    built_at = library.stat().st_mtime_ns
-    assert cpu_kernels.build(tmp_path) == library and library.stat().st_mtime_ns == built_at
-    assert [path.name for path in tmp_path.iterdir()] == [library.name]  # no temporary file left behind
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("KDEP_JAX_KERNEL_CACHE", str(tmp_path / "empty"))
     cpu_kernels.available.cache_clear()
@@ -690,12 +685,15 @@ np.savez(sys.argv[1], **{name: np.asarray(value) for name, value in outputs.item
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="AVX2 and AVX-512 are x86 instruction sets")
-def test_cpu_kernels_built_for_avx2_equal_this_cpus_build(tmp_path):
+def test_cpu_kernels_built_for_avx2_equal_this_cpus_build_and_are_built_once(tmp_path, monkeypatch):
     """The kernels keep fewer sums in registers on CPUs without AVX-512 (`kSumLanes`, `kSumRows` in
     cpu_kernels.cc); built here without AVX-512 (`-mno-avx512f` after `-march=native`: what an AVX2-only CPU
     builds), every kernel gives what this CPU's build gives, to float32 rounding (each output's sum runs in the
     same order in both, so on these shapes bit for bit). On an AVX2-only CPU both builds are the same. This CPU's
-    build is the suite's (built once, in its kernel cache); the AVX2 one is built here."""
+    build is the suite's (in its kernel cache); the AVX2 one is built here, once per source, compiler, jaxlib and
+    CPU: a second build finds it."""
+    from kdep_jax.models import cpu_kernels
+
     avx2_compiler = tmp_path / "g++-avx2"
     avx2_compiler.write_text('#!/bin/sh\nexec g++ "$@" -mno-avx512f\n')
     avx2_compiler.chmod(0o755)
@@ -706,7 +704,11 @@ def test_cpu_kernels_built_for_avx2_equal_this_cpus_build(tmp_path):
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[name] = np.load(tmp_path / f"{name}.npz")
-    library = next(tmp_path.glob("*.so"))
+    (library,) = tmp_path.glob("*.so")
+    built_at = library.stat().st_mtime_ns
+    monkeypatch.setenv("CXX", str(avx2_compiler))
+    assert cpu_kernels.build(tmp_path) == library and library.stat().st_mtime_ns == built_at
+    assert sorted(path.name for path in tmp_path.glob("*.so*")) == [library.name]  # no temporary file left behind
     assert "zmm" not in subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True).stdout
     assert sorted(outputs["avx2"].files) == sorted(outputs["native"].files)
     for name in outputs["native"].files:
