@@ -97,3 +97,12 @@ class TinyImages(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self):
         for i in range(11):
             yield i, {"image": np.full((20 + i, 30, 3), 4 * i, np.uint8), "label": i // 4}
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker more than CPUs. The end-to-end tests leave CPUs idle while they import, trace and wait
+    on their subprocesses: the warm suite 691 -> 619 s with 3 workers on the 2-core Zen 4 AMD EPYC."""
+    if config.option.numprocesses == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cpus + 1
+    return None
