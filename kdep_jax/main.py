@@ -17,6 +17,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Let JAX detect a TPU pod slice or a Slurm cluster.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Where compiled programs are kept for later runs (default: $JAX_COMPILATION_CACHE_DIR, "
+    "else ~/.cache/kdep_jax/xla/<this CPU>); 'off' compiles everything in every run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,9 +33,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     xla_flags.apply_defaults()  # before JAX starts a backend, which reads them once
-    from kdep_jax import parallel  # imports jax; distributed init must come before any device use
+    from kdep_jax import compilation_cache, parallel  # imports jax; distributed init must come before any device use
     from kdep_jax.errors import UserError
 
+    cache = compilation_cache.enable(_COMPILATION_CACHE.value)  # before anything compiles
     try:
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value)
     except UserError as error:
@@ -41,6 +45,8 @@ def main(argv):
 
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_only_our_info)
+    if cache:
+        logging.info("Compiled programs are cached in %s (--compilation_cache=off turns this off).", cache)
     try:
         outputs = pipeline.run(_CONFIG.value, _WORKDIR.value)
     except UserError as error:  # anything else is a bug and keeps its traceback

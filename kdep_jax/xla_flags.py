@@ -28,22 +28,32 @@ DEFAULTS = {_YNN_FUSION_TYPE: "dot"}
 AVX2_FMA_DEFAULTS = {_YNN_FUSION_TYPE: "dot,reduce", "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
 
-def cpu_features(cpuinfo: str | None = None) -> frozenset[str]:
-    """The instruction-set flags of the first CPU in `cpuinfo` (the text of /proc/cpuinfo; read when None).
-
-    Empty when there is no /proc/cpuinfo (not Linux) or it has no flags line (not x86): generic defaults.
-    """
+def first_cpu(cpuinfo: str | None = None) -> dict[str, str]:
+    """The fields of the first CPU in `cpuinfo` (the text of /proc/cpuinfo; read when None): "vendor_id", "cpu
+    family", "model", "flags", ... Empty where there is no /proc/cpuinfo (not Linux)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
                 cpuinfo = f.read()
         except OSError:
-            return frozenset()
+            return {}
+    fields = {}
     for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_features(cpuinfo: str | None = None) -> frozenset[str]:
+    """The instruction-set flags of the first CPU in `cpuinfo` (the text of /proc/cpuinfo; read when None).
+
+    Empty when there is no /proc/cpuinfo (not Linux) or it has no flags line (not x86): generic defaults.
+    """
+    return frozenset(first_cpu(cpuinfo).get("flags", "").split())
 
 
 def avx2_fma(cpuinfo: str | None = None) -> bool:

@@ -8,9 +8,13 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Four fake CPU devices, so every test that builds a mesh can use 1, 2 or 4 of them.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 # The end-to-end tests compile the same networks several times, here and in the runs and notebook kernels they start
-# as subprocesses (which inherit this environment): let them all share compiled programs. A cached executable is the
-# program the compiler would build again, so no result changes.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kdep_jax_test_xla_cache"))
+# as subprocesses (which inherit this environment): let them all share compiled programs, as `python -m kdep_jax.main`
+# shares them between runs (kdep_jax.compilation_cache: one directory per CPU). A cached executable is the program the
+# compiler would build again, so no result changes.
+from kdep_jax import compilation_cache  # noqa: E402  (imports neither JAX nor TensorFlow)
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kdep_jax_test_xla_cache",
+                                                                compilation_cache.cpu_tag()))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")  # the same programs here as in the subprocesses
 from kdep_jax import xla_flags  # noqa: E402
