@@ -27,7 +27,7 @@ def cpu_tag(cpuinfo: str | None = None) -> str:
     architecture where /proc/cpuinfo is missing)."""
     cpu = xla_flags.first_cpu(cpuinfo)
     identity = [cpu.get(key, "") for key in ("vendor_id", "cpu family", "model")]
-    identity.append(" ".join(sorted(xla_flags.cpu_features(cpuinfo))) or platform.machine())
+    identity.append(" ".join(sorted(cpu.get("flags", "").split())) or platform.machine())
     return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
 
 
