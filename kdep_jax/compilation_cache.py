@@ -1,8 +1,8 @@
-"""XLA's persistent compilation cache for the command line: a rerun (a resume after a preemption, another
-experiment on the same networks, the demo again) loads the programs an earlier run compiled instead of compiling
-them again. On the Zen 4 `AMD EPYC` (family 25 model 17) the demo compiles for 19 s in its first run and 6 s in
-a second one (JAX caches the programs that took a second or more). A cached executable is the program the compiler
-would build again: no number changes.
+"""XLA's persistent compilation cache for the command line: a rerun (a resume after a preemption, the demo
+again) loads the programs an earlier run compiled instead of compiling them again, as does any run that needs one
+of them (the same network, batch and step). On the Zen 4 `AMD EPYC` (family 25 model 17) the demo compiles for
+19 s in its first run and for 6 s in a second one (JAX caches the programs that took a second or more to compile).
+A cached executable is the program the compiler would build again: no number changes.
 
 The default directory holds one subdirectory per CPU model and instruction set, since XLA:CPU compiles for the
 CPU it runs on and a home directory shared by machines of several CPU families must not hand one's programs to
