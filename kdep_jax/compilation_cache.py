@@ -31,12 +31,17 @@ def cpu_tag(cpuinfo: str | None = None) -> str:
     return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:12]
 
 
+def user_cache_dir() -> Path:
+    """~/.cache/kdep_jax (under `$XDG_CACHE_HOME` when set): what kdep_jax compiles for this machine, XLA's
+    programs here and its C++ kernels (models/cpu_kernels.py)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdep_jax"
+
+
 def default_dir(cpuinfo: str | None = None) -> Path:
     """`$JAX_COMPILATION_CACHE_DIR` when set, else ~/.cache/kdep_jax/xla/<cpu_tag()>."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache_home / "kdep_jax" / "xla" / cpu_tag(cpuinfo)
+    return user_cache_dir() / "xla" / cpu_tag(cpuinfo)
 
 
 def enable(directory: str | None = None) -> str | None:

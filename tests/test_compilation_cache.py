@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from kdep_jax import compilation_cache
+from kdep_jax.models import cpu_kernels
 from conftest import REPO
 from test_xla_flags import AMD_AVX2_CPUINFO, INTEL_AMX_CPUINFO
 
@@ -35,6 +36,8 @@ def test_each_cpu_gets_a_directory_of_its_own(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     tag = compilation_cache.cpu_tag(INTEL_AMX_CPUINFO)
     assert compilation_cache.default_dir(INTEL_AMX_CPUINFO) == tmp_path / "kdep_jax" / "xla" / tag
+    monkeypatch.delenv("KDEP_JAX_KERNEL_CACHE", raising=False)
+    assert cpu_kernels.cache_dir() == tmp_path / "kdep_jax" / "kernels"  # beside it, the C++ kernels' builds
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))  # the user's choice wins
     assert compilation_cache.default_dir(INTEL_AMX_CPUINFO) == tmp_path / "mine"
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from kdep_jax import xla_flags
+from kdep_jax import compilation_cache, xla_flags
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _DEPTHWISE_WEIGHT_GRADIENT = "kdep_depthwise_weight_gradient"
@@ -50,7 +50,7 @@ CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kCo
 def cache_dir() -> Path:
     if os.environ.get("KDEP_JAX_KERNEL_CACHE"):
         return Path(os.environ["KDEP_JAX_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdep_jax" / "kernels"
+    return compilation_cache.user_cache_dir() / "kernels"
 
 
 # GCC 12 and newer, tuned for some Intel CPUs, copy 64 bytes (one of the kernels' vectors, read and written with
