@@ -37,6 +37,20 @@ def test_tensorflow_loads_with_the_input_pipeline_only():
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout + result.stderr
 
 
+def test_pipelines_map_their_functions_as_written(tmp_path):
+    """Not through AutoGraph, which would rewrite them (1.2 s before a process's first batches) and write their
+    source to the temporary directory, where a killed run leaves it."""
+    code = ("import os, runpy\n"
+            "from kdep_jax import data\n"
+            "config = runpy.run_path('configs/demo.py')['get_config']('tiny').data\n"
+            "next(data.train_batches(config, config.split, 32, seed=0))\n"
+            "next(data.eval_batches(config, config.split, 32))\n"
+            "os._exit(0)  # as a killed run: no exit handlers\n")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "TMPDIR": str(tmp_path)}, check=True,
+                   capture_output=True)
+    assert not list(tmp_path.glob("__autograph_generated_file*"))
+
+
 def _smooth(rng, h, w):
     """A smooth random RGB image (a few low-frequency waves), so resampling differences stay small."""
     y, x = np.mgrid[0:h, 0:w] / max(h, w)

@@ -22,7 +22,7 @@ from kdep_jax.data import sequential
 from kdep_jax.data import subset as subset_lib
 from kdep_jax.data.errors import DataError
 from kdep_jax.data.sources import SequentialSource, Source, open_source
-from kdep_jax.data.transforms import apply_crop, eval_transform, train_crop, train_transform
+from kdep_jax.data.transforms import apply_crop, eval_transform, train_crop, train_transform, without_autograph
 
 # TensorFlow only feeds the host; the accelerators belong to JAX.
 tf.config.set_visible_devices([], "GPU")
@@ -123,7 +123,8 @@ def train_batches(
             row.update(crop=crop, index=index)
         return row
 
-    ds = tf.data.Dataset.counter().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = tf.data.Dataset.counter().map(without_autograph(load), num_parallel_calls=tf.data.AUTOTUNE,
+                                       deterministic=True)
     batch_examples = lambda b: [int(example(tf.constant(k, tf.int64))[0]) for k in range(b * local, (b + 1) * local)]
     return _iterate(ds.batch(local, drop_remainder=True), data_config, s, batch_examples)
 
@@ -181,7 +182,8 @@ def eval_batches(
 
         return tf.cond(t < n, real, pad)
 
-    ds = tf.data.Dataset.range(num_batches * local).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = tf.data.Dataset.range(num_batches * local).map(without_autograph(load), num_parallel_calls=tf.data.AUTOTUNE,
+                                                        deterministic=True)
     batch_examples = lambda b: [int(s.indices[t]) for t in map(position, range(b * local, (b + 1) * local)) if t < n]
     return _iterate(ds.batch(local), data_config, s, batch_examples)
 
@@ -273,7 +275,7 @@ def _open_cached(cfg, split) -> _Split:
 def _drop_unreadable(source, indices, name):
     """Decodes every example once and keeps those that decode (skip_corrupt=True)."""
     ds = tf.data.Dataset.from_tensor_slices(indices).map(
-        lambda i: (i, tf.shape(source.read(i)[0])[0]), num_parallel_calls=tf.data.AUTOTUNE
+        without_autograph(lambda i: (i, tf.shape(source.read(i)[0])[0])), num_parallel_calls=tf.data.AUTOTUNE
     )
     good = [
         i

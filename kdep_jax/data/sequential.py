@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from kdep_jax.data.sources import SequentialSource
-from kdep_jax.data.transforms import decode
+from kdep_jax.data.transforms import decode, without_autograph
 
 
 def train_examples(
@@ -36,8 +36,9 @@ def eval_examples(
     num_batches = -(-max(sizes) // local_batch)
     ds = _read(src, shards[process_index], shuffle_files=False, seed=None).enumerate()
     ds = _transformed(ds, src, transform, seed, process_index)
-    ds = ds.map(lambda ex: {**ex, "mask": tf.constant(True)})
-    return ds.concatenate(tf.data.Dataset.range(num_batches * local_batch - sizes[process_index]).map(lambda _: pad()))
+    ds = ds.map(without_autograph(lambda ex: {**ex, "mask": tf.constant(True)}))
+    padding = tf.data.Dataset.range(num_batches * local_batch - sizes[process_index])
+    return ds.concatenate(padding.map(without_autograph(lambda _: pad())))
 
 
 def _read(src, shard, shuffle_files, seed):
@@ -51,11 +52,9 @@ def _read(src, shard, shuffle_files, seed):
 
 def _transformed(ds, src, transform, seed, process_index):
     base = tf.constant([seed or 0, process_index], tf.int64)
-    return ds.map(
-        lambda k, ex: {
-            "image": transform(decode(ex[src.image_key]), tf.random.experimental.stateless_fold_in(base, k)),
-            "label": tf.cast(ex[src.label_key], tf.int32),
-        },
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+
+    def example(k, ex):
+        return {"image": transform(decode(ex[src.image_key]), tf.random.experimental.stateless_fold_in(base, k)),
+                "label": tf.cast(ex[src.label_key], tf.int32)}
+
+    return ds.map(without_autograph(example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
