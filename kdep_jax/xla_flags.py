@@ -18,13 +18,13 @@ DEFAULTS = {_YNN_FUSION_TYPE: "dot"}
 
 # x86 CPUs with AVX2 and FMA, AVX-512 ones among them: reductions too (BatchNorm's batch statistics and their
 # gradients), with XLA's memory-optimised scheduler. Against "dot" with XLA's default scheduler: the ResNet-18 and
-# MobileNetV2 steps 1.3x and 2.4x on an Intel Xeon (AVX-512, AMX), 1.19x and 1.60x on AMD EPYC Zen 5, 1.07x and
-# 1.52x on Zen 4, and 1.07x and 1.26x on an AVX2 CPU simulated on Zen 4 (XLA's code capped at AVX2; YNNPACK's
-# cannot be); on a real AVX2-only AMD EPYC, before kdep_jax's C++ kernels, "reduce" alone was level on the ResNet-18
-# step. With "reduce", XLA's default thunk order (the concurrency-optimised scheduler) keeps many more buffers alive
-# at once: the memory-optimised one takes the MobileNetV2 step's working memory from 4.5 to 1.7 GiB and makes it
-# 1.2x faster (ResNet-18: 1.23 to 0.80 GiB, no slower; on the EPYC, peak RSS 4.7 to 2.0 GiB and 1.3x faster,
-# ResNet-18 1.9 to 1.4 GiB and 1.07x).
+# MobileNetV2 steps 1.3x and 2.4x on an Intel Xeon (AVX-512, AMX), 1.19x and 1.60x on AMD EPYC Zen 5, 1.07x and 1.52x
+# on Zen 4, and 1.13x and 1.29x on an AVX2-only AMD EPYC (Zen 3; 1.07x and 1.26x on an AVX2 CPU simulated on Zen 4,
+# whose YNNPACK code could not be capped at AVX2; before kdep_jax's C++ kernels "reduce" alone was level on the AVX2
+# EPYC's ResNet-18 step). With "reduce", XLA's default thunk order (the concurrency-optimised scheduler) keeps many
+# more buffers alive at once: the memory-optimised one takes the MobileNetV2 step's working memory from 4.5 to 1.7 GiB
+# and makes it 1.2x faster (ResNet-18: 1.23 to 0.80 GiB, no slower; on the EPYC, peak RSS 4.7 to 2.0 GiB and 1.3x
+# faster, ResNet-18 1.9 to 1.4 GiB and 1.07x).
 AVX2_FMA_DEFAULTS = {_YNN_FUSION_TYPE: "dot,reduce", "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
 
