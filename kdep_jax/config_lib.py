@@ -63,7 +63,8 @@ def _loop_fields(config: ml_collections.ConfigDict) -> None:
 
 def _sgd_fields(batch_size: int, num_epochs: int, lr: float, decay_every: int) -> ml_collections.ConfigDict:
     """The paper's recipe: SGD, momentum 0.9, weight decay 5e-4, lr x0.1 every `decay_every` epochs. Other recipes
-    (configs/methods/) set schedule="cosine" (with warmup_epochs), optimizer="adamw", grad_clip_norm."""
+    (configs/methods/) set schedule="cosine", warmup_epochs (a linear warm-up, before either schedule),
+    optimizer="adamw", grad_clip_norm."""
     return ml_collections.ConfigDict(dict(batch_size=batch_size, num_epochs=num_epochs, lr=lr,
                                           lr_decay_every_epochs=decay_every, lr_decay_factor=0.1, momentum=0.9,
                                           weight_decay=5e-4, schedule="step", warmup_epochs=0.0, optimizer="sgd",

@@ -12,13 +12,23 @@ import numpy as np
 import optax
 
 
+def _warmed_up(rate, count, lr: float, warmup: int):
+    """`rate`, except a linear warm-up from lr / W to lr over the first W steps (torch's LinearLR)."""
+    if not warmup:
+        return rate
+    xp = jnp if isinstance(count, jax.Array) else np
+    return xp.where(count < warmup, lr * (count + 1) / warmup, rate)
+
+
 def step_decay_schedule(lr: float, steps_per_epoch: int, decay_every_epochs: int, decay_factor: float,
-                        num_epochs: int) -> optax.Schedule:
-    """lr, multiplied by `decay_factor` every `decay_every_epochs` epochs (torch's StepLR)."""
+                        num_epochs: int, warmup_epochs: float = 0.0) -> optax.Schedule:
+    """lr, multiplied by `decay_factor` every `decay_every_epochs` epochs (torch's StepLR), after an optional
+    linear warm-up (Goyal et al.'s for large batches); the decays still count from the first step."""
     boundaries = np.arange(decay_every_epochs, num_epochs, decay_every_epochs) * steps_per_epoch
+    warmup = round(warmup_epochs * steps_per_epoch)
 
     def schedule(count):
-        return lr * decay_factor ** (count >= boundaries).sum()
+        return _warmed_up(lr * decay_factor ** (count >= boundaries).sum(), count, lr, warmup)
 
     return schedule
 
@@ -31,8 +41,7 @@ def cosine_schedule(lr: float, steps_per_epoch: int, warmup_epochs: float, num_e
     def schedule(count):
         xp = jnp if isinstance(count, jax.Array) else np
         progress = xp.clip((count - warmup) / max(total - warmup, 1), 0.0, 1.0)
-        cosine = 0.5 * lr * (1.0 + xp.cos(np.pi * progress))
-        return xp.where(count < warmup, lr * (count + 1) / max(warmup, 1), cosine)
+        return _warmed_up(0.5 * lr * (1.0 + xp.cos(np.pi * progress)), count, lr, warmup)
 
     return schedule
 
@@ -55,7 +64,7 @@ def create(train, steps_per_epoch: int) -> tuple[optax.Schedule, optax.GradientT
         schedule = cosine_schedule(train.lr, steps_per_epoch, train.warmup_epochs, train.num_epochs)
     else:
         schedule = step_decay_schedule(train.lr, steps_per_epoch, train.lr_decay_every_epochs, train.lr_decay_factor,
-                                       train.num_epochs)
+                                       train.num_epochs, train.warmup_epochs)
     tx = (adamw(schedule, train.weight_decay) if train.optimizer == "adamw"
           else sgd(schedule, train.momentum, train.weight_decay))
     if train.grad_clip_norm:

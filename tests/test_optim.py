@@ -33,6 +33,33 @@ def test_step_decay_matches_torch_step_lr_on_the_host_and_traced():
     np.testing.assert_allclose(np.asarray(traced), expected, rtol=1e-6)
 
 
+def torch_linear_warmup_rates(warmup: int):
+    """torch's LinearLR from lr / W to lr over the first W steps, as the cosine recipes chain it."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
+    rates = []
+    for _ in range(warmup):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return np.array(rates)
+
+
+def test_step_decay_with_warmup_warms_up_then_decays_on_torch_step_lr_epochs():
+    """A warm-up is applied to the step schedule too (it is not a cosine-only setting), and the decays still fall
+    on StepLR's epochs, counted from the first step."""
+    warmup = 6
+    schedule = optim.step_decay_schedule(LR, STEPS_PER_EPOCH, DECAY_EVERY, FACTOR, EPOCHS, warmup / STEPS_PER_EPOCH)
+    steps = np.arange(EPOCHS * STEPS_PER_EPOCH)
+    expected = torch_step_lr_rates()
+    expected[:warmup] = torch_linear_warmup_rates(warmup)
+    host = np.array([schedule(np.int64(step)) for step in steps])
+    traced = jax.jit(jax.vmap(schedule))(jnp.asarray(steps, jnp.int32))
+    np.testing.assert_allclose(host, expected, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(traced), expected, rtol=1e-6)
+    assert np.isclose(host[0], LR / warmup) and host[warmup - 1] == LR
+
+
 def test_sgd_matches_torch_sgd_with_weight_decay_and_momentum():
     rng = np.random.default_rng(0)
     params = rng.normal(size=(5, 3))
