@@ -144,8 +144,11 @@ def get_config(variant: str = ""):
 
     config.student.update(arch=STUDENT_ARCH, width=WIDTH)
     # The paper's lr 0.3 is for batch 512 on ImageNet; here it stalls the student at the targets' mean (the loss
-    # stops at weight x their mean square, and the stalled student fine-tunes worse than scratch). 0.02 learns.
-    config.train.update(batch_size=128, num_epochs=10, lr=0.02, lr_decay_every_epochs=7)
+    # stops at weight x their mean square, and the stalled student fine-tunes worse than scratch). At 0.02 the loss
+    # waits on a plateau near 17 for a time that depends on the seed: over seeds 0-5, two students fine-tuned no
+    # better than scratch (54.4 and 62.6% top-1 against 62.8%), mean 73.6%. At 0.01 each of the six beat it,
+    # 70.8-87.2%, mean 79.0% (README, the demo).
+    config.train.update(batch_size=128, num_epochs=10, lr=0.01, lr_decay_every_epochs=7)
 
     downstream = config_lib.supervised_config()
     downstream.name = "downstream"
