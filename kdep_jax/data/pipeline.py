@@ -10,6 +10,7 @@ there without decoding anything. Each example's crop and flip are seeded by (see
 import dataclasses
 import functools
 import itertools
+import re
 
 from absl import logging
 import jax
@@ -223,6 +224,11 @@ def _iterate(ds, data_config, s, batch_examples):
         yield batch
 
 
+def _op_message(error: tf.errors.OpError) -> str:
+    """TensorFlow's message without the "{{function_node ...}}" prefix that names its internal graph node."""
+    return re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message).strip()
+
+
 def _locate(error, source, examples):
     """Finds the example of a failed batch that cannot be read, by reading each one eagerly."""
     for i in examples:
@@ -230,11 +236,11 @@ def _locate(error, source, examples):
             source.read(tf.constant(i, tf.int64))
         except tf.errors.OpError as e:
             return DataError(
-                f"Cannot read {source.describe(i)}: {e.message.strip()} The file is corrupt, "
+                f"Cannot read {source.describe(i)}: {_op_message(e)} The file is corrupt, "
                 "truncated or not an image: replace or delete it, or set "
                 "config.data.skip_corrupt=True to leave unreadable images out."
             )
-    return DataError(f"Reading the input failed: {error.message.strip()}")
+    return DataError(f"Reading the input failed: {_op_message(error)}")
 
 
 def _open(data_config, split) -> _Split:
