@@ -117,7 +117,8 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"])
+    parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"],
+                        help="kdep_jax or pytorch: one arch in this process; prints seconds per batch (a child's mode)")
     parser.add_argument("--pytorch-configs", default=",".join(PYTORCH_CONFIGS),
                         help=f"comma-separated, of {', '.join(PYTORCH_CONFIGS)}")
     parser.add_argument("--pytorch-config", default="channels_last", choices=PYTORCH_CONFIGS,
@@ -126,6 +127,8 @@ def main():
     args = parser.parse_args()
 
     if args.framework != "both":  # a child: one framework, one arch; prints seconds per batch
+        if "," in args.arch:
+            parser.error(f"--framework {args.framework} times one arch; give one, or --framework both for several")
         print((kdep_jax_forward if args.framework == "kdep_jax" else pytorch_forward)(args))
         return
     configs = args.pytorch_configs.split(",")

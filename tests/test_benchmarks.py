@@ -125,3 +125,13 @@ def test_cpu_forms_switches_the_forms_that_layers_picks():
                   if name.startswith("_") and callable(getattr(layers, name))
                   and f"def {name}() -> bool:" in source}
     assert set(cpu_forms.FORMS) == predicates
+
+
+def test_teacher_forward_benchmark_times_one_arch_per_framework_process():
+    """`--framework kdep_jax|pytorch` times one arch in the process it runs in: a list of archs is a usage error
+    naming the fix, not an unknown-arch error from the model registry."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "teacher_forward.py")
+    result = subprocess.run([sys.executable, path, "--framework", "kdep_jax", "--arch", "swin_t,vit_b_16"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "--framework kdep_jax times one arch; give one, or --framework both for several" in result.stderr
