@@ -1,10 +1,16 @@
-"""Test settings: CPU only, float32 matmuls at full precision, TensorFlow kept off any GPU."""
+"""Test settings: the CPU, float32 matmuls at full precision, TensorFlow kept off any GPU.
+
+KDEP_TEST_PLATFORM=cuda runs JAX on the GPU instead (benchmarks/gpu_check.sh: the models' tests that need no CPU
+kernel, on a lent GPU machine); PyTorch's references stay on the CPU.
+"""
 import os
 import tempfile
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+PLATFORM = os.environ.setdefault("KDEP_TEST_PLATFORM", "cpu")
+os.environ["JAX_PLATFORMS"] = PLATFORM
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+if PLATFORM == "cpu":
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Four fake CPU devices, so every test that builds a mesh can use 1, 2 or 4 of them.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 # The end-to-end tests compile the same networks several times, here and in the runs and notebook kernels they start
@@ -27,7 +33,7 @@ import torchvision  # noqa: E402,F401
 
 import jax  # noqa: E402
 
-jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_platforms", PLATFORM)
 jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
@@ -35,9 +41,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 
 import runpy  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
 
 from kdep_jax import config_lib  # noqa: E402
 
@@ -80,27 +83,6 @@ def small_transfer_config(**overrides):
     config.eval_batch_size = 48  # 500 test images: the last batch is padded
     config.log_every_steps = 1
     return override(config, overrides)
-
-
-class TinyImages(tfds.core.GeneratorBasedBuilder):
-    """A real (not mocked) TFDS dataset of 11 uniform-colour images, prepared offline by the test."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict(
-                {"image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3)}
-            ),
-        )
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        for i in range(11):
-            yield i, {"image": np.full((20 + i, 30, 3), 4 * i, np.uint8), "label": i // 4}
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -17,7 +17,8 @@ import tensorflow as tf  # pylint: disable=g-bad-import-order
 import tensorflow_datasets as tfds
 
 from kdep_jax import config_lib, data
-from conftest import REPO, TinyImages
+from conftest import REPO
+from tiny_images import TinyImages
 from kdep_jax.data import demo, transforms
 
 MEAN, STD = np.array(data.IMAGENET_MEAN), np.array(data.IMAGENET_STD)

@@ -20,7 +20,8 @@ from kdep_jax import convert, data, distill, methods, parallel, pipeline, traine
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.methods import kdep as kdep_method
 from kdep_jax.errors import ConfigError
-from conftest import REPO, TinyImages, small_transfer_config, tiny_config
+from conftest import REPO, small_transfer_config, tiny_config
+from tiny_images import TinyImages
 
 
 def test_one_distillation_step():
