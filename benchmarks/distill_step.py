@@ -43,8 +43,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 STUDENT_DIM = {"resnet18": 512, "mobilenet_v2": 1280}  # torchvision's pooled feature widths
 TEACHER_DIM = {"resnet50": 2048, "vit_b_16": 768, "swin_t": 768}
 
-# Dense peak FLOP/s of the GPUs the project is measured on (NVIDIA's datasheets, SXM parts), for the MFU.
-PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 67e12}, "H200": {"bfloat16": 989e12, "float32": 67e12}}
+# Dense peak FLOP/s of the GPUs the project is measured on (NVIDIA's datasheets, SXM parts), for the MFU. float32's
+# is TF32's on the tensor cores: JAX's default precision runs float32 convs and dots there, and PyTorch's cuDNN convs.
+PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "float32": 495e12}, "H200": {"bfloat16": 989e12, "float32": 495e12}}
 
 
 def peak_rss_bytes() -> int:
@@ -76,8 +77,9 @@ def cpu_fp32_peak_flops(cpuinfo: str | None = None) -> tuple[float, str]:
     return cores * ghz * 2 * lanes * 2 * 1e9, f"{cores} cores x {ghz:.2f} GHz x 2 FMA units x {lanes} lanes x 2"
 
 
-def fma_peak_shares(results: dict, keys) -> dict:
-    """{key_fma_peak_share: XLA's FLOP count of that step / its seconds / the CPU's float32 FMA peak}.
+def peak_shares(results: dict, keys, peak_flops: float, name: str) -> dict:
+    """{key_name: XLA's FLOP count of that step / its seconds / peak_flops}: each step's share of the CPU's float32 FMA
+    peak (name "fma_peak_share"), or of the GPU's peak (name "mfu", the model FLOP utilisation).
 
     PyTorch's configurations run the online kdep_jax step, so they take its count; the step with cached targets
     (no teacher forward) has its own, about half of it for ResNet-50 -> ResNet-18.
@@ -87,8 +89,13 @@ def fma_peak_shares(results: dict, keys) -> dict:
         flops = results.get(f"{key}_flops") or results.get("kdep_jax_flops")
         if flops and f"{key}_images_per_sec" in results:
             seconds = results["batch"] / results[f"{key}_images_per_sec"]
-            shares[f"{key}_fma_peak_share"] = flops / seconds / results["fp32_peak_flops"]
+            shares[f"{key}_{name}"] = flops / seconds / peak_flops
     return shares
+
+
+def gpu_peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The dense peak of a GPU named in PEAK_FLOPS (by JAX's device_kind, "NVIDIA H200" say) for dtype."""
+    return next((peaks[dtype] for gpu, peaks in PEAK_FLOPS.items() if gpu in device_kind), None)
 
 
 def kdep_jax_setup(args, cached: bool):
@@ -165,7 +172,11 @@ def kdep_jax_step(args) -> dict:
     from kdep_jax import target_cache, trainer
 
     first_batches = next_batches()
-    flops = xla_flop_count(step, state, first_batches, count, constants)
+    if args.device == "gpu":  # no C++ kernels on a GPU: XLA counts the step that runs, compiled once
+        step = step.lower(state, first_batches, count, constants).compile()
+        flops = (step.cost_analysis() or {}).get("flops")
+    else:
+        flops = xla_flop_count(step, state, first_batches, count, constants)
     times = []  # seconds per step
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
@@ -181,13 +192,8 @@ def kdep_jax_step(args) -> dict:
         result["cache_bytes_per_image_epoch"] = target_cache.bytes_per_image_epoch(first_batches["targets"].shape[-1])
     if args.device == "gpu":
         result["peak_bytes"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"]
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in result["device_kind"]), None)
-        if flops and peak:
-            result["mfu"] = flops / result["seconds"] / peak[args.dtype]
     else:
         result["peak_bytes"] = peak_rss_bytes()
-        if flops:
-            result["fma_peak_share"] = flops / result["seconds"] / cpu_fp32_peak_flops()[0]
     return result
 
 
@@ -311,6 +317,7 @@ def pytorch_step(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    torch.backends.cudnn.benchmark = True  # on a GPU: cuDNN's fastest algorithm for each conv, as fast code sets
     teacher = pytorch_pre_relu_model(getattr(torchvision.models, args.teacher)()).eval().to(device)
     student = pytorch_pre_relu_model(getattr(torchvision.models, args.student)()).train().to(device)
     for parameter in teacher.parameters():
@@ -427,8 +434,12 @@ def compare(args, argv: list[str], configs: list[str]) -> dict:
         if measured is not None:
             results[f"{key}_images_per_sec"] = args.batch / measured.pop("seconds")
             results.update({f"{key}_{name}": value for name, value in measured.items()})
+    keys = [key for key, _, _ in children]
     if args.device == "cpu":
-        results.update(fma_peak_shares(results, [key for key, _, _ in children]))
+        results.update(peak_shares(results, keys, results["fp32_peak_flops"], "fma_peak_share"))
+    elif peak_flops := gpu_peak_flops(results.get("kdep_jax_device_kind", ""), args.dtype):
+        results["gpu_peak_flops"] = peak_flops
+        results.update(peak_shares(results, keys, peak_flops, "mfu"))
     measured_configs = [c for c in configs if f"pytorch_{c}_images_per_sec" in results]
     candidates = [c for c in measured_configs if c != "eager"] or measured_configs
     if candidates:  # PyTorch at its best: the fastest configuration measured (eager only if alone)
@@ -461,9 +472,15 @@ def print_report(results: dict, args, configs: list[str]) -> None:
         return f"{results[key] * scale:.{digits}f}"
 
     print("\n".join(figure_lines(results.__contains__, value, labels, configs, memory)))
-    if "fp32_peak_flops" in results and results.get("kdep_jax_flops"):
-        print(f"  float32 FMA peak {results['fp32_peak_flops'] / 1e9:.0f} GFLOP/s ({results['fp32_peak_formula']}); "
-              f"{results['kdep_jax_flops'] / args.batch / 1e9:.1f} GFLOP per image (XLA's count of kdep_jax's step)")
+    if results.get("kdep_jax_flops"):
+        peak = ""
+        if "fp32_peak_flops" in results:
+            peak = f"float32 FMA peak {results['fp32_peak_flops'] / 1e9:.0f} GFLOP/s ({results['fp32_peak_formula']}); "
+        elif "gpu_peak_flops" in results:
+            peak = (f"the MFU's peak {results['gpu_peak_flops'] / 1e12:.0f} TFLOP/s (dense {args.dtype}, TF32 for "
+                    "float32); ")
+        print(f"  {peak}{results['kdep_jax_flops'] / args.batch / 1e9:.1f} GFLOP per image (XLA's count of kdep_jax's "
+              "step)")
     if "cache_speedup" in results:
         print(f"  target cache: {results['cache_speedup']:.2f}x the online step, "
               f"{results['kdep_jax_cached_cache_bytes_per_image_epoch']} bytes per image per epoch")

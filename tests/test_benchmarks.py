@@ -21,11 +21,22 @@ def test_each_step_is_measured_against_its_own_flop_count():
                "kdep_jax_images_per_sec": 8.0, "kdep_jax_flops": 576e9,
                "kdep_jax_cached_images_per_sec": 16.0, "kdep_jax_cached_flops": 320e9,
                "pytorch_channels_last_images_per_sec": 4.0}
-    shares = distill_step.fma_peak_shares(results, ["kdep_jax", "kdep_jax_cached", "pytorch_channels_last",
-                                                     "pytorch_compile"])
+    shares = distill_step.peak_shares(results, ["kdep_jax", "kdep_jax_cached", "pytorch_channels_last",
+                                                "pytorch_compile"], results["fp32_peak_flops"], "fma_peak_share")
     assert shares == {"kdep_jax_fma_peak_share": pytest.approx(576e9 / 4.0 / 200e9),
                       "kdep_jax_cached_fma_peak_share": pytest.approx(320e9 / 2.0 / 200e9),
                       "pytorch_channels_last_fma_peak_share": pytest.approx(576e9 / 8.0 / 200e9)}
+
+
+def test_gpu_model_flop_utilisation_is_against_the_dense_tensor_core_peak():
+    """On a GPU each step's MFU divides by the dense peak of its dtype, float32's being TF32's (the tensor cores run
+    both frameworks' float32 convs); a GPU without a known peak gets none rather than a wrong one."""
+    assert distill_step.gpu_peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert distill_step.gpu_peak_flops("NVIDIA H100 80GB HBM3", "float32") == 495e12
+    assert distill_step.gpu_peak_flops("Tesla T4", "float32") is None
+    results = {"batch": 256, "kdep_jax_images_per_sec": 2560.0, "kdep_jax_flops": 256 * 19e9}
+    assert distill_step.peak_shares(results, ["kdep_jax"], 989e12, "mfu") == {
+        "kdep_jax_mfu": pytest.approx(19e9 * 2560 / 989e12)}
 
 
 def test_fp32_peak_from_cpuinfo():
@@ -72,15 +83,24 @@ def test_repeated_runs_give_each_figure_its_median_and_range(capsys):
 
 
 @pytest.mark.slow
-def test_distill_step_benchmark_prints_every_step():
-    """The whole benchmark, tiny: kdep_jax online and with cached targets (2 steps per call) and PyTorch eager, each in
-    its own process, then the report (a report line that fails to print loses the figures of a half-hour run)."""
-    result = subprocess.run(
-        [sys.executable, _PATH, "--student", "resnet18", "--batch", "2", "--image-size", "32", "--warmup", "0",
-         "--repeats", "1", "--target-cache", "--pytorch-configs", "eager", "--steps-per-call", "2"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = result.stdout
+def test_gpu_check_runs_the_step_benchmark_and_keeps_its_report(tmp_path):
+    """benchmarks/gpu_check.sh, which a session lent a GPU runs, here with a tiny CPU step: the whole benchmark,
+    kdep_jax online and with cached targets (2 steps per call) and PyTorch eager, each in its own process, then the
+    report, kept in the part's log with its exit status (a report line that fails to print loses the figures of a
+    device's run). A part it does not know is refused before anything runs."""
+    script = os.path.join(os.path.dirname(_PATH), "gpu_check.sh")
+    env = {**os.environ, "XLA_FLAGS": "", "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "STEP_ARGS": "--device cpu --student resnet18 --batch 2 --image-size 32 --warmup 0 --repeats 1 "
+                        "--target-cache --pytorch-configs eager --steps-per-call 2"}
+    refused = subprocess.run(["bash", script, "float64"], cwd=os.path.dirname(os.path.dirname(_PATH)), env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "unknown part 'float64'" in refused.stderr, refused.stderr
+    assert not list(tmp_path.iterdir())
+    result = subprocess.run(["bash", script, "float32"], cwd=os.path.dirname(os.path.dirname(_PATH)), env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "status.txt").read_text().startswith("step_float32: exit status 0, "), result.stdout
+    report = (tmp_path / "step_float32.log").read_text()
     assert "kdep_jax input synthetic, 2 steps per call" in report, report
     for line in ("  kdep_jax: ", "  kdep_jax, cached targets: ", "  PyTorch eager (best): ", "kdep_jax / PyTorch eager = ",
                  "float32 FMA peak", "target cache: "):
