@@ -42,6 +42,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 import runpy  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import pytest  # noqa: E402
+
 from kdep_jax import config_lib  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +87,7 @@ def small_transfer_config(**overrides):
     return override(config, overrides)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: `-p no:xdist` runs the suite without it
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker more than CPUs. The end-to-end tests leave CPUs idle while they import, trace and wait
     on their subprocesses: on the 2-core Zen 4 AMD EPYC, with the compilation cache filled, the suite took 619 and
