@@ -5,8 +5,8 @@
 # (runs/gpu_check without $OUT) and its exit status and seconds in $OUT/status.txt, so that a call cut short
 # still returns what it measured:
 #
-#   bash benchmarks/gpu_check.sh tests float32   # one call of the device tool, at most 8 minutes
-#   bash benchmarks/gpu_check.sh bfloat16        # a second call while the machine is warm
+#   bash benchmarks/gpu_check.sh tests              # one call of the device tool, 290 s on an H200 (stop 62)
+#   bash benchmarks/gpu_check.sh float32 bfloat16   # a second call at once, while the machine is warm: 340 s
 #
 # The GPU machine's Python (3.12) has JAX with CUDA, Flax, optax, orbax, PyTorch and torchvision, and no
 # ml_collections: download its wheel into .whl here first (git ignores it; carry it with the call), and the
@@ -74,7 +74,7 @@ cat "$out/environment.txt"
 
 for part in "${parts[@]}"; do
   if [ "$part" = tests ]; then
-    run_part tests 200 env KDEP_TEST_PLATFORM="${KDEP_TEST_PLATFORM:-cuda}" "$python" -m pytest -p no:cacheprovider \
+    run_part tests 330 env KDEP_TEST_PLATFORM="${KDEP_TEST_PLATFORM:-cuda}" "$python" -m pytest -p no:cacheprovider \
       -o addopts=-ra -q "${gpu_tests[@]}"
   else
     # shellcheck disable=SC2086  # step_args is a list of arguments

@@ -39,6 +39,23 @@ def test_gpu_model_flop_utilisation_is_against_the_dense_tensor_core_peak():
         "kdep_jax_mfu": pytest.approx(19e9 * 2560 / 989e12)}
 
 
+def test_flop_count_includes_the_convolutions_that_run_as_custom_calls():
+    """A 3x3 conv's forward pass, input gradient and weight gradient each count 2 FLOP per product of a valid tap,
+    also where kdep_jax's C++ kernels (custom calls, which a compiled step's count leaves out) compute them."""
+    import jax
+    import jax.numpy as jnp
+
+    from kdep_jax.models import layers
+
+    conv = layers.conv2d(32, 3)
+    images = jnp.ones((2, 16, 16, 16), jnp.float32)
+    variables = conv.init(jax.random.key(0), images)
+    step = jax.jit(jax.grad(lambda v, x: jnp.sum(conv.apply(v, x) ** 2), argnums=(0, 1)))
+    valid_taps = (16 * 3 - 2) ** 2  # per image and channel pair: each row's and column's 3 taps, less the 2 padded
+    assert distill_step.xla_flop_count(step, variables, images) == pytest.approx(3 * 2 * 2 * 16 * 32 * valid_taps,
+                                                                                  rel=0.01)
+
+
 def test_fp32_peak_from_cpuinfo():
     """cores x nominal clock x 2 FMA units x lanes (16 with AVX-512, 8 with AVX2 and on Zen 4, whose AVX-512 runs
     in 256-bit halves) x 2 FLOP per FMA."""
