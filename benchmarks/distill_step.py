@@ -173,9 +173,9 @@ def kdep_jax_step(args) -> dict:
 
     from kdep_jax import target_cache, trainer
 
-    # Synthetic images are put on the device once, as PyTorch's are. Until stop 62 every timed call also stacked
-    # and placed its four float32 batches: 617 MB at batch 256, 0.9 s on a 2-core AMD EPYC, where the H200's whole
-    # call measured 0.41 s. From JPEGs each call's batches are read and placed while the device runs the call
+    # Synthetic images are placed on the device once, as PyTorch's are: stacking and placing a call's four float32
+    # batches (617 MB at batch 256) takes 0.9 s on a 2-core AMD EPYC, more than the H200's whole call when it was
+    # timed with them (0.41 s). From JPEGs each call's batches are read and placed while the device runs the call
     # before, as in the trainer.
     first_batches = batches = next_batches()
     flops = xla_flop_count(step, state, first_batches, count, constants)
