@@ -1,31 +1,33 @@
 #!/usr/bin/env bash
 # The GPU checks, prepared for a session that is lent a GPU machine (15 minutes of device time, the start
-# included): the tests of the code that runs on a GPU, then the distillation step against PyTorch's, float32 and
-# bfloat16. Run from the repository's root, each part under its own time limit, its log in $OUT/PART.log
+# included): the tests of the code that runs on a GPU, the distillation step against PyTorch's, float32 and
+# bfloat16, and where kdep_jax's step spends its time on the GPU (benchmarks/step_profile.py). Run from the repository's root, each part under its own time limit, its log in $OUT/PART.log
 # (runs/gpu_check without $OUT) and its exit status and seconds in $OUT/status.txt, so that a call cut short
 # still returns what it measured:
 #
-#   bash benchmarks/gpu_check.sh tests              # one call of the device tool, 290 s on an H200 (stop 62)
+#   bash benchmarks/gpu_check.sh tests profile      # one call of the device tool: the tests took 290 s on an H200
 #   bash benchmarks/gpu_check.sh float32 bfloat16   # a second call at once, while the machine is warm: 340 s
 #
 # The GPU machine's Python (3.12) has JAX with CUDA, Flax, optax, orbax, PyTorch and torchvision, and no
 # ml_collections: download its wheel into .whl here first (git ignores it; carry it with the call), and the
 # script installs it:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml-collections==1.1.0
-# STEP_ARGS replaces the step's size and device arguments (tests/test_benchmarks.py runs the script on a CPU).
+# STEP_ARGS and PROFILE_ARGS replace the step's and the profile's size and device arguments (tests/test_benchmarks.py
+# runs the script on a CPU).
 set -u
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests float32 bfloat16)
+[ ${#parts[@]} -eq 0 ] && parts=(tests profile float32 bfloat16)
 for part in "${parts[@]}"; do
   case $part in
-    tests | float32 | bfloat16) ;;
-    *) echo "gpu_check.sh: unknown part '$part'; the parts are tests, float32 and bfloat16" >&2; exit 2 ;;
+    tests | float32 | bfloat16 | profile) ;;
+    *) echo "gpu_check.sh: unknown part '$part'; the parts are tests, float32, bfloat16 and profile" >&2; exit 2 ;;
   esac
 done
 out=${OUT:-runs/gpu_check}
 mkdir -p "$out"
 python=${PYTHON:-python3}
 step_args=${STEP_ARGS:---device gpu --batch 256 --warmup 3 --repeats 10}
+profile_args=${PROFILE_ARGS:---device gpu --batch 256}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -76,6 +78,9 @@ for part in "${parts[@]}"; do
   if [ "$part" = tests ]; then
     run_part tests 330 env KDEP_TEST_PLATFORM="${KDEP_TEST_PLATFORM:-cuda}" "$python" -m pytest -p no:cacheprovider \
       -o addopts=-ra -q "${gpu_tests[@]}"
+  elif [ "$part" = profile ]; then  # its trace and summary.txt in $out/profile
+    # shellcheck disable=SC2086  # profile_args is a list of arguments
+    run_part profile 150 "$python" benchmarks/step_profile.py $profile_args --out "$out/profile"
   else
     # shellcheck disable=SC2086  # step_args is a list of arguments
     run_part "step_$part" 270 "$python" benchmarks/distill_step.py $step_args --dtype "$part"

@@ -12,6 +12,8 @@ _SPEC = importlib.util.spec_from_file_location("distill_step", _PATH)
 distill_step = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(distill_step)
 _CPU_FORMS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_forms.py")
+sys.path.insert(0, os.path.dirname(_PATH))  # step_profile imports distill_step as its neighbour
+import step_profile  # noqa: E402
 
 
 def test_each_step_is_measured_against_its_own_flop_count():
@@ -54,6 +56,31 @@ def test_flop_count_includes_the_convolutions_that_run_as_custom_calls():
     valid_taps = (16 * 3 - 2) ** 2  # per image and channel pair: each row's and column's 3 taps, less the 2 padded
     assert distill_step.xla_flop_count(step, variables, images) == pytest.approx(3 * 2 * 2 * 16 * 32 * valid_taps,
                                                                                   rel=0.01)
+
+
+def test_profile_counts_each_op_by_its_own_time_once():
+    """A loop of 100 us on one thread holding two ops (30 and 50 us, one of them holding a 10 us custom call) owns
+    20 us, the ops 20, 50 and 10; another thread's op and an op after the loop stand alone; the device's busy time is
+    the sum of the threads' own times, each microsecond once. A custom call counts as the kernel it runs."""
+    def op(name, ts, dur, tid=1):
+        return {"ph": "X", "pid": 7, "tid": tid, "ts": ts, "dur": dur, "name": name, "args": {"hlo_op": name}}
+
+    events = [op("fusion.2", 10, 30), op("while.1", 0, 100), op("ffi_call.3", 15, 10), op("fusion.4", 45, 50),
+              op("copy.5", 100, 5), op("fusion.6", 20, 40, tid=2)]
+    own = {event["name"]: time for event, time in step_profile.own_times(events)}
+    assert own == {"while.1": 20, "fusion.2": 20, "ffi_call.3": 10, "fusion.4": 50, "copy.5": 5, "fusion.6": 40}
+    hlo = ('  %ffi_call.3 = f32[2,8]{1,0} custom-call(f32[2,8]{1,0} %p), custom_call_target="kdep_conv", '
+           'api_version=API_VERSION_TYPED_FFI\n  fusion.4 = f32[2]{0} fusion(f32[2]{0} %q), kind=kLoop\n'
+           '  custom-call.7 = (f32[1]{0}) custom-call(), custom_call_target="__cudnn$convForward"\n')
+    targets = step_profile.custom_call_targets(hlo)
+    assert targets == {"ffi_call.3": "kdep_conv", "custom-call.7": "__cudnn$convForward"}
+    trace = {"traceEvents": [{"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/host:CPU"}}, *events,
+                             {"ph": "X", "pid": 7, "tid": 1, "ts": 0, "dur": 500, "name": "python"}]}
+    lines = step_profile.summary(trace, steps=1, wall_seconds_per_step=2e-4, top=5, targets=targets)
+    assert "wall 0.2 ms per step (profiled); device busy 0.1 ms per step, summed over 2 threads" in lines[0], lines
+    assert lines[1].split()[-2:] == ["op", "kind"] and lines[2].split() == ["0.11", "75.9%", "3.0", "fusion"], lines
+    assert lines[4].split() == ["0.01", "6.9%", "1.0", "kdep_conv"], lines
+    assert lines[6].split()[-1] == "kernel" and "ffi_call.3 (kdep_conv)" in lines[-1], lines
 
 
 def test_fp32_peak_from_cpuinfo():
@@ -108,15 +135,22 @@ def test_gpu_check_runs_the_step_benchmark_and_keeps_its_report(tmp_path):
     script = os.path.join(os.path.dirname(_PATH), "gpu_check.sh")
     env = {**os.environ, "XLA_FLAGS": "", "OUT": str(tmp_path), "PYTHON": sys.executable,
            "STEP_ARGS": "--device cpu --student resnet18 --batch 2 --image-size 32 --warmup 0 --repeats 1 "
-                        "--target-cache --pytorch-configs eager --steps-per-call 2"}
+                        "--target-cache --pytorch-configs eager --steps-per-call 2",
+           "PROFILE_ARGS": "--device cpu --batch 2 --image-size 32 --steps-per-call 2 --calls 1 --top 5"}
     refused = subprocess.run(["bash", script, "float64"], cwd=os.path.dirname(os.path.dirname(_PATH)), env=env,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "unknown part 'float64'" in refused.stderr, refused.stderr
     assert not list(tmp_path.iterdir())
-    result = subprocess.run(["bash", script, "float32"], cwd=os.path.dirname(os.path.dirname(_PATH)), env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(["bash", script, "float32", "profile"], cwd=os.path.dirname(os.path.dirname(_PATH)),
+                            env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (tmp_path / "status.txt").read_text().startswith("step_float32: exit status 0, "), result.stdout
+    status = (tmp_path / "status.txt").read_text().splitlines()
+    assert status[0].startswith("step_float32: exit status 0, ") and status[1].startswith("profile: exit status 0, "), \
+        result.stdout
+    profile = (tmp_path / "profile" / "summary.txt").read_text()
+    assert "resnet50 -> resnet18, batch 2, 32 px, float32, cpu, 2 steps profiled (1 calls of 2)" in profile, profile
+    assert "op kind" in profile and "ms per step" in profile, profile
+    assert (tmp_path / "profile" / "perfetto_trace.json.gz").stat().st_size > 0
     report = (tmp_path / "step_float32.log").read_text()
     assert "kdep_jax input synthetic, 2 steps per call" in report, report
     for line in ("  kdep_jax: ", "  kdep_jax, cached targets: ", "  PyTorch eager (best): ", "kdep_jax / PyTorch eager = ",

@@ -1,0 +1,160 @@
+"""Where kdep_jax's distillation step spends its time on a device: XLA's ops by their own time, from a JAX profiler
+trace of a few calls of the step that benchmarks/distill_step.py times (synthetic images, placed on the device once).
+
+    python benchmarks/step_profile.py                                   # CPU, R50 -> R18, batch 32, float32
+    python benchmarks/step_profile.py --device gpu --batch 256 --dtype bfloat16 --out runs/gpu_profile
+
+It prints the step's wall time, the device's busy time per step, then the kinds of op (XLA's HLO instructions:
+convolutions, fusions, custom calls, copies) and the kernels (the trace's event names: cuDNN's and XLA's GPU kernels,
+XLA:CPU's thunks) that take the most of it. An op's own time leaves out the ops it contains (a loop's body, a thunk's
+nested ones), so nothing is counted twice. The trace (perfetto_trace.json.gz, for ui.perfetto.dev) and the summary are
+kept in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import types
+
+import distill_step
+
+
+def own_times(events: list[dict]) -> list[tuple[dict, float]]:
+    """(event, its duration less its direct children's) for complete ('X') events; a child starts and ends within
+    its parent on the same thread."""
+    by_thread = collections.defaultdict(list)
+    for event in events:
+        by_thread[event["pid"], event["tid"]].append(event)
+    result = []
+    for thread_events in by_thread.values():
+        thread_events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        open_events: list[list] = []  # [event, own time so far], outermost first
+        for event in thread_events:
+            while open_events and event["ts"] >= open_events[-1][0]["ts"] + open_events[-1][0]["dur"]:
+                result.append(tuple(open_events.pop()))
+            if open_events:
+                open_events[-1][1] -= event["dur"]
+            open_events.append([event, float(event["dur"])])
+        result.extend(tuple(entry) for entry in reversed(open_events))
+    return result
+
+
+def device_events(trace: dict) -> tuple[list[dict], list[str]]:
+    """The events of the device's work, and the threads they came from: on a GPU its streams' kernels and copies
+    (the device's other lines are summaries of the same time), on a CPU XLA's thunks (events naming an HLO op)."""
+    events = trace["traceEvents"]
+    process_names, thread_names = {}, {}
+    for event in events:
+        if event.get("ph") == "M" and event["name"] == "process_name":
+            process_names[event["pid"]] = event["args"]["name"]
+        elif event.get("ph") == "M" and event["name"] == "thread_name":
+            thread_names[event["pid"], event["tid"]] = event["args"]["name"]
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    devices = {pid for pid, name in process_names.items() if name.startswith("/device:")}
+    if devices:
+        on_devices = [e for e in complete if e["pid"] in devices]
+        streams = [e for e in on_devices if thread_names.get((e["pid"], e["tid"]), "").startswith("Stream")]
+        chosen = streams or on_devices
+    else:
+        chosen = [e for e in complete if "hlo_op" in e.get("args", {})]
+    threads = sorted({f"{process_names.get(e['pid'], e['pid'])} {thread_names.get((e['pid'], e['tid']), e['tid'])}"
+                      for e in chosen})
+    return chosen, threads
+
+
+def custom_call_targets(hlo_text: str) -> dict[str, str]:
+    """{custom call's name: its target} in a compiled module's HLO text: the trace names a custom call by its
+    instruction alone (ffi_call.517), the kernel it runs is its target (kdep_winograd_conv, __cudnn$convForward)."""
+    return dict(re.findall(r'^\s*%?([\w.\-]+) = [^\n]*custom_call_target="([^"]+)"', hlo_text, re.MULTILINE))
+
+
+def op_kind(event: dict, targets: dict[str, str]) -> str:
+    """A custom call's target, else the HLO instruction's name without its number (fusion.12, loop_add_fusion_3:
+    fusion, loop_add_fusion), or the event's own name where it names no HLO op."""
+    name = event.get("args", {}).get("hlo_op") or event["name"]
+    return targets.get(name) or re.sub(r"[._]\d+$", "", name)
+
+
+def kernel(event: dict, targets: dict[str, str]) -> str:
+    """The event's name, with the custom call's target where it ran one."""
+    target = targets.get(event.get("args", {}).get("hlo_op", ""))
+    return f"{event['name']} ({target})" if target else event["name"]
+
+
+def summary(trace: dict, steps: int, wall_seconds_per_step: float, top: int,
+            targets: dict[str, str] | None = None) -> list[str]:
+    """The report's lines: the busy time per step, then the op kinds and the kernels taking most of it; targets:
+    custom_call_targets of the step's module."""
+    targets = targets or {}
+    events, threads = device_events(trace)
+    timed = own_times(events)
+    busy = sum(own for _, own in timed)
+    lines = [f"wall {wall_seconds_per_step * 1e3:.1f} ms per step (profiled); device busy "
+             f"{busy / steps / 1e3:.1f} ms per step, summed over {len(threads)} threads: {', '.join(threads[:8])}"
+             + (" ..." if len(threads) > 8 else "")]
+    for title, key in (("op kind", op_kind), ("kernel", kernel)):
+        totals, counts = collections.Counter(), collections.Counter()
+        for event, own in timed:
+            totals[key(event, targets)] += own
+            counts[key(event, targets)] += 1
+        lines.append(f"{'ms/step':>9} {'share':>6} {'calls/step':>10}  {title}")
+        for name, total in totals.most_common(top):
+            lines.append(f"{total / steps / 1e3:9.2f} {total / busy:6.1%} {counts[name] / steps:10.1f}  {name[:120]}")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", default="resnet18", choices=sorted(distill_step.STUDENT_DIM))
+    parser.add_argument("--teacher", default="resnet50", choices=sorted(distill_step.TEACHER_DIM))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps-per-call", type=int, default=4, help="the trainer's default, config.steps_per_call")
+    parser.add_argument("--calls", type=int, default=2, help="calls profiled, after one that compiles the step")
+    parser.add_argument("--top", type=int, default=25, help="rows of each table")
+    parser.add_argument("--out", default="runs/step_profile", help="where the trace and summary.txt are kept")
+    args = parser.parse_args()
+    setup_args = types.SimpleNamespace(**vars(args), input="synthetic")
+    step, state, count, constants, next_batches = distill_step.kdep_jax_setup(setup_args, cached=False)
+    import jax  # after the setup, which sets JAX_PLATFORMS and XLA_FLAGS
+
+    batches = next_batches()
+    step = step.lower(state, batches, count, constants).compile()
+    targets = custom_call_targets(step.as_text())
+    state, metrics = step(state, batches, count, constants)
+    jax.block_until_ready(metrics["loss"])
+    trace_dir = os.path.join(args.out, "trace")
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        start = time.perf_counter()
+        for _ in range(args.calls):
+            state, metrics = step(state, batches, count, constants)
+        jax.block_until_ready(metrics["loss"])
+        steps = args.calls * args.steps_per_call
+        wall = (time.perf_counter() - start) / steps
+    [trace_path] = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    device = jax.devices()[0].device_kind
+    lines = [f"{args.teacher} -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {device}, "
+             f"{steps} steps profiled ({args.calls} calls of {args.steps_per_call})"]
+    lines += summary(trace, steps, wall, args.top, targets)
+    shutil.move(trace_path, os.path.join(args.out, "perfetto_trace.json.gz"))
+    shutil.rmtree(trace_dir)
+    with open(os.path.join(args.out, "summary.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
