@@ -367,14 +367,19 @@ def run_child(framework: str, argv: list[str], preload: str | None = None) -> di
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """The step's models, device, batch, image size and dtype (benchmarks/step_profile.py takes them too)."""
     parser.add_argument("--student", default="resnet18", choices=sorted(STUDENT_DIM))
     parser.add_argument("--teacher", default="resnet50", choices=sorted(TEACHER_DIM))
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(parser)
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls (kdep_jax) or steps (PyTorch)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (kdep_jax) or steps (PyTorch)")
     parser.add_argument("--steps-per-call", type=int,

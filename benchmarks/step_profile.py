@@ -113,12 +113,7 @@ def summary(trace: dict, steps: int, wall_seconds_per_step: float, top: int,
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student", default="resnet18", choices=sorted(distill_step.STUDENT_DIM))
-    parser.add_argument("--teacher", default="resnet50", choices=sorted(distill_step.TEACHER_DIM))
-    parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    distill_step.add_step_arguments(parser)
     parser.add_argument("--steps-per-call", type=int, default=4, help="the trainer's default, config.steps_per_call")
     parser.add_argument("--calls", type=int, default=2, help="calls profiled, after one that compiles the step")
     parser.add_argument("--top", type=int, default=25, help="rows of each table")
