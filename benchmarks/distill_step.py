@@ -368,13 +368,18 @@ def run_child(framework: str, argv: list[str], preload: str | None = None) -> di
 
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
-    """The step's models, device, batch, image size and dtype (benchmarks/step_profile.py takes them too)."""
+    """The step's models, device, batch, image size, dtype and steps per call (benchmarks/step_profile.py takes them
+    too)."""
+    from kdep_jax import config_lib  # no JAX: XLA's flags are set later, by kdep_jax_setup
+
     parser.add_argument("--student", default="resnet18", choices=sorted(STUDENT_DIM))
     parser.add_argument("--teacher", default="resnet50", choices=sorted(TEACHER_DIM))
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--steps-per-call", type=int, default=config_lib.kdep_config().steps_per_call,
+                        help="kdep_jax's steps per XLA execution (default: the trainer's, config.steps_per_call)")
 
 
 def main():
@@ -382,8 +387,6 @@ def main():
     add_step_arguments(parser)
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls (kdep_jax) or steps (PyTorch)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (kdep_jax) or steps (PyTorch)")
-    parser.add_argument("--steps-per-call", type=int,
-                        help="kdep_jax's steps per XLA execution (default: the trainer's, config.steps_per_call)")
     parser.add_argument("--input", default="synthetic", choices=["synthetic", "jpeg"],
                         help="kdep_jax's batches: one synthetic batch, or the real input pipeline over JPEGs")
     parser.add_argument("--target-cache", action="store_true",
@@ -402,11 +405,6 @@ def main():
     parser.add_argument("--preload", help="a malloc library to preload (LD_PRELOAD) into every framework's process, "
                         "e.g. TCMalloc's libtcmalloc_minimal.so.4 as PyTorch's CPU tuning guide advises")
     args = parser.parse_args()
-    if args.steps_per_call is None:
-        from kdep_jax import config_lib
-
-        args.steps_per_call = config_lib.kdep_config().steps_per_call
-
     if args.framework != "both":  # a child: measure one framework, print its JSON
         print(json.dumps((pytorch_step if args.framework == "pytorch" else kdep_jax_step)(args)))
         return

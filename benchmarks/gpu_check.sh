@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, prepared for a session that is lent a GPU machine (15 minutes of device time, the start
 # included): the tests of the code that runs on a GPU, the distillation step against PyTorch's, float32 and
-# bfloat16, and where kdep_jax's step spends its time on the GPU (benchmarks/step_profile.py). Run from the repository's root, each part under its own time limit, its log in $OUT/PART.log
-# (runs/gpu_check without $OUT) and its exit status and seconds in $OUT/status.txt, so that a call cut short
-# still returns what it measured:
+# bfloat16, and where kdep_jax's step spends its time on the GPU (benchmarks/step_profile.py). Run from the
+# repository's root, each part under its own time limit, its log in $OUT/PART.log (runs/gpu_check without $OUT)
+# and its exit status and seconds in $OUT/status.txt, so that a call cut short still returns what it measured:
 #
 #   bash benchmarks/gpu_check.sh tests profile      # one call of the device tool: the tests took 290 s on an H200
 #   bash benchmarks/gpu_check.sh float32 bfloat16   # a second call at once, while the machine is warm: 340 s

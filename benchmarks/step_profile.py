@@ -103,8 +103,9 @@ def summary(trace: dict, steps: int, wall_seconds_per_step: float, top: int,
     for title, key in (("op kind", op_kind), ("kernel", kernel)):
         totals, counts = collections.Counter(), collections.Counter()
         for event, own in timed:
-            totals[key(event, targets)] += own
-            counts[key(event, targets)] += 1
+            name = key(event, targets)
+            totals[name] += own
+            counts[name] += 1
         lines.append(f"{'ms/step':>9} {'share':>6} {'calls/step':>10}  {title}")
         for name, total in totals.most_common(top):
             lines.append(f"{total / steps / 1e3:9.2f} {total / busy:6.1%} {counts[name] / steps:10.1f}  {name[:120]}")
@@ -114,7 +115,6 @@ def summary(trace: dict, steps: int, wall_seconds_per_step: float, top: int,
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     distill_step.add_step_arguments(parser)
-    parser.add_argument("--steps-per-call", type=int, default=4, help="the trainer's default, config.steps_per_call")
     parser.add_argument("--calls", type=int, default=2, help="calls profiled, after one that compiles the step")
     parser.add_argument("--top", type=int, default=25, help="rows of each table")
     parser.add_argument("--out", default="runs/step_profile", help="where the trace and summary.txt are kept")
