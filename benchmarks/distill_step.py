@@ -8,8 +8,8 @@ With --input jpeg, kdep_jax's repetitions instead take their batches from the re
 (JPEGs decoded, cropped and flipped by `kdep_jax.data.train_batches`, then sharded): if that is no slower
 than the synthetic step, the input pipeline is not the bottleneck. Median over timed repetitions after
 warm-up. Memory: peak device memory on a GPU, peak process RSS on a CPU. On a GPU it also prints
-each step's model FLOP utilisation (XLA's FLOP count of kdep_jax's step), on a CPU each step's share of
-the float32 FMA peak. The figures, per CPU family, are in benchmarks/README.md.
+each step's model FLOP utilisation (XLA's FLOP count of kdep_jax's step, traced for the CPU in a process of its
+own), on a CPU each step's share of the float32 FMA peak. The figures, per CPU family, are in benchmarks/README.md.
 
     python benchmarks/distill_step.py --student resnet18 --batch 32 --image-size 224
     python benchmarks/distill_step.py --device gpu --student mobilenet_v2 --batch 256 --dtype bfloat16
@@ -151,7 +151,8 @@ def xla_flop_count(step, *step_args) -> float | None:
     """XLA's FLOP count of the step as traced, with kdep_jax's C++ convolution kernels off, before XLA compiles it
     for a device: a compiled step hides its convolutions in custom calls, which XLA counts as nothing (the C++
     kernels on a CPU, cuDNN's on a GPU, where the compiled count was 0.1 GFLOP per image for R50 -> R18). Within
-    1.2% of the compiled count with XLA's convolutions on a CPU (R50 -> R18, MobileNetV2; ViT-B/16 -> R18)."""
+    1.2% of the compiled count with XLA's convolutions on a CPU (R50 -> R18, MobileNetV2; ViT-B/16 -> R18). None
+    where the backend has no count before compilation: JAX's CUDA plugin (`kdep_jax_flop_count` counts on a CPU)."""
     import jax
 
     from kdep_jax.models import layers
@@ -178,7 +179,6 @@ def kdep_jax_step(args) -> dict:
     # timed with them (0.41 s). From JPEGs each call's batches are read and placed while the device runs the call
     # before, as in the trainer.
     first_batches = batches = next_batches()
-    flops = xla_flop_count(step, state, first_batches, count, constants)
     times = []  # seconds per step
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
@@ -191,7 +191,7 @@ def kdep_jax_step(args) -> dict:
         if i >= args.warmup:
             times.append((time.perf_counter() - start) / args.steps_per_call)
     result = {"seconds": statistics.median(times), "times": times, "device_kind": jax.devices()[0].device_kind,
-              "flops": flops, "steps_per_call": args.steps_per_call}
+              "steps_per_call": args.steps_per_call}
     if cached:
         result["cache_bytes_per_image_epoch"] = target_cache.bytes_per_image_epoch(first_batches["targets"].shape[-1])
     if args.device == "gpu":
@@ -199,6 +199,15 @@ def kdep_jax_step(args) -> dict:
     else:
         result["peak_bytes"] = peak_rss_bytes()
     return result
+
+
+def kdep_jax_flop_count(args) -> dict:
+    """{"flops": XLA's count of kdep_jax's step (`xla_flop_count`)}, the step traced for a CPU whatever --device
+    says: JAX's CUDA plugin counts nothing before compilation, so a GPU's step takes the count of the same step
+    on the host's CPU. In a process of its own, so that the timed one's memory is the step's alone."""
+    args.device, args.input = "cpu", "synthetic"
+    step, state, count, constants, next_batches = kdep_jax_setup(args, args.framework == "kdep_jax_cached")
+    return {"flops": xla_flop_count(step, state, next_batches(), count, constants)}
 
 
 def synthetic_batches(args):
@@ -393,6 +402,8 @@ def main():
                         help="also time kdep_jax's step with cached teacher targets (no teacher forward)")
     parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "kdep_jax_cached", "pytorch"])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="(child, with --framework kdep_jax or kdep_jax_cached) count the step's FLOPs on a CPU")
     parser.add_argument("--pytorch-configs", default="eager,channels_last,compile_freezing",
                         help="PyTorch configurations to time, comma-separated (of: " + ", ".join(PYTORCH_CONFIGS)
                         + "); the fastest one other than eager is PyTorch's best")
@@ -405,14 +416,16 @@ def main():
     parser.add_argument("--preload", help="a malloc library to preload (LD_PRELOAD) into every framework's process, "
                         "e.g. TCMalloc's libtcmalloc_minimal.so.4 as PyTorch's CPU tuning guide advises")
     args = parser.parse_args()
-    if args.framework != "both":  # a child: measure one framework, print its JSON
-        print(json.dumps((pytorch_step if args.framework == "pytorch" else kdep_jax_step)(args)))
+    if args.framework != "both":  # a child: measure one framework (or count its step's FLOPs), print its JSON
+        measure = kdep_jax_flop_count if args.count_flops else kdep_jax_step
+        print(json.dumps((pytorch_step if args.framework == "pytorch" else measure)(args)))
         return
     argv = [a for a in sys.argv[1:] if a not in ("--json", "--target-cache")]
     if args.preload and not os.path.isfile(args.preload):
         parser.error(f"--preload {args.preload}: no such file")
     configs = [c for c in args.pytorch_configs.split(",") if c]
-    runs = [compare(args, argv, configs) for _ in range(args.runs)]
+    flops = flop_counts(args, argv)
+    runs = [compare(args, argv, configs, flops) for _ in range(args.runs)]
     if args.json:
         print(json.dumps(runs[0] if args.runs == 1 else {"runs": runs, "summary": summarise(runs)}))
         return
@@ -424,9 +437,18 @@ def main():
         print_summary(summarise(runs), args, configs)
 
 
-def compare(args, argv: list[str], configs: list[str]) -> dict:
-    """One run of the comparison: each framework and configuration in its own process, one after the other."""
-    results = {"student": args.student, "teacher": args.teacher, "device": args.device, "batch": args.batch,
+def flop_counts(args, argv: list[str]) -> dict:
+    """{"kdep_jax_flops": XLA's count of kdep_jax's online step, "kdep_jax_cached_flops": of the step with cached
+    targets (with --target-cache)}, each counted once for all runs, in a process of its own (`kdep_jax_flop_count`)."""
+    frameworks = ["kdep_jax"] + (["kdep_jax_cached"] if args.target_cache else [])
+    return {f"{framework}_flops": (run_child(framework, [*argv, "--count-flops"]) or {}).get("flops")
+            for framework in frameworks}
+
+
+def compare(args, argv: list[str], configs: list[str], flops: dict) -> dict:
+    """One run of the comparison: each framework and configuration in its own process, one after the other; flops:
+    the kdep_jax steps' FLOP counts (`flop_counts`)."""
+    results = {**flops, "student": args.student, "teacher": args.teacher, "device": args.device, "batch": args.batch,
                "image_size": args.image_size, "dtype": args.dtype, "input": args.input, "cpus": os.cpu_count(),
                "preload": args.preload}
     if args.device == "cpu":

@@ -29,7 +29,8 @@ import distill_step
 
 def own_times(events: list[dict]) -> list[tuple[dict, float]]:
     """(event, its duration less its direct children's) for complete ('X') events; a child starts and ends within
-    its parent on the same thread."""
+    its parent on the same thread. An event that starts within another and ends after it is the next one, not a
+    child: a GPU stream's kernels are one after the other, their recorded times overlapping by a microsecond."""
     by_thread = collections.defaultdict(list)
     for event in events:
         by_thread[event["pid"], event["tid"]].append(event)
@@ -38,7 +39,7 @@ def own_times(events: list[dict]) -> list[tuple[dict, float]]:
         thread_events.sort(key=lambda e: (e["ts"], -e["dur"]))
         open_events: list[list] = []  # [event, own time so far], outermost first
         for event in thread_events:
-            while open_events and event["ts"] >= open_events[-1][0]["ts"] + open_events[-1][0]["dur"]:
+            while open_events and event["ts"] + event["dur"] > open_events[-1][0]["ts"] + open_events[-1][0]["dur"]:
                 result.append(tuple(open_events.pop()))
             if open_events:
                 open_events[-1][1] -= event["dur"]
