@@ -108,9 +108,32 @@ def test_profile_counts_each_op_by_its_own_time_once():
                              {"ph": "X", "pid": 7, "tid": 1, "ts": 0, "dur": 500, "name": "python"}]}
     lines = step_profile.summary(trace, steps=1, wall_seconds_per_step=2e-4, top=5, targets=targets)
     assert "wall 0.2 ms per step (profiled); device busy 0.1 ms per step, summed over 2 threads" in lines[0], lines
-    assert lines[1].split()[-2:] == ["op", "kind"] and lines[2].split() == ["0.11", "75.9%", "3.0", "fusion"], lines
-    assert lines[4].split() == ["0.01", "6.9%", "1.0", "kdep_conv"], lines
-    assert lines[6].split()[-1] == "kernel" and "ffi_call.3 (kdep_conv)" in lines[-1], lines
+    assert lines[1].startswith("no op running for 0.0 ms per step"), lines
+    assert lines[2].split()[-2:] == ["op", "kind"] and lines[3].split() == ["0.11", "75.9%", "3.0", "fusion"], lines
+    assert lines[5].split() == ["0.01", "6.9%", "1.0", "kdep_conv"], lines
+    assert lines[7].split()[-1] == "kernel" and "ffi_call.3 (kdep_conv)" in lines[-1], lines
+
+
+def test_profile_counts_the_wait_after_an_op_to_it_on_a_cpu():
+    """XLA:CPU's Eigen dots run after their op's event ends: the time in which no op runs on any thread is counted to
+    the op that ended last before it (a dot's 0.1 ms event followed by 20 ms of its work). On a GPU the gaps between a
+    stream's kernels are idle time, counted to no kernel."""
+    def op(name, ts, dur, tid=1, pid=7):
+        return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name, "args": {"hlo_op": name}}
+
+    events = [op("fusion.1", 0, 100), op("dot.2", 50, 60, tid=2), op("dot.3", 120, 10), op("fusion.4", 150, 10),
+              op("copy.5", 152, 3, tid=2), op("fusion.6", 165, 45)]
+    assert [(event["name"], wait) for event, wait in step_profile.waits_after(events)] == [
+        ("dot.2", 10), ("dot.3", 20), ("fusion.4", 5)]
+    lines = step_profile.summary({"traceEvents": events}, steps=1, wall_seconds_per_step=2e-4, top=3)
+    assert "device busy 0.2 ms per step" in lines[0] and lines[1].startswith("no op running for 0.0 ms per step"), lines
+    assert lines[3].split() == ["0.16", "60.8%", "3.0", "fusion"], lines
+    assert lines[4].split() == ["0.10", "38.0%", "2.0", "dot"], lines
+    gpu = {"traceEvents": [{"ph": "M", "pid": 9, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+                           {"ph": "M", "pid": 9, "tid": 1, "name": "thread_name", "args": {"name": "Stream #14"}},
+                           op("kernel_a", 0, 10, pid=9), op("kernel_b", 30, 10, pid=9)]}
+    lines = step_profile.summary(gpu, steps=1, wall_seconds_per_step=5e-5, top=3)
+    assert lines[1].split()[-2:] == ["op", "kind"] and lines[2].split()[:2] == ["0.01", "50.0%"], lines
 
 
 def test_fp32_peak_from_cpuinfo():
