@@ -55,6 +55,7 @@ gpu_tests=(
   tests/test_models.py::test_initialisers_follow_torchvision
   tests/test_models.py::test_gelu_matches_float64_and_torch
   tests/test_models.py::test_relu_matches_torch_at_zero_and_on_nan
+  tests/test_models.py::test_bfloat16_conv_on_a_gpu_reads_an_rgb_input_as_8_channels
   tests/test_transformers.py::test_small_configuration_matches_torchvision_and_converts_back
   tests/test_transformers.py::test_bfloat16_computes_with_float32_params_and_outputs
   tests/test_transformers.py::test_bfloat16_vit_close_to_float32

@@ -556,6 +556,33 @@ def test_conv2d_equals_xla_with_and_without_the_native_kernels(in_channels, out_
         np.testing.assert_allclose(ours, reference, rtol=tolerance, atol=tolerance * np.abs(reference).max())
 
 
+def test_bfloat16_conv_on_a_gpu_reads_an_rgb_input_as_8_channels(monkeypatch):
+    """conv2d's bfloat16 convs on a GPU (`layers.channel_padded_conv`): a 3-channel input and the kernel are read
+    as 8 channels; the value and the kernel's gradient are the 3-channel conv's (torch in float64) to bfloat16
+    rounding."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 15, 16, 3)), jnp.bfloat16)
+    conv = conv2d(16, 7, 2, dtype=jnp.bfloat16)
+    params = conv.init(jax.random.key(0), x)
+    assert params["params"]["kernel"].shape == (7, 7, 3, 16)
+    assert "tensor<7x7x8x16xbf16>" in jax.jit(conv.apply).lower(params, x).as_text()
+    value, vjp = jax.vjp(conv.apply, params, x)
+    cotangent = jnp.asarray(rng.normal(size=value.shape), jnp.bfloat16)
+    kernel_gradient = vjp(cotangent)[0]["params"]["kernel"]
+
+    def as_torch(array, *order):
+        return torch.tensor(np.asarray(array, np.float64)).permute(*order)
+
+    kernel = as_torch(params["params"]["kernel"].astype(jnp.bfloat16), 3, 2, 0, 1).requires_grad_()
+    expected = torch.nn.functional.conv2d(as_torch(x, 0, 3, 1, 2), kernel, stride=2, padding=3)
+    (expected * as_torch(cotangent, 0, 3, 1, 2)).sum().backward()
+    expected = expected.detach().permute(0, 2, 3, 1).numpy()
+    expected_gradient = kernel.grad.permute(2, 3, 1, 0).numpy()
+    np.testing.assert_allclose(np.asarray(value, np.float64), expected, atol=1e-2 * np.abs(expected).max())
+    np.testing.assert_allclose(kernel_gradient, expected_gradient, atol=1e-2 * np.abs(expected_gradient).max())
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_conv_of_activation_equals_batchnorm_relu_conv(native, monkeypatch):
     """ConvOfActivation (a conv of BatchNorm's affine map and a ReLU, ResNet's blocks) against BatchNorm, relu and
