@@ -277,6 +277,29 @@ def test_corrupt_file_is_named_or_skipped(corrupt_folder):
     assert len(_take(data.train_batches(cfg, "train", 4, 0, 0, 0, 1), 3)) == 3
 
 
+@pytest.mark.parametrize("threads", [3, None])
+def test_pipelines_run_without_tf_data_autotuning(corrupt_folder, threads, monkeypatch):
+    """Every pipeline's iterator (training, evaluation, skip_corrupt's check) has autotuning off, whose model thread
+    can hold up an iterator's deletion for half a minute (`data.pipeline.dataset_options`), and its parallel maps
+    on all the pool's threads."""
+    seen = []
+    as_numpy_iterator = tf.data.Dataset.as_numpy_iterator
+
+    def recording(self):
+        seen.append(self.options())
+        return as_numpy_iterator(self)
+
+    monkeypatch.setattr(tf.data.Dataset, "as_numpy_iterator", recording)
+    cfg = _cfg(data_dir=corrupt_folder, eval_split="train", skip_corrupt=True, threads=threads)
+    next(data.train_batches(cfg, "train", 2, 0, 0, 0, 1))
+    next(data.eval_batches(cfg, "train", 2, 0, 1))
+    assert len(seen) == 3
+    for options in seen:
+        assert options.deterministic and options.autotune.enabled is False
+        assert options.autotune.initial_parallelism == (threads or len(os.sched_getaffinity(0)))
+        assert options.threading.private_threadpool_size == threads
+
+
 def test_bad_folders_and_settings(tmp_path, folder):
     cases = [(_cfg(data_dir=str(tmp_path / "missing")), "does not exist"), (_cfg(data_dir=None), "data_dir")]
     (tmp_path / "empty/train").mkdir(parents=True)

@@ -10,6 +10,7 @@ there without decoding anything. Each example's crop and flip are seeded by (see
 import dataclasses
 import functools
 import itertools
+import os
 import re
 
 from absl import logging
@@ -209,11 +210,7 @@ def _layout(global_batch_size, process_index, process_count):
 
 def _iterate(ds, data_config, s, batch_examples):
     """Yields numpy batches; a read or decode error becomes a DataError naming the example."""
-    options = tf.data.Options()
-    options.deterministic = True
-    if data_config.threads:
-        options.threading.private_threadpool_size = data_config.threads
-    iterator = ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
+    iterator = ds.prefetch(tf.data.AUTOTUNE).with_options(dataset_options(data_config)).as_numpy_iterator()
     for b in itertools.count():
         try:
             batch = next(iterator)
@@ -222,6 +219,24 @@ def _iterate(ds, data_config, s, batch_examples):
         except tf.errors.OpError as e:
             raise _locate(e, s.source, batch_examples(b) if batch_examples else []) from e
         yield batch
+
+
+def dataset_options(data_config) -> tf.data.Options:
+    """Deterministic order, and tf.data's autotuning off: each parallel map runs on all the pool's threads
+    (config.data.threads, or every core) and each AUTOTUNE prefetch buffer grows while it runs empty.
+
+    Deleting an iterator joins autotuning's model thread, and TensorFlow 2.21's sometimes sleeps through the
+    cancellation until its optimisation period ends: the end of a stage waited 30-38 s in 7 of 12 demo runs on a
+    2-core AMD EPYC (benchmarks/README.md, "The 30-second wait at the end of a stage"). A decode-bound pipeline
+    reads as fast without it.
+    """
+    options = tf.data.Options()
+    options.deterministic = True
+    if data_config.threads:
+        options.threading.private_threadpool_size = data_config.threads
+    options.autotune.enabled = False
+    options.autotune.initial_parallelism = data_config.threads or len(os.sched_getaffinity(0))
+    return options
 
 
 def _op_message(error: tf.errors.OpError) -> str:
@@ -274,15 +289,15 @@ def _open_cached(cfg, split) -> _Split:
             indices = np.setdiff1d(np.arange(source.num_examples), indices)
     num_skipped = 0
     if cfg.skip_corrupt:
-        indices, num_skipped = _drop_unreadable(source, indices, _name(cfg, split))
+        indices, num_skipped = _drop_unreadable(source, indices, _name(cfg, split), dataset_options(cfg))
     return _Split(source, indices, num_skipped)
 
 
-def _drop_unreadable(source, indices, name):
+def _drop_unreadable(source, indices, name, options):
     """Decodes every example once and keeps those that decode (skip_corrupt=True)."""
     ds = tf.data.Dataset.from_tensor_slices(indices).map(
         without_autograph(lambda i: (i, tf.shape(source.read(i)[0])[0])), num_parallel_calls=tf.data.AUTOTUNE
-    )
+    ).with_options(options)
     good = [
         i
         for i, _ in tqdm.tqdm(
