@@ -296,7 +296,7 @@ def test_pipelines_run_without_tf_data_autotuning(corrupt_folder, threads, monke
     assert len(seen) == 3
     for options in seen:
         assert options.deterministic and options.autotune.enabled is False
-        assert options.autotune.initial_parallelism == (threads or len(os.sched_getaffinity(0)))
+        assert options.autotune.initial_parallelism == (threads or os.cpu_count())
         assert options.threading.private_threadpool_size == threads
 
 

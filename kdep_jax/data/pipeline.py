@@ -235,7 +235,7 @@ def dataset_options(data_config) -> tf.data.Options:
     if data_config.threads:
         options.threading.private_threadpool_size = data_config.threads
     options.autotune.enabled = False
-    options.autotune.initial_parallelism = data_config.threads or len(os.sched_getaffinity(0))
+    options.autotune.initial_parallelism = data_config.threads or os.cpu_count()  # tf.data caps it at the pool's size
     return options
 
 
