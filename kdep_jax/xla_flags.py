@@ -27,13 +27,6 @@ DEFAULTS = {_YNN_FUSION_TYPE: "dot"}
 # faster, ResNet-18 1.9 to 1.4 GiB and 1.07x).
 AVX2_FMA_DEFAULTS = {_YNN_FUSION_TYPE: "dot,reduce", "xla_cpu_enable_concurrency_optimized_scheduler": "false"}
 
-# x86 CPUs with AMX tiles (Intel Xeons from the 4th generation, two 512-bit FMA units a core): as above, but dot
-# products in XLA's own Eigen kernels. On an Intel Xeon (model 167) Eigen runs ViT-B/16's projections and MLP
-# (1576 tokens, float32) at 284-305 GFLOP/s and YNNPACK at 239-253, of a 333 GFLOP/s FMA peak: the ViT-B/16 ->
-# ResNet-18 step 1.09-1.10x, the ResNet-18 and MobileNetV2 steps level. AMD's AVX-512 CPUs, where YNNPACK's dots ran
-# the transformer teachers 1.2-1.9x faster than PyTorch's MKL, were not measured with Eigen's and keep YNNPACK's.
-AMX_DEFAULTS = {**AVX2_FMA_DEFAULTS, _YNN_FUSION_TYPE: "reduce"}
-
 
 def first_cpu(cpuinfo: str | None = None) -> dict[str, str]:
     """The fields of the first CPU in `cpuinfo` (the text of /proc/cpuinfo; read when None): "vendor_id", "cpu
@@ -71,9 +64,7 @@ def avx2_fma(cpuinfo: str | None = None) -> bool:
 
 def defaults(cpuinfo: str | None = None) -> dict[str, str]:
     """The default flags for the CPU described by `cpuinfo` (this machine's /proc/cpuinfo when None)."""
-    if not avx2_fma(cpuinfo):
-        return dict(DEFAULTS)
-    return dict(AMX_DEFAULTS if "amx_tile" in cpu_features(cpuinfo) else AVX2_FMA_DEFAULTS)
+    return dict(AVX2_FMA_DEFAULTS if avx2_fma(cpuinfo) else DEFAULTS)
 
 
 def apply_defaults(environ=os.environ, cpuinfo: str | None = None) -> None:

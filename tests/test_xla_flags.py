@@ -40,18 +40,9 @@ def test_cpu_features_come_from_the_first_flags_line():
 def test_x86_cpus_with_avx2_and_fma_get_the_measured_defaults():
     for cpuinfo in (AMD_AVX2_CPUINFO, INTEL_AMX_CPUINFO):
         assert xla_flags.avx2_fma(cpuinfo)
-    assert xla_flags.defaults(AMD_AVX2_CPUINFO) == xla_flags.AVX2_FMA_DEFAULTS
+        assert xla_flags.defaults(cpuinfo) == xla_flags.AVX2_FMA_DEFAULTS
     assert xla_flags.AVX2_FMA_DEFAULTS[YNN].split(",") == ["dot", "reduce"]
     assert xla_flags.AVX2_FMA_DEFAULTS["xla_cpu_enable_concurrency_optimized_scheduler"] == "false"
-
-
-def test_cpus_with_amx_leave_dot_products_to_xla():
-    amx = xla_flags.defaults(INTEL_AMX_CPUINFO)
-    assert amx == xla_flags.AMX_DEFAULTS
-    assert amx[YNN] == "reduce"
-    assert amx["xla_cpu_enable_concurrency_optimized_scheduler"] == "false"
-    avx512_without_amx = INTEL_AMX_CPUINFO.replace(" amx_bf16", "").replace(" amx_tile", "").replace(" amx_int8", "")
-    assert xla_flags.defaults(avx512_without_amx) == xla_flags.AVX2_FMA_DEFAULTS  # AMD's AVX-512 CPUs
 
 
 def test_other_cpus_keep_the_generic_defaults():
