@@ -85,6 +85,21 @@ def shard_batches(local_batches: list[dict], mesh: Mesh, steps_per_call: int) ->
     return jax.tree.map(lambda *xs: jax.make_array_from_process_local_data(sharding, np.stack(xs)), *filled)
 
 
+def map_in_chunks(fn, batch: jax.Array, max_per_device: int):
+    """fn(batch) computed one chunk after another, each at most `max_per_device` of every device's rows (all of them
+    when 0), its outputs' rows back in the batch's order. Chunk j holds every n-th row from j on, so each chunk is
+    sharded over the devices as the batch is and no row crosses devices. fn must treat rows independently."""
+    size = batch.shape[0]
+    per_device = size // jax.device_count() if size % jax.device_count() == 0 else size
+    chunks = next(n for n in range(1, per_device + 1)
+                  if per_device % n == 0 and (not max_per_device or per_device // n <= max_per_device))
+    if chunks == 1:
+        return fn(batch)
+    strided = batch.reshape(size // chunks, chunks, *batch.shape[1:]).swapaxes(0, 1)
+    outputs = jax.lax.map(fn, strided)
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(size, *x.shape[2:]), outputs)
+
+
 def replicate(tree, mesh: Mesh):
     """Places a host pytree (identical on every process) on every device of the mesh."""
     sharding = replicated_sharding(mesh)

@@ -7,13 +7,23 @@ target cache) to it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from etils import epath
 from tqdm.auto import tqdm
 
-from kdep_jax import convert, data, faults, models, parallel
+from kdep_jax import convert, data, faults, models, parallel, xla_flags
+from kdep_jax.models import convnext, efficientnet, swin, vit
+
+# The teachers whose forward pass is faster in chunks on a CPU with AMX tiles, and the chunk. On an Intel Xeon (family 6
+# model 167, 2 cores, float32) 4 images at a time against a batch of 32 at once made the forward pass of ViT-B/16 1.12x
+# faster, Swin-T 1.37x, ConvNeXt-T 1.27x, EfficientNet-Lite0 1.29x, and the ViT-B/16 and Swin-T -> ResNet-18 steps
+# 1.09-1.22x; a ResNet-50's forward pass was 0.79x. ResNets and MobileNetV2, other CPUs and accelerators run the whole
+# batch at once until measured (benchmarks/README.md).
+CHUNKED_ON_AMX_CPUS = frozenset({*vit.CONFIGS, *swin.CONFIGS, *convnext.CONFIGS, *efficientnet.ARCHS})
+AMX_CPU_CHUNK = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,20 +50,32 @@ def model(config, num_classes: int | None = None):
     return models.from_config(config.teacher, num_classes=num_classes, dtype=jnp.dtype(config.dtype))
 
 
+def forward_chunk(config, backend: str | None = None, cpuinfo: str | None = None) -> int:
+    """At most how many images per device each chunk of the teacher's forward pass takes, 0 for the whole batch:
+    config.teacher.forward_chunk, or when unset the measured default for the teacher's arch on `backend` (JAX's
+    default) and the CPU `cpuinfo` describes (this machine's /proc/cpuinfo when None)."""
+    if config.teacher.forward_chunk is not None:
+        return config.teacher.forward_chunk
+    on_amx_cpu = (backend or jax.default_backend()) == "cpu" and "amx_tile" in xla_flags.cpu_features(cpuinfo)
+    return AMX_CPU_CHUNK if on_amx_cpu and config.teacher.arch in CHUNKED_ON_AMX_CPUS else 0
+
+
 def outputs_fn(config, names: tuple[str, ...], num_classes: int | None = None):
     """(variables, images) -> {name: float32 array} of the teacher in eval mode: "logits" and any of its features
     ("pre_relu", "pooled", "stage1".."stage4"). The images come ImageNet-normalised from the pipeline; a teacher
-    whose weights expect another normalisation (EfficientNet-Lite's) gets its own."""
+    whose weights expect another normalisation (EfficientNet-Lite's) gets its own. The batch goes through in chunks of
+    `forward_chunk(config)` images per device."""
     network = model(config, num_classes if "logits" in names else None)
     preprocessing = getattr(network, "preprocessing", models.preprocessing.IMAGENET)
+    chunk = forward_chunk(config)
 
-    def outputs(variables, images):
+    def forward(variables, images):
         images = models.preprocessing.to_own_normalisation(images, preprocessing)
         logits, features = network.apply(variables, images, train=False)
         available = {"logits": logits, **features}
         return {name: available[name].astype(jnp.float32) for name in names}
 
-    return outputs
+    return lambda variables, images: parallel.map_in_chunks(functools.partial(forward, variables), images, chunk)
 
 
 def last_stage_fn(config):

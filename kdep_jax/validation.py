@@ -58,6 +58,10 @@ def _check_kdep_settings(config, num_devices: int, num_processes: int, workdir):
     """The names and numbers of a KDEP-mode run (no file or dataset is opened); returns its method."""
     _check_loop(config, "", num_devices, num_processes)
     _check_arch(config.teacher, "teacher")
+    if config.teacher.forward_chunk is not None and config.teacher.forward_chunk < 0:
+        raise ConfigError(f"config.teacher.forward_chunk={config.teacher.forward_chunk} is negative; set the most "
+                          f"images per device in each chunk of the teacher's forward pass (e.g. 4), 0 for the whole "
+                          f"batch at once, or leave it unset for the default measured for the teacher and the device.")
     _check_arch(config.student, "student")
     _check_batch(config.alignment.batch_size, "alignment.batch_size", num_devices, num_processes)
     method = methods.create(config)
