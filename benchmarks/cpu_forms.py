@@ -54,7 +54,8 @@ def step_workload(student: str, args):
     import jax
 
     setup_args = argparse.Namespace(teacher="resnet50", student=student, dtype="float32", batch=args.step_batch,
-                                    image_size=args.image_size, device="cpu", input="synthetic", steps_per_call=1)
+                                    image_size=args.image_size, device="cpu", input="synthetic", steps_per_call=1,
+                                    teacher_forward_chunk=None)
     step, state, count, constants, next_batches = distill_step.kdep_jax_setup(setup_args, cached=False)
     batches = next_batches()
     compiled = step.lower(state, batches, count, constants).compile()

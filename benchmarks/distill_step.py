@@ -113,6 +113,7 @@ def kdep_jax_setup(args, cached: bool):
 
     config = config_lib.kdep_config()
     config.teacher.arch = args.teacher
+    config.teacher.forward_chunk = args.teacher_forward_chunk
     config.student.arch = args.student
     config.dtype = args.dtype
     config.train.batch_size = args.batch
@@ -389,6 +390,10 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps-per-call", type=int, default=config_lib.kdep_config().steps_per_call,
                         help="kdep_jax's steps per XLA execution (default: the trainer's, config.steps_per_call)")
+    parser.add_argument("--teacher-forward-chunk", type=int, default=None,
+                        help="kdep_jax's config.teacher.forward_chunk: at most this many images per device in each "
+                        "chunk of the teacher's forward pass, 0 for the whole batch (default: the measured default "
+                        "for the teacher and the device, teacher.forward_chunk)")
 
 
 def main():

@@ -1,13 +1,14 @@
 """Images/s of a teacher's forward pass: kdep_jax against PyTorch, eval mode, per arch.
 
-What the distillation runs for its teacher: kdep_jax computes features["pre_relu"] under jax.jit (the XLA
-flag defaults of `python -m kdep_jax.main` applied); PyTorch runs the torchvision model (EfficientNet-Lite:
-the efficientnet-lite-pytorch package's) with its head, a negligible part, under torch.inference_mode, in
-channels_last memory format, PyTorch's fast CPU path for convolutions, in each configuration of
---pytorch-configs: eager (`channels_last`) and `torch.compile` with Inductor's freezing of the frozen weights
-(`compile_freezing`: BatchNorm folded into the convs, their bias and activation fused into oneDNN's kernels).
-kdep_jax is compared with the faster. Each framework, configuration and arch runs in its own child process;
-median over timed repetitions after warm-up (which includes compiling), random weights, synthetic images.
+What the distillation runs for its teacher: kdep_jax computes features["pre_relu"] as `teacher.outputs_fn` does, under
+jax.jit (the XLA flag defaults of `python -m kdep_jax.main` applied), in chunks of at most --forward-chunk images (by
+default kdep_jax's measured default for the arch and the device); PyTorch runs the torchvision model (EfficientNet-Lite:
+the efficientnet-lite-pytorch package's) with its head, a negligible part, under torch.inference_mode, in channels_last
+memory format, PyTorch's fast CPU path for convolutions, in each configuration of --pytorch-configs: eager
+(`channels_last`) and `torch.compile` with Inductor's freezing of the frozen weights (`compile_freezing`: BatchNorm
+folded into the convs, their bias and activation fused into oneDNN's kernels). kdep_jax is compared with the faster.
+Each framework, configuration and arch runs in its own child process; median over timed repetitions after warm-up (which
+includes compiling), random weights, synthetic images.
 
     python benchmarks/teacher_forward.py   # resnet50, vit_b_16, swin_t, convnext_tiny, efficientnet_lite0
     python benchmarks/teacher_forward.py --arch resnet50 --batch 32 --pytorch-configs channels_last,compile_freezing
@@ -43,13 +44,16 @@ def kdep_jax_forward(args) -> float:
     import jax
     import jax.numpy as jnp
 
-    from kdep_jax import models
+    from kdep_jax import config_lib
+    from kdep_jax import teacher as teacher_lib
 
-    model = models.create_model(args.arch, num_classes=None, dtype=jnp.dtype(args.dtype))
+    config = config_lib.kdep_config()
+    config.teacher.update(arch=args.arch, forward_chunk=args.forward_chunk)
+    config.dtype = args.dtype
     images = jnp.asarray(np.random.default_rng(0).normal(size=(args.batch, args.image_size, args.image_size, 3)),
                          jnp.float32)
-    variables = jax.jit(model.init)(jax.random.key(0), images[:1])
-    forward = jax.jit(lambda variables, images: model.apply(variables, images, train=False)[1]["pre_relu"])
+    variables = jax.jit(teacher_lib.model(config).init)(jax.random.key(0), images[:1])
+    forward = jax.jit(teacher_lib.outputs_fn(config, ("pre_relu",)))
     return timed(lambda: jax.block_until_ready(forward(variables, images)), args)
 
 
@@ -115,6 +119,9 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--forward-chunk", type=int, default=None,
+                        help="kdep_jax's config.teacher.forward_chunk: at most this many images per device in each "
+                        "chunk, 0 for the whole batch (default: the measured default for the arch and the device)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--framework", default="both", choices=["both", "kdep_jax", "pytorch"],
