@@ -105,7 +105,8 @@ def kdep_config() -> ml_collections.ConfigDict:
     config.teacher.checkpoint = ""
     config.teacher.train = None
     # At most this many images per device in each chunk of the teacher's forward pass, run one chunk after another
-    # (teacher.forward_chunk); 0: the whole batch at once; None: the default measured for the teacher and the device.
+    # (teacher.forward_chunk); 0: the whole batch at once; None: the default measured for the teacher, the image size
+    # and the device.
     config.teacher.forward_chunk = placeholder(int)
     # The distillation objective: kdep, kdep_no_pts, kdep_conv, logit_kd, ssld, ssld_ce, fm, tcs,
     # scalekd (kdep_jax.methods).

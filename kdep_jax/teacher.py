@@ -17,13 +17,15 @@ from tqdm.auto import tqdm
 from kdep_jax import convert, data, faults, models, parallel, xla_flags
 from kdep_jax.models import convnext, efficientnet, swin, vit
 
-# The teachers whose forward pass is faster in chunks on a CPU with AMX tiles, and the chunk. On an Intel Xeon (family 6
-# model 167, 2 cores, float32) 4 images at a time against a batch of 32 at once made the forward pass of ViT-B/16 1.12x
-# faster, Swin-T 1.37x, ConvNeXt-T 1.27x, EfficientNet-Lite0 1.29x, and the ViT-B/16 and Swin-T -> ResNet-18 steps
-# 1.09-1.22x; a ResNet-50's forward pass was 0.79x. ResNets and MobileNetV2, other CPUs and accelerators run the whole
-# batch at once until measured (benchmarks/README.md).
+# The teachers whose forward pass is faster in chunks on a CPU with AMX tiles, and the chunk's pixels. On an Intel Xeon
+# (family 6 model 167, 2 cores, float32, 224 px) 4 images at a time against a batch of 32 at once made the forward pass
+# of ViT-B/16 1.12x faster, Swin-T 1.37x, ConvNeXt-T 1.27x, EfficientNet-Lite0 1.29x, and the ViT-B/16 and Swin-T ->
+# ResNet-18 steps 1.09-1.22x; a ResNet-50's forward pass was 0.79x. The demo's small ViT and Swin at 32 px were
+# 0.62-0.65x in chunks of 4, so a chunk holds as many pixels as 4 images of 224 px (196 images of 32 px: their whole
+# batch). ResNets and MobileNetV2, other CPUs and accelerators run the whole batch at once until measured
+# (benchmarks/README.md).
 CHUNKED_ON_AMX_CPUS = frozenset({*vit.CONFIGS, *swin.CONFIGS, *convnext.CONFIGS, *efficientnet.ARCHS})
-AMX_CPU_CHUNK = 4
+AMX_CPU_CHUNK_PIXELS = 4 * 224 * 224
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,24 +52,25 @@ def model(config, num_classes: int | None = None):
     return models.from_config(config.teacher, num_classes=num_classes, dtype=jnp.dtype(config.dtype))
 
 
-def forward_chunk(config, backend: str | None = None, cpuinfo: str | None = None) -> int:
-    """At most how many images per device each chunk of the teacher's forward pass takes, 0 for the whole batch:
-    config.teacher.forward_chunk, or when unset the measured default for the teacher's arch on `backend` (JAX's
-    default) and the CPU `cpuinfo` describes (this machine's /proc/cpuinfo when None)."""
+def forward_chunk(config, image_pixels: int, backend: str | None = None, cpuinfo: str | None = None) -> int:
+    """At most how many images (of `image_pixels` pixels each) per device each chunk of the teacher's forward pass
+    takes, 0 for the whole batch: config.teacher.forward_chunk, or when unset the measured default for the teacher's
+    arch on `backend` (JAX's default) and the CPU `cpuinfo` describes (this machine's /proc/cpuinfo when None)."""
     if config.teacher.forward_chunk is not None:
         return config.teacher.forward_chunk
     on_amx_cpu = (backend or jax.default_backend()) == "cpu" and "amx_tile" in xla_flags.cpu_features(cpuinfo)
-    return AMX_CPU_CHUNK if on_amx_cpu and config.teacher.arch in CHUNKED_ON_AMX_CPUS else 0
+    if not (on_amx_cpu and config.teacher.arch in CHUNKED_ON_AMX_CPUS):
+        return 0
+    return max(1, AMX_CPU_CHUNK_PIXELS // image_pixels)
 
 
 def outputs_fn(config, names: tuple[str, ...], num_classes: int | None = None):
     """(variables, images) -> {name: float32 array} of the teacher in eval mode: "logits" and any of its features
     ("pre_relu", "pooled", "stage1".."stage4"). The images come ImageNet-normalised from the pipeline; a teacher
     whose weights expect another normalisation (EfficientNet-Lite's) gets its own. The batch goes through in chunks of
-    `forward_chunk(config)` images per device."""
+    `forward_chunk` images per device."""
     network = model(config, num_classes if "logits" in names else None)
     preprocessing = getattr(network, "preprocessing", models.preprocessing.IMAGENET)
-    chunk = forward_chunk(config)
 
     def forward(variables, images):
         images = models.preprocessing.to_own_normalisation(images, preprocessing)
@@ -75,7 +78,11 @@ def outputs_fn(config, names: tuple[str, ...], num_classes: int | None = None):
         available = {"logits": logits, **features}
         return {name: available[name].astype(jnp.float32) for name in names}
 
-    return lambda variables, images: parallel.map_in_chunks(functools.partial(forward, variables), images, chunk)
+    def outputs(variables, images):
+        chunk = forward_chunk(config, images.shape[1] * images.shape[2])
+        return parallel.map_in_chunks(functools.partial(forward, variables), images, chunk)
+
+    return outputs
 
 
 def last_stage_fn(config):

@@ -14,20 +14,22 @@ AMX_CPU = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 fma av
 AVX512_CPU = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 fma avx512f avx512_bf16\n"
 
 
-@pytest.mark.parametrize("arch, setting, backend, cpuinfo, expected", [
-    ("vit_b_16", None, "cpu", AMX_CPU, 4),
-    ("swin_t", None, "cpu", AMX_CPU, 4),
-    ("convnext_tiny", None, "cpu", AMX_CPU, 4),
-    ("efficientnet_lite0", None, "cpu", AMX_CPU, 4),
-    ("resnet50", None, "cpu", AMX_CPU, 0),  # slower in chunks
-    ("vit_b_16", None, "cpu", AVX512_CPU, 0),  # not measured there
-    ("vit_b_16", None, "gpu", AMX_CPU, 0),
-    ("vit_b_16", 0, "cpu", AMX_CPU, 0),
-    ("resnet50", 8, "gpu", AVX512_CPU, 8),
+@pytest.mark.parametrize("arch, size, setting, backend, cpuinfo, expected", [
+    ("vit_b_16", 224, None, "cpu", AMX_CPU, 4),
+    ("swin_t", 224, None, "cpu", AMX_CPU, 4),
+    ("convnext_tiny", 224, None, "cpu", AMX_CPU, 4),
+    ("efficientnet_lite0", 224, None, "cpu", AMX_CPU, 4),
+    ("vit_b_16", 384, None, "cpu", AMX_CPU, 1),  # as many pixels as 4 images of 224 px, at least one image
+    ("swin_t", 32, None, "cpu", AMX_CPU, 196),  # the demo's batches of 32 px images go whole
+    ("resnet50", 224, None, "cpu", AMX_CPU, 0),  # slower in chunks
+    ("vit_b_16", 224, None, "cpu", AVX512_CPU, 0),  # not measured there
+    ("vit_b_16", 224, None, "gpu", AMX_CPU, 0),
+    ("vit_b_16", 224, 0, "cpu", AMX_CPU, 0),
+    ("resnet50", 224, 8, "gpu", AVX512_CPU, 8),
 ])
-def test_the_chunk_is_the_setting_or_the_measured_default(arch, setting, backend, cpuinfo, expected):
+def test_the_chunk_is_the_setting_or_the_measured_default(arch, size, setting, backend, cpuinfo, expected):
     config = tiny_config(**{"teacher.arch": arch, "teacher.forward_chunk": setting})
-    assert teacher_lib.forward_chunk(config, backend, cpuinfo) == expected
+    assert teacher_lib.forward_chunk(config, size * size, backend, cpuinfo) == expected
 
 
 def test_a_negative_chunk_is_refused(tmp_path):
