@@ -207,6 +207,8 @@ def kdep_jax_flop_count(args) -> dict:
     says: JAX's CUDA plugin counts nothing before compilation, so a GPU's step takes the count of the same step
     on the host's CPU. In a process of its own, so that the timed one's memory is the step's alone."""
     args.device, args.input = "cpu", "synthetic"
+    # The teacher's forward pass at once: in chunks it is a loop, whose body XLA counts once (the same arithmetic).
+    args.teacher_forward_chunk = 0
     step, state, count, constants, next_batches = kdep_jax_setup(args, args.framework == "kdep_jax_cached")
     return {"flops": xla_flop_count(step, state, next_batches(), count, constants)}
 
