@@ -42,6 +42,7 @@ def measure(args) -> dict:
 
     config = runpy.run_path(CONFIG)["get_config"]()
     config.scalekd.tpp = args.tpp == "on"
+    config.teacher.forward_chunk = args.teacher_forward_chunk
     config.dtype, config.train.batch_size, config.data.image_size = args.dtype, args.batch, args.image_size
     classes = 1000
     method = methods.create(config)
@@ -79,6 +80,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--teacher-forward-chunk", type=int, default=None,
+                        help="config.teacher.forward_chunk: at most this many images per device in each chunk of the "
+                        "teacher's forward pass, 0 for the whole batch (default: the measured default)")
     parser.add_argument("--tpp", choices=["on", "off"], help=argparse.SUPPRESS)  # set in the child processes
     args = parser.parse_args()
     if args.tpp:
