@@ -88,7 +88,9 @@ def shard_batches(local_batches: list[dict], mesh: Mesh, steps_per_call: int) ->
 def map_in_chunks(fn, batch: jax.Array, max_per_device: int):
     """fn(batch) computed one chunk after another, each at most `max_per_device` of every device's rows (all of them
     when 0), its outputs' rows back in the batch's order. Chunk j holds every n-th row from j on, so each chunk is
-    sharded over the devices as the batch is and no row crosses devices. fn must treat rows independently."""
+    sharded over the devices as the batch is and no row crosses devices. fn must treat rows independently. The rows
+    are taken to be spread over all of JAX's devices, as `make_mesh()` spreads them; on a smaller mesh the chunks
+    differ in size, not in what they compute."""
     size = batch.shape[0]
     per_device = size // jax.device_count() if size % jax.device_count() == 0 else size
     chunks = next(n for n in range(1, per_device + 1)
