@@ -43,6 +43,7 @@ FORMS = {
     "relu_as_select": ("step:resnet18", "step:mobilenet_v2", "forward:resnet50"),
     "pad_wide_kernels": ("forward:convnext_tiny", "forward:efficientnet_lite0"),
     "materialise_gelu": ("forward:swin_t", "forward:convnext_tiny", "forward:vit_b_16"),
+    "native_attention": ("forward:vit_b_16",),
 }
 
 

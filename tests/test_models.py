@@ -454,6 +454,58 @@ def test_native_conv_matches_float64(tile, batch, height, width, in_channels, ou
     np.testing.assert_allclose(ours, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
 
+
+def float64_attention(qkv: np.ndarray, heads: int) -> np.ndarray:
+    """softmax(q k^T / sqrt(head_dim)) v per head in numpy float64, from (N, T, 3C) to (N, T, C)."""
+    batch, tokens, width = qkv.shape
+    q, k, v = qkv.astype(np.float64).reshape(batch, tokens, 3, heads, -1).transpose(2, 0, 3, 1, 4)
+    logits = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return (weights @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, width // 3)
+
+
+@pytest.mark.parametrize("batch, tokens, heads", [
+    (2, 17, 2),  # one vector of keys and one more, all but one lane of it padding
+    (1, 5, 1),  # fewer tokens than a block of rows and than a vector
+    (3, 50, 3),  # 50 = 8 blocks of 6 rows and 2; three heads side by side
+    (1, 32, 2),  # whole vectors of keys, no padding
+])
+def test_native_attention_matches_float64(batch, tokens, heads):
+    """kdep_jax's C++ attention kernel against numpy float64, within a few times XLA's form's error, on logits spread
+    over tens (weights from 1 down to exp(-87) and below: the exponential's whole range)."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(tokens * heads)
+    qkv = (3 * rng.normal(size=(batch, tokens, 3 * heads * 64))).astype(np.float32)
+    expected = float64_attention(qkv, heads)
+    ours = jax.jit(cpu_kernels.attention, static_argnums=1)(jnp.asarray(qkv), heads)
+    xla = jax.jit(layers._xla_attention, static_argnums=(1, 2))(jnp.asarray(qkv), heads, jnp.float32)
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    error, xla_error = np.abs(ours - expected).max(), np.abs(xla - expected).max()
+    print(f"\nlargest error: kernel {error:.1e}, XLA {xla_error:.1e}, largest output {np.abs(expected).max():.1f}")
+    assert error <= max(4 * xla_error, 1e-6 * np.abs(expected).max())
+
+
+def test_attention_with_the_kernel_has_xlas_values_and_gradients(monkeypatch):
+    """`layers.attention` on one device with the kernel on: the kernel in the program, XLA's form's values within
+    float32 rounding, and its gradient (XLA's form's, computed again from qkv) the same."""
+    qkv = jnp.asarray(np.random.default_rng(0).normal(size=(2, 20, 3 * 128)), jnp.float32)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(2, 20, 128)), jnp.float32)
+
+    def value_and_gradient(qkv):
+        out, vjp = jax.vjp(lambda x: layers.attention(x, 2, jnp.float32), qkv)
+        return out, vjp(cotangent)[0]
+
+    xla_out, xla_gradient = jax.jit(value_and_gradient)(qkv)
+    monkeypatch.setattr(layers, "_native_attention", lambda: True)
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    with_kernel = jax.jit(lambda x: value_and_gradient(x))  # a function of its own: traced again, not cached
+    assert '"kdep_attention"' in with_kernel.lower(qkv).compile().as_text()
+    out, gradient = with_kernel(qkv)
+    np.testing.assert_allclose(out, xla_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gradient, xla_gradient, rtol=1e-5, atol=1e-6)
+
 @pytest.mark.parametrize("depthwise, batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
     (False, 2, 8, 9, 64, 40, 3, 2, ((1, 1), (1, 1))),  # a ResNet's strided conv: two blocks of 32 input channels
     (False, 1, 5, 31, 32, 24, 3, 2, ((1, 1), (1, 1))),  # 31 columns: phases of 16 and 15, each in blocks of 14

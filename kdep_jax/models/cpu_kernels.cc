@@ -21,6 +21,7 @@
 // - KdepMaxPool, KdepMaxPoolGradient: a max-pool (ResNet's stem pool) that also gives the tap that holds each
 //   output's maximum, and its input gradient from those taps, so that the backward pass keeps an int8 per output
 //   instead of the pool's input (XLA, given both from the input, keeps its k*k windows until the backward pass).
+// - KdepAttention: not a conv, multi-head attention's core softmax(q k^T / sqrt(d)) v (ViT's), below.
 //
 // The weight gradients keep each tap's sums over many pixels in registers, kSumLanes output channels at a time.
 // The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
@@ -1326,6 +1327,174 @@ ffi::Error MaxPoolGradient(ffi::ThreadPool pool, Int8x4d taps, Float32x4d dy, ff
   return ffi::Error::Success();
 }
 
+// Multi-head self-attention's core, softmax(q k^T * scale) v per head (`layers.attention`, ViT's blocks): from the
+// fused q/k/v projection's output qkv (N, T, 3C), each token's q, k and v side by side with the heads side by side
+// within each (C = heads x head_dim), to out (N, T, C), the heads side by side as the out-projection reads them. XLA
+// runs it as two batched products around a softmax, the heads split out of the tokens and merged back by copies.
+// Here a task is one image's head: its keys packed transposed, then kAttentionRows queries at a time, their logits
+// summed in registers over kAttentionVectors vectors of keys, the softmax of each row in float32, and the weighted sum
+// of the values in registers. Each output is summed by one thread in one order: it does not depend on the threads.
+#if defined(__AVX512F__)
+constexpr int kAttentionRows = 6;  // 6 x 4 sums, 4 loaded vectors and a broadcast: 29 of 32 registers
+#else
+constexpr int kAttentionRows = 2;  // 2 x 4 sums, 4 loaded vectors and a broadcast: 13 of 16 registers
+#endif
+constexpr int kAttentionVectors = 4;  // vectors of keys (logits) or of a value's features (outputs) a row sums at once
+using IntVector = int32_t __attribute__((vector_size(sizeof(Vector)), aligned(4)));
+
+inline Vector Splat(float value) { return Vector{} + value; }
+
+// exp(x) for x <= 0 (a logit less its row's maximum) as Cephes' expf computes it, within 2 ulp: 2^n exp(r) with
+// r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] and exp(r) a polynomial. Below -87 it gives exp(-87), 1.6e-38, where a row's
+// weights, whose maximum is exp(0) = 1, cannot tell the difference.
+inline Vector ExpOfNonPositive(Vector x) {
+  x = x < -87.0f ? Splat(-87.0f) : x;
+  const Vector rounder = Splat(12582912.0f);  // 1.5 x 2^23: adding and subtracting it rounds to an integer
+  const Vector n = (x * 1.44269504088896341f + rounder) - rounder;
+  const Vector r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 in two parts, so r keeps its low bits
+  Vector p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const IntVector bits = (__builtin_convertvector(n, IntVector) + 127) << 23;  // 2^n, n >= -126
+  Vector power;
+  std::memcpy(&power, &bits, sizeof(Vector));
+  return p * power;
+}
+
+struct AttentionHead {
+  const float* q;  // the head's first query; tokens `stride` floats apart, as are the keys' and values'
+  const float* k;
+  const float* v;
+  float* out;  // the head's output for the first token, `out_stride` floats apart
+  int64_t tokens, head_dim, stride, out_stride, padded_tokens;
+  float scale;
+  const float* keys_transposed;  // (head_dim, padded_tokens), zeros past the last token
+};
+
+// Rows first_row ... first_row + R - 1 of the logits for keys key0 ... key0 + V * kLanes - 1, scaled, into `logits`
+// (R rows of padded_tokens).
+template <int R, int V>
+void AttentionLogits(const AttentionHead& h, int64_t first_row, int64_t key0, float* logits) {
+  Vector sums[R][V] = {};
+  for (int64_t d = 0; d < h.head_dim; ++d) {
+    Vector keys[V];
+    for (int v = 0; v < V; ++v) keys[v] = Load(h.keys_transposed + d * h.padded_tokens + key0 + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float query = h.q[(first_row + r) * h.stride + d];
+      for (int v = 0; v < V; ++v) sums[r][v] += query * keys[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      const Vector scaled = sums[r][v] * h.scale;
+      std::memcpy(logits + r * h.padded_tokens + key0 + v * kLanes, &scaled, sizeof(Vector));
+    }
+  }
+}
+
+template <int R, int V = kAttentionVectors>
+void AttentionLogitsUpTo(const AttentionHead& h, int64_t first_row, int64_t key0, int64_t vectors, float* logits) {
+  if (vectors >= V) return AttentionLogits<R, V>(h, first_row, key0, logits);
+  if constexpr (V > 1) AttentionLogitsUpTo<R, V - 1>(h, first_row, key0, vectors, logits);
+}
+
+// The softmax of one row of logits, in place: exp(logit - max) / sum, zeros past the last token.
+void Softmax(float* row, int64_t tokens, int64_t padded_tokens) {
+  std::fill(row + tokens, row + padded_tokens, -std::numeric_limits<float>::infinity());
+  Vector maxima = Load(row);
+  for (int64_t j = kLanes; j < padded_tokens; j += kLanes) {
+    const Vector logits = Load(row + j);
+    maxima = maxima > logits ? maxima : logits;
+  }
+  float max = maxima[0];
+  for (int64_t lane = 1; lane < kLanes; ++lane) max = std::max(max, maxima[lane]);
+  for (int64_t j = 0; j < padded_tokens; j += kLanes) {
+    const Vector e = ExpOfNonPositive(Load(row + j) - max);
+    std::memcpy(row + j, &e, sizeof(Vector));
+  }
+  std::fill(row + tokens, row + padded_tokens, 0.0f);
+  Vector sums{};
+  for (int64_t j = 0; j < padded_tokens; j += kLanes) sums += Load(row + j);
+  float sum = 0.0f;
+  for (int64_t lane = 0; lane < kLanes; ++lane) sum += sums[lane];
+  for (int64_t j = 0; j < padded_tokens; j += kLanes) {
+    const Vector weights = Load(row + j) / sum;
+    std::memcpy(row + j, &weights, sizeof(Vector));
+  }
+}
+
+// Rows first_row ... first_row + R - 1 of the output, features d0 ... d0 + kAttentionVectors * kLanes - 1: the
+// values weighted by `weights` (R rows of padded_tokens).
+template <int R>
+void AttentionValues(const AttentionHead& h, int64_t first_row, int64_t d0, const float* weights) {
+  Vector sums[R][kAttentionVectors] = {};
+  for (int64_t j = 0; j < h.tokens; ++j) {
+    Vector values[kAttentionVectors];
+    for (int v = 0; v < kAttentionVectors; ++v) values[v] = Load(h.v + j * h.stride + d0 + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float weight = weights[r * h.padded_tokens + j];
+      for (int v = 0; v < kAttentionVectors; ++v) sums[r][v] += weight * values[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < kAttentionVectors; ++v) {
+      std::memcpy(h.out + (first_row + r) * h.out_stride + d0 + v * kLanes, &sums[r][v], sizeof(Vector));
+    }
+  }
+}
+
+template <int R>
+void AttentionRows(const AttentionHead& h, int64_t first_row, float* weights) {
+  const int64_t key_vectors = h.padded_tokens / kLanes;
+  for (int64_t vector = 0; vector < key_vectors; vector += kAttentionVectors) {
+    AttentionLogitsUpTo<R>(h, first_row, vector * kLanes, key_vectors - vector, weights);
+  }
+  for (int r = 0; r < R; ++r) Softmax(weights + r * h.padded_tokens, h.tokens, h.padded_tokens);
+  for (int64_t d0 = 0; d0 < h.head_dim; d0 += kAttentionVectors * kLanes) AttentionValues<R>(h, first_row, d0, weights);
+}
+
+template <int R = kAttentionRows>
+void AttentionRowsUpTo(const AttentionHead& h, int64_t first_row, int64_t rows, float* weights) {
+  if (rows >= R) return AttentionRows<R>(h, first_row, weights);
+  if constexpr (R > 1) AttentionRowsUpTo<R - 1>(h, first_row, rows, weights);
+}
+
+using Float32x3d = ffi::Buffer<ffi::F32, 3>;
+
+ffi::Error Attention(ffi::ThreadPool pool, Float32x3d qkv, ffi::Result<Float32x3d> out, int64_t heads, float scale) {
+  const auto dims = qkv.dimensions(), out_dims = out->dimensions();
+  const int64_t n = dims[0], tokens = dims[1], channels = out_dims[2];
+  const bool shapes_fit = heads >= 1 && out_dims[0] == n && out_dims[1] == tokens && dims[2] == 3 * channels &&
+                          channels % heads == 0 && (channels / heads) % (kAttentionVectors * kLanes) == 0;
+  if (!shapes_fit) return ffi::Error::InvalidArgument("kdep_jax CPU attention kernel: shapes that do not fit together");
+  const int64_t head_dim = channels / heads, padded_tokens = (tokens + kLanes - 1) / kLanes * kLanes;
+  const float* qkv_data = qkv.typed_data();
+  float* out_data = out->typed_data();
+  ParallelFor(pool, n * heads, [&]() {
+    return [&, keys_transposed = std::vector<float>(head_dim * padded_tokens, 0.0f),
+            weights = std::vector<float>(kAttentionRows * padded_tokens)](int64_t task) mutable {
+      const int64_t image = task / heads, head = task % heads;
+      const float* q = qkv_data + image * tokens * 3 * channels + head * head_dim;
+      const AttentionHead h{q, q + channels, q + 2 * channels, out_data + image * tokens * channels + head * head_dim,
+                            tokens, head_dim, 3 * channels, channels, padded_tokens, scale, keys_transposed.data()};
+      for (int64_t j0 = 0; j0 < tokens; j0 += kLanes) {  // a vector of keys at a time: its rows stay in the L1 cache
+        const int64_t end = std::min(tokens, j0 + kLanes);
+        for (int64_t d = 0; d < head_dim; ++d) {
+          for (int64_t j = j0; j < end; ++j) keys_transposed[d * padded_tokens + j] = h.k[j * h.stride + d];
+        }
+      }
+      for (int64_t row = 0; row < tokens; row += kAttentionRows) {
+        AttentionRowsUpTo(h, row, std::min<int64_t>(kAttentionRows, tokens - row), weights.data());
+      }
+    };
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define KDEP_WEIGHT_GRADIENT_HANDLER(name, function)         \
@@ -1379,3 +1548,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepMaxPoolGradient, MaxPoolGradient,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Float32x3d>()
+                                  .Ret<Float32x3d>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<float>("scale"));

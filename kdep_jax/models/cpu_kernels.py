@@ -4,7 +4,9 @@ Convolutions that XLA:CPU runs below the CPU's speed: a dense conv's forward pas
 gradient) and weight gradient, which XLA hands to Eigen (a stem's as a contraction only 3 channels long); a
 depthwise conv's weight gradient, which XLA runs as k*k passes over the batch, each copying a shifted window of the
 input out of memory, and its input gradient (k*k shifted products added in fused loops); and a max-pool's input
-gradient, which XLA runs as a chain of selects over strided windows.
+gradient, which XLA runs as a chain of selects over strided windows. And one that is not a convolution: multi-head
+attention's softmax(q k^T / sqrt(d)) v, which XLA runs as two batched products around a softmax, with the heads split
+out of the tokens and merged back by copies.
 The C++ kernels keep their sums in registers over many pixels and channels (1.1-8x faster alone on AMD EPYCs, Zen 4
 and Zen 5; benchmarks/README.md); a 3x3 conv with stride 1 can run by Winograd's F(2x2, 3x3), with 2.25x fewer
 products (1.5-2.0x faster alone than the direct kernel), or F(4x4, 3x3), with 4x fewer (another 1.5x at 56 and 28
@@ -44,6 +46,7 @@ _DEPTHWISE_INPUT_GRADIENT = "kdep_depthwise_input_gradient"
 _WINOGRAD_CONV = {2: "kdep_winograd_conv", 4: "kdep_winograd_conv_4x4"}  # by output tile
 _WINOGRAD_WEIGHT_GRADIENT = "kdep_winograd_weight_gradient"
 _WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION = "kdep_winograd_weight_gradient_of_activation"
+_ATTENTION = "kdep_attention"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -117,7 +120,8 @@ def available() -> bool:
                           (_WINOGRAD_CONV[2], library.KdepWinogradConv),
                           (_WINOGRAD_CONV[4], library.KdepWinogradConv4x4),
                           (_WINOGRAD_WEIGHT_GRADIENT, library.KdepWinogradWeightGradient),
-                          (_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION, library.KdepWinogradWeightGradientOfActivation)]:
+                          (_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION, library.KdepWinogradWeightGradientOfActivation),
+                          (_ATTENTION, library.KdepAttention)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -229,3 +233,18 @@ def max_pool_gradient(taps: jax.Array, grad: jax.Array, input_shape: tuple[int, 
     its output gradient `grad` and, for each output, the int8 number of the tap that holds the maximum (row-major;
     one in the padding, or from k * k up, takes nothing)."""
     return _call(_MAX_POOL_GRADIENT, tuple(input_shape), taps, grad, stride, padding, kernel_size=kernel_size)
+
+
+ATTENTION_HEAD_DIM_MULTIPLE = 64  # `attention`'s head_dim: a multiple of this (kAttentionVectors x 16 lanes)
+
+
+def attention(qkv: jax.Array, num_heads: int) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v per head, in float32: from a fused q/k/v projection's output qkv (N, T, 3C),
+    each token's q, k and v side by side and the heads side by side within each, to (N, T, C) with the heads side by
+    side; C / num_heads a multiple of ATTENTION_HEAD_DIM_MULTIPLE."""
+    _require_kernels()
+    n, tokens, width = qkv.shape
+    head_dim = width // 3 // num_heads
+    call = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct((n, tokens, width // 3), jnp.float32),
+                            vmap_method="sequential")
+    return call(qkv.astype(jnp.float32), heads=np.int64(num_heads), scale=np.float32(head_dim**-0.5))

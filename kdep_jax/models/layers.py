@@ -734,6 +734,53 @@ def dense(features: int, kernel_init, dtype: Dtype, name: str, use_bias: bool = 
                     param_dtype=jnp.float32, name=name)
 
 
+def attention(qkv: jax.Array, num_heads: int, dtype: Dtype) -> jax.Array:
+    """torch.nn.MultiheadAttention's core, softmax(q k^T / sqrt(head_dim)) v per head (the softmax in float32), from
+    the fused q/k/v projection's output qkv (N, T, 3C): each token's q, k and v side by side, the heads side by side
+    within each; to (N, T, C), the heads side by side.
+
+    On one CPU device in float32 where `_native_attention` is on: kdep_jax's C++ kernel (`cpu_kernels.attention`),
+    which reads the heads where the projection put them; its gradient is that of XLA's form, computed again from qkv.
+    Elsewhere XLA's form: two batched products around a softmax, the heads split and merged by copies."""
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    if (qkv.dtype == jnp.float32 and jax.device_count() == 1 and jax.default_backend() == "cpu"
+            and head_dim % cpu_kernels.ATTENTION_HEAD_DIM_MULTIPLE == 0 and _native_attention()):
+        return _kernel_attention(qkv, num_heads)
+    return _xla_attention(qkv, num_heads, dtype)
+
+
+def _xla_attention(qkv: jax.Array, num_heads: int, dtype: Dtype) -> jax.Array:
+    batch, length, width = qkv.shape
+    head_dim = width // 3 // num_heads
+    q, k, v = qkv.reshape(batch, length, 3, num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    logits = (q @ k.swapaxes(-1, -2)) * head_dim**-0.5
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+    return (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, width // 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _kernel_attention(qkv: jax.Array, num_heads: int) -> jax.Array:
+    return cpu_kernels.attention(qkv, num_heads)
+
+
+def _kernel_attention_forward(qkv, num_heads):
+    return cpu_kernels.attention(qkv, num_heads), qkv
+
+
+def _kernel_attention_backward(num_heads, qkv, grad):
+    return jax.vjp(lambda x: _xla_attention(x, num_heads, jnp.float32), qkv)[1](grad)
+
+
+_kernel_attention.defvjp(_kernel_attention_forward, _kernel_attention_backward)
+
+
+@functools.cache
+def _native_attention() -> bool:
+    """Whether `attention` runs as kdep_jax's C++ kernel: on CPUs with AMX tiles, where it was measured (an Intel
+    Xeon: ViT-B/16's attention on 4 images 1.74x, its forward pass 1.07x, the ViT-B/16 -> ResNet-18 step 1.03-1.04x;
+    benchmarks/README.md), and where the kernels run. Other CPUs keep XLA's form until it is measured there."""
+    return "amx_tile" in xla_flags.cpu_features() and cpu_kernels.runs_here()
+
 def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
     """torch.nn.LayerNorm over the last axis. Statistics in float32 and in two passes, as torch computes them
     (flax's default one-pass variance E[x^2] - E[x]^2 loses digits when the mean is large)."""

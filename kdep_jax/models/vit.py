@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import Dtype, cpu_conv_hook, dense, gelu, layer_norm, torch_default_kernel_init
+from kdep_jax.models.layers import (Dtype, attention, cpu_conv_hook, dense, gelu, layer_norm,
+                                    torch_default_kernel_init)
 from kdep_jax.models.naming import TorchNaming, torch_leaf
 from kdep_jax.models.preprocessing import IMAGENET
 
@@ -59,15 +60,11 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, length, dim = x.shape
-        head_dim = dim // self.num_heads
+        dim = x.shape[-1]
         in_proj_weight = self.param("in_proj_weight", _xavier, (3 * dim, dim), jnp.float32)
         in_proj_bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * dim,), jnp.float32)
         qkv = x @ in_proj_weight.T.astype(self.dtype) + in_proj_bias.astype(self.dtype)
-        q, k, v = qkv.reshape(batch, length, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        logits = (q @ k.swapaxes(-1, -2)) * head_dim**-0.5
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, dim)
+        out = attention(qkv, self.num_heads, self.dtype)
         # MultiheadAttention keeps torch.nn.Linear's default weight init for out_proj and zeroes its bias.
         return dense(dim, torch_default_kernel_init, self.dtype, name="out_proj")(out)
 
