@@ -1402,8 +1402,9 @@ void AttentionLogitsUpTo(const AttentionHead& h, int64_t first_row, int64_t key0
   if constexpr (V > 1) AttentionLogitsUpTo<R, V - 1>(h, first_row, key0, vectors, logits);
 }
 
-// The softmax of one row of logits, in place: exp(logit - max) / sum, zeros past the last token.
-void Softmax(float* row, int64_t tokens, int64_t padded_tokens) {
+// The softmax of one row of logits, in place, left unnormalised: exp(logit - max), zeros past the last token; returns
+// 1 / the row's sum, by which the weighted values are multiplied.
+float UnnormalisedSoftmax(float* row, int64_t tokens, int64_t padded_tokens) {
   std::fill(row + tokens, row + padded_tokens, -std::numeric_limits<float>::infinity());
   Vector maxima = Load(row);
   for (int64_t j = kLanes; j < padded_tokens; j += kLanes) {
@@ -1412,25 +1413,24 @@ void Softmax(float* row, int64_t tokens, int64_t padded_tokens) {
   }
   float max = maxima[0];
   for (int64_t lane = 1; lane < kLanes; ++lane) max = std::max(max, maxima[lane]);
+  Vector sums{};
   for (int64_t j = 0; j < padded_tokens; j += kLanes) {
-    const Vector e = ExpOfNonPositive(Load(row + j) - max);
+    Vector e = ExpOfNonPositive(Load(row + j) - max);
+    if (j + kLanes > tokens) {
+      for (int64_t lane = tokens - j; lane < kLanes; ++lane) e[lane] = 0.0f;
+    }
+    sums += e;
     std::memcpy(row + j, &e, sizeof(Vector));
   }
-  std::fill(row + tokens, row + padded_tokens, 0.0f);
-  Vector sums{};
-  for (int64_t j = 0; j < padded_tokens; j += kLanes) sums += Load(row + j);
   float sum = 0.0f;
   for (int64_t lane = 0; lane < kLanes; ++lane) sum += sums[lane];
-  for (int64_t j = 0; j < padded_tokens; j += kLanes) {
-    const Vector weights = Load(row + j) / sum;
-    std::memcpy(row + j, &weights, sizeof(Vector));
-  }
+  return 1.0f / sum;
 }
 
 // Rows first_row ... first_row + R - 1 of the output, features d0 ... d0 + kAttentionVectors * kLanes - 1: the
-// values weighted by `weights` (R rows of padded_tokens).
+// values weighted by `weights` (R rows of padded_tokens), times each row's `scales`.
 template <int R>
-void AttentionValues(const AttentionHead& h, int64_t first_row, int64_t d0, const float* weights) {
+void AttentionValues(const AttentionHead& h, int64_t first_row, int64_t d0, const float* weights, const float* scales) {
   Vector sums[R][kAttentionVectors] = {};
   for (int64_t j = 0; j < h.tokens; ++j) {
     Vector values[kAttentionVectors];
@@ -1442,7 +1442,8 @@ void AttentionValues(const AttentionHead& h, int64_t first_row, int64_t d0, cons
   }
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < kAttentionVectors; ++v) {
-      std::memcpy(h.out + (first_row + r) * h.out_stride + d0 + v * kLanes, &sums[r][v], sizeof(Vector));
+      const Vector out = sums[r][v] * scales[r];
+      std::memcpy(h.out + (first_row + r) * h.out_stride + d0 + v * kLanes, &out, sizeof(Vector));
     }
   }
 }
@@ -1450,11 +1451,19 @@ void AttentionValues(const AttentionHead& h, int64_t first_row, int64_t d0, cons
 template <int R>
 void AttentionRows(const AttentionHead& h, int64_t first_row, float* weights) {
   const int64_t key_vectors = h.padded_tokens / kLanes;
-  for (int64_t vector = 0; vector < key_vectors; vector += kAttentionVectors) {
-    AttentionLogitsUpTo<R>(h, first_row, vector * kLanes, key_vectors - vector, weights);
+  // Blocks of keys as even as kAttentionVectors allows (13 vectors: 4, 3, 3, 3, not 4, 4, 4, 1, whose last block
+  // would load a broadcast per product).
+  for (int64_t vector = 0; vector < key_vectors;) {
+    const int64_t left = key_vectors - vector, blocks = (left + kAttentionVectors - 1) / kAttentionVectors;
+    const int64_t block = (left + blocks - 1) / blocks;
+    AttentionLogitsUpTo<R>(h, first_row, vector * kLanes, block, weights);
+    vector += block;
   }
-  for (int r = 0; r < R; ++r) Softmax(weights + r * h.padded_tokens, h.tokens, h.padded_tokens);
-  for (int64_t d0 = 0; d0 < h.head_dim; d0 += kAttentionVectors * kLanes) AttentionValues<R>(h, first_row, d0, weights);
+  float scales[R];
+  for (int r = 0; r < R; ++r) scales[r] = UnnormalisedSoftmax(weights + r * h.padded_tokens, h.tokens, h.padded_tokens);
+  for (int64_t d0 = 0; d0 < h.head_dim; d0 += kAttentionVectors * kLanes) {
+    AttentionValues<R>(h, first_row, d0, weights, scales);
+  }
 }
 
 template <int R = kAttentionRows>
