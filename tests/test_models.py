@@ -454,7 +454,6 @@ def test_native_conv_matches_float64(tile, batch, height, width, in_channels, ou
     np.testing.assert_allclose(ours, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
 
-
 def float64_attention(qkv: np.ndarray, heads: int) -> np.ndarray:
     """softmax(q k^T / sqrt(head_dim)) v per head in numpy float64, from (N, T, 3C) to (N, T, C)."""
     batch, tokens, width = qkv.shape

@@ -777,9 +777,10 @@ _kernel_attention.defvjp(_kernel_attention_forward, _kernel_attention_backward)
 @functools.cache
 def _native_attention() -> bool:
     """Whether `attention` runs as kdep_jax's C++ kernel: on CPUs with AMX tiles, where it was measured (an Intel
-    Xeon: ViT-B/16's attention on 4 images 1.74x, its forward pass 1.07x, the ViT-B/16 -> ResNet-18 step 1.03-1.04x;
+    Xeon: ViT-B/16's attention on 4 images 1.75x, its forward pass 1.07x, the ViT-B/16 -> ResNet-18 step 1.03-1.04x;
     benchmarks/README.md), and where the kernels run. Other CPUs keep XLA's form until it is measured there."""
     return "amx_tile" in xla_flags.cpu_features() and cpu_kernels.runs_here()
+
 
 def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
     """torch.nn.LayerNorm over the last axis. Statistics in float32 and in two passes, as torch computes them
