@@ -160,7 +160,6 @@ def test_small_configuration_matches_torchvision_and_converts_back(name):
         np.testing.assert_array_equal(load_strictly(make_torch_model(), exported)(images), torch_model(images))
 
 
-
 def test_vit_with_the_cpu_attention_kernel_matches_torchvision(monkeypatch):
     """What one process on a CPU with AMX tiles runs: ViT's attention by kdep_jax's C++ kernel (heads of 64
     features, as every torchvision ViT's), as close to torchvision as XLA's form."""
@@ -178,6 +177,7 @@ def test_vit_with_the_cpu_attention_kernel_matches_torchvision(monkeypatch):
     errors = parity_errors(model, variables, torch_model, images)
     report("vit with the attention kernel", errors)
     assert max(errors.values()) < PARITY_TOLERANCE, errors
+
 
 @pytest.mark.parametrize("name", ["vit", "swin_64"])
 def test_last_stage_is_torchvisions_layers_after_stage3(name):
