@@ -420,16 +420,19 @@ def main():
     parser.add_argument("--runs", type=int, default=1,
                         help="run the whole comparison this many times, one framework and configuration after the "
                         "other in each; then print each figure's median and range over the runs")
-    parser.add_argument("--preload", help="a malloc library to preload (LD_PRELOAD) into every framework's process, "
-                        "e.g. TCMalloc's libtcmalloc_minimal.so.4 as PyTorch's CPU tuning guide advises")
+    parser.add_argument("--preload", help="a malloc library to preload (LD_PRELOAD) into every framework's process "
+                        "(with --framework, into this one's), e.g. TCMalloc's libtcmalloc_minimal.so.4 as PyTorch's "
+                        "CPU tuning guide advises")
     args = parser.parse_args()
+    if args.preload and not os.path.isfile(args.preload):
+        parser.error(f"--preload {args.preload}: no such file")
     if args.framework != "both":  # a child: measure one framework (or count its step's FLOPs), print its JSON
+        if args.preload and os.environ.get("LD_PRELOAD") != args.preload:  # run by hand: load the library first
+            os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=args.preload))
         measure = kdep_jax_flop_count if args.count_flops else kdep_jax_step
         print(json.dumps((pytorch_step if args.framework == "pytorch" else measure)(args)))
         return
     argv = [a for a in sys.argv[1:] if a not in ("--json", "--target-cache")]
-    if args.preload and not os.path.isfile(args.preload):
-        parser.error(f"--preload {args.preload}: no such file")
     configs = [c for c in args.pytorch_configs.split(",") if c]
     flops = flop_counts(args, argv)
     runs = [compare(args, argv, configs, flops) for _ in range(args.runs)]
