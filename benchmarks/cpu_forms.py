@@ -44,6 +44,7 @@ FORMS = {
     "pad_wide_kernels": ("forward:convnext_tiny", "forward:efficientnet_lite0"),
     "materialise_gelu": ("forward:swin_t", "forward:convnext_tiny", "forward:vit_b_16"),
     "native_attention": ("forward:vit_b_16",),
+    "native_dense": ("forward:vit_b_16",),
 }
 
 
@@ -75,12 +76,19 @@ def forward_workload(arch: str, args):
     import jax
 
     from kdep_jax import models, trainer
+    from kdep_jax.models import layers, vit
 
     network = models.create_model(arch, num_classes=None)
     images = np.random.default_rng(0).normal(size=(args.forward_batch, args.image_size, args.image_size, 3))
     images = jax.numpy.asarray(images.astype(np.float32))
     variables = trainer.init_variables(network, args.image_size, seed=0)
-    compiled = jax.jit(lambda v, x: network.apply(v, x, train=False)[1]["pooled"]).lower(variables, images).compile()
+
+    def forward(variables, images):  # as the teacher's forward pass runs (`teacher.outputs_fn`)
+        if arch in vit.CONFIGS:
+            variables = layers.with_packed_dense_kernels(variables)
+        return network.apply(variables, images, train=False)[1]["pooled"]
+
+    compiled = jax.jit(forward).lower(variables, images).compile()
 
     def run():
         return compiled(variables, images)

@@ -15,16 +15,17 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from kdep_jax import convert, data, faults, models, parallel, xla_flags
-from kdep_jax.models import convnext, efficientnet, swin, vit
+from kdep_jax.models import convnext, efficientnet, layers, swin, vit
 
 # The teachers whose forward pass is faster in chunks on a CPU with AMX tiles, and the chunk's pixels. On an Intel Xeon
 # (family 6 model 167, 2 cores, float32, 224 px) 4 images at a time against a batch of 32 at once made the forward pass
-# of ViT-B/16 1.12x faster, Swin-T 1.37x, ConvNeXt-T 1.27x, EfficientNet-Lite0 1.29x, and the ViT-B/16 and Swin-T ->
-# ResNet-18 steps 1.09-1.22x; a ResNet-50's forward pass was 0.79x. The demo's small ViT and Swin at 32 px were
-# 0.62-0.65x in chunks of 4, so a chunk holds as many pixels as 4 images of 224 px (196 images of 32 px: their whole
-# batch). ResNets and MobileNetV2, other CPUs and accelerators run the whole batch at once until measured
-# (benchmarks/README.md).
-CHUNKED_ON_AMX_CPUS = frozenset({*vit.CONFIGS, *swin.CONFIGS, *convnext.CONFIGS, *efficientnet.ARCHS})
+# of Swin-T 1.37x faster, ConvNeXt-T 1.27x, EfficientNet-Lite0 1.29x, and the Swin-T -> ResNet-18 step 1.19-1.22x; a
+# ResNet-50's forward pass was 0.79x. ViT-B/16's was 1.12x too, until its Linear layers ran as kdep_jax's kernel there
+# (`layers.with_packed_dense_kernels`), which reads each weight once per pass: its step is 1.06x faster on the whole
+# batch than in chunks. The demo's small Swin at 32 px was 0.62-0.65x in chunks of 4, so a chunk holds as many pixels as
+# 4 images of 224 px (196 images of 32 px: their whole batch). ResNets and MobileNetV2, other CPUs and accelerators run
+# the whole batch at once until measured (benchmarks/README.md).
+CHUNKED_ON_AMX_CPUS = frozenset({*swin.CONFIGS, *convnext.CONFIGS, *efficientnet.ARCHS})
 AMX_CPU_CHUNK_PIXELS = 4 * 224 * 224
 
 
@@ -80,6 +81,8 @@ def outputs_fn(config, names: tuple[str, ...], num_classes: int | None = None):
 
     def outputs(variables, images):
         chunk = forward_chunk(config, images.shape[1] * images.shape[2])
+        if config.teacher.arch in vit.CONFIGS:  # measured for ViT's Linear layers only
+            variables = layers.with_packed_dense_kernels(variables)
         return parallel.map_in_chunks(functools.partial(forward, variables), images, chunk)
 
     return outputs

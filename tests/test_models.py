@@ -505,6 +505,57 @@ def test_attention_with_the_kernel_has_xlas_values_and_gradients(monkeypatch):
     np.testing.assert_allclose(out, xla_out, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gradient, xla_gradient, rtol=1e-5, atol=1e-6)
 
+
+@pytest.mark.parametrize("rows, depth, features", [
+    (1, 5, 32),  # one row: a panel of rows all but one zeros
+    (13, 40, 64),  # fewer rows than a panel (14 with AVX-512, 6 with AVX2); two blocks of 32 output features
+    (29, 1600, 96),  # 1600 = two passes of 768 and one of 64, each pass's sums added to the last's
+    (400, 64, 32),  # more rows than one task's block (28 panels): two blocks of rows, even in size
+])
+def test_native_dense_matches_float64(rows, depth, features):
+    """kdep_jax's C++ Linear-layer product against numpy float64, within a few times XLA's product's error."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(rows + depth)
+    x = rng.normal(size=(rows, depth)).astype(np.float32)
+    kernel = rng.normal(size=(depth, features)).astype(np.float32)
+    expected = x.astype(np.float64) @ kernel.astype(np.float64)
+    ours = jax.jit(lambda x, w: cpu_kernels.dense(x, cpu_kernels.pack_dense_weights(w)))(x, kernel)
+    xla = jax.jit(jnp.matmul)(x, kernel)
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    error, xla_error = np.abs(ours - expected).max(), np.abs(xla - expected).max()
+    print(f"\nlargest error: kernel {error:.1e}, XLA {xla_error:.1e}, largest output {np.abs(expected).max():.1f}")
+    assert error <= max(4 * xla_error, 1e-6 * np.abs(expected).max())
+
+
+def test_dense_with_packed_kernels_has_xlas_values_and_gradients(monkeypatch):
+    """A transformer's Linear layer (`layers.dense`) given its kernel packed (`with_packed_dense_kernels`, on where
+    the kernel runs): kdep_jax's kernel in the program, XLA's values within float32 rounding and XLA's gradients.
+    Without the packed kernel, or where the kernel is off, the variables and the program are XLA's alone."""
+    module = layers.dense(64, jax.nn.initializers.lecun_normal(), jnp.float32, "fc")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 48)), jnp.float32)
+    variables = module.init(jax.random.key(0), x)
+    cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(2, 9, 64)), jnp.float32)
+
+    def value_and_gradients(variables, x):
+        out, vjp = jax.vjp(lambda params, x: module.apply({**variables, "params": params}, x), variables["params"], x)
+        return out, vjp(cotangent)
+
+    monkeypatch.setattr(layers, "_native_dense", lambda: False)
+    assert layers.with_packed_dense_kernels(variables) is variables
+    xla_out, xla_gradients = jax.jit(value_and_gradients)(variables, x)
+    monkeypatch.setattr(layers, "_native_dense", lambda: True)
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    packed = layers.with_packed_dense_kernels(variables)
+    assert packed[layers.PACKED_KERNELS]["kernel"].shape == (2, 48, 32)
+    with_kernel = jax.jit(lambda v, x: value_and_gradients(v, x))  # a function of its own: traced again
+    assert '"kdep_dense"' in with_kernel.lower(packed, x).compile().as_text()
+    out, gradients = with_kernel(packed, x)
+    np.testing.assert_allclose(out, xla_out, rtol=1e-5, atol=1e-5)
+    for ours, xla in zip(jax.tree.leaves(gradients), jax.tree.leaves(xla_gradients)):
+        np.testing.assert_allclose(ours, xla, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("depthwise, batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
     (False, 2, 8, 9, 64, 40, 3, 2, ((1, 1), (1, 1))),  # a ResNet's strided conv: two blocks of 32 input channels
     (False, 1, 5, 31, 32, 24, 3, 2, ((1, 1), (1, 1))),  # 31 columns: phases of 16 and 15, each in blocks of 14

@@ -160,22 +160,25 @@ def test_small_configuration_matches_torchvision_and_converts_back(name):
         np.testing.assert_array_equal(load_strictly(make_torch_model(), exported)(images), torch_model(images))
 
 
-def test_vit_with_the_cpu_attention_kernel_matches_torchvision(monkeypatch):
-    """What one process on a CPU with AMX tiles runs: ViT's attention by kdep_jax's C++ kernel (heads of 64
-    features, as every torchvision ViT's), as close to torchvision as XLA's form."""
+def test_vit_with_the_cpu_kernels_matches_torchvision(monkeypatch):
+    """What a teacher's forward pass in one process on a CPU with AMX tiles runs: ViT's attention (heads of 64
+    features, as every torchvision ViT's) and its Linear layers, q/k/v's included, given their kernels packed
+    (`layers.with_packed_dense_kernels`), by kdep_jax's C++ kernels, as close to torchvision as XLA's forms."""
     from kdep_jax.models import layers
 
     monkeypatch.setattr(layers, "_native_attention", lambda: True)
+    monkeypatch.setattr(layers, "_native_dense", lambda: True)
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     config = dict(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=128, mlp_dim=64)
     torch_model = randomize(torchvision.models.VisionTransformer(**config), seed=5)
     model = create_model("vit_b_16", **config)
-    variables = from_torch_state_dict(torch_model.state_dict(), model)
+    variables = layers.with_packed_dense_kernels(from_torch_state_dict(torch_model.state_dict(), model))
     images = random_images(32, 32)
     program = jax.jit(model.apply).lower(variables, images.numpy().transpose(0, 2, 3, 1)).compile().as_text()
     assert '"kdep_attention"' in program
+    assert program.count('custom_call_target="kdep_dense"') == 4 * 4  # q/k/v, out_proj and the MLP's two
     errors = parity_errors(model, variables, torch_model, images)
-    report("vit with the attention kernel", errors)
+    report("vit with the CPU kernels", errors)
     assert max(errors.values()) < PARITY_TOLERANCE, errors
 
 

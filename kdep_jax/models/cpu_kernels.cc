@@ -22,6 +22,7 @@
 //   output's maximum, and its input gradient from those taps, so that the backward pass keeps an int8 per output
 //   instead of the pool's input (XLA, given both from the input, keeps its k*k windows until the backward pass).
 // - KdepAttention: not a conv, multi-head attention's core softmax(q k^T / sqrt(d)) v (ViT's), below.
+// - KdepDense: not a conv either, a Linear layer's product x w (the transformers'), below.
 //
 // The weight gradients keep each tap's sums over many pixels in registers, kSumLanes output channels at a time.
 // The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
@@ -1504,6 +1505,98 @@ ffi::Error Attention(ffi::ThreadPool pool, Float32x3d qkv, ffi::Result<Float32x3
   return ffi::Error::Success();
 }
 
+// A dense (Linear) layer's product y (M, N) = x (M, K) w (K, N) (`layers.dense`, the transformers' Linear layers),
+// with w packed by the caller as (N / kVectorOutBlock, K, kVectorOutBlock): each block of output columns' weights in
+// the order the micro-kernel reads them. First x is copied into panels of kSumRows rows, interleaved so that a
+// step along K reads kSumRows consecutive floats (zeros past the last row). Then a task is a block of panels (as many
+// rows as stay in the L2 cache with their K) and a group of column blocks: for each column block (its weights read
+// from the L2 cache, once per panel) and each panel, kSumRows x kSumLanes sums in registers over up to kDenseDepth
+// of K, added to y from the second pass over K on. Each output is summed by one task in one order.
+constexpr int64_t kDenseDepth = 768;  // the K of one pass: a panel's K x kSumRows floats stay in the L1 cache
+constexpr int64_t kDensePanelsPerTask = 28;  // panels of x in a task's block: 392 rows x 768 floats, 1.2 MB
+
+template <int64_t Columns>
+void DensePanel(const float* x_panel, const float* w_block, int64_t depth, float* y, int64_t n, int64_t rows,
+                bool accumulate) {
+  constexpr int64_t V = Columns / kLanes;
+  Vector sums[kSumRows][V] = {};
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < depth; ++k) {
+    Vector weights[V];
+    for (int64_t v = 0; v < V; ++v) weights[v] = Load(w_block + k * kVectorOutBlock + v * kLanes);
+    for (int r = 0; r < kSumRows; ++r) {
+      const float input = x_panel[k * kSumRows + r];
+      for (int64_t v = 0; v < V; ++v) sums[r][v] += input * weights[v];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t v = 0; v < V; ++v) {
+      Vector out = sums[r][v];
+      if (accumulate) out += Load(y + r * n + v * kLanes);
+      std::memcpy(y + r * n + v * kLanes, &out, sizeof(Vector));
+    }
+  }
+}
+
+using Float32x2d = ffi::Buffer<ffi::F32, 2>;
+
+ffi::Error Dense(ffi::ThreadPool pool, Float32x2d x, Float32x3d w, ffi::Result<Float32x2d> y) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions();
+  const int64_t m = x_dims[0], depth = x_dims[1], blocks = w_dims[0], n = blocks * kVectorOutBlock;
+  const bool shapes_fit = w_dims[1] == depth && w_dims[2] == kVectorOutBlock && y->dimensions()[0] == m &&
+                          y->dimensions()[1] == n;
+  if (!shapes_fit) return ffi::Error::InvalidArgument("kdep_jax CPU dense kernel: shapes that do not fit together");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const int64_t panels = (m + kSumRows - 1) / kSumRows;
+  const int64_t row_blocks = (panels + kDensePanelsPerTask - 1) / kDensePanelsPerTask;
+  const int64_t panels_per_block = (panels + row_blocks - 1) / row_blocks;
+  // About 8 tasks per thread, and as many for each thread where the blocks allow (9 tasks on 2 threads would leave
+  // one idle for the last).
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t groups = std::clamp<int64_t>((8 * threads + row_blocks - 1) / row_blocks, 1, blocks);
+  while (groups < blocks && row_blocks * groups % threads != 0) ++groups;
+  const float* x_data = x.typed_data();
+  const float* w_data = w.typed_data();
+  float* y_data = y->typed_data();
+  // Kept from call to call (on each thread that calls the kernel), so that its pages are not mapped afresh each time.
+  thread_local std::vector<float> x_panels;
+  if (x_panels.size() < static_cast<size_t>(panels * depth * kSumRows)) x_panels.resize(panels * depth * kSumRows);
+  float* panels_data = x_panels.data();  // the helpers' own thread_local vectors are other ones
+  ParallelFor(pool, panels, [&]() {
+    return [&](int64_t panel) {
+      float* to = panels_data + panel * depth * kSumRows;
+      const int64_t rows = std::min<int64_t>(kSumRows, m - panel * kSumRows);
+      for (int64_t k = 0; k < depth; ++k) {
+        for (int64_t r = 0; r < kSumRows; ++r) {
+          to[k * kSumRows + r] = r < rows ? x_data[(panel * kSumRows + r) * depth + k] : 0.0f;
+        }
+      }
+    };
+  });
+  ParallelFor(pool, row_blocks * groups, [&]() {
+    return [&](int64_t task) {
+      const int64_t row_block = task / groups, group = task % groups;
+      const int64_t first_panel = row_block * panels_per_block;
+      const int64_t end_panel = std::min(panels, first_panel + panels_per_block);
+      const int64_t first_block = blocks * group / groups, end_block = blocks * (group + 1) / groups;
+      for (int64_t k0 = 0; k0 < depth; k0 += kDenseDepth) {
+        const int64_t part = std::min(kDenseDepth, depth - k0);
+        for (int64_t block = first_block; block < end_block; ++block) {
+          for (int64_t panel = first_panel; panel < end_panel; ++panel) {
+            const float* x_panel = panels_data + (panel * depth + k0) * kSumRows;
+            const int64_t rows = std::min<int64_t>(kSumRows, m - panel * kSumRows);
+            for (int64_t c = 0; c < kVectorOutBlock; c += kSumLanes) {
+              DensePanel<kSumLanes>(x_panel, w_data + (block * depth + k0) * kVectorOutBlock + c, part,
+                                    y_data + panel * kSumRows * n + block * kVectorOutBlock + c, n, rows, k0 > 0);
+            }
+          }
+        }
+      }
+    };
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define KDEP_WEIGHT_GRADIENT_HANDLER(name, function)         \
@@ -1564,3 +1657,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAttention, Attention,
                                   .Ret<Float32x3d>()
                                   .Attr<int64_t>("heads")
                                   .Attr<float>("scale"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepDense, Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Float32x2d>()
+                                  .Arg<Float32x3d>()
+                                  .Ret<Float32x2d>());

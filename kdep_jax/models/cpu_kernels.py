@@ -6,7 +6,7 @@ depthwise conv's weight gradient, which XLA runs as k*k passes over the batch, e
 input out of memory, and its input gradient (k*k shifted products added in fused loops); and a max-pool's input
 gradient, which XLA runs as a chain of selects over strided windows. And one that is not a convolution: multi-head
 attention's softmax(q k^T / sqrt(d)) v, which XLA runs as two batched products around a softmax, with the heads split
-out of the tokens and merged back by copies.
+out of the tokens and merged back by copies; and a Linear layer's product, which XLA runs through YNNPACK.
 The C++ kernels keep their sums in registers over many pixels and channels (1.1-8x faster alone on AMD EPYCs, Zen 4
 and Zen 5; benchmarks/README.md); a 3x3 conv with stride 1 can run by Winograd's F(2x2, 3x3), with 2.25x fewer
 products (1.5-2.0x faster alone than the direct kernel), or F(4x4, 3x3), with 4x fewer (another 1.5x at 56 and 28
@@ -47,6 +47,7 @@ _WINOGRAD_CONV = {2: "kdep_winograd_conv", 4: "kdep_winograd_conv_4x4"}  # by ou
 _WINOGRAD_WEIGHT_GRADIENT = "kdep_winograd_weight_gradient"
 _WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION = "kdep_winograd_weight_gradient_of_activation"
 _ATTENTION = "kdep_attention"
+_DENSE = "kdep_dense"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -121,7 +122,7 @@ def available() -> bool:
                           (_WINOGRAD_CONV[4], library.KdepWinogradConv4x4),
                           (_WINOGRAD_WEIGHT_GRADIENT, library.KdepWinogradWeightGradient),
                           (_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION, library.KdepWinogradWeightGradientOfActivation),
-                          (_ATTENTION, library.KdepAttention)]:
+                          (_ATTENTION, library.KdepAttention), (_DENSE, library.KdepDense)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -248,3 +249,22 @@ def attention(qkv: jax.Array, num_heads: int) -> jax.Array:
     call = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct((n, tokens, width // 3), jnp.float32),
                             vmap_method="sequential")
     return call(qkv.astype(jnp.float32), heads=np.int64(num_heads), scale=np.float32(head_dim**-0.5))
+
+
+DENSE_OUT_BLOCK = 32  # `dense`'s output features come in blocks of this many (kVectorOutBlock)
+
+
+def pack_dense_weights(kernel: jax.Array) -> jax.Array:
+    """A Linear layer's kernel (K, N), N a multiple of DENSE_OUT_BLOCK, in the order `dense` reads it: (N / 32, K, 32),
+    each block of 32 output features' weights K rows long."""
+    depth, features = kernel.shape
+    return kernel.astype(jnp.float32).reshape(depth, features // DENSE_OUT_BLOCK, DENSE_OUT_BLOCK).transpose(1, 0, 2)
+
+
+def dense(x: jax.Array, packed_kernel: jax.Array) -> jax.Array:
+    """x (M, K) times a kernel (K, N) packed by `pack_dense_weights`, in float32: (M, N)."""
+    _require_kernels()
+    blocks, _, block = packed_kernel.shape
+    call = jax.ffi.ffi_call(_DENSE, jax.ShapeDtypeStruct((x.shape[0], blocks * block), jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.float32), packed_kernel)

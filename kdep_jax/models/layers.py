@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -728,10 +729,84 @@ def torch_linear(features: int, in_features: int, dtype: Dtype = jnp.float32, na
 
 
 def dense(features: int, kernel_init, dtype: Dtype, name: str, use_bias: bool = True,
-          bias_init=nn.initializers.zeros) -> nn.Dense:
+          bias_init=nn.initializers.zeros) -> "Dense":
     """A Dense layer with float32 parameters, for the transformers (whose inits differ from torch's default)."""
-    return nn.Dense(features, use_bias=use_bias, kernel_init=kernel_init, bias_init=bias_init, dtype=dtype,
-                    param_dtype=jnp.float32, name=name)
+    return Dense(features, kernel_init, dtype, use_bias, bias_init, name=name)
+
+
+class Dense(nn.Module):
+    """flax's nn.Dense with float32 parameters ("kernel" (K, N), "bias"), its product by `matmul`: by kdep_jax's CPU
+    kernel where the variables hold the kernel packed for it (`with_packed_dense_kernels`)."""
+    features: int
+    kernel_init: Any
+    dtype: Dtype
+    use_bias: bool = True
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.get_variable(PACKED_KERNELS, "kernel"))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+        return y
+
+
+PACKED_KERNELS = "packed_kernels"  # the collection of `with_packed_dense_kernels`
+
+
+def with_packed_dense_kernels(variables: dict) -> dict:
+    """`variables` and, where `matmul` can run as kdep_jax's CPU kernel (`_native_dense`), the collection
+    PACKED_KERNELS: each transformer Linear layer's kernel packed for it (`cpu_kernels.pack_dense_weights`), ViT's
+    q/k/v projection's as well. For a frozen network (a teacher; `teacher.outputs_fn` packs ViT's, where it was
+    measured): packed once per program, where XLA would pack them again in each pass of a loop over chunks of images
+    (it does not hoist the packing out of the loop)."""
+    if not (jax.device_count() == 1 and jax.default_backend() == "cpu" and _native_dense()):
+        return variables
+    flat = traverse_util.flatten_dict(variables["params"])
+    packed = {}
+    for path, value in flat.items():
+        kernel = value if path[-1] == "kernel" else value.T if path[-1] == "in_proj_weight" else None
+        if (kernel is not None and kernel.ndim == 2 and kernel.dtype == jnp.float32
+                and kernel.shape[1] % cpu_kernels.DENSE_OUT_BLOCK == 0):
+            packed[path] = cpu_kernels.pack_dense_weights(kernel)
+    return {**variables, PACKED_KERNELS: traverse_util.unflatten_dict(packed)}
+
+
+def matmul(x: jax.Array, kernel: jax.Array, packed_kernel: jax.Array | None = None) -> jax.Array:
+    """x (..., K) @ kernel (K, N): a Linear layer's product. By kdep_jax's C++ kernel (`cpu_kernels.dense`) where
+    the kernel comes packed for it too (`with_packed_dense_kernels`) and x is float32 on one CPU device; its gradient
+    is XLA's product's. Otherwise XLA's product (YNNPACK's on CPUs)."""
+    if (packed_kernel is not None and x.dtype == jnp.float32 and jax.device_count() == 1
+            and jax.default_backend() == "cpu"):
+        return _kernel_matmul(x, kernel, packed_kernel)
+    return x @ kernel
+
+
+@jax.custom_vjp
+def _kernel_matmul(x: jax.Array, kernel: jax.Array, packed_kernel: jax.Array) -> jax.Array:
+    return cpu_kernels.dense(x.reshape(-1, x.shape[-1]), packed_kernel).reshape(*x.shape[:-1], kernel.shape[1])
+
+
+def _kernel_matmul_forward(x, kernel, packed_kernel):
+    return _kernel_matmul(x, kernel, packed_kernel), (x, kernel, packed_kernel)
+
+
+def _kernel_matmul_backward(residuals, grad):
+    x, kernel, packed_kernel = residuals
+    return (*jax.vjp(jnp.matmul, x, kernel)[1](grad), jnp.zeros_like(packed_kernel))
+
+
+_kernel_matmul.defvjp(_kernel_matmul_forward, _kernel_matmul_backward)
+
+
+@functools.cache
+def _native_dense() -> bool:
+    """Whether `with_packed_dense_kernels` packs the kernels, so that `matmul` runs as kdep_jax's C++ kernel: on CPUs
+    with AMX tiles, where it was measured (an Intel Xeon: ViT-B/16's Linear layers at 788 tokens alone 1.12-1.29x
+    YNNPACK's, the ViT-B/16 -> ResNet-18 step with the teacher's batch whole 1.06x the step in chunks without it;
+    benchmarks/README.md), and where the kernels run. Other CPUs keep XLA's product until it is measured there."""
+    return "amx_tile" in xla_flags.cpu_features() and cpu_kernels.runs_here()
 
 
 def attention(qkv: jax.Array, num_heads: int, dtype: Dtype) -> jax.Array:

@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import (Dtype, attention, cpu_conv_hook, dense, gelu, layer_norm,
-                                    torch_default_kernel_init)
+from kdep_jax.models.layers import (PACKED_KERNELS, Dtype, attention, cpu_conv_hook, dense, gelu, layer_norm,
+                                    matmul, torch_default_kernel_init)
 from kdep_jax.models.naming import TorchNaming, torch_leaf
 from kdep_jax.models.preprocessing import IMAGENET
 
@@ -63,7 +63,8 @@ class SelfAttention(nn.Module):
         dim = x.shape[-1]
         in_proj_weight = self.param("in_proj_weight", _xavier, (3 * dim, dim), jnp.float32)
         in_proj_bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * dim,), jnp.float32)
-        qkv = x @ in_proj_weight.T.astype(self.dtype) + in_proj_bias.astype(self.dtype)
+        packed_weight = self.get_variable(PACKED_KERNELS, "in_proj_weight")
+        qkv = matmul(x, in_proj_weight.T.astype(self.dtype), packed_weight) + in_proj_bias.astype(self.dtype)
         out = attention(qkv, self.num_heads, self.dtype)
         # MultiheadAttention keeps torch.nn.Linear's default weight init for out_proj and zeroes its bias.
         return dense(dim, torch_default_kernel_init, self.dtype, name="out_proj")(out)
