@@ -149,11 +149,12 @@ def kdep_jax_setup(args, cached: bool):
 
 
 def xla_flop_count(step, *step_args) -> float | None:
-    """XLA's FLOP count of the step as traced, with kdep_jax's C++ convolution and attention kernels off, before XLA
-    compiles it for a device: a compiled step hides its convolutions in custom calls, which XLA counts as nothing (the
-    C++ kernels on a CPU, cuDNN's on a GPU, where the compiled count was 0.1 GFLOP per image for R50 -> R18). Within
-    1.2% of the compiled count with XLA's convolutions on a CPU (R50 -> R18, MobileNetV2; ViT-B/16 -> R18). None
-    where the backend has no count before compilation: JAX's CUDA plugin (`kdep_jax_flop_count` counts on a CPU)."""
+    """XLA's FLOP count of the step as traced, with kdep_jax's C++ convolution, attention and Linear-layer kernels off,
+    before XLA compiles it for a device: a compiled step hides its convolutions in custom calls, which XLA counts as
+    nothing (the C++ kernels on a CPU, cuDNN's on a GPU, where the compiled count was 0.1 GFLOP per image for R50 ->
+    R18). Within 1.2% of the compiled count with XLA's convolutions on a CPU (R50 -> R18, MobileNetV2; ViT-B/16 ->
+    R18). None where the backend has no count before compilation: JAX's CUDA plugin (`kdep_jax_flop_count` counts on a
+    CPU)."""
     import jax
 
     from kdep_jax.models import layers
@@ -161,7 +162,7 @@ def xla_flop_count(step, *step_args) -> float | None:
     jax.clear_caches()  # trace the step again, with XLA's convolutions
     with contextlib.ExitStack() as stack:
         for form in ("_native_conv", "_native_conv_weight_gradient", "_native_weight_gradient",
-                     "_native_input_gradient", "_native_attention"):
+                     "_native_input_gradient", "_native_attention", "_native_dense"):
             stack.enter_context(mock.patch.object(layers, form, lambda: False))
         flops = (step.lower(*step_args).cost_analysis() or {}).get("flops")
     jax.clear_caches()
