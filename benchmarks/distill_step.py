@@ -14,6 +14,7 @@ own), on a CPU each step's share of the float32 FMA peak. The figures, per CPU f
     python benchmarks/distill_step.py --student resnet18 --batch 32 --image-size 224
     python benchmarks/distill_step.py --device gpu --student mobilenet_v2 --batch 256 --dtype bfloat16
     python benchmarks/distill_step.py --target-cache   # also the step with cached teacher targets
+    python benchmarks/distill_step.py --teacher-dtype bfloat16   # a float32 student, the teacher in bfloat16
     python benchmarks/distill_step.py --teacher swin_t --batch 8   # a transformer teacher (or vit_b_16)
     python benchmarks/distill_step.py --framework kdep_jax --input jpeg   # kdep_jax fed by the input pipeline
     python benchmarks/distill_step.py --preload /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4  # both on TCMalloc
@@ -116,6 +117,7 @@ def kdep_jax_setup(args, cached: bool):
     config.teacher.forward_chunk = args.teacher_forward_chunk
     config.student.arch = args.student
     config.dtype = args.dtype
+    config.teacher.dtype = args.teacher_dtype
     config.train.batch_size = args.batch
     mesh = parallel.make_mesh()
     method = methods.create(config)
@@ -149,12 +151,12 @@ def kdep_jax_setup(args, cached: bool):
 
 
 def xla_flop_count(step, *step_args) -> float | None:
-    """XLA's FLOP count of the step as traced, with kdep_jax's C++ convolution, attention and Linear-layer kernels off,
-    before XLA compiles it for a device: a compiled step hides its convolutions in custom calls, which XLA counts as
-    nothing (the C++ kernels on a CPU, cuDNN's on a GPU, where the compiled count was 0.1 GFLOP per image for R50 ->
-    R18). Within 1.2% of the compiled count with XLA's convolutions on a CPU (R50 -> R18, MobileNetV2; ViT-B/16 ->
-    R18). None where the backend has no count before compilation: JAX's CUDA plugin (`kdep_jax_flop_count` counts on a
-    CPU)."""
+    """XLA's FLOP count of the step as traced, with kdep_jax's C++ convolution (the AMX one's too), attention and
+    Linear-layer kernels off, before XLA compiles it for a device: a compiled step hides its convolutions in custom
+    calls, which XLA counts as nothing (the C++ kernels on a CPU, cuDNN's on a GPU, where the compiled count was 0.1
+    GFLOP per image for R50 -> R18). Within 1.2% of the compiled count with XLA's convolutions on a CPU (R50 -> R18,
+    MobileNetV2; ViT-B/16 -> R18). None where the backend has no count before compilation: JAX's CUDA plugin
+    (`kdep_jax_flop_count` counts on a CPU)."""
     import jax
 
     from kdep_jax.models import layers
@@ -162,7 +164,7 @@ def xla_flop_count(step, *step_args) -> float | None:
     jax.clear_caches()  # trace the step again, with XLA's convolutions
     with contextlib.ExitStack() as stack:
         for form in ("_native_conv", "_native_conv_weight_gradient", "_native_weight_gradient",
-                     "_native_input_gradient", "_native_attention", "_native_dense"):
+                     "_native_input_gradient", "_native_attention", "_native_dense", "_amx_conv"):
             stack.enter_context(mock.patch.object(layers, form, lambda: False))
         flops = (step.lower(*step_args).cost_analysis() or {}).get("flops")
     jax.clear_caches()
@@ -325,7 +327,8 @@ def pytorch_step(args) -> dict:
     """The original's step: teacher under inference_mode in eval mode, student in train mode, SGD.
 
     args.pytorch_config picks how the models and input are set up (PYTORCH_CONFIGS). bfloat16 is
-    torch.autocast (float32 parameters and loss), the usual PyTorch mixed precision.
+    torch.autocast (float32 parameters and loss), the usual PyTorch mixed precision; --teacher-dtype bfloat16 puts
+    the teacher alone under it.
     """
     import torch
     import torchvision
@@ -347,10 +350,12 @@ def pytorch_step(args) -> dict:
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     teacher, student, images = PYTORCH_CONFIGS[args.pytorch_config](teacher, student, images)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    teacher_autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                      enabled=(args.teacher_dtype or args.dtype) == "bfloat16")
     times = []
     for i in range(args.warmup + args.repeats):
         start = time.perf_counter()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), teacher_autocast:
             z = (teacher(images) - mean) @ components
             targets = torch.sign(z) * (z / 0.1).abs().pow(1 / 3)
         targets = targets.clone()  # an ordinary tensor, usable by autograd
@@ -391,6 +396,8 @@ def add_step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--teacher-dtype", choices=["float32", "bfloat16"],
+                        help="the teacher's dtype, kdep_jax's config.teacher.dtype (default: --dtype)")
     parser.add_argument("--steps-per-call", type=int, default=config_lib.kdep_config().steps_per_call,
                         help="kdep_jax's steps per XLA execution (default: the trainer's, config.steps_per_call)")
     parser.add_argument("--teacher-forward-chunk", type=int, default=None,
@@ -460,7 +467,8 @@ def compare(args, argv: list[str], configs: list[str], flops: dict) -> dict:
     """One run of the comparison: each framework and configuration in its own process, one after the other; flops:
     the kdep_jax steps' FLOP counts (`flop_counts`)."""
     results = {**flops, "student": args.student, "teacher": args.teacher, "device": args.device, "batch": args.batch,
-               "image_size": args.image_size, "dtype": args.dtype, "input": args.input, "cpus": os.cpu_count(),
+               "image_size": args.image_size, "dtype": args.dtype, "teacher_dtype": args.teacher_dtype or args.dtype,
+               "input": args.input, "cpus": os.cpu_count(),
                "preload": args.preload}
     if args.device == "cpu":
         results["cpu"] = cpu_name()
@@ -501,7 +509,10 @@ def compare(args, argv: list[str], configs: list[str], flops: dict) -> dict:
 def print_report(results: dict, args, configs: list[str]) -> None:
     memory = "peak device memory" if args.device == "gpu" else "peak RSS"
     device = results.get("cpu", results.get("kdep_jax_device_kind", "?"))
-    print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.image_size} px, {args.dtype}, {args.device} "
+    dtype = args.dtype
+    if (args.teacher_dtype or args.dtype) != args.dtype:
+        dtype += f", teacher {args.teacher_dtype}"
+    print(f"{args.teacher} -> {args.student}, batch {args.batch}, {args.image_size} px, {dtype}, {args.device} "
           f"({device}), {results['cpus']} CPUs, kdep_jax input {args.input}, {args.steps_per_call} steps per call"
           + (f", {os.path.basename(args.preload)} preloaded" if args.preload else ""))
     labels = [("kdep_jax", "kdep_jax"), ("kdep_jax_cached", "kdep_jax, cached targets")]

@@ -45,7 +45,7 @@ def result_differences(previous: dict, current: dict, prefix: str = "") -> list[
     for key in sorted(set(previous) | set(current)):
         field = prefix + key
         there, now = previous.get(key, "<absent>"), current.get(key, "<absent>")
-        if _run_only(field):
+        if _run_only(field) or (there == "<absent>" and now is None):  # a field added since, unset: as before
             continue
         if isinstance(there, dict) and isinstance(now, dict):
             differences += result_differences(there, now, field + ".")

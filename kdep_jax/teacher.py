@@ -49,8 +49,13 @@ def load(config, directory) -> Teacher:
                    meta.get("num_classes"))
 
 
+def dtype(config) -> str:
+    """The teacher's computation dtype: config.teacher.dtype, else the run's config.dtype."""
+    return config.teacher.dtype or config.dtype
+
+
 def model(config, num_classes: int | None = None):
-    return models.from_config(config.teacher, num_classes=num_classes, dtype=jnp.dtype(config.dtype))
+    return models.from_config(config.teacher, num_classes=num_classes, dtype=jnp.dtype(dtype(config)))
 
 
 def forward_chunk(config, image_pixels: int, backend: str | None = None, cpuinfo: str | None = None) -> int:
@@ -100,12 +105,13 @@ def data_provenance(config, teacher: Teacher, data_config) -> dict:
     """What a pass of the teacher over `data_config` depends on; a file whose provenance differs is not reused.
 
     Every data setting (which images, how they are cropped, which corrupt ones are left out), the seed of
-    the augmentation and the compute dtype; only the reader's thread count is left out, it changes no value.
+    the augmentation and the teacher's compute dtype; only the reader's thread count is left out, it changes no
+    value.
     """
     settings = data_config.to_dict()
     settings.pop("threads")
     provenance = {"teacher_sha256": teacher.sha256, "teacher_arch": config.teacher.arch,
-                  "teacher_width": config.teacher.width, "data": settings, "seed": config.seed, "dtype": config.dtype}
+                  "teacher_width": config.teacher.width, "data": settings, "seed": config.seed, "dtype": dtype(config)}
     if config.teacher.overrides:  # recorded only when set, so that files made before the field existed still match
         provenance["teacher_overrides"] = config.teacher.overrides.to_dict()
     return provenance

@@ -13,7 +13,7 @@ import logging
 import jax
 from etils import epath
 
-from kdep_jax import config_lib, convert, data, methods, models
+from kdep_jax import config_lib, convert, data, methods, models, xla_flags
 from kdep_jax.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -62,6 +62,12 @@ def _check_kdep_settings(config, num_devices: int, num_processes: int, workdir):
         raise ConfigError(f"config.teacher.forward_chunk={config.teacher.forward_chunk} is negative; set the most "
                           f"images per device in each chunk of the teacher's forward pass (e.g. 4), 0 for the whole "
                           f"batch at once, or leave it unset for the default measured for the teacher and the device.")
+    if config.teacher.dtype is not None and config.teacher.dtype not in DTYPES:
+        raise ConfigError(f"config.teacher.dtype={config.teacher.dtype!r}: use one of {', '.join(DTYPES)}, or leave "
+                          f"it unset for config.dtype ({config.dtype!r}).")
+    if config.teacher.dtype == "bfloat16" and jax.default_backend() == "cpu" and not _amx_cpu():
+        logging.warning("config.teacher.dtype='bfloat16' on a CPU without AMX tiles: XLA:CPU computes bfloat16 "
+                        "convolutions more slowly than float32 ones (benchmarks/README.md); float32 is faster here.")
     _check_arch(config.student, "student")
     _check_batch(config.alignment.batch_size, "alignment.batch_size", num_devices, num_processes)
     method = methods.create(config)
@@ -242,7 +248,8 @@ def _check_loop(config, prefix: str, num_devices: int, num_processes: int) -> No
     if config.dtype == "bfloat16" and jax.default_backend() == "cpu":
         logging.warning("%sdtype='bfloat16' on a CPU: XLA:CPU computes bfloat16 convolutions and dot products "
                         "more slowly than float32 ones, AMX or not (benchmarks/README.md); float32 is faster "
-                        "here. bfloat16 is for GPUs and TPUs.", field)
+                        "here. bfloat16 is for GPUs and TPUs; on an Intel Xeon with AMX, a float32 run with "
+                        "--config.teacher.dtype=bfloat16 runs a CNN teacher's convs on the AMX tiles.", field)
     train = config.train
     for name in ("num_epochs", "lr_decay_every_epochs"):
         if train[name] < 1:
@@ -285,6 +292,11 @@ def _check_split(data_config, split: str, field: str, split_field: str = "split"
         return data.dataset_info(data_config, split)
     except data.DataError as error:
         raise ConfigError(f"config.{field} ({split_field} {split!r}): {error}") from None
+
+
+def _amx_cpu() -> bool:
+    """Whether this CPU has AMX tiles for bfloat16, where a bfloat16 teacher's convs run on them (`layers`)."""
+    return {"amx_tile", "amx_bf16"} <= xla_flags.cpu_features()
 
 
 def _network(section) -> tuple:

@@ -154,6 +154,11 @@ def test_workdir_of_another_config_is_refused_and_run_only_fields_are_not_compar
     assert pipeline.result_differences({"train": {"lr": 1}, "log_every_steps": 1, "downstream": {"seed": 0}},
                                        {"train": {"lr": 2}, "log_every_steps": 5, "downstream": None}) == [
         ("downstream", {"seed": 0}, None), ("train.lr", 1, 2)]
+    # A field added since the run was made, left unset (None: the behaviour before it), is no difference.
+    assert pipeline.result_differences({"teacher": {"arch": "resnet50"}},
+                                       {"teacher": {"arch": "resnet50", "dtype": None}}) == []
+    assert pipeline.result_differences({"teacher": {}}, {"teacher": {"dtype": "bfloat16"}}) == [
+        ("teacher.dtype", "<absent>", "bfloat16")]
 
 
 @pytest.mark.slow

@@ -556,6 +556,125 @@ def test_dense_with_packed_kernels_has_xlas_values_and_gradients(monkeypatch):
         np.testing.assert_allclose(ours, xla, rtol=1e-5, atol=1e-5)
 
 
+def _amx_cpu() -> bool:
+    from kdep_jax import xla_flags
+
+    return {"amx_tile", "amx_bf16"} <= xla_flags.cpu_features()
+
+
+needs_amx = pytest.mark.skipif(not _amx_cpu(), reason="the AMX kernel runs on CPUs with AMX tiles for bfloat16")
+
+
+@needs_amx
+@pytest.mark.parametrize("batch, height, width, in_channels, out_channels, kernel_size, stride, pad", [
+    (2, 9, 10, 32, 32, 3, 1, 1),  # a 3x3 conv: each output row computed 2 columns wider, those dropped
+    (2, 10, 11, 64, 96, 3, 2, 1),  # stride 2: four phase planes; 96 channels, three blocks of 32
+    (3, 7, 8, 64, 32, 1, 1, 0),  # a 1x1 conv with stride 1 reads x itself; 168 outputs, the last block partial
+    (2, 14, 15, 32, 64, 1, 2, 0),  # a strided 1x1 conv: one plane of every other pixel
+    (1, 11, 12, 32, 32, 7, 2, 3),  # a 7x7 kernel with stride 2
+    (2, 13, 14, 64, 32, 3, 1, 0),  # no padding
+    (9, 5, 5, 32, 64, 3, 1, 1),  # small images: several to a task
+    (1, 40, 41, 256, 32, 1, 1, 0),  # large ones: bands of rows (2), x read itself
+    (1, 40, 41, 256, 32, 3, 1, 1),  # the same, copied into a plane (2 bands)
+    (1, 40, 41, 256, 32, 3, 2, 1),  # four phase planes (3 bands)
+])
+@pytest.mark.parametrize("activation", [False, True])
+def test_amx_conv_matches_float64(batch, height, width, in_channels, out_channels, kernel_size, stride, pad,
+                                  activation):
+    """kdep_jax's bfloat16 conv on the AMX tiles against numpy float64 over the same bfloat16 values: float32 sums.
+    With an activation, the input is relu(x * scale + shift) of a float32 x, rounded to bfloat16 as XLA rounds
+    (`layers._activation`); a NaN in x gives NaNs where it is read, as XLA's conv of the activation does."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(batch + height + kernel_size)
+    x = jnp.asarray(rng.normal(size=(batch, height, width, in_channels)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, in_channels, out_channels)), jnp.bfloat16)
+    padding = ((pad, pad), (pad, pad))
+    if activation:
+        x = x.astype(jnp.float32).at[0, 1, 2, 3].set(jnp.nan)
+        scale, shift = (jnp.asarray(rng.normal(size=in_channels), jnp.float32) for _ in range(2))
+        ours = jax.jit(lambda x, w: cpu_kernels.amx_conv(x, w, stride, padding, (scale, shift)))(x, kernel)
+        read = layers._activation(x, scale, shift, jnp.bfloat16)
+    else:
+        ours = jax.jit(lambda x, w: cpu_kernels.amx_conv(x, w, stride, padding))(x, kernel)
+        read = x
+    expected = torch.nn.functional.conv2d(  # float64
+        torch.from_numpy(np.asarray(read.astype(jnp.float32), np.float64)).permute(0, 3, 1, 2),
+        torch.from_numpy(np.asarray(kernel.astype(jnp.float32), np.float64)).permute(3, 2, 0, 1),
+        stride=stride, padding=pad).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(expected))
+    finite = np.isfinite(expected)
+    assert finite.sum() > expected.size // 2
+    error = np.abs(np.asarray(ours)[finite] - expected[finite]).max()
+    assert error <= 1e-6 * np.abs(expected[finite]).max()
+
+
+@needs_amx
+def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
+    """A bfloat16 ResNet on a CPU with AMX tiles: its convs' forward passes on the tiles (a stem's, of 3 channels,
+    by the float32 kernel), the activations between them read by the kernel; the features of XLA's bfloat16 model
+    within bfloat16's rounding, and the float32 model's within a few times that; its gradients float32 and finite."""
+    model = create_model("resnet18", num_classes=None, dtype=jnp.bfloat16)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), images, train=False)
+
+    def features(variables, images):
+        return model.apply(variables, images, train=False)[1]["pre_relu"]
+
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    on_tiles = jax.jit(lambda v, x: features(v, x))
+    program = on_tiles.lower(variables, images).compile().as_text()
+    assert '"kdep_amx_conv_of_activation"' in program and '"kdep_amx_conv"' in program
+    ours = on_tiles(variables, images)
+    gradients = jax.jit(jax.grad(lambda params: jnp.sum(features({**variables, "params": params}, images) ** 2)))(
+        variables["params"])
+    assert all(leaf.dtype == jnp.float32 and np.isfinite(leaf).all() for leaf in jax.tree.leaves(gradients))
+    monkeypatch.setattr(layers, "_amx_conv", lambda: False)
+    xla = jax.jit(lambda v, x: features(v, x))(variables, images)
+    float32 = create_model("resnet18", num_classes=None, dtype=jnp.float32).apply(variables, images, train=False)
+    float32 = float32[1]["pre_relu"]
+    assert relative_error(ours, xla) < 2e-2
+    assert relative_error(ours, float32) < 3 * max(relative_error(xla, float32), 1e-2)
+
+
+@needs_amx
+@pytest.mark.parametrize("kernel_size, stride, of_activation", [(3, 1, False), (3, 2, False), (1, 1, False),
+                                                                (1, 2, False), (3, 1, True), (1, 1, True)])
+def test_bfloat16_convs_on_amx_tiles_have_xlas_gradients(kernel_size, stride, of_activation, monkeypatch):
+    """conv2d's bfloat16 convs and ConvOfActivation's on the AMX tiles: float32 sums, bfloat16's of XLA's conv within
+    its rounding; the gradients, XLA's through each conv's custom VJP, XLA's model's to float32 rounding (the same
+    operations on the same values)."""
+    rng = np.random.default_rng(kernel_size + stride)
+    x = jnp.asarray(rng.normal(size=(2, 8, 9, 32)), jnp.float32 if of_activation else jnp.bfloat16)
+    scale, shift = (jnp.asarray(rng.normal(size=32), jnp.float32) for _ in range(2))
+    if of_activation:
+        module = layers.ConvOfActivation(64, kernel_size, stride, dtype=jnp.bfloat16)
+        arguments = (x, scale, shift)
+    else:
+        module = conv2d(64, kernel_size, stride, dtype=jnp.bfloat16)
+        arguments = (x,)
+    variables = module.init(jax.random.key(0), *arguments)
+    cotangent = jnp.asarray(rng.normal(size=jax.eval_shape(module.apply, variables, *arguments).shape), jnp.float32)
+
+    def value_and_gradients(variables, *arguments):
+        out, vjp = jax.vjp(lambda v, *a: module.apply(v, *a).astype(jnp.float32), variables, *arguments)
+        return out, vjp(cotangent)
+
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    on_tiles = jax.jit(lambda *a: value_and_gradients(*a))  # functions of their own: each traced anew
+    assert "kdep_amx_conv" in on_tiles.lower(variables, *arguments).compile().as_text()
+    out, gradients = on_tiles(variables, *arguments)
+    monkeypatch.setattr(layers, "_amx_conv", lambda: False)
+    xla = jax.jit(lambda *a: value_and_gradients(*a))
+    assert "kdep_amx_conv" not in xla.lower(variables, *arguments).compile().as_text()
+    xla_out, xla_gradients = xla(variables, *arguments)
+    assert relative_error(out, xla_out) < 1e-2
+    for leaf, xla_leaf in zip(jax.tree.leaves(gradients), jax.tree.leaves(xla_gradients)):
+        assert leaf.dtype == xla_leaf.dtype
+        assert relative_error(leaf, xla_leaf) < 1e-2
+
+
 @pytest.mark.parametrize("depthwise, batch, height, width, in_channels, out_channels, kernel_size, stride, padding", [
     (False, 2, 8, 9, 64, 40, 3, 2, ((1, 1), (1, 1))),  # a ResNet's strided conv: two blocks of 32 input channels
     (False, 1, 5, 31, 32, 24, 3, 2, ((1, 1), (1, 1))),  # 31 columns: phases of 16 and 15, each in blocks of 14

@@ -37,6 +37,21 @@ def test_a_negative_chunk_is_refused(tmp_path):
         validation.validate(tiny_config(**{"teacher.forward_chunk": -1}), 4, 1, tmp_path)
 
 
+def test_the_teachers_dtype_is_its_own_or_the_runs_and_a_wrong_one_is_refused(tmp_path):
+    """config.teacher.dtype sets the teacher's compute dtype (its model, and what its passes' files record) apart
+    from the student's; unset, it is config.dtype."""
+    config = tiny_config(**{"dtype": "float32", "teacher.dtype": "bfloat16"})
+    assert teacher_lib.model(config).dtype == np.dtype("bfloat16")
+    teacher = teacher_lib.Teacher({}, "sha", None)
+    assert teacher_lib.data_provenance(config, teacher, config.data)["dtype"] == "bfloat16"
+    config.teacher.dtype = None
+    assert teacher_lib.model(config).dtype == np.dtype("float32")
+    assert teacher_lib.data_provenance(config, teacher, config.data)["dtype"] == "float32"
+    with pytest.raises(ConfigError, match="config.teacher.dtype='float16': use one of float32, bfloat16, or leave it "
+                                          "unset for config.dtype"):
+        validation.validate(tiny_config(**{"teacher.dtype": "float16"}), 4, 1, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def tiny_vit_teacher():
     config = tiny_config("tiny_vit")

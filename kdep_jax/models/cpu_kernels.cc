@@ -23,6 +23,8 @@
 //   instead of the pool's input (XLA, given both from the input, keeps its k*k windows until the backward pass).
 // - KdepAttention: not a conv, multi-head attention's core softmax(q k^T / sqrt(d)) v (ViT's), below.
 // - KdepDense: not a conv either, a Linear layer's product x w (the transformers'), below.
+// - KdepAmxConv: a dense conv's forward pass in bfloat16 (float32 sums) on the AMX tiles of an Intel Xeon, which
+//   XLA:CPU does not use (its bfloat16 convs are slower than its float32 ones), below.
 //
 // The weight gradients keep each tap's sums over many pixels in registers, kSumLanes output channels at a time.
 // The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
@@ -39,6 +41,12 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -49,6 +57,7 @@ namespace {
 using Float32x4d = ffi::Buffer<ffi::F32, 4>;
 using Int8x4d = ffi::Buffer<ffi::S8, 4>;
 using Float32x1d = ffi::Buffer<ffi::F32, 1>;
+using Bfloat16x4d = ffi::Buffer<ffi::BF16, 4>;
 
 int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
@@ -1597,6 +1606,263 @@ ffi::Error Dense(ffi::ThreadPool pool, Float32x2d x, Float32x3d w, ffi::Result<F
   return ffi::Error::Success();
 }
 
+
+// A dense conv's forward pass in bfloat16 on the AMX tiles: y (N, Ho, Wo, Cout) float32 = x (N, H, W, Cin) bfloat16
+// conv w (k, k, Cin, Cout) bfloat16, Cin and Cout multiples of 32. Each tile product multiplies 16 pixels' 32 input
+// channels by their weights for 16 output channels; a tile loads 16 rows one stride apart, so the input a tap reads
+// for 16 consecutive outputs must lie one stride apart. A task copies its band of rows into s * s phase planes, each
+// the padded input's pixels (s r + pi, s c + pj): in plane (i % s, j % s) tap (i, j) reads, for the outputs
+// q = row * width + column of a grid (width = Wo + (k - 1) / s, its last columns computed and dropped), the pixels
+// q + (i / s) * width + j / s, consecutive. The sums are float32, added tap by tap and 32 channels at a time.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr int64_t kAmxPixels = 32, kAmxChannels = 32;  // a block of outputs: two tiles of rows by two of columns
+constexpr int64_t kAmxBandValues = 1 << 18;  // the bfloat16 values of a task's phase planes, at most (512 KiB)
+constexpr int64_t kAmxCachedWeightBytes = 1 << 20;
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The kernel asks Linux once per process for the tiles' state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+bool AmxPermitted() {
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return permitted;
+}
+
+// w (k, k, Cin, Cout) as the tiles read it: (Cout / 32, k * k, Cin / 2, 32, 2), two input channels side by side.
+std::vector<uint16_t> PackAmxWeights(const uint16_t* w, int64_t taps, int64_t cin, int64_t cout) {
+  std::vector<uint16_t> packed(taps * cin * cout);
+  for (int64_t b = 0; b < cout / kAmxChannels; ++b) {
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t c = 0; c < cin; ++c) {
+        uint16_t* to = packed.data() + ((b * taps + t) * (cin / 2) + c / 2) * 2 * kAmxChannels + c % 2;
+        for (int64_t l = 0; l < kAmxChannels; ++l) to[2 * l] = w[(t * cin + c) * cout + b * kAmxChannels + l];
+      }
+    }
+  }
+  return packed;
+}
+
+// x's values as the tiles read them, bfloat16: x's own, or relu(x * scale + shift) (a BatchNorm's affine map and
+// `layers.relu`, a NaN stays) of a float32 x, rounded to the nearest bfloat16 (ties to even) as XLA rounds.
+struct AmxInput {
+  const uint16_t* bfloat16 = nullptr;
+  const float *float32 = nullptr, *scale = nullptr, *shift = nullptr;
+
+  // Copies the `channels` values from offset `from` on to `to`.
+  void Copy(int64_t from, int64_t channels, uint16_t* to) const {
+    if (bfloat16 != nullptr) {
+      std::memcpy(to, bfloat16 + from, channels * 2);
+      return;
+    }
+    int64_t c = 0;
+#if defined(__AVX512BF16__)
+    for (; c + 32 <= channels; c += 32) {  // VCVTNE2PS2BF16 rounds as below (and flushes denormals to zero)
+      const __m512 low = Activation(_mm512_loadu_ps(float32 + from + c), c);
+      const __m512 high = Activation(_mm512_loadu_ps(float32 + from + c + 16), c + 16);
+      _mm512_storeu_si512(to + c, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+    }
+#endif
+    for (; c < channels; ++c) {
+      float product = float32[from + c] * scale[c];
+      asm("" : "+x"(product));  // rounded before the addition, as XLA rounds it: not one fused multiply-add
+      float value = product + shift[c];
+      value = value < 0.0f ? 0.0f : value;
+      uint32_t bits;
+      std::memcpy(&bits, &value, 4);
+      to[c] = value != value ? static_cast<uint16_t>((bits >> 16) | 0x40)
+                             : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+  }
+
+#if defined(__AVX512BF16__)
+  // relu(x * scale + shift) of 16 channels from c on: the comparison is false for a NaN, which stays.
+  __m512 Activation(__m512 x, int64_t c) const {
+    __m512 product = _mm512_mul_ps(x, _mm512_loadu_ps(scale + c));
+    asm("" : "+v"(product));  // as in Copy: no fused multiply-add
+    const __m512 value = _mm512_add_ps(product, _mm512_loadu_ps(shift + c));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_LT_OQ), value,
+                                _mm512_setzero_ps());
+  }
+#endif
+};
+
+// Adds to the four sum tiles the products of 32 outputs' inputs (`in`, tile rows `in_stride` values apart, 16 rows
+// on from in + 16 * in_stride) with a tap's weights for 32 output channels (`w`, as PackAmxWeights lays them out).
+inline void AmxTap(const uint16_t* in, int64_t in_stride, const uint16_t* w, int64_t cin) {
+  for (int64_t c = 0; c < cin; c += kAmxChannels) {
+    _tile_loadd(4, in + c, in_stride * 2);
+    _tile_loadd(5, in + 16 * in_stride + c, in_stride * 2);
+    _tile_loadd(6, w + c * kAmxChannels, 128);
+    _tile_loadd(7, w + c * kAmxChannels + 32, 128);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
+// Stores the four sum tiles: 32 rows of 32 float32 sums, `stride` floats apart.
+inline void AmxStore(float* out, int64_t stride) {
+  _tile_stored(0, out, stride * 4);
+  _tile_stored(1, out + 16, stride * 4);
+  _tile_stored(2, out + 16 * stride, stride * 4);
+  _tile_stored(3, out + 16 * stride + 16, stride * 4);
+}
+
+ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<const int64_t> x_dims,
+                     Bfloat16x4d& w, ffi::Result<Float32x4d>& y, int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto w_dims = w.dimensions(), y_dims = y->dimensions();
+  const int64_t n = x_dims[0];
+  const Shape s{x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2], y_dims[3], w_dims[0],
+                stride, pad_top, pad_left};
+  const bool shapes_fit = y_dims[0] == n && w_dims[1] == s.k && w_dims[2] == s.in_channels &&
+                          w_dims[3] == s.out_channels && s.in_channels % kAmxChannels == 0 &&
+                          s.out_channels % kAmxChannels == 0 && stride >= 1 && pad_top >= 0 && pad_left >= 0;
+  if (!shapes_fit) return ffi::Error::InvalidArgument("kdep_jax AMX conv kernel: shapes that do not fit together");
+  if (n == 0 || s.out_height <= 0 || s.out_width <= 0) return ffi::Error::Success();
+  if (!AmxPermitted()) return ffi::Error::Internal("kdep_jax AMX conv kernel: Linux did not grant the AMX tiles");
+  const int64_t cin = s.in_channels, cout = s.out_channels, taps = s.k * s.k, reach = (s.k - 1) / s.stride;
+  const int64_t phases = std::min(s.k, s.stride), width = s.out_width + reach;
+  // A 1x1 conv with stride 1 reads x itself: its outputs' inputs are x's pixels, one after another.
+  const bool reads_x = input.bfloat16 != nullptr && s.k == 1 && s.stride == 1 && s.height == s.out_height &&
+                      s.width == s.out_width;
+  // A task's outputs: a band of rows of one image, or whole images (as many as fill the budget, a quarter of the
+  // batch per thread at most), so that each block of weights read into the cache serves many outputs.
+  const int64_t image_values = phases * phases * ((s.out_height + reach + 1) * width + kAmxPixels) * cin;
+  const int64_t chunk = std::clamp<int64_t>(kAmxBandValues / image_values, 1,
+                                            std::max<int64_t>(1, n / (4 * pool.num_threads())));
+  const int64_t band = std::clamp<int64_t>(kAmxBandValues / (phases * phases * width * cin) - reach - 1, 1,
+                                           s.out_height);
+  const int64_t bands = chunk > 1 ? 1 : (s.out_height + band - 1) / band, chunks = (n + chunk - 1) / chunk;
+  const int64_t band_rows_max = chunk > 1 ? s.out_height : band;
+  const int64_t plane_pixels = (band_rows_max + reach + 1) * width + kAmxPixels;
+  const int64_t image_planes = reads_x ? 0 : phases * phases * plane_pixels * cin;
+  const std::vector<uint16_t> packed = PackAmxWeights(w.typed_data(), taps, cin, cout);
+  // Where all the weights stay in the L2 cache, each block of outputs takes all its channels before the next,
+  // written once (ResNet-50's 1x1 convs to 256 channels at 56 px 4.7x faster than a pass per block of channels,
+  // each pass reading the output back from memory); larger weights are read a block of channels at a time.
+  const bool weights_cached = packed.size() * 2 <= kAmxCachedWeightBytes;
+  float* y_data = y->typed_data();
+  ParallelFor(pool, chunks * bands, [&]() {
+    return [&, planes = std::vector<uint16_t>(chunk * image_planes + (reads_x ? kAmxPixels * cin : 0)),
+            sums = std::vector<float>(kAmxPixels * kAmxChannels)](int64_t task) mutable {
+      const int64_t first_image = task / bands * chunk, images = std::min(chunk, n - first_image);
+      const int64_t first_row = task % bands * band;
+      const int64_t band_rows = std::min(band_rows_max, s.out_height - first_row);
+      const int64_t outputs = band_rows * width;  // per image; whole images, one run, where reads_x
+      for (int64_t image = 0; image < images && !reads_x; ++image) {
+        const int64_t x_image = (first_image + image) * s.height * s.width * cin;
+        for (int64_t pi = 0; pi < phases; ++pi) {
+          for (int64_t pj = 0; pj < phases; ++pj) {
+            uint16_t* plane = planes.data() + image * image_planes + (pi * phases + pj) * plane_pixels * cin;
+            std::fill(plane, plane + plane_pixels * cin, uint16_t{0});
+            for (int64_t r = 0; r < band_rows + reach; ++r) {
+              const int64_t row = (first_row + r) * s.stride + pi - s.pad_top;
+              if (row < 0 || row >= s.height) continue;
+              for (int64_t c = 0; c < width; ++c) {
+                const int64_t column = c * s.stride + pj - s.pad_left;
+                if (column < 0 || column >= s.width) continue;
+                input.Copy(x_image + (row * s.width + column) * cin, cin, plane + (r * width + c) * cin);
+              }
+            }
+          }
+        }
+      }
+      // Where x is read itself, the last block of the batch is copied out with zeros after it: its tiles' rows
+      // run past x's end.
+      const int64_t run = reads_x ? images * outputs : outputs, runs = reads_x ? 1 : images;
+      const uint16_t* x_run =
+          reads_x ? input.bfloat16 + ((first_image * s.height + first_row) * s.width) * cin : nullptr;
+      const bool ends_x = reads_x && first_image + images == n && run % kAmxPixels != 0;
+      if (ends_x) {
+        const int64_t last = run / kAmxPixels * kAmxPixels;
+        std::fill(planes.begin(), planes.end(), uint16_t{0});
+        std::memcpy(planes.data(), x_run + last * cin, (run - last) * cin * 2);
+      }
+      TileConfig config;
+      for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+      _tile_loadconfig(&config);
+      // The sums of 32 channels (block b) of 32 outputs (from q on) of one image (of the run, where reads_x).
+      auto outputs_block = [&](int64_t b, int64_t image, int64_t q) {
+        const uint16_t* w_block = packed.data() + b * taps * cin * kAmxChannels;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        if (reads_x) {
+          const bool copied = ends_x && q + kAmxPixels > run;
+          AmxTap(copied ? planes.data() : x_run + q * cin, cin, w_block, cin);
+        } else {
+          const uint16_t* image_planes_data = planes.data() + image * image_planes;
+          for (int64_t i = 0; i < s.k; ++i) {
+            for (int64_t j = 0; j < s.k; ++j) {
+              const uint16_t* plane =
+                  image_planes_data + ((i % s.stride) * phases + j % s.stride) * plane_pixels * cin;
+              AmxTap(plane + (q + i / s.stride * width + j / s.stride) * cin, cin,
+                     w_block + (i * s.k + j) * cin * kAmxChannels, cin);
+            }
+          }
+        }
+        float* y_run = y_data + (((first_image + image) * s.out_height + first_row) * s.out_width) * cout +
+                       b * kAmxChannels;
+        if (reach == 0 && q + kAmxPixels <= run) {  // 32 consecutive outputs
+          AmxStore(y_run + q * cout, cout);
+          return;
+        }
+        AmxStore(sums.data(), kAmxChannels);
+        for (int64_t p = 0; p < kAmxPixels && q + p < run; ++p) {
+          const int64_t row = (q + p) / width, column = (q + p) % width;
+          if (column >= s.out_width) continue;
+          std::memcpy(y_run + (row * s.out_width + column) * cout, sums.data() + p * kAmxChannels,
+                      kAmxChannels * 4);
+        }
+      };
+      for (int64_t image = 0; image < runs && weights_cached; ++image) {
+        for (int64_t q = 0; q < run; q += kAmxPixels) {
+          for (int64_t b = 0; b < cout / kAmxChannels; ++b) outputs_block(b, image, q);
+        }
+      }
+      for (int64_t b = 0; b < cout / kAmxChannels && !weights_cached; ++b) {
+        for (int64_t image = 0; image < runs; ++image) {
+          for (int64_t q = 0; q < run; q += kAmxPixels) outputs_block(b, image, q);
+        }
+      }
+      _tile_release();
+    };
+  });
+  return ffi::Error::Success();
+}
+ffi::Error AmxConv(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y, int64_t stride,
+                   int64_t pad_top, int64_t pad_left) {
+  AmxInput input;
+  input.bfloat16 = x.typed_data();
+  return AmxConvOf(pool, input, x.dimensions(), w, y, stride, pad_top, pad_left);
+}
+
+ffi::Error AmxConvOfActivation(ffi::ThreadPool pool, Float32x4d x, Float32x1d scale, Float32x1d shift,
+                               Bfloat16x4d w, ffi::Result<Float32x4d> y, int64_t stride, int64_t pad_top,
+                               int64_t pad_left) {
+  if (scale.element_count() != x.dimensions()[3] || shift.element_count() != x.dimensions()[3]) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX conv kernel: an activation of another width than x");
+  }
+  AmxInput input;
+  input.float32 = x.typed_data(), input.scale = scale.typed_data(), input.shift = shift.typed_data();
+  return AmxConvOf(pool, input, x.dimensions(), w, y, stride, pad_top, pad_left);
+}
+#else
+ffi::Error NoAmx() { return ffi::Error::Internal("kdep_jax's CPU kernels were built for a CPU without AMX tiles"); }
+ffi::Error AmxConv(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>, int64_t, int64_t, int64_t) {
+  return NoAmx();
+}
+ffi::Error AmxConvOfActivation(ffi::ThreadPool, Float32x4d, Float32x1d, Float32x1d, Bfloat16x4d,
+                               ffi::Result<Float32x4d>, int64_t, int64_t, int64_t) {
+  return NoAmx();
+}
+#endif
+
 }  // namespace
 
 #define KDEP_WEIGHT_GRADIENT_HANDLER(name, function)         \
@@ -1663,3 +1929,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepDense, Dense,
                                   .Arg<Float32x2d>()
                                   .Arg<Float32x3d>()
                                   .Ret<Float32x2d>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConv, AmxConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConvOfActivation, AmxConvOfActivation,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Float32x4d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));

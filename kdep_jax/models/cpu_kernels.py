@@ -48,6 +48,8 @@ _WINOGRAD_WEIGHT_GRADIENT = "kdep_winograd_weight_gradient"
 _WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION = "kdep_winograd_weight_gradient_of_activation"
 _ATTENTION = "kdep_attention"
 _DENSE = "kdep_dense"
+_AMX_CONV = "kdep_amx_conv"
+_AMX_CONV_OF_ACTIVATION = "kdep_amx_conv_of_activation"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -122,7 +124,9 @@ def available() -> bool:
                           (_WINOGRAD_CONV[4], library.KdepWinogradConv4x4),
                           (_WINOGRAD_WEIGHT_GRADIENT, library.KdepWinogradWeightGradient),
                           (_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION, library.KdepWinogradWeightGradientOfActivation),
-                          (_ATTENTION, library.KdepAttention), (_DENSE, library.KdepDense)]:
+                          (_ATTENTION, library.KdepAttention), (_DENSE, library.KdepDense),
+                          (_AMX_CONV, library.KdepAmxConv),
+                          (_AMX_CONV_OF_ACTIVATION, library.KdepAmxConvOfActivation)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -268,3 +272,32 @@ def dense(x: jax.Array, packed_kernel: jax.Array) -> jax.Array:
     call = jax.ffi.ffi_call(_DENSE, jax.ShapeDtypeStruct((x.shape[0], blocks * block), jnp.float32),
                             vmap_method="sequential")
     return call(x.astype(jnp.float32), packed_kernel)
+
+
+AMX_CONV_CHANNELS = 32  # `amx_conv`'s input and output channels: multiples of this
+
+
+@functools.cache
+def amx_runs_here() -> bool:
+    """Whether `amx_conv` runs on this CPU: one with AMX tiles for bfloat16 (an Intel Xeon since Sapphire Rapids),
+    where the kernels run (`runs_here`)."""
+    return {"amx_tile", "amx_bf16"} <= xla_flags.cpu_features() and runs_here()
+
+
+def amx_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]],
+             activation: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """A dense conv in bfloat16 on the AMX tiles, the sums float32: NHWC x and HWIO kernel (k, k, Cin, Cout) rounded
+    to bfloat16, Cin and Cout multiples of AMX_CONV_CHANNELS, zero padding ((top, bottom), (left, right)); the output
+    is float32 (N, Ho, Wo, Cout) as for `jax.lax.conv_general_dilated` with preferred_element_type float32.
+    activation (scale, shift), per channel: the conv's input is relu(x * scale + shift) (`layers.relu`) of a float32
+    x, rounded to bfloat16 here."""
+    _require_kernels()
+    k = kernel.shape[0]
+    out_size = [(size + before + after - k) // stride + 1 for size, (before, after) in zip(x.shape[1:3], padding)]
+    out = jax.ShapeDtypeStruct((x.shape[0], *out_size, kernel.shape[-1]), jnp.float32)
+    attributes = dict(stride=np.int64(stride), pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+    if activation is None:
+        call = jax.ffi.ffi_call(_AMX_CONV, out, vmap_method="sequential")
+        return call(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), **attributes)
+    call = jax.ffi.ffi_call(_AMX_CONV_OF_ACTIVATION, out, vmap_method="sequential")
+    return call(*(v.astype(jnp.float32) for v in (x, *activation)), kernel.astype(jnp.bfloat16), **attributes)

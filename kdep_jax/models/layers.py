@@ -74,8 +74,29 @@ def _pointwise_weight_gradient_as_dot() -> bool:
 
 
 def _pointwise_conv_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    if _on_amx_tiles(x, kernel):
+        return cpu_kernels.amx_conv(x, kernel, stride, ((0, 0), (0, 0)))
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "VALID",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.cache
+def _amx_conv() -> bool:
+    """Whether conv2d's bfloat16 convs take their forward pass from kdep_jax's AMX kernel (`cpu_kernels.amx_conv`)
+    where it runs: XLA:CPU does not use the AMX tiles, and runs bfloat16 convs 1.55x slower than float32 ones. A
+    bfloat16 ResNet-50's forward pass at batch 32 went from 0.72x to 1.9x the float32 one's speed (Intel Xeon,
+    benchmarks/README.md)."""
+    return cpu_kernels.amx_runs_here()
+
+
+def _on_amx_tiles(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether a bfloat16 conv's forward pass runs as `cpu_kernels.amx_conv` (its output the float32 sums, which
+    the BatchNorm after it reads: XLA:CPU rounds to bfloat16 slowly, about 1 ns a value on 2 cores): on one device
+    (under a sharded jit XLA would gather the batch for it), its channels in blocks of the kernel's. x may be the
+    float32 sums of the conv before (ConvOfActivation's)."""
+    return (kernel.dtype == jnp.bfloat16 and x.dtype in (jnp.bfloat16, jnp.float32) and jax.device_count() == 1
+            and _amx_conv() and x.shape[-1] % cpu_kernels.AMX_CONV_CHANNELS == 0
+            and kernel.shape[-1] % cpu_kernels.AMX_CONV_CHANNELS == 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -103,6 +124,7 @@ def _pointwise_conv_vjp_forward(x, kernel, stride, weight_gradient_as_dot):
 
 def _pointwise_conv_vjp_backward(stride, weight_gradient_as_dot, residuals, grad):
     x, kernel = residuals
+    grad = grad.astype(kernel.dtype)  # the AMX kernel's float32 sums (`_on_amx_tiles`)
     no_padding = ((0, 0), (0, 0))
     if stride == 1:
         grad_x = jax.lax.dot_general(grad, kernel[0, 0], (((3,), (1,)), ((), ())))
@@ -136,7 +158,8 @@ def _flax_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
     they write come in blocks of 32; a 3x3 conv with stride 1 by Winograd's F(2x2, 3x3), or F(4x4, 3x3) on images of
     at least _WINOGRAD_4X4_MIN_SIZE pixels a side, where its channels come in blocks of 16 too), the weight gradient
     from its weight-gradient kernels (Winograd's F(2x2, 3x3) too, on images of at least
-    _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side); the rest is XLA's."""
+    _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side). In bfloat16 on a CPU with AMX tiles, the forward pass from
+    the AMX kernel (`_on_amx_tiles`; a stem's from the float32 one). The rest is XLA's."""
     if feature_group_count != 1 or any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
         raise ValueError("kdep_jax's CPU conv hook takes convs without groups or dilation")
     if isinstance(padding, str):
@@ -157,6 +180,10 @@ def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[s
     """Where conv2d's conv on CPU takes its forward pass, input gradient and weight gradient (`native_conv`)."""
     k, _, in_channels, out_channels = rhs.shape
     one_device_float32 = lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1
+    if rhs.dtype == jnp.bfloat16 and jax.device_count() == 1 and _amx_conv():
+        # on the AMX tiles; a stem's (3 input channels) by the float32 kernel, from the same bfloat16 values
+        direct = "direct" if out_channels % cpu_kernels.CONV_OUT_BLOCK == 0 else "xla"
+        return "amx" if _on_amx_tiles(lhs, rhs) else direct, "xla", "xla"
     native = one_device_float32 and _native_conv()
     winograd_shape = k == 3 and stride == 1 and padding == ((1, 1), (1, 1))
     winograd = native and _winograd_conv() and winograd_shape
@@ -248,8 +275,10 @@ _WINOGRAD_TILES = {"winograd": 2, "winograd_4x4": 4}  # the conv forms by Winogr
 def _conv_by_form(x: jax.Array, kernel: jax.Array, stride: int, padding, form: str) -> jax.Array:
     if form in _WINOGRAD_TILES:
         return cpu_kernels.winograd_conv(x, kernel, _WINOGRAD_TILES[form])
-    if form == "direct":
+    if form == "direct":  # float32 sums, in bfloat16 too
         return cpu_kernels.conv(x, kernel, stride, padding)
+    if form == "amx":
+        return cpu_kernels.amx_conv(x, kernel, stride, padding)
     return _dense_conv(x, kernel, stride, padding)
 
 
@@ -257,8 +286,8 @@ def _conv_by_form(x: jax.Array, kernel: jax.Array, stride: int, padding, form: s
 def native_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, forms: tuple[str, str, str]) -> jax.Array:
     """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on CPU whose forward pass, input gradient
     and weight gradient each come from XLA's convolution or kdep_jax's C++ kernels (one device), as forms says (for
-    each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4"). XLA's gradients
-    are `conv_input_gradient` and `conv_weight_gradient`."""
+    each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4"; the forward pass's
+    "amx" too, in bfloat16). XLA's gradients are `conv_input_gradient` and `conv_weight_gradient`."""
     return _conv_by_form(x, kernel, stride, padding, forms[0])
 
 
@@ -307,6 +336,7 @@ def _input_gradient(grad: jax.Array, kernel: jax.Array, x: jax.Array, stride: in
 
 def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
     x, kernel = residuals
+    grad = grad.astype(kernel.dtype)  # bfloat16's forward passes give float32 sums
     _, input_gradient, weight_gradient = forms
     grad_x = _input_gradient(grad, kernel, x, stride, padding, input_gradient)
     if weight_gradient == "winograd":
@@ -341,6 +371,8 @@ class ConvOfActivation(nn.Module):
         kernel, padding = kernel.astype(self.dtype), ((pad, pad), (pad, pad))
         if jax.default_backend() != "cpu":
             return _dense_conv(_activation(x, scale, shift, self.dtype), kernel, self.stride, padding)
+        if _on_amx_tiles(x, kernel):
+            return amx_conv_of_activation(x, scale, shift, kernel, self.stride, padding)
         forms = _conv_forms(x, kernel, self.stride, padding)
         if forms[2] == "winograd" and _weight_gradient_of_activation():
             return conv_of_activation(x, scale, shift, kernel, padding, forms)
@@ -384,6 +416,30 @@ def _conv_of_activation_backward(padding, forms, residuals, grad):
 
 
 conv_of_activation.defvjp(_conv_of_activation_forward, _conv_of_activation_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def amx_conv_of_activation(x: jax.Array, scale: jax.Array, shift: jax.Array, kernel: jax.Array, stride: int,
+                           padding) -> jax.Array:
+    """The float32 sums of conv(relu(x * scale + shift) in bfloat16, kernel) on the AMX tiles, the activation
+    computed as the kernel reads x (`_on_amx_tiles`), not by XLA, which rounds to bfloat16 slowly; gradients are
+    XLA's, through the activation."""
+    return cpu_kernels.amx_conv(x, kernel, stride, padding, (scale, shift))
+
+
+def _amx_conv_of_activation_forward(x, scale, shift, kernel, stride, padding):
+    return amx_conv_of_activation(x, scale, shift, kernel, stride, padding), (x, scale, shift, kernel)
+
+
+def _amx_conv_of_activation_backward(stride, padding, residuals, grad):
+    def xlas(x, scale, shift, kernel):
+        return native_conv(_activation(x, scale, shift, kernel.dtype), kernel, stride, padding, _XLA_FORMS)
+
+    _, vjp = jax.vjp(xlas, *residuals)
+    return vjp(grad.astype(residuals[3].dtype))
+
+
+amx_conv_of_activation.defvjp(_amx_conv_of_activation_forward, _amx_conv_of_activation_backward)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bool,
@@ -623,11 +679,13 @@ def max_pool(x: jax.Array, k: int, stride: int, pad: int, shifted_max: bool) -> 
 
 
 def _max_pool_value(x: jax.Array, k: int, stride: int, pad: int, shape: tuple[int, ...]) -> jax.Array:
-    """The pool where nothing differentiates it (a teacher, an evaluation): XLA fuses it with the ReLU before it."""
-    fill = jnp.asarray(-jnp.inf, x.dtype)
+    """The pool where nothing differentiates it (a teacher, an evaluation): XLA fuses it with the ReLU before it. In
+    float32, the same maximum: XLA:CPU runs such loops in bfloat16 slowly (a bfloat16 ResNet-50's stem BatchNorm,
+    ReLU and pool at batch 32 took 162 ms, in float32 from the stem's float32 sums 49 ms; Intel Xeon)."""
+    fill = jnp.asarray(-jnp.inf, jnp.float32)
     windows = (jax.lax.pad(window, fill, placement)
-               for _, _, window, placement in _tap_slices(x, k, stride, ((pad, pad), (pad, pad))))
-    return functools.reduce(jnp.maximum, windows)
+               for _, _, window, placement in _tap_slices(x.astype(jnp.float32), k, stride, ((pad, pad), (pad, pad))))
+    return functools.reduce(jnp.maximum, windows).astype(x.dtype)
 
 
 def _max_pool_forward(x: jax.Array, k: int, stride: int, pad: int, shape: tuple[int, ...]):
