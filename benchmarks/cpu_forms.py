@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 # Each form (a function `layers._<form>()` that says whether it is on) and the workloads it was measured on:
-# "step:<student>" or "forward:<arch>".
+# "step:<student>", or "forward:<arch>" (in float32; "forward:<arch>:bfloat16" in bfloat16).
 FORMS = {
     "pointwise_weight_gradient_as_dot": ("step:mobilenet_v2", "step:resnet18"),
     "materialise_gradients": ("step:mobilenet_v2",),
@@ -45,6 +45,7 @@ FORMS = {
     "materialise_gelu": ("forward:swin_t", "forward:convnext_tiny", "forward:vit_b_16"),
     "native_attention": ("forward:vit_b_16",),
     "native_dense": ("forward:vit_b_16",),
+    "amx_conv": ("forward:resnet50:bfloat16",),
 }
 
 
@@ -57,7 +58,7 @@ def step_workload(student: str, args):
 
     setup_args = argparse.Namespace(teacher="resnet50", student=student, dtype="float32", batch=args.step_batch,
                                     image_size=args.image_size, device="cpu", input="synthetic", steps_per_call=1,
-                                    teacher_forward_chunk=None)
+                                    teacher_forward_chunk=None, teacher_dtype=None)
     step, state, count, constants, next_batches = distill_step.kdep_jax_setup(setup_args, cached=False)
     batches = next_batches()
     compiled = step.lower(state, batches, count, constants).compile()
@@ -70,7 +71,7 @@ def step_workload(student: str, args):
     return run, lambda: jax.tree.leaves(carried[0]), compiled.memory_analysis().temp_size_in_bytes
 
 
-def forward_workload(arch: str, args):
+def forward_workload(arch: str, args, dtype: str = "float32"):
     """(a function that runs one eval-mode forward pass and returns the pooled features; one that gives the
     features as a list of arrays, to compare; the bytes of XLA's temporaries)."""
     import jax
@@ -78,7 +79,7 @@ def forward_workload(arch: str, args):
     from kdep_jax import models, trainer
     from kdep_jax.models import layers, vit
 
-    network = models.create_model(arch, num_classes=None)
+    network = models.create_model(arch, num_classes=None, dtype=jax.numpy.dtype(dtype))
     images = np.random.default_rng(0).normal(size=(args.forward_batch, args.image_size, args.image_size, 3))
     images = jax.numpy.asarray(images.astype(np.float32))
     variables = trainer.init_variables(network, args.image_size, seed=0)
@@ -106,11 +107,14 @@ def compare(form: str, workload: str, args) -> dict:
 
     from kdep_jax.models import layers
 
-    kind, model = workload.split(":")
+    kind, model, *dtype = workload.split(":")
     runs = {}
     for on in (True, False):
         with mock.patch.object(layers, f"_{form}", lambda on=on: on):  # read while tracing, i.e. while compiling
-            run, arrays, temp_bytes = (step_workload if kind == "step" else forward_workload)(model, args)
+            if kind == "step":
+                run, arrays, temp_bytes = step_workload(model, args)
+            else:
+                run, arrays, temp_bytes = forward_workload(model, args, *dtype)
         for _ in range(max(args.warmup, 1)):
             jax.block_until_ready(run())
         runs[on] = (run, [np.asarray(array, np.float64) for array in arrays()], [], temp_bytes)
