@@ -578,43 +578,49 @@ needs_amx = pytest.mark.skipif(not _amx_cpu(), reason="the AMX kernel runs on CP
     (1, 40, 41, 256, 32, 3, 1, 1),  # the same, copied into a plane (2 bands)
     (1, 40, 41, 256, 32, 3, 2, 1),  # four phase planes (3 bands)
 ])
-@pytest.mark.parametrize("activation", [False, True])
-def test_amx_conv_matches_float64(batch, height, width, in_channels, out_channels, kernel_size, stride, pad,
-                                  activation):
-    """kdep_jax's bfloat16 conv on the AMX tiles against numpy float64 over the same bfloat16 values: float32 sums.
-    With an activation, the input is relu(x * scale + shift) of a float32 x, rounded to bfloat16 as XLA rounds
-    (`layers._activation`); a NaN in x gives NaNs where it is read, as XLA's conv of the activation does."""
+@pytest.mark.parametrize("form", ["plain", "of_activation", "to_block_end"])
+def test_amx_conv_matches_float64(batch, height, width, in_channels, out_channels, kernel_size, stride, pad, form):
+    """kdep_jax's bfloat16 conv on the AMX tiles against numpy float64 over the same bfloat16 values: float32 sums
+    rounded to bfloat16 once. Of an activation, the input is relu(x * scale + shift), rounded to bfloat16 as XLA
+    rounds (`layers._activation`), a NaN in x giving NaNs where it is read; to a block's end, the output is
+    relu(sums * scale + shift + residual)."""
     from kdep_jax.models import cpu_kernels
 
     rng = np.random.default_rng(batch + height + kernel_size)
     x = jnp.asarray(rng.normal(size=(batch, height, width, in_channels)), jnp.bfloat16)
     kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, in_channels, out_channels)), jnp.bfloat16)
     padding = ((pad, pad), (pad, pad))
-    if activation:
-        x = x.astype(jnp.float32).at[0, 1, 2, 3].set(jnp.nan)
-        scale, shift = (jnp.asarray(rng.normal(size=in_channels), jnp.float32) for _ in range(2))
-        ours = jax.jit(lambda x, w: cpu_kernels.amx_conv(x, w, stride, padding, (scale, shift)))(x, kernel)
-        read = layers._activation(x, scale, shift, jnp.bfloat16)
-    else:
-        ours = jax.jit(lambda x, w: cpu_kernels.amx_conv(x, w, stride, padding))(x, kernel)
-        read = x
+    activation = None
+    if form != "plain":
+        x = x.at[0, 1, 2, 3].set(jnp.nan)
+        activation = tuple(jnp.asarray(rng.normal(size=in_channels), jnp.float32) for _ in range(2))
+    read = x if activation is None else layers._activation(x, *activation, jnp.bfloat16)
     expected = torch.nn.functional.conv2d(  # float64
         torch.from_numpy(np.asarray(read.astype(jnp.float32), np.float64)).permute(0, 3, 1, 2),
         torch.from_numpy(np.asarray(kernel.astype(jnp.float32), np.float64)).permute(3, 2, 0, 1),
         stride=stride, padding=pad).permute(0, 2, 3, 1).numpy()
-    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    block_end = None
+    if form == "to_block_end":
+        scale, shift = (rng.normal(size=out_channels).astype(np.float32) for _ in range(2))
+        residual = jnp.asarray(rng.normal(size=expected.shape), jnp.bfloat16)
+        block_end = (jnp.asarray(scale), jnp.asarray(shift), residual, True)
+        expected = np.maximum(expected * scale + shift + np.asarray(residual.astype(jnp.float32), np.float64), 0)
+    ours = jax.jit(lambda x, w: cpu_kernels.amx_conv(x, w, stride, padding, activation, block_end))(x, kernel)
+    assert ours.shape == expected.shape and ours.dtype == jnp.bfloat16
+    ours = np.asarray(ours.astype(jnp.float32), np.float64)
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(expected))
     finite = np.isfinite(expected)
     assert finite.sum() > expected.size // 2
-    error = np.abs(np.asarray(ours)[finite] - expected[finite]).max()
-    assert error <= 1e-6 * np.abs(expected[finite]).max()
+    largest = np.abs(expected[finite]).max()
+    assert (np.abs(ours[finite] - expected[finite]) <= 2**-8 * np.abs(expected[finite]) + 1e-5 * largest).all()
 
 
 @needs_amx
 def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
-    """A bfloat16 ResNet on a CPU with AMX tiles: its convs' forward passes on the tiles (a stem's, of 3 channels,
-    by the float32 kernel), the activations between them read by the kernel; the features of XLA's bfloat16 model
-    within bfloat16's rounding, and the float32 model's within a few times that; its gradients float32 and finite."""
+    """A bfloat16 ResNet on a CPU with AMX tiles, in eval mode: its convs' forward passes on the tiles (a stem's, of 3
+    channels, by the float32 kernel), each block's last conv with the block's end; the features of XLA's bfloat16
+    model within bfloat16's rounding, and the float32 model's within a few times that; its gradients (XLA's, through
+    each conv's custom VJP) float32 and finite."""
     model = create_model("resnet18", num_classes=None, dtype=jnp.bfloat16)
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), images, train=False)
@@ -625,7 +631,7 @@ def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     on_tiles = jax.jit(lambda v, x: features(v, x))
     program = on_tiles.lower(variables, images).compile().as_text()
-    assert '"kdep_amx_conv_of_activation"' in program and '"kdep_amx_conv"' in program
+    assert '"kdep_amx_conv_of_activation_to_block_end"' in program and '"kdep_amx_conv"' in program
     ours = on_tiles(variables, images)
     gradients = jax.jit(jax.grad(lambda params: jnp.sum(features({**variables, "params": params}, images) ** 2)))(
         variables["params"])
@@ -639,26 +645,34 @@ def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
 
 
 @needs_amx
-@pytest.mark.parametrize("kernel_size, stride, of_activation", [(3, 1, False), (3, 2, False), (1, 1, False),
-                                                                (1, 2, False), (3, 1, True), (1, 1, True)])
-def test_bfloat16_convs_on_amx_tiles_have_xlas_gradients(kernel_size, stride, of_activation, monkeypatch):
-    """conv2d's bfloat16 convs and ConvOfActivation's on the AMX tiles: float32 sums, bfloat16's of XLA's conv within
-    its rounding; the gradients, XLA's through each conv's custom VJP, XLA's model's to float32 rounding (the same
-    operations on the same values)."""
+@pytest.mark.parametrize("kernel_size, stride, form", [(3, 1, "conv"), (3, 2, "conv"), (1, 1, "conv"), (1, 2, "conv"),
+                                                       (3, 1, "of_activation"), (1, 1, "of_activation"),
+                                                       (3, 1, "to_block_end"), (1, 1, "to_block_end")])
+def test_bfloat16_convs_on_amx_tiles_have_xlas_gradients(kernel_size, stride, form, monkeypatch):
+    """conv2d's bfloat16 convs, and ConvOfActivation's (with a ResNet block's end too), on the AMX tiles: XLA's
+    bfloat16 values within its rounding; the gradients, XLA's through each conv's custom VJP, XLA's model's to float32
+    rounding (the same operations on the same values)."""
     rng = np.random.default_rng(kernel_size + stride)
-    x = jnp.asarray(rng.normal(size=(2, 8, 9, 32)), jnp.float32 if of_activation else jnp.bfloat16)
-    scale, shift = (jnp.asarray(rng.normal(size=32), jnp.float32) for _ in range(2))
-    if of_activation:
-        module = layers.ConvOfActivation(64, kernel_size, stride, dtype=jnp.bfloat16)
-        arguments = (x, scale, shift)
+    x = jnp.asarray(rng.normal(size=(2, 8, 9, 32)), jnp.bfloat16)
+    scale, shift, end_scale, end_shift = (jnp.asarray(rng.normal(size=32 if i < 2 else 64), jnp.float32)
+                                          for i in range(4))
+    residual = jnp.asarray(rng.normal(size=(2, 8, 9, 64)), jnp.bfloat16)
+    if form == "conv":
+        module, arguments = conv2d(64, kernel_size, stride, dtype=jnp.bfloat16), (x,)
     else:
-        module = conv2d(64, kernel_size, stride, dtype=jnp.bfloat16)
-        arguments = (x,)
-    variables = module.init(jax.random.key(0), *arguments)
-    cotangent = jnp.asarray(rng.normal(size=jax.eval_shape(module.apply, variables, *arguments).shape), jnp.float32)
+        module = layers.ConvOfActivation(64, kernel_size, stride, dtype=jnp.bfloat16)
+        arguments = (x, scale, shift) + ((end_scale, end_shift, residual) if form == "to_block_end" else ())
+
+    def apply(variables, *arguments):
+        if form != "to_block_end":
+            return module.apply(variables, *arguments)
+        return module.apply(variables, *arguments[:3], block_end=(*arguments[3:], True))
+
+    variables = module.init(jax.random.key(0), *arguments[:3])
+    cotangent = jnp.asarray(rng.normal(size=jax.eval_shape(apply, variables, *arguments).shape), jnp.float32)
 
     def value_and_gradients(variables, *arguments):
-        out, vjp = jax.vjp(lambda v, *a: module.apply(v, *a).astype(jnp.float32), variables, *arguments)
+        out, vjp = jax.vjp(lambda *a: apply(*a).astype(jnp.float32), variables, *arguments)
         return out, vjp(cotangent)
 
     monkeypatch.setattr(jax, "device_count", lambda: 1)

@@ -1645,48 +1645,111 @@ std::vector<uint16_t> PackAmxWeights(const uint16_t* w, int64_t taps, int64_t ci
   return packed;
 }
 
-// x's values as the tiles read them, bfloat16: x's own, or relu(x * scale + shift) (a BatchNorm's affine map and
-// `layers.relu`, a NaN stays) of a float32 x, rounded to the nearest bfloat16 (ties to even) as XLA rounds.
+// The nearest bfloat16 to `value` (ties to even), as XLA rounds; a NaN stays a NaN.
+inline uint16_t RoundToBfloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  return value != value ? static_cast<uint16_t>((bits >> 16) | 0x40)
+                        : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+#if defined(__AVX512BF16__)
+// `layers.relu` of 16 values: 0 where a value is below 0; a NaN stays.
+inline __m512 Relu(__m512 value) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_LT_OQ), value,
+                              _mm512_setzero_ps());
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// 16 bfloat16 values as floats (exactly).
+inline __m512 LoadBfloat16(const uint16_t* from) {
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+#endif
+
+inline float Bfloat16ToFloat(uint16_t value) {
+  const uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float result;
+  std::memcpy(&result, &bits, 4);
+  return result;
+}
+
+// x's values as the tiles read them: x's own, or relu(x * scale + shift) (a BatchNorm's affine map, per channel, and
+// `layers.relu`), computed as XLA computes `layers._activation` (the product rounded before the addition: no fused
+// multiply-add) and rounded to bfloat16.
 struct AmxInput {
-  const uint16_t* bfloat16 = nullptr;
-  const float *float32 = nullptr, *scale = nullptr, *shift = nullptr;
+  const uint16_t* x = nullptr;
+  const float *scale = nullptr, *shift = nullptr;
 
   // Copies the `channels` values from offset `from` on to `to`.
   void Copy(int64_t from, int64_t channels, uint16_t* to) const {
-    if (bfloat16 != nullptr) {
-      std::memcpy(to, bfloat16 + from, channels * 2);
+    if (scale == nullptr) {
+      std::memcpy(to, x + from, channels * 2);
       return;
     }
     int64_t c = 0;
 #if defined(__AVX512BF16__)
-    for (; c + 32 <= channels; c += 32) {  // VCVTNE2PS2BF16 rounds as below (and flushes denormals to zero)
-      const __m512 low = Activation(_mm512_loadu_ps(float32 + from + c), c);
-      const __m512 high = Activation(_mm512_loadu_ps(float32 + from + c + 16), c + 16);
+    for (; c + 32 <= channels; c += 32) {  // VCVTNE2PS2BF16 rounds as RoundToBfloat16 (and flushes denormals)
+      const __m512 low = Activation(LoadBfloat16(x + from + c), c);
+      const __m512 high = Activation(LoadBfloat16(x + from + c + 16), c + 16);
       _mm512_storeu_si512(to + c, (__m512i)_mm512_cvtne2ps_pbh(high, low));
     }
 #endif
     for (; c < channels; ++c) {
-      float product = float32[from + c] * scale[c];
-      asm("" : "+x"(product));  // rounded before the addition, as XLA rounds it: not one fused multiply-add
-      float value = product + shift[c];
-      value = value < 0.0f ? 0.0f : value;
-      uint32_t bits;
-      std::memcpy(&bits, &value, 4);
-      to[c] = value != value ? static_cast<uint16_t>((bits >> 16) | 0x40)
-                             : static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+      float product = Bfloat16ToFloat(x[from + c]) * scale[c];
+      asm("" : "+x"(product));
+      const float value = product + shift[c];
+      to[c] = RoundToBfloat16(value < 0.0f ? 0.0f : value);
     }
   }
 
 #if defined(__AVX512BF16__)
-  // relu(x * scale + shift) of 16 channels from c on: the comparison is false for a NaN, which stays.
-  __m512 Activation(__m512 x, int64_t c) const {
-    __m512 product = _mm512_mul_ps(x, _mm512_loadu_ps(scale + c));
-    asm("" : "+v"(product));  // as in Copy: no fused multiply-add
-    const __m512 value = _mm512_add_ps(product, _mm512_loadu_ps(shift + c));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_LT_OQ), value,
-                                _mm512_setzero_ps());
+  // relu(x * scale + shift) of 16 channels from c on.
+  __m512 Activation(__m512 values, int64_t c) const {
+    __m512 product = _mm512_mul_ps(values, _mm512_loadu_ps(scale + c));
+    asm("" : "+v"(product));
+    return Relu(_mm512_add_ps(product, _mm512_loadu_ps(shift + c)));
   }
 #endif
+};
+
+// Where the sums go, rounded to bfloat16 (once, where XLA's bfloat16 conv rounds too): y's values; or, at the end of
+// a ResNet block in eval mode, sums * scale + shift (its last BatchNorm's map, per channel) plus a residual of y's
+// shape, relu'd where relu (XLA:CPU would read the sums back and round again, slowly).
+struct AmxOutput {
+  uint16_t* y = nullptr;
+  const float *scale = nullptr, *shift = nullptr;
+  const uint16_t* residual = nullptr;
+  bool relu = false;
+
+  // Writes the 32 channels from c0 on of the output at offset `to` from their sums.
+  void Write(const float* sums, int64_t to, int64_t c0) const {
+    int64_t c = 0;
+#if defined(__AVX512BF16__)
+    __m512 halves[2];
+    for (; c < kAmxChannels; c += 16) {
+      __m512 value = _mm512_loadu_ps(sums + c);
+      if (scale != nullptr) {
+        __m512 product = _mm512_mul_ps(value, _mm512_loadu_ps(scale + c0 + c));
+        asm("" : "+v"(product));
+        value = _mm512_add_ps(_mm512_add_ps(product, _mm512_loadu_ps(shift + c0 + c)), LoadBfloat16(residual + to + c));
+      }
+      halves[c / 16] = relu ? Relu(value) : value;
+    }
+    _mm512_storeu_si512(y + to, (__m512i)_mm512_cvtne2ps_pbh(halves[1], halves[0]));
+#endif
+    for (; c < kAmxChannels; ++c) {
+      float value = sums[c];
+      if (scale != nullptr) {
+        float product = value * scale[c0 + c];
+        asm("" : "+x"(product));
+        value = product + shift[c0 + c] + Bfloat16ToFloat(residual[to + c]);
+      }
+      y[to + c] = RoundToBfloat16(relu && value < 0.0f ? 0.0f : value);
+    }
+  }
 };
 
 // Adds to the four sum tiles the products of 32 outputs' inputs (`in`, tile rows `in_stride` values apart, 16 rows
@@ -1713,8 +1776,9 @@ inline void AmxStore(float* out, int64_t stride) {
 }
 
 ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<const int64_t> x_dims,
-                     Bfloat16x4d& w, ffi::Result<Float32x4d>& y, int64_t stride, int64_t pad_top, int64_t pad_left) {
-  const auto w_dims = w.dimensions(), y_dims = y->dimensions();
+                     Bfloat16x4d& w, const AmxOutput& output, ffi::Span<const int64_t> y_dims, int64_t stride,
+                     int64_t pad_top, int64_t pad_left) {
+  const auto w_dims = w.dimensions();
   const int64_t n = x_dims[0];
   const Shape s{x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2], y_dims[3], w_dims[0],
                 stride, pad_top, pad_left};
@@ -1727,7 +1791,7 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
   const int64_t cin = s.in_channels, cout = s.out_channels, taps = s.k * s.k, reach = (s.k - 1) / s.stride;
   const int64_t phases = std::min(s.k, s.stride), width = s.out_width + reach;
   // A 1x1 conv with stride 1 reads x itself: its outputs' inputs are x's pixels, one after another.
-  const bool reads_x = input.bfloat16 != nullptr && s.k == 1 && s.stride == 1 && s.height == s.out_height &&
+  const bool reads_x = input.scale == nullptr && s.k == 1 && s.stride == 1 && s.height == s.out_height &&
                       s.width == s.out_width;
   // A task's outputs: a band of rows of one image, or whole images (as many as fill the budget, a quarter of the
   // batch per thread at most), so that each block of weights read into the cache serves many outputs.
@@ -1741,11 +1805,9 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
   const int64_t plane_pixels = (band_rows_max + reach + 1) * width + kAmxPixels;
   const int64_t image_planes = reads_x ? 0 : phases * phases * plane_pixels * cin;
   const std::vector<uint16_t> packed = PackAmxWeights(w.typed_data(), taps, cin, cout);
-  // Where all the weights stay in the L2 cache, each block of outputs takes all its channels before the next,
-  // written once (ResNet-50's 1x1 convs to 256 channels at 56 px 4.7x faster than a pass per block of channels,
-  // each pass reading the output back from memory); larger weights are read a block of channels at a time.
+  // Where all the weights stay in the L2 cache, each block of outputs takes all its channels before the next, so
+  // that its output rows are written whole, once; larger weights are read a block of channels at a time.
   const bool weights_cached = packed.size() * 2 <= kAmxCachedWeightBytes;
-  float* y_data = y->typed_data();
   ParallelFor(pool, chunks * bands, [&]() {
     return [&, planes = std::vector<uint16_t>(chunk * image_planes + (reads_x ? kAmxPixels * cin : 0)),
             sums = std::vector<float>(kAmxPixels * kAmxChannels)](int64_t task) mutable {
@@ -1775,7 +1837,7 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
       // run past x's end.
       const int64_t run = reads_x ? images * outputs : outputs, runs = reads_x ? 1 : images;
       const uint16_t* x_run =
-          reads_x ? input.bfloat16 + ((first_image * s.height + first_row) * s.width) * cin : nullptr;
+          reads_x ? input.x + ((first_image * s.height + first_row) * s.width) * cin : nullptr;
       const bool ends_x = reads_x && first_image + images == n && run % kAmxPixels != 0;
       if (ends_x) {
         const int64_t last = run / kAmxPixels * kAmxPixels;
@@ -1806,18 +1868,14 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
             }
           }
         }
-        float* y_run = y_data + (((first_image + image) * s.out_height + first_row) * s.out_width) * cout +
-                       b * kAmxChannels;
-        if (reach == 0 && q + kAmxPixels <= run) {  // 32 consecutive outputs
-          AmxStore(y_run + q * cout, cout);
-          return;
-        }
+        const int64_t y_run = ((first_image + image) * s.out_height + first_row) * s.out_width * cout +
+                              b * kAmxChannels;
         AmxStore(sums.data(), kAmxChannels);
         for (int64_t p = 0; p < kAmxPixels && q + p < run; ++p) {
           const int64_t row = (q + p) / width, column = (q + p) % width;
           if (column >= s.out_width) continue;
-          std::memcpy(y_run + (row * s.out_width + column) * cout, sums.data() + p * kAmxChannels,
-                      kAmxChannels * 4);
+          output.Write(sums.data() + p * kAmxChannels, y_run + (row * s.out_width + column) * cout,
+                       b * kAmxChannels);
         }
       };
       for (int64_t image = 0; image < runs && weights_cached; ++image) {
@@ -1835,30 +1893,62 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
   });
   return ffi::Error::Success();
 }
-ffi::Error AmxConv(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y, int64_t stride,
+ffi::Error AmxConv(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Bfloat16x4d> y, int64_t stride,
                    int64_t pad_top, int64_t pad_left) {
   AmxInput input;
-  input.bfloat16 = x.typed_data();
-  return AmxConvOf(pool, input, x.dimensions(), w, y, stride, pad_top, pad_left);
+  input.x = x.typed_data();
+  AmxOutput output;
+  output.y = y->typed_data();
+  return AmxConvOf(pool, input, x.dimensions(), w, output, y->dimensions(), stride, pad_top, pad_left);
 }
 
-ffi::Error AmxConvOfActivation(ffi::ThreadPool pool, Float32x4d x, Float32x1d scale, Float32x1d shift,
-                               Bfloat16x4d w, ffi::Result<Float32x4d> y, int64_t stride, int64_t pad_top,
+bool WidthsFit(Bfloat16x4d& x, Float32x1d& scale, Float32x1d& shift) {
+  return scale.element_count() == x.dimensions()[3] && shift.element_count() == x.dimensions()[3];
+}
+
+ffi::Error AmxConvOfActivation(ffi::ThreadPool pool, Bfloat16x4d x, Float32x1d scale, Float32x1d shift,
+                               Bfloat16x4d w, ffi::Result<Bfloat16x4d> y, int64_t stride, int64_t pad_top,
                                int64_t pad_left) {
-  if (scale.element_count() != x.dimensions()[3] || shift.element_count() != x.dimensions()[3]) {
+  if (!WidthsFit(x, scale, shift)) {
     return ffi::Error::InvalidArgument("kdep_jax AMX conv kernel: an activation of another width than x");
   }
   AmxInput input;
-  input.float32 = x.typed_data(), input.scale = scale.typed_data(), input.shift = shift.typed_data();
-  return AmxConvOf(pool, input, x.dimensions(), w, y, stride, pad_top, pad_left);
+  input.x = x.typed_data(), input.scale = scale.typed_data(), input.shift = shift.typed_data();
+  AmxOutput output;
+  output.y = y->typed_data();
+  return AmxConvOf(pool, input, x.dimensions(), w, output, y->dimensions(), stride, pad_top, pad_left);
+}
+
+// AmxConvOfActivation at the end of a ResNet block: y = [relu](sums * out_scale + out_shift + residual).
+ffi::Error AmxConvOfActivationToBlockEnd(ffi::ThreadPool pool, Bfloat16x4d x, Float32x1d scale, Float32x1d shift,
+                                         Bfloat16x4d w, Float32x1d out_scale, Float32x1d out_shift,
+                                         Bfloat16x4d residual, ffi::Result<Bfloat16x4d> y, int64_t stride,
+                                         int64_t pad_top, int64_t pad_left, int64_t relu) {
+  const auto y_dims = y->dimensions(), residual_dims = residual.dimensions();
+  if (!WidthsFit(x, scale, shift) || out_scale.element_count() != y_dims[3] ||
+      out_shift.element_count() != y_dims[3] ||
+      !std::equal(residual_dims.begin(), residual_dims.end(), y_dims.begin(), y_dims.end())) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX conv kernel: an activation or residual of another shape");
+  }
+  AmxInput input;
+  input.x = x.typed_data(), input.scale = scale.typed_data(), input.shift = shift.typed_data();
+  AmxOutput output;
+  output.y = y->typed_data(), output.scale = out_scale.typed_data(), output.shift = out_shift.typed_data();
+  output.residual = residual.typed_data(), output.relu = relu != 0;
+  return AmxConvOf(pool, input, x.dimensions(), w, output, y_dims, stride, pad_top, pad_left);
 }
 #else
 ffi::Error NoAmx() { return ffi::Error::Internal("kdep_jax's CPU kernels were built for a CPU without AMX tiles"); }
-ffi::Error AmxConv(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>, int64_t, int64_t, int64_t) {
+ffi::Error AmxConv(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Bfloat16x4d>, int64_t, int64_t, int64_t) {
   return NoAmx();
 }
-ffi::Error AmxConvOfActivation(ffi::ThreadPool, Float32x4d, Float32x1d, Float32x1d, Bfloat16x4d,
-                               ffi::Result<Float32x4d>, int64_t, int64_t, int64_t) {
+ffi::Error AmxConvOfActivation(ffi::ThreadPool, Bfloat16x4d, Float32x1d, Float32x1d, Bfloat16x4d,
+                               ffi::Result<Bfloat16x4d>, int64_t, int64_t, int64_t) {
+  return NoAmx();
+}
+ffi::Error AmxConvOfActivationToBlockEnd(ffi::ThreadPool, Bfloat16x4d, Float32x1d, Float32x1d, Bfloat16x4d, Float32x1d,
+                                         Float32x1d, Bfloat16x4d, ffi::Result<Bfloat16x4d>, int64_t, int64_t,
+                                         int64_t, int64_t) {
   return NoAmx();
 }
 #endif
@@ -1934,18 +2024,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConv, AmxConv,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Bfloat16x4d>()
                                   .Arg<Bfloat16x4d>()
-                                  .Ret<Float32x4d>()
+                                  .Ret<Bfloat16x4d>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConvOfActivation, AmxConvOfActivation,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<Float32x4d>()
+                                  .Arg<Bfloat16x4d>()
                                   .Arg<Float32x1d>()
                                   .Arg<Float32x1d>()
                                   .Arg<Bfloat16x4d>()
-                                  .Ret<Float32x4d>()
+                                  .Ret<Bfloat16x4d>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConvOfActivationToBlockEnd, AmxConvOfActivationToBlockEnd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Ret<Bfloat16x4d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("relu"));

@@ -50,6 +50,7 @@ _ATTENTION = "kdep_attention"
 _DENSE = "kdep_dense"
 _AMX_CONV = "kdep_amx_conv"
 _AMX_CONV_OF_ACTIVATION = "kdep_amx_conv_of_activation"
+_AMX_CONV_TO_BLOCK_END = "kdep_amx_conv_of_activation_to_block_end"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -126,7 +127,8 @@ def available() -> bool:
                           (_WINOGRAD_WEIGHT_GRADIENT_OF_ACTIVATION, library.KdepWinogradWeightGradientOfActivation),
                           (_ATTENTION, library.KdepAttention), (_DENSE, library.KdepDense),
                           (_AMX_CONV, library.KdepAmxConv),
-                          (_AMX_CONV_OF_ACTIVATION, library.KdepAmxConvOfActivation)]:
+                          (_AMX_CONV_OF_ACTIVATION, library.KdepAmxConvOfActivation),
+                          (_AMX_CONV_TO_BLOCK_END, library.KdepAmxConvOfActivationToBlockEnd)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -285,19 +287,27 @@ def amx_runs_here() -> bool:
 
 
 def amx_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]],
-             activation: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """A dense conv in bfloat16 on the AMX tiles, the sums float32: NHWC x and HWIO kernel (k, k, Cin, Cout) rounded
-    to bfloat16, Cin and Cout multiples of AMX_CONV_CHANNELS, zero padding ((top, bottom), (left, right)); the output
-    is float32 (N, Ho, Wo, Cout) as for `jax.lax.conv_general_dilated` with preferred_element_type float32.
-    activation (scale, shift), per channel: the conv's input is relu(x * scale + shift) (`layers.relu`) of a float32
-    x, rounded to bfloat16 here."""
+             activation: tuple[jax.Array, jax.Array] | None = None,
+             block_end: tuple[jax.Array, jax.Array, jax.Array, bool] | None = None) -> jax.Array:
+    """A dense conv in bfloat16 on the AMX tiles: NHWC x and HWIO kernel (k, k, Cin, Cout) rounded to bfloat16, Cin
+    and Cout multiples of AMX_CONV_CHANNELS, zero padding ((top, bottom), (left, right)); the output (N, Ho, Wo, Cout)
+    as for `jax.lax.conv_general_dilated`, its float32 sums rounded to bfloat16. activation (scale, shift), per
+    channel: the conv's input is relu(x * scale + shift) (`layers.relu`), computed in float32 and rounded to
+    bfloat16 here. block_end (scale, shift, residual, relu), with an activation: the output is sums * scale + shift
+    + residual (the output's shape), relu'd where relu, rounded once."""
     _require_kernels()
     k = kernel.shape[0]
     out_size = [(size + before + after - k) // stride + 1 for size, (before, after) in zip(x.shape[1:3], padding)]
-    out = jax.ShapeDtypeStruct((x.shape[0], *out_size, kernel.shape[-1]), jnp.float32)
+    out = jax.ShapeDtypeStruct((x.shape[0], *out_size, kernel.shape[-1]), jnp.bfloat16)
+    x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
     attributes = dict(stride=np.int64(stride), pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
     if activation is None:
-        call = jax.ffi.ffi_call(_AMX_CONV, out, vmap_method="sequential")
-        return call(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), **attributes)
-    call = jax.ffi.ffi_call(_AMX_CONV_OF_ACTIVATION, out, vmap_method="sequential")
-    return call(*(v.astype(jnp.float32) for v in (x, *activation)), kernel.astype(jnp.bfloat16), **attributes)
+        return jax.ffi.ffi_call(_AMX_CONV, out, vmap_method="sequential")(x, kernel, **attributes)
+    scale, shift = (v.astype(jnp.float32) for v in activation)
+    if block_end is None:
+        call = jax.ffi.ffi_call(_AMX_CONV_OF_ACTIVATION, out, vmap_method="sequential")
+        return call(x, scale, shift, kernel, **attributes)
+    end_scale, end_shift, residual, relu = block_end
+    call = jax.ffi.ffi_call(_AMX_CONV_TO_BLOCK_END, out, vmap_method="sequential")
+    return call(x, scale, shift, kernel, end_scale.astype(jnp.float32), end_shift.astype(jnp.float32),
+                residual.astype(jnp.bfloat16), relu=np.int64(relu), **attributes)

@@ -90,10 +90,9 @@ def _amx_conv() -> bool:
 
 
 def _on_amx_tiles(x: jax.Array, kernel: jax.Array) -> bool:
-    """Whether a bfloat16 conv's forward pass runs as `cpu_kernels.amx_conv` (its output the float32 sums, which
-    the BatchNorm after it reads: XLA:CPU rounds to bfloat16 slowly, about 1 ns a value on 2 cores): on one device
-    (under a sharded jit XLA would gather the batch for it), its channels in blocks of the kernel's. x may be the
-    float32 sums of the conv before (ConvOfActivation's)."""
+    """Whether a bfloat16 conv's forward pass runs as `cpu_kernels.amx_conv`: on one device (under a sharded jit XLA
+    would gather the batch for it), its channels in blocks of the kernel's; x in bfloat16, or in float32 (rounded
+    for the kernel)."""
     return (kernel.dtype == jnp.bfloat16 and x.dtype in (jnp.bfloat16, jnp.float32) and jax.device_count() == 1
             and _amx_conv() and x.shape[-1] % cpu_kernels.AMX_CONV_CHANNELS == 0
             and kernel.shape[-1] % cpu_kernels.AMX_CONV_CHANNELS == 0)
@@ -124,7 +123,6 @@ def _pointwise_conv_vjp_forward(x, kernel, stride, weight_gradient_as_dot):
 
 def _pointwise_conv_vjp_backward(stride, weight_gradient_as_dot, residuals, grad):
     x, kernel = residuals
-    grad = grad.astype(kernel.dtype)  # the AMX kernel's float32 sums (`_on_amx_tiles`)
     no_padding = ((0, 0), (0, 0))
     if stride == 1:
         grad_x = jax.lax.dot_general(grad, kernel[0, 0], (((3,), (1,)), ((), ())))
@@ -336,7 +334,7 @@ def _input_gradient(grad: jax.Array, kernel: jax.Array, x: jax.Array, stride: in
 
 def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
     x, kernel = residuals
-    grad = grad.astype(kernel.dtype)  # bfloat16's forward passes give float32 sums
+    grad = grad.astype(kernel.dtype)  # a bfloat16 stem's forward pass gives the float32 kernel's sums
     _, input_gradient, weight_gradient = forms
     grad_x = _input_gradient(grad, kernel, x, stride, padding, input_gradient)
     if weight_gradient == "winograd":
@@ -358,6 +356,10 @@ class ConvOfActivation(nn.Module):
     Where the conv's weight gradient is Winograd's (`_conv_forms`), its kernel computes the activation from x itself
     (`conv_of_activation`): the backward pass keeps x, which the BatchNorm keeps anyway, and not the activation too
     (ResNet-18's step: XLA's temporaries 578 -> 487 MiB at batch 32; benchmarks/README.md).
+
+    block_end (scale, shift, residual, relu), a ResNet block's last conv in eval mode: the output is its BatchNorm's
+    affine map of the conv, plus the residual, relu'd where relu. In bfloat16 on the AMX tiles the kernel computes it
+    as it writes the conv's sums (`amx_conv_to_block_end`).
     """
     features: int
     kernel_size: int
@@ -365,20 +367,35 @@ class ConvOfActivation(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, scale: jax.Array, shift: jax.Array,
+                 block_end: tuple[jax.Array, jax.Array, jax.Array, bool] | None = None) -> jax.Array:
         k, pad = self.kernel_size, self.kernel_size // 2
         kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
         kernel, padding = kernel.astype(self.dtype), ((pad, pad), (pad, pad))
+        on_amx_tiles = jax.default_backend() == "cpu" and _on_amx_tiles(x, kernel)
+        if block_end is not None and on_amx_tiles and block_end[2].dtype == jnp.bfloat16:
+            return amx_conv_to_block_end(x, scale, shift, kernel, *block_end, self.stride, padding)
         if jax.default_backend() != "cpu":
-            return _dense_conv(_activation(x, scale, shift, self.dtype), kernel, self.stride, padding)
-        if _on_amx_tiles(x, kernel):
-            return amx_conv_of_activation(x, scale, shift, kernel, self.stride, padding)
-        forms = _conv_forms(x, kernel, self.stride, padding)
-        if forms[2] == "winograd" and _weight_gradient_of_activation():
-            return conv_of_activation(x, scale, shift, kernel, padding, forms)
-        hook = _flax_pointwise_conv if k == 1 else _flax_conv
-        return hook(_activation(x, scale, shift, self.dtype), kernel, (self.stride, self.stride), padding,
-                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = _dense_conv(_activation(x, scale, shift, self.dtype), kernel, self.stride, padding)
+        elif on_amx_tiles:
+            y = amx_conv_of_activation(x, scale, shift, kernel, self.stride, padding)
+        else:
+            forms = _conv_forms(x, kernel, self.stride, padding)
+            if forms[2] == "winograd" and _weight_gradient_of_activation():
+                y = conv_of_activation(x, scale, shift, kernel, padding, forms)
+            else:
+                hook = _flax_pointwise_conv if k == 1 else _flax_conv
+                y = hook(_activation(x, scale, shift, self.dtype), kernel, (self.stride, self.stride), padding,
+                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if block_end is None else _block_end(y, *block_end, self.dtype)
+
+
+def _block_end(y: jax.Array, scale: jax.Array, shift: jax.Array, residual: jax.Array, apply_relu: bool,
+               dtype: Dtype) -> jax.Array:
+    """A ResNet block's end in eval mode: its last BatchNorm's map (as `BatchNorm` computes it), the residual and,
+    where apply_relu, the ReLU."""
+    out = (y.astype(jnp.float32) * scale + shift).astype(dtype) + residual
+    return relu(out) if apply_relu else out
 
 
 @functools.cache
@@ -421,9 +438,9 @@ conv_of_activation.defvjp(_conv_of_activation_forward, _conv_of_activation_backw
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def amx_conv_of_activation(x: jax.Array, scale: jax.Array, shift: jax.Array, kernel: jax.Array, stride: int,
                            padding) -> jax.Array:
-    """The float32 sums of conv(relu(x * scale + shift) in bfloat16, kernel) on the AMX tiles, the activation
-    computed as the kernel reads x (`_on_amx_tiles`), not by XLA, which rounds to bfloat16 slowly; gradients are
-    XLA's, through the activation."""
+    """conv(relu(x * scale + shift) in bfloat16, kernel) on the AMX tiles (`_on_amx_tiles`), the activation computed
+    as the kernel reads x, where XLA would write it out and read it back (rounding to bfloat16 slowly, about 1 ns a
+    value on 2 cores); gradients are XLA's, through the activation."""
     return cpu_kernels.amx_conv(x, kernel, stride, padding, (scale, shift))
 
 
@@ -440,6 +457,35 @@ def _amx_conv_of_activation_backward(stride, padding, residuals, grad):
 
 
 amx_conv_of_activation.defvjp(_amx_conv_of_activation_forward, _amx_conv_of_activation_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def amx_conv_to_block_end(x: jax.Array, scale: jax.Array, shift: jax.Array, kernel: jax.Array, end_scale: jax.Array,
+                          end_shift: jax.Array, residual: jax.Array, apply_relu: bool, stride: int,
+                          padding) -> jax.Array:
+    """`amx_conv_of_activation` then `_block_end`, in bfloat16, as one AMX kernel: the end's map, residual and ReLU
+    applied to the conv's float32 sums as the kernel writes them, where XLA's loops after the conv took a quarter of
+    a bfloat16 ResNet-50's forward pass; gradients are XLA's, through the same ops."""
+    block_end = (end_scale, end_shift, residual, apply_relu)
+    return cpu_kernels.amx_conv(x, kernel, stride, padding, (scale, shift), block_end)
+
+
+def _amx_conv_to_block_end_forward(x, scale, shift, kernel, end_scale, end_shift, residual, apply_relu, stride,
+                                   padding):
+    residuals = (x, scale, shift, kernel, end_scale, end_shift, residual)
+    return amx_conv_to_block_end(*residuals, apply_relu, stride, padding), residuals
+
+
+def _amx_conv_to_block_end_backward(apply_relu, stride, padding, residuals, grad):
+    def xlas(x, scale, shift, kernel, end_scale, end_shift, residual):
+        y = native_conv(_activation(x, scale, shift, kernel.dtype), kernel, stride, padding, _XLA_FORMS)
+        return _block_end(y, end_scale, end_shift, residual, apply_relu, kernel.dtype)
+
+    _, vjp = jax.vjp(xlas, *residuals)
+    return vjp(grad)
+
+
+amx_conv_to_block_end.defvjp(_amx_conv_to_block_end_forward, _amx_conv_to_block_end_backward)
 
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, shifted_sum: bool,

@@ -18,13 +18,14 @@ from kdep_jax.models.preprocessing import IMAGENET
 class ResNetBlock(nn.Module):
     """BasicBlock (two 3x3 convs) or Bottleneck (1x1, 3x3, 1x1 with 4x expansion).
 
-    Returns the residual sum *before* the block's final ReLU; the caller applies the ReLU, so the last
-    block's sum is available as KDEP's pre-ReLU feature.
+    Returns the residual sum, after the block's final ReLU where `relu`: every block but the last, whose sum before
+    it is KDEP's pre-ReLU feature.
     """
     planes: int
     stride: int
     bottleneck: bool
     dtype: Dtype = jnp.float32
+    relu: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -34,17 +35,29 @@ class ResNetBlock(nn.Module):
         else:
             out_channels = self.planes
             convs = ((self.planes, 3, self.stride), (self.planes, 3, 1))
+
+        def shortcut() -> jax.Array:
+            if self.stride == 1 and x.shape[-1] == out_channels:
+                return x
+            identity = conv2d(out_channels, 1, self.stride, dtype=self.dtype, name="downsample_0")(x)
+            return BatchNorm(dtype=self.dtype, name="downsample_1")(identity, train)
+
         y = conv2d(convs[0][0], convs[0][1], convs[0][2], dtype=self.dtype, name="conv1")(x)
         for index, (features, kernel_size, stride) in enumerate(convs[1:], start=2):
             # bn{index - 1} and its ReLU applied by the next conv, which can then keep y alone for its backward pass.
             scale, shift = BatchNorm(dtype=self.dtype, name=f"bn{index - 1}")(y, train, affine=True)
-            y = ConvOfActivation(features, kernel_size, stride, dtype=self.dtype, name=f"conv{index}")(y, scale, shift)
+            conv = ConvOfActivation(features, kernel_size, stride, dtype=self.dtype, name=f"conv{index}")
+            if index == len(convs) and not (train or self.is_initializing()):
+                # In eval mode the last conv computes the block's end too (one AMX kernel, where that runs); its
+                # BatchNorm's map reads only the width of what it is given. (Initialising goes below, where the
+                # parameters come in torchvision's order.)
+                identity = shortcut()
+                end = BatchNorm(dtype=self.dtype, name=f"bn{index}")(identity, train, affine=True)
+                return conv(y, scale, shift, block_end=(*end, identity, self.relu))
+            y = conv(y, scale, shift)
         y = BatchNorm(dtype=self.dtype, name=f"bn{len(convs)}")(y, train)
-        identity = x
-        if self.stride != 1 or x.shape[-1] != out_channels:
-            identity = conv2d(out_channels, 1, self.stride, dtype=self.dtype, name="downsample_0")(x)
-            identity = BatchNorm(dtype=self.dtype, name="downsample_1")(identity, train)
-        return y + identity
+        identity = shortcut()
+        return relu(y + identity) if self.relu else y + identity
 
 
 class ResNet(nn.Module):
@@ -77,9 +90,11 @@ class ResNet(nn.Module):
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
-                pre_relu = ResNetBlock(self.base_width * 2**stage, stride, self.bottleneck, self.dtype,
-                                       name=f"layer{stage + 1}_{block}")(x, train)
-                x = relu(pre_relu)
+                last = stage == len(self.stage_sizes) - 1 and block == num_blocks - 1
+                x = ResNetBlock(self.base_width * 2**stage, stride, self.bottleneck, self.dtype, relu=not last,
+                                name=f"layer{stage + 1}_{block}")(x, train)
+            if stage == len(self.stage_sizes) - 1:
+                pre_relu, x = x, relu(x)
             features[f"stage{stage + 1}"] = x.astype(jnp.float32)
         features.update(pre_relu=global_avg_pool(pre_relu), pooled=global_avg_pool(x))
         logits = None
