@@ -556,16 +556,16 @@ def test_dense_with_packed_kernels_has_xlas_values_and_gradients(monkeypatch):
         np.testing.assert_allclose(ours, xla, rtol=1e-5, atol=1e-5)
 
 
-def _amx_cpu() -> bool:
-    from kdep_jax import xla_flags
+@pytest.fixture
+def needs_amx():
+    """Skips where the AMX kernel does not run: a CPU without AMX tiles for bfloat16, or kernels built without them."""
+    from kdep_jax.models import cpu_kernels
 
-    return {"amx_tile", "amx_bf16"} <= xla_flags.cpu_features()
+    if not cpu_kernels.amx_runs_here():
+        pytest.skip("the AMX kernel runs on CPUs with AMX tiles for bfloat16, built by a compiler that knows them")
 
 
-needs_amx = pytest.mark.skipif(not _amx_cpu(), reason="the AMX kernel runs on CPUs with AMX tiles for bfloat16")
-
-
-@needs_amx
+@pytest.mark.usefixtures("needs_amx")
 @pytest.mark.parametrize("batch, height, width, in_channels, out_channels, kernel_size, stride, pad", [
     (2, 9, 10, 32, 32, 3, 1, 1),  # a 3x3 conv: each output row computed 2 columns wider, those dropped
     (2, 10, 11, 64, 96, 3, 2, 1),  # stride 2: four phase planes; 96 channels, three blocks of 32
@@ -615,7 +615,7 @@ def test_amx_conv_matches_float64(batch, height, width, in_channels, out_channel
     assert (np.abs(ours[finite] - expected[finite]) <= 2**-8 * np.abs(expected[finite]) + 1e-5 * largest).all()
 
 
-@needs_amx
+@pytest.mark.usefixtures("needs_amx")
 def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     """A bfloat16 ResNet on a CPU with AMX tiles, in eval mode: its convs' forward passes on the tiles (a stem's, of 3
     channels, by the float32 kernel), each block's last conv with the block's end; the features of XLA's bfloat16
@@ -644,7 +644,7 @@ def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     assert relative_error(ours, float32) < 3 * max(relative_error(xla, float32), 1e-2)
 
 
-@needs_amx
+@pytest.mark.usefixtures("needs_amx")
 @pytest.mark.parametrize("kernel_size, stride, form", [(3, 1, "conv"), (3, 2, "conv"), (1, 1, "conv"), (1, 2, "conv"),
                                                        (3, 1, "of_activation"), (1, 1, "of_activation"),
                                                        (3, 1, "to_block_end"), (1, 1, "to_block_end")])
@@ -908,6 +908,21 @@ def test_cpu_kernels_run_on_avx512_and_on_avx2_with_fma(flags, runs, monkeypatch
         assert cpu_kernels.runs_here() == runs
     finally:
         cpu_kernels.runs_here.cache_clear()
+
+
+@pytest.mark.parametrize("flags", ["avx2 fma avx512f avx512_bf16", "avx2 fma avx512f avx512_bf16 amx_tile",
+                                   "avx2 fma avx512f avx512_bf16 amx_bf16"])
+def test_the_amx_kernel_needs_amx_tiles_for_bfloat16(flags, monkeypatch):
+    """`amx_conv` (a bfloat16 conv on the AMX tiles) is off on a CPU without both AMX flags, AVX-512 or not."""
+    from kdep_jax import xla_flags
+    from kdep_jax.models import cpu_kernels
+
+    monkeypatch.setattr(xla_flags, "cpu_features", lambda cpuinfo=None: frozenset(flags.split()))
+    cpu_kernels.amx_runs_here.cache_clear()
+    try:
+        assert not cpu_kernels.amx_runs_here()
+    finally:
+        cpu_kernels.amx_runs_here.cache_clear()
 
 
 # Every C++ kernel on small shapes that leave partial blocks of pixels, channels and tiles; run by a fresh process

@@ -1955,6 +1955,15 @@ ffi::Error AmxConvOfActivationToBlockEnd(ffi::ThreadPool, Bfloat16x4d, Float32x1
 
 }  // namespace
 
+// Whether this build has the AMX kernels: the compiler knew the CPU's AMX instructions (`cpu_kernels.amx_runs_here`).
+extern "C" int KdepHasAmx() {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 #define KDEP_WEIGHT_GRADIENT_HANDLER(name, function)         \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, function,              \
                                 ffi::Ffi::Bind()             \

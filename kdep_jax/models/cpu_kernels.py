@@ -282,8 +282,10 @@ AMX_CONV_CHANNELS = 32  # `amx_conv`'s input and output channels: multiples of t
 @functools.cache
 def amx_runs_here() -> bool:
     """Whether `amx_conv` runs on this CPU: one with AMX tiles for bfloat16 (an Intel Xeon since Sapphire Rapids),
-    where the kernels run (`runs_here`)."""
-    return {"amx_tile", "amx_bf16"} <= xla_flags.cpu_features() and runs_here()
+    where the kernels run (`runs_here`) and were built with the AMX instructions (a compiler that knows them: GCC 11
+    or newer, clang 12)."""
+    amx_cpu = {"amx_tile", "amx_bf16"} <= xla_flags.cpu_features()
+    return amx_cpu and runs_here() and bool(ctypes.CDLL(str(build())).KdepHasAmx())
 
 
 def amx_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]],
