@@ -619,8 +619,8 @@ def test_amx_conv_matches_float64(batch, height, width, in_channels, out_channel
 def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     """A bfloat16 ResNet on a CPU with AMX tiles, in eval mode: its convs' forward passes on the tiles (a stem's, of 3
     channels, by the float32 kernel), each block's last conv with the block's end; the features of XLA's bfloat16
-    model within bfloat16's rounding, and the float32 model's within a few times that; its gradients (XLA's, through
-    each conv's custom VJP) float32 and finite."""
+    model within bfloat16's rounding, and the float32 model's within a few times that (each conv form's gradients:
+    below)."""
     model = create_model("resnet18", num_classes=None, dtype=jnp.bfloat16)
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), images, train=False)
@@ -633,9 +633,6 @@ def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     program = on_tiles.lower(variables, images).compile().as_text()
     assert '"kdep_amx_conv_of_activation_to_block_end"' in program and '"kdep_amx_conv"' in program
     ours = on_tiles(variables, images)
-    gradients = jax.jit(jax.grad(lambda params: jnp.sum(features({**variables, "params": params}, images) ** 2)))(
-        variables["params"])
-    assert all(leaf.dtype == jnp.float32 and np.isfinite(leaf).all() for leaf in jax.tree.leaves(gradients))
     monkeypatch.setattr(layers, "_amx_conv", lambda: False)
     xla = jax.jit(lambda v, x: features(v, x))(variables, images)
     float32 = create_model("resnet18", num_classes=None, dtype=jnp.float32).apply(variables, images, train=False)
