@@ -24,7 +24,8 @@
 // - KdepAttention: not a conv, multi-head attention's core softmax(q k^T / sqrt(d)) v (ViT's), below.
 // - KdepDense: not a conv either, a Linear layer's product x w (the transformers'), below.
 // - KdepAmxConv: a dense conv's forward pass in bfloat16 (float32 sums) on the AMX tiles of an Intel Xeon, which
-//   XLA:CPU does not use (its bfloat16 convs are slower than its float32 ones), below.
+//   XLA:CPU does not use (its bfloat16 convs are slower than its float32 ones), below; with a ResNet block's BatchNorm
+//   and ReLU applied to its input, and its end (BatchNorm, residual, ReLU) to its output.
 //
 // The weight gradients keep each tap's sums over many pixels in registers, kSumLanes output channels at a time.
 // The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
@@ -1607,17 +1608,18 @@ ffi::Error Dense(ffi::ThreadPool pool, Float32x2d x, Float32x3d w, ffi::Result<F
 }
 
 
-// A dense conv's forward pass in bfloat16 on the AMX tiles: y (N, Ho, Wo, Cout) float32 = x (N, H, W, Cin) bfloat16
-// conv w (k, k, Cin, Cout) bfloat16, Cin and Cout multiples of 32. Each tile product multiplies 16 pixels' 32 input
+// A dense conv's forward pass in bfloat16 on the AMX tiles: y (N, Ho, Wo, Cout) = x (N, H, W, Cin) conv w (k, k, Cin,
+// Cout), all bfloat16, Cin and Cout multiples of 32. Each tile product multiplies 16 pixels' 32 input
 // channels by their weights for 16 output channels; a tile loads 16 rows one stride apart, so the input a tap reads
 // for 16 consecutive outputs must lie one stride apart. A task copies its band of rows into s * s phase planes, each
 // the padded input's pixels (s r + pi, s c + pj): in plane (i % s, j % s) tap (i, j) reads, for the outputs
 // q = row * width + column of a grid (width = Wo + (k - 1) / s, its last columns computed and dropped), the pixels
-// q + (i / s) * width + j / s, consecutive. The sums are float32, added tap by tap and 32 channels at a time.
+// q + (i / s) * width + j / s, consecutive. The sums are float32, added tap by tap and 32 channels at a time, and
+// rounded to bfloat16 once (AmxOutput).
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 constexpr int64_t kAmxPixels = 32, kAmxChannels = 32;  // a block of outputs: two tiles of rows by two of columns
 constexpr int64_t kAmxBandValues = 1 << 18;  // the bfloat16 values of a task's phase planes, at most (512 KiB)
-constexpr int64_t kAmxCachedWeightBytes = 1 << 20;
+constexpr int64_t kAmxCachedWeightBytes = 1 << 20;  // weights that stay in the L2 cache (2 MiB a core), at most
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -1659,9 +1661,7 @@ inline __m512 Relu(__m512 value) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_LT_OQ), value,
                               _mm512_setzero_ps());
 }
-#endif
 
-#if defined(__AVX512BF16__)
 // 16 bfloat16 values as floats (exactly).
 inline __m512 LoadBfloat16(const uint16_t* from) {
   const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)));
@@ -1767,12 +1767,13 @@ inline void AmxTap(const uint16_t* in, int64_t in_stride, const uint16_t* w, int
   }
 }
 
-// Stores the four sum tiles: 32 rows of 32 float32 sums, `stride` floats apart.
-inline void AmxStore(float* out, int64_t stride) {
-  _tile_stored(0, out, stride * 4);
-  _tile_stored(1, out + 16, stride * 4);
-  _tile_stored(2, out + 16 * stride, stride * 4);
-  _tile_stored(3, out + 16 * stride + 16, stride * 4);
+// Stores the four sum tiles in `sums`: 32 outputs' 32 float32 sums, output after output.
+inline void AmxStore(float* sums) {
+  constexpr int64_t kRowBytes = kAmxChannels * 4;
+  _tile_stored(0, sums, kRowBytes);
+  _tile_stored(1, sums + 16, kRowBytes);
+  _tile_stored(2, sums + 16 * kAmxChannels, kRowBytes);
+  _tile_stored(3, sums + 16 * kAmxChannels + 16, kRowBytes);
 }
 
 ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<const int64_t> x_dims,
@@ -1870,7 +1871,7 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
         }
         const int64_t y_run = ((first_image + image) * s.out_height + first_row) * s.out_width * cout +
                               b * kAmxChannels;
-        AmxStore(sums.data(), kAmxChannels);
+        AmxStore(sums.data());
         for (int64_t p = 0; p < kAmxPixels && q + p < run; ++p) {
           const int64_t row = (q + p) / width, column = (q + p) % width;
           if (column >= s.out_width) continue;
