@@ -65,7 +65,7 @@ def _check_kdep_settings(config, num_devices: int, num_processes: int, workdir):
     if config.teacher.dtype is not None and config.teacher.dtype not in DTYPES:
         raise ConfigError(f"config.teacher.dtype={config.teacher.dtype!r}: use one of {', '.join(DTYPES)}, or leave "
                           f"it unset for config.dtype ({config.dtype!r}).")
-    if config.teacher.dtype == "bfloat16" and jax.default_backend() == "cpu" and not _amx_cpu():
+    if config.teacher.dtype == "bfloat16" and jax.default_backend() == "cpu" and not xla_flags.amx_bf16():
         logging.warning("config.teacher.dtype='bfloat16' on a CPU without AMX tiles: XLA:CPU computes bfloat16 "
                         "convolutions more slowly than float32 ones (benchmarks/README.md); float32 is faster here.")
     _check_arch(config.student, "student")
@@ -292,11 +292,6 @@ def _check_split(data_config, split: str, field: str, split_field: str = "split"
         return data.dataset_info(data_config, split)
     except data.DataError as error:
         raise ConfigError(f"config.{field} ({split_field} {split!r}): {error}") from None
-
-
-def _amx_cpu() -> bool:
-    """Whether this CPU has AMX tiles for bfloat16, where a bfloat16 teacher's convs run on them (`layers`)."""
-    return {"amx_tile", "amx_bf16"} <= xla_flags.cpu_features()
 
 
 def _network(section) -> tuple:

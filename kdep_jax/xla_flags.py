@@ -62,6 +62,12 @@ def avx2_fma(cpuinfo: str | None = None) -> bool:
     return {"avx2", "fma"} <= cpu_features(cpuinfo)
 
 
+def amx_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU has AMX tiles for bfloat16 (an Intel Xeon since Sapphire Rapids): where kdep_jax's AMX conv
+    kernel can run a bfloat16 teacher's convs (`cpu_kernels.amx_runs_here`)."""
+    return {"amx_tile", "amx_bf16"} <= cpu_features(cpuinfo)
+
+
 def defaults(cpuinfo: str | None = None) -> dict[str, str]:
     """The default flags for the CPU described by `cpuinfo` (this machine's /proc/cpuinfo when None)."""
     return dict(AVX2_FMA_DEFAULTS if avx2_fma(cpuinfo) else DEFAULTS)

@@ -284,8 +284,7 @@ def amx_runs_here() -> bool:
     """Whether `amx_conv` runs on this CPU: one with AMX tiles for bfloat16 (an Intel Xeon since Sapphire Rapids),
     where the kernels run (`runs_here`) and were built with the AMX instructions (a compiler that knows them: GCC 11
     or newer, clang 12)."""
-    amx_cpu = {"amx_tile", "amx_bf16"} <= xla_flags.cpu_features()
-    return amx_cpu and runs_here() and bool(ctypes.CDLL(str(build())).KdepHasAmx())
+    return xla_flags.amx_bf16() and runs_here() and bool(ctypes.CDLL(str(build())).KdepHasAmx())
 
 
 def amx_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]],
