@@ -159,7 +159,8 @@ def pytorch_ops(repeats: int) -> dict[str, float]:
     return results
 
 
-def measure_both(doc: str, script: str, kdep_jax_ops, pytorch_ops, what: str, print_rows) -> None:
+def measure_both(doc: str, script: str, kdep_jax_ops, pytorch_ops, what: str, print_rows,
+                 dtype: str = "float32") -> None:
     """The command line the op benchmarks share. With --framework kdep_jax|pytorch (a child), times that framework
     and prints its results. Otherwise runs `script` once per framework, each in its own process, prints a heading
     naming `what` and the CPU and a table header, then `print_rows(kdep_jax's results, PyTorch's)`."""
@@ -178,7 +179,7 @@ def measure_both(doc: str, script: str, kdep_jax_ops, pytorch_ops, what: str, pr
     ours, theirs = (json.loads(child.stdout.strip().splitlines()[-1]) for child in children)
     from distill_step import cpu_name
 
-    print(f"{what}, float32, {cpu_name()}, {len(os.sched_getaffinity(0))} cores, median of {args.repeats} (ms)")
+    print(f"{what}, {dtype}, {cpu_name()}, {len(os.sched_getaffinity(0))} cores, median of {args.repeats} (ms)")
     print("| op | kdep_jax ms | PyTorch channels_last ms | kdep_jax time / PyTorch time |\n|---|---:|---:|---:|")
     print_rows(ours, theirs)
 

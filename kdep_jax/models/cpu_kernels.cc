@@ -1767,13 +1767,12 @@ inline void AmxTap(const uint16_t* in, int64_t in_stride, const uint16_t* w, int
   }
 }
 
-// Stores the four sum tiles in `sums`: 32 outputs' 32 float32 sums, output after output.
-inline void AmxStore(float* sums) {
-  constexpr int64_t kRowBytes = kAmxChannels * 4;
-  _tile_stored(0, sums, kRowBytes);
-  _tile_stored(1, sums + 16, kRowBytes);
-  _tile_stored(2, sums + 16 * kAmxChannels, kRowBytes);
-  _tile_stored(3, sums + 16 * kAmxChannels + 16, kRowBytes);
+// Stores the four sum tiles in `sums`: 32 outputs' 32 float32 sums, output after output, `row` values apart.
+inline void AmxStore(float* sums, int64_t row) {
+  _tile_stored(0, sums, row * 4);
+  _tile_stored(1, sums + 16, row * 4);
+  _tile_stored(2, sums + 16 * row, row * 4);
+  _tile_stored(3, sums + 16 * row + 16, row * 4);
 }
 
 ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<const int64_t> x_dims,
@@ -1809,9 +1808,12 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
   // Where all the weights stay in the L2 cache, each block of outputs takes all its channels before the next, so
   // that its output rows are written whole, once; larger weights are read a block of channels at a time.
   const bool weights_cached = packed.size() * 2 <= kAmxCachedWeightBytes;
+  // The sums of a block of outputs: all their channels where the weights are cached, so that each output's row (and
+  // its residual's) is written (read) whole, one after the other, as the hardware prefetches; else 32 channels.
+  const int64_t sums_row = weights_cached ? cout : kAmxChannels;
   ParallelFor(pool, chunks * bands, [&]() {
     return [&, planes = std::vector<uint16_t>(chunk * image_planes + (reads_x ? kAmxPixels * cin : 0)),
-            sums = std::vector<float>(kAmxPixels * kAmxChannels)](int64_t task) mutable {
+            sums = std::vector<float>(kAmxPixels * sums_row)](int64_t task) mutable {
       const int64_t first_image = task / bands * chunk, images = std::min(chunk, n - first_image);
       const int64_t first_row = task % bands * band;
       const int64_t band_rows = std::min(band_rows_max, s.out_height - first_row);
@@ -1848,8 +1850,9 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
       TileConfig config;
       for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
       _tile_loadconfig(&config);
-      // The sums of 32 channels (block b) of 32 outputs (from q on) of one image (of the run, where reads_x).
-      auto outputs_block = [&](int64_t b, int64_t image, int64_t q) {
+      // The sums of 32 channels (block b) of 32 outputs (from q on) of one image (of the run, where reads_x), in
+      // `sums` from channel b * 32 on where all channels are kept, else from 0.
+      auto sum_block = [&](int64_t b, int64_t image, int64_t q) {
         const uint16_t* w_block = packed.data() + b * taps * cin * kAmxChannels;
         _tile_zero(0);
         _tile_zero(1);
@@ -1869,24 +1872,32 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
             }
           }
         }
-        const int64_t y_run = ((first_image + image) * s.out_height + first_row) * s.out_width * cout +
-                              b * kAmxChannels;
-        AmxStore(sums.data());
+        AmxStore(sums.data() + (weights_cached ? b * kAmxChannels : 0), sums_row);
+      };
+      // Writes the outputs from q on of channel blocks [first, last) from their sums.
+      auto write_blocks = [&](int64_t first, int64_t last, int64_t image, int64_t q) {
+        const int64_t y_run = ((first_image + image) * s.out_height + first_row) * s.out_width * cout;
         for (int64_t p = 0; p < kAmxPixels && q + p < run; ++p) {
           const int64_t row = (q + p) / width, column = (q + p) % width;
           if (column >= s.out_width) continue;
-          output.Write(sums.data() + p * kAmxChannels, y_run + (row * s.out_width + column) * cout,
-                       b * kAmxChannels);
+          for (int64_t b = first; b < last; ++b) {
+            output.Write(sums.data() + p * sums_row + (b - first) * kAmxChannels,
+                         y_run + (row * s.out_width + column) * cout + b * kAmxChannels, b * kAmxChannels);
+          }
         }
       };
       for (int64_t image = 0; image < runs && weights_cached; ++image) {
         for (int64_t q = 0; q < run; q += kAmxPixels) {
-          for (int64_t b = 0; b < cout / kAmxChannels; ++b) outputs_block(b, image, q);
+          for (int64_t b = 0; b < cout / kAmxChannels; ++b) sum_block(b, image, q);
+          write_blocks(0, cout / kAmxChannels, image, q);
         }
       }
       for (int64_t b = 0; b < cout / kAmxChannels && !weights_cached; ++b) {
         for (int64_t image = 0; image < runs; ++image) {
-          for (int64_t q = 0; q < run; q += kAmxPixels) outputs_block(b, image, q);
+          for (int64_t q = 0; q < run; q += kAmxPixels) {
+            sum_block(b, image, q);
+            write_blocks(b, b + 1, image, q);
+          }
         }
       }
       _tile_release();
