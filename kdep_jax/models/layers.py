@@ -85,7 +85,9 @@ def _amx_conv() -> bool:
     """Whether conv2d's bfloat16 convs take their forward pass from kdep_jax's AMX kernel (`cpu_kernels.amx_conv`)
     where it runs: XLA:CPU does not use the AMX tiles, and runs bfloat16 convs 1.55x slower than float32 ones. A
     bfloat16 ResNet-50's forward pass at batch 32 went from 0.72x to 1.9x the float32 one's speed (Intel Xeon,
-    benchmarks/README.md)."""
+    benchmarks/README.md). There their gradients come from the float32 kernels (`_conv_forms`), of the bfloat16
+    values, their float32 sums rounded once, where XLA's bfloat16 gradient convs round more and ran slower: the
+    ResNet-18 step in bfloat16 1.89 -> 1.44 s (Intel Xeon, benchmarks/README.md)."""
     return cpu_kernels.amx_runs_here()
 
 
@@ -157,7 +159,8 @@ def _flax_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
     at least _WINOGRAD_4X4_MIN_SIZE pixels a side, where its channels come in blocks of 16 too), the weight gradient
     from its weight-gradient kernels (Winograd's F(2x2, 3x3) too, on images of at least
     _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side). In bfloat16 on a CPU with AMX tiles, the forward pass from
-    the AMX kernel (`_on_amx_tiles`; a stem's from the float32 one). The rest is XLA's."""
+    the AMX kernel (`_on_amx_tiles`; a stem's from the float32 one), the gradients from the float32 kernels, of the
+    same bfloat16 values, rounded once (`_amx_conv`). The rest is XLA's."""
     if feature_group_count != 1 or any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
         raise ValueError("kdep_jax's CPU conv hook takes convs without groups or dilation")
     if isinstance(padding, str):
@@ -177,11 +180,9 @@ def cpu_conv_hook():
 def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[str, str, str]:
     """Where conv2d's conv on CPU takes its forward pass, input gradient and weight gradient (`native_conv`)."""
     k, _, in_channels, out_channels = rhs.shape
-    one_device_float32 = lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1
-    if rhs.dtype == jnp.bfloat16 and jax.device_count() == 1 and _amx_conv():
-        # on the AMX tiles; a stem's (3 input channels) by the float32 kernel, from the same bfloat16 values
-        direct = "direct" if out_channels % cpu_kernels.CONV_OUT_BLOCK == 0 else "xla"
-        return "amx" if _on_amx_tiles(lhs, rhs) else direct, "xla", "xla"
+    # in bfloat16 where the AMX kernel runs: the gradients from the float32 kernels, of the same bfloat16 values
+    bfloat16_on_amx = rhs.dtype == jnp.bfloat16 and jax.device_count() == 1 and _amx_conv()
+    one_device_float32 = (lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1) or bfloat16_on_amx
     native = one_device_float32 and _native_conv()
     winograd_shape = k == 3 and stride == 1 and padding == ((1, 1), (1, 1))
     winograd = native and _winograd_conv() and winograd_shape
@@ -199,7 +200,10 @@ def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[s
         by_winograd = (_winograd_weight_gradient() and winograd_shape and in_channels % 16 == 0
                        and out_channels % 16 == 0 and min(lhs.shape[1:3]) >= _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE)
         weight_gradient = "winograd" if by_winograd else "direct"
-    return form(out_channels, in_channels), form(in_channels, out_channels), weight_gradient
+    forward = form(out_channels, in_channels)
+    if bfloat16_on_amx:  # on the tiles; a stem's (3 input channels) by the float32 kernel
+        forward = "amx" if _on_amx_tiles(lhs, rhs) else "xla" if forward == "xla" else "direct"
+    return forward, form(in_channels, out_channels), weight_gradient
 
 
 @functools.cache
@@ -440,7 +444,7 @@ def amx_conv_of_activation(x: jax.Array, scale: jax.Array, shift: jax.Array, ker
                            padding) -> jax.Array:
     """conv(relu(x * scale + shift) in bfloat16, kernel) on the AMX tiles (`_on_amx_tiles`), the activation computed
     as the kernel reads x, where XLA would write it out and read it back (rounding to bfloat16 slowly, about 1 ns a
-    value on 2 cores); gradients are XLA's, through the activation."""
+    value on 2 cores); the gradients: the activation's XLA's, the conv's `_conv_forms`'s."""
     return cpu_kernels.amx_conv(x, kernel, stride, padding, (scale, shift))
 
 
@@ -448,11 +452,14 @@ def _amx_conv_of_activation_forward(x, scale, shift, kernel, stride, padding):
     return amx_conv_of_activation(x, scale, shift, kernel, stride, padding), (x, scale, shift, kernel)
 
 
-def _amx_conv_of_activation_backward(stride, padding, residuals, grad):
-    def xlas(x, scale, shift, kernel):
-        return native_conv(_activation(x, scale, shift, kernel.dtype), kernel, stride, padding, _XLA_FORMS)
+def _conv_of_bfloat16_activation(x, scale, shift, kernel, stride, padding) -> jax.Array:
+    """What the AMX kernels compute, for their gradients: the activation's by XLA, the conv's by `_conv_forms`."""
+    activation = _activation(x, scale, shift, kernel.dtype)
+    return native_conv(activation, kernel, stride, padding, _conv_forms(activation, kernel, stride, padding))
 
-    _, vjp = jax.vjp(xlas, *residuals)
+
+def _amx_conv_of_activation_backward(stride, padding, residuals, grad):
+    _, vjp = jax.vjp(functools.partial(_conv_of_bfloat16_activation, stride=stride, padding=padding), *residuals)
     return vjp(grad.astype(residuals[3].dtype))
 
 
@@ -465,7 +472,7 @@ def amx_conv_to_block_end(x: jax.Array, scale: jax.Array, shift: jax.Array, kern
                           padding) -> jax.Array:
     """`amx_conv_of_activation` then `_block_end`, in bfloat16, as one AMX kernel: the end's map, residual and ReLU
     applied to the conv's float32 sums as the kernel writes them, where XLA's loops after the conv took a quarter of
-    a bfloat16 ResNet-50's forward pass; gradients are XLA's, through the same ops."""
+    a bfloat16 ResNet-50's forward pass; the gradients through the same ops (`_conv_of_bfloat16_activation`)."""
     block_end = (end_scale, end_shift, residual, apply_relu)
     return cpu_kernels.amx_conv(x, kernel, stride, padding, (scale, shift), block_end)
 
@@ -477,11 +484,11 @@ def _amx_conv_to_block_end_forward(x, scale, shift, kernel, end_scale, end_shift
 
 
 def _amx_conv_to_block_end_backward(apply_relu, stride, padding, residuals, grad):
-    def xlas(x, scale, shift, kernel, end_scale, end_shift, residual):
-        y = native_conv(_activation(x, scale, shift, kernel.dtype), kernel, stride, padding, _XLA_FORMS)
+    def unfused(x, scale, shift, kernel, end_scale, end_shift, residual):
+        y = _conv_of_bfloat16_activation(x, scale, shift, kernel, stride, padding)
         return _block_end(y, end_scale, end_shift, residual, apply_relu, kernel.dtype)
 
-    _, vjp = jax.vjp(xlas, *residuals)
+    _, vjp = jax.vjp(unfused, *residuals)
     return vjp(grad)
 
 
@@ -735,10 +742,11 @@ def _max_pool_value(x: jax.Array, k: int, stride: int, pad: int, shape: tuple[in
 
 
 def _max_pool_forward(x: jax.Array, k: int, stride: int, pad: int, shape: tuple[int, ...]):
-    """The pool, and what its backward pass keeps: x, or with the C++ kernel the int8 number of the tap that holds
-    each output's maximum, a sixteenth of x's size at stride 2."""
-    if x.dtype == jnp.float32 and jax.device_count() == 1 and k * k <= 127 and _native_max_pool():
-        return cpu_kernels.max_pool(x, k, stride, ((pad, pad), (pad, pad)))
+    """The pool, and what its backward pass keeps: x, or with the C++ kernel (float32, in bfloat16 too) the int8
+    number of the tap that holds each output's maximum, a sixteenth of x's size at stride 2."""
+    if x.dtype in (jnp.float32, jnp.bfloat16) and jax.device_count() == 1 and k * k <= 127 and _native_max_pool():
+        pooled, taps = cpu_kernels.max_pool(x, k, stride, ((pad, pad), (pad, pad)))
+        return pooled.astype(x.dtype), taps  # a bfloat16 x's maximum, exactly
     return _max_pool_value(x, k, stride, pad, shape), x
 
 
@@ -747,8 +755,9 @@ def _max_pool_backward(k: int, stride: int, pad: int, shape: tuple[int, ...], ke
     pass; from x, placed back at that tap's strided positions of the padded input by an interior-padded lax.pad,
     over the slices of a padded x, the maximum recomputed from them (XLA runs this chain of selects 3x slower over
     `_tap_slices` or over the forward's maximum, which it then recomputes inside the chain: benchmarks/README.md)."""
-    if kept.dtype == jnp.int8:
-        return (cpu_kernels.max_pool_gradient(kept, grad, shape, k, stride, ((pad, pad), (pad, pad))),)
+    if kept.dtype == jnp.int8:  # in bfloat16: each input's gradients summed in float32, rounded once
+        grad_x = cpu_kernels.max_pool_gradient(kept, grad, shape, k, stride, ((pad, pad), (pad, pad)))
+        return (grad_x.astype(grad.dtype),)
     x = kept
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf)
     _, padded_height, padded_width, _ = padded.shape
@@ -773,13 +782,14 @@ _shifted_max_pool.defvjp(_max_pool_forward, _max_pool_backward)
 
 @functools.cache
 def _native_max_pool() -> bool:
-    """Whether the max-pool (on one CPU device, in float32) is kdep_jax's C++ kernels (`cpu_kernels.max_pool`,
-    `cpu_kernels.max_pool_gradient`) rather than XLA's maximum and chain of selects over strided slices: the kernel
-    gives each output's tap with its maximum, so the backward pass keeps an int8 per output instead of the pool's
-    input (the ResNet-18 step's XLA temporaries 692 -> 578 MiB at batch 32). ResNet's stem pool at batch 32 with the
-    BatchNorm and ReLU before it, forward and backward: 48-52 ms against XLA's 80 (the earlier kernel, which read x
-    again: 44-46); the ResNet-18 step 1.04x (AMD EPYC Zen 5, TCMalloc, benchmarks/README.md). Where the kernels run
-    (`cpu_kernels.runs_here`); elsewhere XLA's."""
+    """Whether the max-pool (on one CPU device, in float32 or bfloat16) is kdep_jax's C++ kernels
+    (`cpu_kernels.max_pool`, `cpu_kernels.max_pool_gradient`) rather than XLA's maximum and chain of selects over
+    strided slices: the kernel gives each output's tap with its maximum, so the backward pass keeps an int8 per output
+    instead of the pool's input (the ResNet-18 step's XLA temporaries 692 -> 578 MiB at batch 32). ResNet's stem pool
+    at batch 32 with the BatchNorm and ReLU before it, forward and backward: 48-52 ms against XLA's 80 (the earlier
+    kernel, which read x again: 44-46); the ResNet-18 step 1.04x (AMD EPYC Zen 5, TCMalloc, benchmarks/README.md). In
+    bfloat16 the kernels pool the float32 values of x (the same maximum), where XLA's chain of selects took 2.2 s of
+    the ResNet-18 step's 4.1 (Intel Xeon). Where the kernels run (`cpu_kernels.runs_here`); elsewhere XLA's."""
     return cpu_kernels.runs_here()
 
 
