@@ -159,8 +159,8 @@ def _flax_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
     at least _WINOGRAD_4X4_MIN_SIZE pixels a side, where its channels come in blocks of 16 too), the weight gradient
     from its weight-gradient kernels (Winograd's F(2x2, 3x3) too, on images of at least
     _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side). In bfloat16 on a CPU with AMX tiles, the forward pass from
-    the AMX kernel (`_on_amx_tiles`; a stem's from the float32 one), the gradients from the float32 kernels, of the
-    same bfloat16 values, rounded once (`_amx_conv`). The rest is XLA's."""
+    the AMX kernel (`_on_amx_tiles`; a stem's from the float32 one), and so the input gradient at stride 1; the other
+    gradients from the float32 kernels, of the same bfloat16 values, rounded once (`_amx_conv`). The rest is XLA's."""
     if feature_group_count != 1 or any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
         raise ValueError("kdep_jax's CPU conv hook takes convs without groups or dilation")
     if isinstance(padding, str):
@@ -200,10 +200,12 @@ def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[s
         by_winograd = (_winograd_weight_gradient() and winograd_shape and in_channels % 16 == 0
                        and out_channels % 16 == 0 and min(lhs.shape[1:3]) >= _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE)
         weight_gradient = "winograd" if by_winograd else "direct"
-    forward = form(out_channels, in_channels)
+    forward, input_gradient = form(out_channels, in_channels), form(in_channels, out_channels)
     if bfloat16_on_amx:  # on the tiles; a stem's (3 input channels) by the float32 kernel
-        forward = "amx" if _on_amx_tiles(lhs, rhs) else "xla" if forward == "xla" else "direct"
-    return forward, form(in_channels, out_channels), weight_gradient
+        on_tiles = _on_amx_tiles(lhs, rhs)
+        forward = "amx" if on_tiles else "xla" if forward == "xla" else "direct"
+        input_gradient = "amx" if on_tiles and stride == 1 else input_gradient
+    return forward, input_gradient, weight_gradient
 
 
 @functools.cache
@@ -289,7 +291,8 @@ def native_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, forms: tu
     """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on CPU whose forward pass, input gradient
     and weight gradient each come from XLA's convolution or kdep_jax's C++ kernels (one device), as forms says (for
     each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4"; the forward pass's
-    "amx" too, in bfloat16). XLA's gradients are `conv_input_gradient` and `conv_weight_gradient`."""
+    and, at stride 1, the input gradient's "amx" too, in bfloat16). XLA's gradients are `conv_input_gradient` and
+    `conv_weight_gradient`."""
     return _conv_by_form(x, kernel, stride, padding, forms[0])
 
 
@@ -331,6 +334,10 @@ def conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_shape: tuple[int,
 def _input_gradient(grad: jax.Array, kernel: jax.Array, x: jax.Array, stride: int, padding, form: str) -> jax.Array:
     if form in _WINOGRAD_TILES:  # stride 1, padding 1: a conv of grad with the kernel turned round
         return cpu_kernels.winograd_conv(grad, _turned_round(kernel), _WINOGRAD_TILES[form])
+    if form == "amx":  # stride 1: the same, in bfloat16 on the tiles
+        k = kernel.shape[0]
+        return cpu_kernels.amx_conv(grad, _turned_round(kernel), 1, tuple((k - 1 - low, k - 1 - high)
+                                                                          for low, high in padding))
     if form == "direct":
         return cpu_kernels.conv_input_gradient(grad, kernel, x.shape, stride, padding)
     return conv_input_gradient(grad, kernel, x.shape, stride, padding)
