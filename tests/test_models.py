@@ -616,6 +616,37 @@ def test_amx_conv_matches_float64(batch, height, width, in_channels, out_channel
 
 
 @pytest.mark.usefixtures("needs_amx")
+@pytest.mark.parametrize("batch, height, width, in_channels, out_channels, kernel_size, stride, pad", [
+    (2, 9, 10, 32, 64, 3, 1, 1),  # a 3x3 conv: the grid's 2 extra columns of each row read zero gradients
+    (3, 10, 11, 64, 32, 3, 2, 1),  # stride 2: four phase planes
+    (2, 7, 8, 32, 96, 1, 1, 0),  # a 1x1 conv; 56 outputs, the last block partial; three blocks of 32
+    (2, 14, 15, 64, 32, 1, 2, 0),  # a strided 1x1 conv: one plane of every other pixel
+    (2, 13, 14, 32, 32, 3, 1, 0),  # no padding
+    (100, 7, 7, 64, 64, 3, 1, 1),  # ResNet's 7 px: two chunks of 84 images and 16, added in float64
+])
+def test_amx_conv_weight_gradient_matches_float64(batch, height, width, in_channels, out_channels, kernel_size,
+                                                  stride, pad):
+    """The weight gradient on the AMX tiles against numpy float64 over the same bfloat16 values: bfloat16 products
+    are exact in float32, so only the float32 sums over each chunk's outputs round."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(batch + height + kernel_size)
+    x = jnp.asarray(rng.normal(size=(batch, height, width, in_channels)), jnp.bfloat16)
+    out_height, out_width = ((size + 2 * pad - kernel_size) // stride + 1 for size in (height, width))
+    grad = jnp.asarray(rng.normal(size=(batch, out_height, out_width, out_channels)), jnp.bfloat16)
+    padded = np.pad(np.asarray(x.astype(jnp.float32), np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    expected = np.zeros((kernel_size, kernel_size, in_channels, out_channels))
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            read = padded[:, i:i + stride * (out_height - 1) + 1:stride, j:j + stride * (out_width - 1) + 1:stride]
+            expected[i, j] = np.einsum("nhwc,nhwo->co", read, np.asarray(grad.astype(jnp.float32), np.float64))
+    ours = jax.jit(lambda x, g: cpu_kernels.amx_conv_weight_gradient(x, g, kernel_size, stride, ((pad, pad),) * 2))(
+        x, grad)
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6 * np.abs(expected).max() * np.sqrt(batch))
+
+
+@pytest.mark.usefixtures("needs_amx")
 def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     """A bfloat16 ResNet on a CPU with AMX tiles, in eval mode: its convs' forward passes on the tiles (a stem's, of 3
     channels, by the float32 kernel), each block's last conv with the block's end; the features of XLA's bfloat16

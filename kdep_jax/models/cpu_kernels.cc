@@ -25,7 +25,8 @@
 // - KdepDense: not a conv either, a Linear layer's product x w (the transformers'), below.
 // - KdepAmxConv: a dense conv's forward pass in bfloat16 (float32 sums) on the AMX tiles of an Intel Xeon, which
 //   XLA:CPU does not use (its bfloat16 convs are slower than its float32 ones), below; with a ResNet block's BatchNorm
-//   and ReLU applied to its input, and its end (BatchNorm, residual, ReLU) to its output.
+//   and ReLU applied to its input, and its end (BatchNorm, residual, ReLU) to its output. KdepAmxConvWeightGradient:
+//   its weight gradient on the tiles.
 //
 // The weight gradients keep each tap's sums over many pixels in registers, kSumLanes output channels at a time.
 // The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
@@ -1949,8 +1950,161 @@ ffi::Error AmxConvOfActivationToBlockEnd(ffi::ThreadPool pool, Bfloat16x4d x, Fl
   output.residual = residual.typed_data(), output.relu = relu != 0;
   return AmxConvOf(pool, input, x.dimensions(), w, output, y_dims, stride, pad_top, pad_left);
 }
+
+// A dense conv's weight gradient in bfloat16 on the AMX tiles: dw (k, k, Cin, Cout), float32, from x (N, H, W, Cin)
+// and the output gradient g (N, Ho, Wo, Cout), both bfloat16, Cin and Cout multiples of 32. A tile product here
+// multiplies 16 input channels' values at 32 outputs' taps by those outputs' gradients for 16 output channels. So x
+// is first copied into the forward pass's phase planes (AmxConvOf) transposed, a row per channel, along which tap
+// (i, j) reads, for the outputs q of the grid, the pixels q + (i / s) * width + j / s, consecutive; and g into the
+// grid (its dropped columns zero) with pairs of consecutive outputs side by side, as the tiles read their second
+// operand. Then each chunk of images (kAmxGradientChunkPixels outputs) keeps each tap's sums for 32 by 32 channels in
+// four tiles over its outputs, block of channels by block, so that the rows each block reads stay in the L2 cache
+// for its taps; the chunks' sums go into float64 partials, added in chunk order (as `WeightGradient`'s).
+constexpr int64_t kAmxGradientChunkPixels = 4096;
+
+struct AmxGradientLayout {
+  int64_t reach, phases, width, grid, plane_pixels;  // grid: an image's outputs, in blocks of kAmxPixels
+
+  explicit AmxGradientLayout(const Shape& s)
+      : reach((s.k - 1) / s.stride), phases(std::min(s.k, s.stride)), width(s.out_width + reach),
+        grid((s.out_height * width + kAmxPixels - 1) / kAmxPixels * kAmxPixels),
+        plane_pixels(grid + reach * (width + 1)) {}  // as far as the last block's furthest tap reads
+};
+
+// An image's transposed phase planes (phases * phases * Cin rows of plane_pixels) and gradient pairs (grid / 2
+// rows of Cout pairs), zero where nothing is read. The planes are copied 32 pixels at a time, whose values (at most
+// 32 KiB) stay in the L1 cache while each channel's row is written.
+void CopyAmxGradientImage(const uint16_t* x, const uint16_t* g, uint16_t* planes, uint16_t* pairs, const Shape& s,
+                          const AmxGradientLayout& l) {
+  const int64_t cin = s.in_channels, cout = s.out_channels;
+  std::fill(planes, planes + l.phases * l.phases * cin * l.plane_pixels, uint16_t{0});
+  for (int64_t phase = 0; phase < l.phases * l.phases; ++phase) {
+    const int64_t pi = phase / l.phases, pj = phase % l.phases;
+    // the grid's columns that read x: column c * stride + pj - pad_left in [0, W)
+    const int64_t first = std::max<int64_t>(0, (s.pad_left - pj + s.stride - 1) / s.stride);
+    const int64_t last = std::min(l.width, (s.width - 1 + s.pad_left - pj) / s.stride + 1);
+    uint16_t* plane = planes + phase * cin * l.plane_pixels;
+    for (int64_t r = 0; r * l.width < l.plane_pixels; ++r) {
+      const int64_t row = r * s.stride + pi - s.pad_top;
+      if (row < 0 || row >= s.height) continue;
+      const int64_t end = std::min(last, l.plane_pixels - r * l.width);
+      for (int64_t c0 = first; c0 < end; c0 += kAmxPixels) {
+        const int64_t count = std::min(kAmxPixels, end - c0);
+        const uint16_t* from = x + (row * s.width + c0 * s.stride + pj - s.pad_left) * cin;
+        uint16_t* to = plane + r * l.width + c0;
+        for (int64_t c = 0; c < cin; ++c) {
+          for (int64_t p = 0; p < count; ++p) to[c * l.plane_pixels + p] = from[p * s.stride * cin + c];
+        }
+      }
+    }
+  }
+  std::fill(pairs, pairs + l.grid * cout, uint16_t{0});
+  for (int64_t row = 0; row < s.out_height; ++row) {
+    for (int64_t column = 0; column < s.out_width; ++column) {
+      const int64_t q = row * l.width + column;
+      const uint16_t* from = g + (row * s.out_width + column) * cout;
+      uint16_t* to = pairs + q / 2 * 2 * cout + q % 2;
+      for (int64_t c = 0; c < cout; ++c) to[2 * c] = from[c];
+    }
+  }
+}
+
+// Adds to `partial` (dw's shape) the sums of a chunk's images for output channel blocks [block_begin, block_end).
+void AddAmxGradientChunk(const uint16_t* planes, const uint16_t* pairs, int64_t images, int64_t block_begin,
+                         int64_t block_end, double* partial, const Shape& s, const AmxGradientLayout& l) {
+  const int64_t cin = s.in_channels, cout = s.out_channels, image_planes = l.phases * l.phases * cin * l.plane_pixels;
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+  _tile_loadconfig(&config);
+  float sums[kAmxChannels * kAmxChannels];
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    for (int64_t c0 = 0; c0 < cin; c0 += kAmxChannels) {
+      for (int64_t i = 0; i < s.k; ++i) {
+        for (int64_t j = 0; j < s.k; ++j) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          const int64_t tap = ((i % s.stride) * l.phases + j % s.stride) * cin * l.plane_pixels +
+                              c0 * l.plane_pixels + i / s.stride * l.width + j / s.stride;
+          for (int64_t image = 0; image < images; ++image) {
+            const uint16_t* in = planes + image * image_planes + tap;
+            const uint16_t* grad = pairs + image * l.grid * cout + b * kAmxChannels * 2;
+            for (int64_t q = 0; q < l.grid; q += kAmxPixels) {
+              _tile_loadd(4, in + q, l.plane_pixels * 2);
+              _tile_loadd(5, in + 16 * l.plane_pixels + q, l.plane_pixels * 2);
+              _tile_loadd(6, grad + q * cout, cout * 4);
+              _tile_loadd(7, grad + q * cout + 32, cout * 4);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          AmxStore(sums, kAmxChannels);
+          double* to = partial + ((i * s.k + j) * cin + c0) * cout + b * kAmxChannels;
+          for (int64_t c = 0; c < kAmxChannels; ++c) {
+            for (int64_t o = 0; o < kAmxChannels; ++o) to[c * cout + o] += sums[c * kAmxChannels + o];
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+ffi::Error AmxConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d g, ffi::Result<Float32x4d> dw,
+                                 int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto x_dims = x.dimensions(), g_dims = g.dimensions(), dw_dims = dw->dimensions();
+  const int64_t n = x_dims[0];
+  const Shape s{x_dims[1], x_dims[2], x_dims[3], g_dims[1], g_dims[2], g_dims[3], dw_dims[0],
+                stride, pad_top, pad_left};
+  const bool shapes_fit = g_dims[0] == n && dw_dims[1] == s.k && dw_dims[2] == s.in_channels &&
+                          dw_dims[3] == s.out_channels && s.in_channels % kAmxChannels == 0 &&
+                          s.out_channels % kAmxChannels == 0 && stride >= 1 && pad_top >= 0 && pad_left >= 0;
+  if (!shapes_fit) return ffi::Error::InvalidArgument("kdep_jax AMX weight gradient: shapes that do not fit together");
+  const int64_t size = dw->element_count();
+  if (n == 0 || s.out_height <= 0 || s.out_width <= 0) {
+    std::fill(dw->typed_data(), dw->typed_data() + size, 0.0f);
+    return ffi::Error::Success();
+  }
+  if (!AmxPermitted()) return ffi::Error::Internal("kdep_jax AMX conv kernel: Linux did not grant the AMX tiles");
+  const AmxGradientLayout l(s);
+  const int64_t image_planes = l.phases * l.phases * s.in_channels * l.plane_pixels;
+  const int64_t image_pairs = l.grid * s.out_channels;
+  std::unique_ptr<uint16_t[]> planes(new uint16_t[n * image_planes]), pairs(new uint16_t[n * image_pairs]);
+  ParallelFor(pool, n, [&]() {
+    return [&](int64_t image) {
+      CopyAmxGradientImage(x.typed_data() + image * s.height * s.width * s.in_channels,
+                           g.typed_data() + image * s.out_height * s.out_width * s.out_channels,
+                           planes.get() + image * image_planes, pairs.get() + image * image_pairs, s, l);
+    };
+  });
+  const int64_t out_pixels = s.out_height * s.out_width, parts = s.out_channels / kAmxChannels;
+  const int64_t chunk_images = std::clamp<int64_t>((kAmxGradientChunkPixels + out_pixels - 1) / out_pixels, 1, n);
+  const int64_t chunks = (n + chunk_images - 1) / chunk_images;
+  const int64_t groups = std::clamp<int64_t>(4 * pool.num_threads() / chunks, 1, parts);
+  std::vector<double> partials(chunks * size, 0.0);
+  ParallelFor(pool, chunks * groups, [&]() {
+    return [&](int64_t task) {
+      const int64_t chunk = task / groups, group = task % groups, first_image = chunk * chunk_images;
+      AddAmxGradientChunk(planes.get() + first_image * image_planes, pairs.get() + first_image * image_pairs,
+                          std::min(chunk_images, n - first_image), group * parts / groups,
+                          (group + 1) * parts / groups, partials.data() + chunk * size, s, l);
+    };
+  });
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    for (int64_t t = 0; t < size; ++t) partials[t] += partials[chunk * size + t];
+  }
+  RoundedSums(size)(partials.data(), dw->typed_data(), s);
+  return ffi::Error::Success();
+}
 #else
 ffi::Error NoAmx() { return ffi::Error::Internal("kdep_jax's CPU kernels were built for a CPU without AMX tiles"); }
+ffi::Error AmxConvWeightGradient(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>, int64_t, int64_t,
+                                 int64_t) {
+  return NoAmx();
+}
 ffi::Error AmxConv(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Bfloat16x4d>, int64_t, int64_t, int64_t) {
   return NoAmx();
 }
@@ -2046,6 +2200,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConv, AmxConv,
                                   .Arg<Bfloat16x4d>()
                                   .Arg<Bfloat16x4d>()
                                   .Ret<Bfloat16x4d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConvWeightGradient, AmxConvWeightGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Ret<Float32x4d>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));

@@ -51,6 +51,7 @@ _DENSE = "kdep_dense"
 _AMX_CONV = "kdep_amx_conv"
 _AMX_CONV_OF_ACTIVATION = "kdep_amx_conv_of_activation"
 _AMX_CONV_TO_BLOCK_END = "kdep_amx_conv_of_activation_to_block_end"
+_AMX_CONV_WEIGHT_GRADIENT = "kdep_amx_conv_weight_gradient"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -128,7 +129,8 @@ def available() -> bool:
                           (_ATTENTION, library.KdepAttention), (_DENSE, library.KdepDense),
                           (_AMX_CONV, library.KdepAmxConv),
                           (_AMX_CONV_OF_ACTIVATION, library.KdepAmxConvOfActivation),
-                          (_AMX_CONV_TO_BLOCK_END, library.KdepAmxConvOfActivationToBlockEnd)]:
+                          (_AMX_CONV_TO_BLOCK_END, library.KdepAmxConvOfActivationToBlockEnd),
+                          (_AMX_CONV_WEIGHT_GRADIENT, library.KdepAmxConvWeightGradient)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -312,3 +314,16 @@ def amx_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[
     call = jax.ffi.ffi_call(_AMX_CONV_TO_BLOCK_END, out, vmap_method="sequential")
     return call(x, scale, shift, kernel, end_scale.astype(jnp.float32), end_shift.astype(jnp.float32),
                 residual.astype(jnp.bfloat16), relu=np.int64(relu), **attributes)
+
+
+def amx_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
+                             padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The weight gradient (k, k, Cin, Cout) of `amx_conv`, in float32, from its input x and output gradient grad,
+    both rounded to bfloat16 (Cin and Cout multiples of AMX_CONV_CHANNELS): each chunk of images' sums in float32 on
+    the AMX tiles, the chunks' added in float64, in order."""
+    _require_kernels()
+    shape = (kernel_size, kernel_size, x.shape[-1], grad.shape[-1])
+    call = jax.ffi.ffi_call(_AMX_CONV_WEIGHT_GRADIENT, jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.bfloat16), grad.astype(jnp.bfloat16), stride=np.int64(stride),
+                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))

@@ -85,9 +85,11 @@ def _amx_conv() -> bool:
     """Whether conv2d's bfloat16 convs take their forward pass from kdep_jax's AMX kernel (`cpu_kernels.amx_conv`)
     where it runs: XLA:CPU does not use the AMX tiles, and runs bfloat16 convs 1.55x slower than float32 ones. A
     bfloat16 ResNet-50's forward pass at batch 32 went from 0.72x to 1.9x the float32 one's speed (Intel Xeon,
-    benchmarks/README.md). There their gradients come from the float32 kernels (`_conv_forms`), of the bfloat16
-    values, their float32 sums rounded once, where XLA's bfloat16 gradient convs round more and ran slower: the
-    ResNet-18 step in bfloat16 1.89 -> 1.44 s (Intel Xeon, benchmarks/README.md)."""
+    benchmarks/README.md). There their gradients come from the tiles too (the input gradient at stride 1, the weight
+    gradient, `_conv_forms`) or else from the float32 kernels, of the bfloat16 values, their float32 sums rounded
+    once, where XLA's bfloat16 gradient convs round more and ran slower: the ResNet-18 step in bfloat16 1.89 s with
+    XLA's gradients, 1.44 with the float32 kernels', 1.36-1.40 with the input gradient on the tiles, 1.17 with the
+    weight gradient too (Intel Xeon, benchmarks/README.md)."""
     return cpu_kernels.amx_runs_here()
 
 
@@ -159,8 +161,9 @@ def _flax_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
     at least _WINOGRAD_4X4_MIN_SIZE pixels a side, where its channels come in blocks of 16 too), the weight gradient
     from its weight-gradient kernels (Winograd's F(2x2, 3x3) too, on images of at least
     _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side). In bfloat16 on a CPU with AMX tiles, the forward pass from
-    the AMX kernel (`_on_amx_tiles`; a stem's from the float32 one), and so the input gradient at stride 1; the other
-    gradients from the float32 kernels, of the same bfloat16 values, rounded once (`_amx_conv`). The rest is XLA's."""
+    the AMX kernel (`_on_amx_tiles`; a stem's from the float32 one), and so the weight gradient and the input
+    gradient at stride 1; the other gradients from the float32 kernels, of the same bfloat16 values, rounded once
+    (`_amx_conv`). The rest is XLA's."""
     if feature_group_count != 1 or any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
         raise ValueError("kdep_jax's CPU conv hook takes convs without groups or dilation")
     if isinstance(padding, str):
@@ -205,6 +208,7 @@ def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[s
         on_tiles = _on_amx_tiles(lhs, rhs)
         forward = "amx" if on_tiles else "xla" if forward == "xla" else "direct"
         input_gradient = "amx" if on_tiles and stride == 1 else input_gradient
+        weight_gradient = "amx" if on_tiles else weight_gradient
     return forward, input_gradient, weight_gradient
 
 
@@ -290,9 +294,9 @@ def _conv_by_form(x: jax.Array, kernel: jax.Array, stride: int, padding, form: s
 def native_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, forms: tuple[str, str, str]) -> jax.Array:
     """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on CPU whose forward pass, input gradient
     and weight gradient each come from XLA's convolution or kdep_jax's C++ kernels (one device), as forms says (for
-    each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4"; the forward pass's
-    and, at stride 1, the input gradient's "amx" too, in bfloat16). XLA's gradients are `conv_input_gradient` and
-    `conv_weight_gradient`."""
+    each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4"; the forward pass's,
+    weight gradient's and, at stride 1, the input gradient's "amx" too, in bfloat16). XLA's gradients are
+    `conv_input_gradient` and `conv_weight_gradient`."""
     return _conv_by_form(x, kernel, stride, padding, forms[0])
 
 
@@ -352,6 +356,8 @@ def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
         grad_kernel = cpu_kernels.winograd_weight_gradient(x, grad)
     elif weight_gradient == "direct":
         grad_kernel = cpu_kernels.conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
+    elif weight_gradient == "amx":
+        grad_kernel = cpu_kernels.amx_conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
     else:
         grad_kernel = conv_weight_gradient(x, grad, kernel.shape, stride, padding)
     return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
