@@ -68,6 +68,12 @@ def _check_kdep_settings(config, num_devices: int, num_processes: int, workdir):
     if config.teacher.dtype == "bfloat16" and jax.default_backend() == "cpu" and not xla_flags.amx_bf16():
         logging.warning("config.teacher.dtype='bfloat16' on a CPU without AMX tiles: XLA:CPU computes bfloat16 "
                         "convolutions more slowly than float32 ones (benchmarks/README.md); float32 is faster here.")
+    if ((config.teacher.dtype or config.dtype) == "bfloat16" and jax.default_backend() == "cpu"
+            and xla_flags.amx_bf16() and not config.teacher.arch.startswith("resnet")):
+        logging.warning("A %s teacher in bfloat16 on a CPU: kdep_jax's AMX kernels compute a ResNet's convs, and this "
+                        "teacher's layers stay XLA's, which computes bfloat16 dot products and depthwise convs more "
+                        "slowly than float32 ones (benchmarks/README.md); --config.teacher.dtype=float32 is faster "
+                        "here.", config.teacher.arch)
     _check_arch(config.student, "student")
     _check_batch(config.alignment.batch_size, "alignment.batch_size", num_devices, num_processes)
     method = methods.create(config)
@@ -245,11 +251,11 @@ def _check_loop(config, prefix: str, num_devices: int, num_processes: int) -> No
     field = f"config.{prefix}"
     if config.dtype not in DTYPES:
         raise ConfigError(f"{field}dtype={config.dtype!r}: use one of {', '.join(DTYPES)}.")
-    if config.dtype == "bfloat16" and jax.default_backend() == "cpu":
-        logging.warning("%sdtype='bfloat16' on a CPU: XLA:CPU computes bfloat16 convolutions and dot products "
-                        "more slowly than float32 ones, AMX or not (benchmarks/README.md); float32 is faster "
-                        "here. bfloat16 is for GPUs and TPUs; on an Intel Xeon with AMX, a float32 run with "
-                        "--config.teacher.dtype=bfloat16 runs a CNN teacher's convs on the AMX tiles.", field)
+    if config.dtype == "bfloat16" and jax.default_backend() == "cpu" and not xla_flags.amx_bf16():
+        logging.warning("%sdtype='bfloat16' on a CPU without AMX tiles: XLA:CPU computes bfloat16 convolutions and "
+                        "dot products more slowly than float32 ones (benchmarks/README.md); float32 is faster here. "
+                        "bfloat16 is for GPUs, TPUs and Intel Xeons with AMX, where kdep_jax computes CNNs' dense "
+                        "convs on the AMX tiles.", field)
     train = config.train
     for name in ("num_epochs", "lr_decay_every_epochs"):
         if train[name] < 1:

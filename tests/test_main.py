@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from kdep_jax import alignment as alignment_lib
-from kdep_jax import convert, data, distill, methods, parallel, pipeline, trainer, validation
+from kdep_jax import convert, data, distill, methods, parallel, pipeline, trainer, validation, xla_flags
 from kdep_jax import teacher as teacher_lib
 from kdep_jax.methods import kdep as kdep_method
 from kdep_jax.errors import ConfigError
@@ -275,12 +275,24 @@ def test_batches_that_do_not_split_over_the_devices_are_named(tmp_path):
             validation.validate(config, 3, 1, tmp_path)
 
 
-def test_bfloat16_on_a_cpu_is_warned_about(tmp_path, caplog):
-    """XLA:CPU runs bfloat16 convolutions and dots more slowly than float32 ones: say so, without refusing."""
+def test_bfloat16_on_a_cpu_is_warned_about_where_it_is_slower(tmp_path, caplog, monkeypatch):
+    """XLA:CPU runs bfloat16 convolutions and dots more slowly than float32 ones: say so, without refusing; on a CPU
+    with AMX tiles, where kdep_jax's kernels run a ResNet's convs, only for a teacher of another kind."""
+    monkeypatch.setattr(xla_flags, "amx_bf16", lambda: False)
     validation.validate(tiny_config(), 4, 1, tmp_path)
     assert "bfloat16" not in caplog.text
     validation.validate(tiny_config(dtype="bfloat16"), 4, 1, tmp_path)
-    assert "config.dtype='bfloat16' on a CPU" in caplog.text
+    assert "config.dtype='bfloat16' on a CPU without AMX tiles" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(xla_flags, "amx_bf16", lambda: True)
+    validation.validate(tiny_config(dtype="bfloat16"), 4, 1, tmp_path)
+    assert "bfloat16" not in caplog.text
+    swin_teacher = {"teacher.arch": "swin_t", "teacher.train.model.arch": "swin_t"}
+    validation.validate(tiny_config(dtype="bfloat16", **swin_teacher), 4, 1, tmp_path)
+    assert "A swin_t teacher in bfloat16 on a CPU" in caplog.text
+    caplog.clear()
+    validation.validate(tiny_config(dtype="bfloat16", **swin_teacher, **{"teacher.dtype": "float32"}), 4, 1, tmp_path)
+    assert "teacher in bfloat16" not in caplog.text
 
 
 def test_the_target_cache_needs_a_local_directory_and_random_access(tmp_path):
