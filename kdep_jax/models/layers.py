@@ -183,7 +183,8 @@ def cpu_conv_hook():
 def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[str, str, str]:
     """Where conv2d's conv on CPU takes its forward pass, input gradient and weight gradient (`native_conv`)."""
     k, _, in_channels, out_channels = rhs.shape
-    # in bfloat16 where the AMX kernel runs: the gradients from the float32 kernels, of the same bfloat16 values
+    # in bfloat16 where the AMX kernel runs: the tiles where they fit (below), else the float32 kernels' forms, of the
+    # same bfloat16 values
     bfloat16_on_amx = rhs.dtype == jnp.bfloat16 and jax.device_count() == 1 and _amx_conv()
     one_device_float32 = (lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1) or bfloat16_on_amx
     native = one_device_float32 and _native_conv()
