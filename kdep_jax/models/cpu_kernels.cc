@@ -1971,9 +1971,53 @@ struct AmxGradientLayout {
         plane_pixels(grid + reach * (width + 1)) {}  // as far as the last block's furthest tap reads
 };
 
+#if defined(__AVX512BW__)
+// Two-source permutes of 32 bfloat16 values: for each block size m (16, 8, 4, 2, 1), the indices that swap the
+// off-diagonal m x m blocks of rows i and i + m (Transpose32x32); then those that interleave two rows' values.
+struct PermuteIndices {
+  alignas(64) uint16_t swap[5][2][32], interleave[2][32];
+
+  PermuteIndices() {
+    for (int level = 0; level < 5; ++level) {
+      const int m = 16 >> level;
+      for (int column = 0; column < 32; ++column) {
+        const bool upper = column & m;
+        swap[level][0][column] = static_cast<uint16_t>(upper ? 32 | (column ^ m) : column);
+        swap[level][1][column] = static_cast<uint16_t>(upper ? 32 | column : column | m);
+      }
+    }
+    for (int k = 0; k < 32; ++k) {
+      interleave[0][k] = static_cast<uint16_t>((k & 1) << 5 | k >> 1);
+      interleave[1][k] = static_cast<uint16_t>((k & 1) << 5 | (16 + (k >> 1)));
+    }
+  }
+};
+
+const PermuteIndices& Permutes() {
+  static const PermuteIndices indices;
+  return indices;
+}
+
+// rows[r][c] <- rows[c][r]: 32 rows of 32 bfloat16 values, transposed by swapping the off-diagonal blocks of every size.
+inline void Transpose32x32(__m512i rows[32]) {
+  const PermuteIndices& indices = Permutes();
+  for (int level = 0; level < 5; ++level) {
+    const int m = 16 >> level;
+    const __m512i first = _mm512_load_si512(indices.swap[level][0]), second = _mm512_load_si512(indices.swap[level][1]);
+    for (int i = 0; i < 32; ++i) {
+      if (i & m) continue;
+      const __m512i a = rows[i], b = rows[i | m];
+      rows[i] = _mm512_permutex2var_epi16(a, first, b);
+      rows[i | m] = _mm512_permutex2var_epi16(a, second, b);
+    }
+  }
+}
+#endif
+
 // An image's transposed phase planes (phases * phases * Cin rows of plane_pixels) and gradient pairs (grid / 2
-// rows of Cout pairs), zero where nothing is read. The planes are copied 32 pixels at a time, whose values (at most
-// 32 KiB) stay in the L1 cache while each channel's row is written.
+// rows of Cout pairs), zero where nothing is read. The planes are copied 32 pixels by 32 channels at a time
+// (transposed in registers where the CPU has AVX512-BW; else a channel's row at a time, the pixels' values in the L1
+// cache). Copying them value by value took 44% of a 56 px conv's weight gradient (Intel Xeon).
 void CopyAmxGradientImage(const uint16_t* x, const uint16_t* g, uint16_t* planes, uint16_t* pairs, const Shape& s,
                           const AmxGradientLayout& l) {
   const int64_t cin = s.in_channels, cout = s.out_channels;
@@ -1992,19 +2036,46 @@ void CopyAmxGradientImage(const uint16_t* x, const uint16_t* g, uint16_t* planes
         const int64_t count = std::min(kAmxPixels, end - c0);
         const uint16_t* from = x + (row * s.width + c0 * s.stride + pj - s.pad_left) * cin;
         uint16_t* to = plane + r * l.width + c0;
+#if defined(__AVX512BW__)
+        const __mmask32 written = count == 32 ? ~__mmask32{0} : (__mmask32{1} << count) - 1;
+        for (int64_t c1 = 0; c1 < cin; c1 += 32) {
+          __m512i rows[32];
+          for (int p = 0; p < 32; ++p) {
+            rows[p] = p < count ? _mm512_loadu_si512(from + p * s.stride * cin + c1) : _mm512_setzero_si512();
+          }
+          Transpose32x32(rows);
+          for (int c = 0; c < 32; ++c) _mm512_mask_storeu_epi16(to + (c1 + c) * l.plane_pixels, written, rows[c]);
+        }
+#else
         for (int64_t c = 0; c < cin; ++c) {
           for (int64_t p = 0; p < count; ++p) to[c * l.plane_pixels + p] = from[p * s.stride * cin + c];
         }
+#endif
       }
     }
   }
-  std::fill(pairs, pairs + l.grid * cout, uint16_t{0});
-  for (int64_t row = 0; row < s.out_height; ++row) {
-    for (int64_t column = 0; column < s.out_width; ++column) {
-      const int64_t q = row * l.width + column;
-      const uint16_t* from = g + (row * s.out_width + column) * cout;
-      uint16_t* to = pairs + q / 2 * 2 * cout + q % 2;
-      for (int64_t c = 0; c < cout; ++c) to[2 * c] = from[c];
+  // a grid output's gradient, or zeros (a dropped column, past the last row)
+  auto gradient = [&](int64_t q) -> const uint16_t* {
+    const int64_t row = q / l.width, column = q % l.width;
+    return row < s.out_height && column < s.out_width ? g + (row * s.out_width + column) * cout : nullptr;
+  };
+  for (int64_t q = 0; q < l.grid; q += 2) {
+    const uint16_t *even = gradient(q), *odd = gradient(q + 1);
+    uint16_t* to = pairs + q * cout;
+    int64_t c = 0;
+#if defined(__AVX512BW__)
+    const PermuteIndices& indices = Permutes();
+    const __m512i low = _mm512_load_si512(indices.interleave[0]), high = _mm512_load_si512(indices.interleave[1]);
+    for (; c < cout; c += 32) {
+      const __m512i a = even ? _mm512_loadu_si512(even + c) : _mm512_setzero_si512();
+      const __m512i b = odd ? _mm512_loadu_si512(odd + c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(to + 2 * c, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(to + 2 * c + 32, _mm512_permutex2var_epi16(a, high, b));
+    }
+#endif
+    for (; c < cout; ++c) {
+      to[2 * c] = even ? even[c] : uint16_t{0};
+      to[2 * c + 1] = odd ? odd[c] : uint16_t{0};
     }
   }
 }
