@@ -1753,18 +1753,24 @@ struct AmxOutput {
   }
 };
 
+// Adds to the four sum tiles the products of two tiles of a (16 rows of 32 values, the second from row 16 on; rows
+// a_row values apart) with two of b (16 rows of 16 pairs, the second from value 32 on; rows b_row values apart).
+inline void AmxProducts(const uint16_t* a, int64_t a_row, const uint16_t* b, int64_t b_row) {
+  _tile_loadd(4, a, a_row * 2);
+  _tile_loadd(5, a + 16 * a_row, a_row * 2);
+  _tile_loadd(6, b, b_row * 2);
+  _tile_loadd(7, b + 32, b_row * 2);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
 // Adds to the four sum tiles the products of 32 outputs' inputs (`in`, tile rows `in_stride` values apart, 16 rows
 // on from in + 16 * in_stride) with a tap's weights for 32 output channels (`w`, as PackAmxWeights lays them out).
 inline void AmxTap(const uint16_t* in, int64_t in_stride, const uint16_t* w, int64_t cin) {
   for (int64_t c = 0; c < cin; c += kAmxChannels) {
-    _tile_loadd(4, in + c, in_stride * 2);
-    _tile_loadd(5, in + 16 * in_stride + c, in_stride * 2);
-    _tile_loadd(6, w + c * kAmxChannels, 128);
-    _tile_loadd(7, w + c * kAmxChannels + 32, 128);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
+    AmxProducts(in + c, in_stride, w + c * kAmxChannels, 2 * kAmxChannels);
   }
 }
 
@@ -1998,7 +2004,7 @@ const PermuteIndices& Permutes() {
   return indices;
 }
 
-// rows[r][c] <- rows[c][r]: 32 rows of 32 bfloat16 values, transposed by swapping the off-diagonal blocks of every size.
+// rows[r][c] <- rows[c][r] (32 rows of 32 bfloat16 values), by swapping the off-diagonal blocks of every size.
 inline void Transpose32x32(__m512i rows[32]) {
   const PermuteIndices& indices = Permutes();
   for (int level = 0; level < 5; ++level) {
@@ -2102,14 +2108,7 @@ void AddAmxGradientChunk(const uint16_t* planes, const uint16_t* pairs, int64_t 
             const uint16_t* in = planes + image * image_planes + tap;
             const uint16_t* grad = pairs + image * l.grid * cout + b * kAmxChannels * 2;
             for (int64_t q = 0; q < l.grid; q += kAmxPixels) {
-              _tile_loadd(4, in + q, l.plane_pixels * 2);
-              _tile_loadd(5, in + 16 * l.plane_pixels + q, l.plane_pixels * 2);
-              _tile_loadd(6, grad + q * cout, cout * 4);
-              _tile_loadd(7, grad + q * cout + 32, cout * 4);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
+              AmxProducts(in + q, l.plane_pixels, grad + q * cout, 2 * cout);
             }
           }
           AmxStore(sums, kAmxChannels);
