@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from kdep_jax.convert import from_torchvision, to_torchvision
-from kdep_jax.models import create_model, feature_dim, layers
+from kdep_jax.models import create_model, feature_dim, layers, resnet
 from kdep_jax.models.layers import BatchNorm, DepthwiseConv, conv2d, depthwise_conv, max_pool, torch_linear
 
 PARITY_TOLERANCE = 1e-4
@@ -670,6 +670,37 @@ def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     float32 = float32[1]["pre_relu"]
     assert relative_error(ours, xla) < 2e-2
     assert relative_error(ours, float32) < 3 * max(relative_error(xla, float32), 1e-2)
+
+
+@pytest.mark.usefixtures("needs_amx")
+def test_bfloat16_resnet_stem_pools_before_its_activation_with_the_same_values(monkeypatch):
+    """In eval mode on the AMX tiles a ResNet's stem pools its conv's sums before bn1 and its ReLU (`ResNet.stem`),
+    the channels whose BatchNorm scale is negative by the conv with their kernel negated: the features bit for bit
+    those of the stem in torch's order, with scales of both signs."""
+    model = create_model("resnet18", num_classes=None, dtype=jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), images, train=False)
+    scale = rng.normal(size=64)
+    assert (scale < 0).any() and (scale > 0).any()
+    variables["params"]["bn1"].update(scale=jnp.asarray(scale, jnp.float32),
+                                      bias=jnp.asarray(rng.normal(size=64), jnp.float32))
+    variables["batch_stats"]["bn1"].update(mean=jnp.asarray(rng.normal(size=64), jnp.float32),
+                                           var=jnp.asarray(rng.uniform(0.5, 1.5, size=64), jnp.float32))
+
+    def stage1(variables, images):
+        return model.apply(variables, images, train=False)[1]["stage1"]
+
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    pooled_first = jax.jit(lambda v, x: stage1(v, x))
+    assert '"kdep_max_pool"' in pooled_first.lower(variables, images).compile().as_text()
+    ours = pooled_first(variables, images)
+    monkeypatch.setattr(resnet, "pools_before_activation", lambda x, k: False)
+    torch_order = jax.jit(lambda v, x: stage1(v, x))  # traced anew
+    assert '"kdep_max_pool"' not in torch_order.lower(variables, images).compile().as_text()
+    expected = torch_order(variables, images)
+    assert np.count_nonzero(expected) > expected.size // 4
+    np.testing.assert_array_equal(ours, expected)
 
 
 @pytest.mark.usefixtures("needs_amx")

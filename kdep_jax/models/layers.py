@@ -34,9 +34,10 @@ def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
 
 
 def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.float32,
-           name: str | None = None, tf_same_padding: bool = False) -> nn.Conv:
+           name: str | None = None, tf_same_padding: bool = False, output_signs: jax.Array | None = None) -> nn.Conv:
     """A bias-free conv with torch's symmetric padding kernel_size // 2 (torchvision's convs all use it), or
-    with TensorFlow's "SAME" padding when tf_same_padding."""
+    with TensorFlow's "SAME" padding when tf_same_padding. output_signs (one +1 or -1 per output channel): each output
+    channel times its sign, exactly, by the kernel's."""
     pad = kernel_size // 2
     padding = "SAME" if tf_same_padding else ((pad, pad), (pad, pad))
     hook = None
@@ -47,9 +48,15 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
             hook = functools.partial(_flax_conv, kernels=not tf_same_padding)
     elif jax.default_backend() == "gpu" and dtype == jnp.bfloat16:
         hook = channel_padded_conv
+    if output_signs is not None:
+        hook = functools.partial(_signed_outputs_conv, hook or jax.lax.conv_general_dilated, output_signs)
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
                    use_bias=False, kernel_init=conv_kernel_init, dtype=dtype,
                    param_dtype=jnp.float32, name=name, conv_general_dilated=hook)
+
+
+def _signed_outputs_conv(conv, signs: jax.Array, lhs, rhs, *args, **conv_options):
+    return conv(lhs, rhs * signs.astype(rhs.dtype), *args, **conv_options)
 
 
 def channel_padded_conv(lhs, rhs, window_strides, padding, **conv_options):
@@ -755,10 +762,30 @@ def _max_pool_value(x: jax.Array, k: int, stride: int, pad: int, shape: tuple[in
     return functools.reduce(jnp.maximum, windows).astype(x.dtype)
 
 
+def max_pool_by_kernel(x: jax.Array, k: int) -> bool:
+    """Whether `max_pool` of x with a k x k window runs kdep_jax's C++ kernel (`_native_max_pool`): on one CPU
+    device, in float32 or bfloat16."""
+    return x.dtype in (jnp.float32, jnp.bfloat16) and jax.device_count() == 1 and k * k <= 127 and _native_max_pool()
+
+
+def pools_before_activation(x: jax.Array, k: int) -> bool:
+    """Whether a ResNet's stem in eval mode pools its conv's sums before their BatchNorm and ReLU (`ResNet.stem`): in
+    bfloat16 where the AMX kernels and the max-pool kernel run. ResNet-50's bfloat16 forward pass at batch 32 spent 48
+    ms in XLA's fusion of the BatchNorm, ReLU and pool, 16 in the kernel's pool and the BatchNorm of a quarter of the
+    values (0.448 -> 0.419 s; Intel Xeon, benchmarks/README.md). In float32, where XLA's pool of the ReLU's output
+    took 11 ms and the kernel 16, the pass was level."""
+    return x.dtype == jnp.bfloat16 and _amx_conv() and max_pool_by_kernel(x, k)
+
+
+def max_pool_value_by_kernel(x: jax.Array, k: int, stride: int, pad: int) -> jax.Array:
+    """The max-pool of x in float32 by the C++ kernel (where `max_pool_by_kernel`); not to be differentiated."""
+    return cpu_kernels.max_pool(x, k, stride, ((pad, pad), (pad, pad)))[0]
+
+
 def _max_pool_forward(x: jax.Array, k: int, stride: int, pad: int, shape: tuple[int, ...]):
     """The pool, and what its backward pass keeps: x, or with the C++ kernel (float32, in bfloat16 too) the int8
     number of the tap that holds each output's maximum, a sixteenth of x's size at stride 2."""
-    if x.dtype in (jnp.float32, jnp.bfloat16) and jax.device_count() == 1 and k * k <= 127 and _native_max_pool():
+    if max_pool_by_kernel(x, k):
         pooled, taps = cpu_kernels.max_pool(x, k, stride, ((pad, pad), (pad, pad)))
         return pooled.astype(x.dtype), taps  # a bfloat16 x's maximum, exactly
     return _max_pool_value(x, k, stride, pad, shape), x

@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import (BatchNorm, ConvOfActivation, Dtype, conv2d, global_avg_pool, max_pool, relu,
-                                    torch_linear)
+from kdep_jax.models.layers import (BatchNorm, ConvOfActivation, Dtype, conv2d, global_avg_pool, max_pool,
+                                    max_pool_value_by_kernel, pools_before_activation, relu, torch_linear)
 from kdep_jax.models.naming import TorchNaming
 from kdep_jax.models.preprocessing import IMAGENET
 
@@ -80,12 +80,24 @@ class ResNet(nn.Module):
     def feature_dim(self) -> int:
         return self.base_width * 8 * (4 if self.bottleneck else 1)
 
+    def stem(self, x: jax.Array, train: bool) -> jax.Array:
+        """conv1, bn1, its ReLU and the max-pool. In eval mode, where `pools_before_activation`, the pool comes first:
+        a channel's BatchNorm map and ReLU (rounded to the dtype or not) rise with x where its scale is >= 0 and fall
+        elsewhere, so a window's largest activation is that of its largest x there, of its smallest elsewhere, which
+        is the largest of the conv with that channel's kernel negated (exactly -x). The same values: the C++ kernel
+        reads the conv's sums once, where XLA's fusion computed each window's nine activations."""
+        bn = BatchNorm(dtype=self.dtype, name="bn1")
+        if train or self.is_initializing() or not pools_before_activation(x, 3):
+            x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1")(x)
+            return max_pool(relu(bn(x, train)), 3, 2, 1, shifted_max=jax.default_backend() == "cpu")
+        scale, _ = bn(jnp.zeros((self.base_width,)), train, affine=True)  # eval mode: the map, from the width alone
+        signs = jnp.where(scale < 0, -1.0, 1.0)
+        x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1", output_signs=signs)(x)
+        return relu(bn(max_pool_value_by_kernel(x, 3, 2, 1) * signs, train))
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
-        x = x.astype(self.dtype)
-        x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1")(x)
-        x = relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
-        x = max_pool(x, 3, 2, 1, shifted_max=jax.default_backend() == "cpu")
+        x = self.stem(x.astype(self.dtype), train)
         features = {}
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
