@@ -40,6 +40,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -1634,9 +1635,32 @@ bool AmxPermitted() {
   return permitted;
 }
 
+// An allocator of memory from a 64-byte boundary, so that each 64-byte row a tile loads lies in one cache line; its
+// values are left as they come (the kernels write what they read).
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  void construct(U* p) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+  bool operator==(const CacheLineAllocator&) const { return true; }
+  bool operator!=(const CacheLineAllocator&) const { return false; }
+};
+using TileValues = std::vector<uint16_t, CacheLineAllocator<uint16_t>>;
+
 // w (k, k, Cin, Cout) as the tiles read it: (Cout / 32, k * k, Cin / 2, 32, 2), two input channels side by side.
-std::vector<uint16_t> PackAmxWeights(const uint16_t* w, int64_t taps, int64_t cin, int64_t cout) {
-  std::vector<uint16_t> packed(taps * cin * cout);
+TileValues PackAmxWeights(const uint16_t* w, int64_t taps, int64_t cin, int64_t cout) {
+  TileValues packed(taps * cin * cout);
   for (int64_t b = 0; b < cout / kAmxChannels; ++b) {
     for (int64_t t = 0; t < taps; ++t) {
       for (int64_t c = 0; c < cin; ++c) {
@@ -1811,7 +1835,7 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
   const int64_t band_rows_max = chunk > 1 ? s.out_height : band;
   const int64_t plane_pixels = (band_rows_max + reach + 1) * width + kAmxPixels;
   const int64_t image_planes = reads_x ? 0 : phases * phases * plane_pixels * cin;
-  const std::vector<uint16_t> packed = PackAmxWeights(w.typed_data(), taps, cin, cout);
+  const TileValues packed = PackAmxWeights(w.typed_data(), taps, cin, cout);
   // Where all the weights stay in the L2 cache, each block of outputs takes all its channels before the next, so
   // that its output rows are written whole, once; larger weights are read a block of channels at a time.
   const bool weights_cached = packed.size() * 2 <= kAmxCachedWeightBytes;
@@ -1819,7 +1843,7 @@ ffi::Error AmxConvOf(ffi::ThreadPool& pool, const AmxInput& input, ffi::Span<con
   // its residual's) is written (read) whole, one after the other, as the hardware prefetches; else 32 channels.
   const int64_t sums_row = weights_cached ? cout : kAmxChannels;
   ParallelFor(pool, chunks * bands, [&]() {
-    return [&, planes = std::vector<uint16_t>(chunk * image_planes + (reads_x ? kAmxPixels * cin : 0)),
+    return [&, planes = TileValues(chunk * image_planes + (reads_x ? kAmxPixels * cin : 0)),
             sums = std::vector<float>(kAmxPixels * sums_row)](int64_t task) mutable {
       const int64_t first_image = task / bands * chunk, images = std::min(chunk, n - first_image);
       const int64_t first_row = task % bands * band;
@@ -2149,12 +2173,12 @@ ffi::Error AmxConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4
   const AmxGradientLayout l(s);
   const int64_t image_planes = l.phases * l.phases * s.in_channels * l.plane_pixels;
   const int64_t image_pairs = l.grid * s.out_channels;
-  std::unique_ptr<uint16_t[]> planes(new uint16_t[n * image_planes]), pairs(new uint16_t[n * image_pairs]);
+  TileValues planes(n * image_planes), pairs(n * image_pairs);
   ParallelFor(pool, n, [&]() {
     return [&](int64_t image) {
       CopyAmxGradientImage(x.typed_data() + image * s.height * s.width * s.in_channels,
                            g.typed_data() + image * s.out_height * s.out_width * s.out_channels,
-                           planes.get() + image * image_planes, pairs.get() + image * image_pairs, s, l);
+                           planes.data() + image * image_planes, pairs.data() + image * image_pairs, s, l);
     };
   });
   const int64_t out_pixels = s.out_height * s.out_width, parts = s.out_channels / kAmxChannels;
@@ -2167,7 +2191,7 @@ ffi::Error AmxConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4
   ParallelFor(pool, chunks * groups, [&]() {
     return [&](int64_t task) {
       const int64_t chunk = task / groups, group = task % groups, first_image = chunk * chunk_images;
-      AddAmxGradientChunk(planes.get() + first_image * image_planes, pairs.get() + first_image * image_pairs,
+      AddAmxGradientChunk(planes.data() + first_image * image_planes, pairs.data() + first_image * image_pairs,
                           std::min(chunk_images, n - first_image), group * parts / groups,
                           (group + 1) * parts / groups, chunks > 1 ? partials.data() + chunk * size : nullptr,
                           dw->typed_data(), s, l);
