@@ -769,11 +769,13 @@ def max_pool_by_kernel(x: jax.Array, k: int) -> bool:
 
 
 def pools_before_activation(x: jax.Array, k: int) -> bool:
-    """Whether a ResNet's stem in eval mode pools its conv's sums before their BatchNorm and ReLU (`ResNet.stem`): in
-    bfloat16 where the AMX kernels and the max-pool kernel run. ResNet-50's bfloat16 forward pass at batch 32 spent 48
-    ms in XLA's fusion of the BatchNorm, ReLU and pool, 16 in the kernel's pool and the BatchNorm of a quarter of the
-    values (0.448 -> 0.419 s; Intel Xeon, benchmarks/README.md). In float32, where XLA's pool of the ReLU's output
-    took 11 ms and the kernel 16, the pass was level."""
+    """Whether a ResNet's stem pools its conv's sums before their BatchNorm and ReLU (`ResNet.stem`): in bfloat16
+    where the AMX kernels and the max-pool kernel run. ResNet-50's bfloat16 forward pass at batch 32 spent 48 ms in
+    XLA's fusion of the BatchNorm, ReLU and pool, 16 in the kernel's pool and the BatchNorm of a quarter of the values
+    (0.448 -> 0.419 s); in training, XLA's passes over the stem's 112 px outputs for the ReLU, its gradient and two of
+    the BatchNorm's reductions ran at 56 px (profiled: 45 -> 11 ms), the R50 -> R18 step in bfloat16 0.980 -> 0.958 s
+    (Intel Xeon, benchmarks/README.md). In float32, where XLA's pool of the ReLU's output took 11 ms and the kernel
+    16, the forward pass was level."""
     return x.dtype == jnp.bfloat16 and _amx_conv() and max_pool_by_kernel(x, k)
 
 
@@ -1097,9 +1099,10 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, affine: bool = False):
+    def __call__(self, x: jax.Array, train: bool, affine: bool = False, signs: jax.Array | None = None):
         """The normalised x; with affine, the map itself, (scale, shift) per channel in float32, for a consumer that
-        applies it (`ConvOfActivation`)."""
+        applies it (`ConvOfActivation`). signs (one +1 or -1 per channel): the statistics are those of x times them,
+        exactly, without a pass over that product (`ResNet.stem`)."""
         channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
@@ -1115,6 +1118,8 @@ class BatchNorm(nn.Module):
             # Two-pass: no cancellation for large means. The variance's gradient through the mean is exactly zero
             # (the centred values sum to zero), and autodiff would spend two passes over x computing it.
             var = jnp.square(x - jax.lax.stop_gradient(mean)).mean(axes)
+            if signs is not None:  # the negated values' sums, negated: the same rounding
+                mean = mean * signs
             if not self.is_initializing():
                 unbiased_var = var * (count / (count - 1))
                 running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean

@@ -81,19 +81,23 @@ class ResNet(nn.Module):
         return self.base_width * 8 * (4 if self.bottleneck else 1)
 
     def stem(self, x: jax.Array, train: bool) -> jax.Array:
-        """conv1, bn1, its ReLU and the max-pool. In eval mode, where `pools_before_activation`, the pool comes first:
-        a channel's BatchNorm map and ReLU (rounded to the dtype or not) rise with x where its scale is >= 0 and fall
-        elsewhere, so a window's largest activation is that of its largest x there, of its smallest elsewhere, which
-        is the largest of the conv with that channel's kernel negated (exactly -x). The same values: the C++ kernel
-        reads the conv's sums once, where XLA's fusion computed each window's nine activations."""
+        """conv1, bn1, its ReLU and the max-pool. Where `pools_before_activation`, the pool comes first: a channel's
+        BatchNorm map and ReLU (rounded to the dtype or not) rise with x where its scale is >= 0 and fall elsewhere,
+        so a window's largest activation is that of its largest x there, of its smallest elsewhere, which is the
+        largest of the conv with that channel's kernel negated (exactly -x). The same values: the C++ kernel reads
+        the conv's sums once, where XLA's fusion computed each window's nine activations, and the BatchNorm and ReLU
+        (and in training their gradients) run on a quarter of the values. In training the batch statistics are those
+        of the conv's sums, and each window's gradient goes to its largest float32 sum, where the other order gives it
+        to the first of the activations that round to the same bfloat16 maximum."""
         bn = BatchNorm(dtype=self.dtype, name="bn1")
-        if train or self.is_initializing() or not pools_before_activation(x, 3):
+        if self.is_initializing() or not pools_before_activation(x, 3):
             x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1")(x)
             return max_pool(relu(bn(x, train)), 3, 2, 1, shifted_max=jax.default_backend() == "cpu")
-        scale, _ = bn(jnp.zeros((self.base_width,)), train, affine=True)  # eval mode: the map, from the width alone
-        signs = jnp.where(scale < 0, -1.0, 1.0)
-        x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1", output_signs=signs)(x)
-        return relu(bn(max_pool_value_by_kernel(x, 3, 2, 1) * signs, train))
+        signs = jnp.where(self.variables["params"]["bn1"]["scale"] < 0, -1.0, 1.0)  # the sign of the map's scale
+        sums = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1", output_signs=signs)(x)
+        scale, shift = bn(sums, train, affine=True, signs=signs)  # in eval mode, from the running statistics
+        pooled = max_pool(sums, 3, 2, 1, shifted_max=True) if train else max_pool_value_by_kernel(sums, 3, 2, 1)
+        return relu((pooled * signs * scale + shift).astype(self.dtype))
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
