@@ -769,14 +769,14 @@ def max_pool_by_kernel(x: jax.Array, k: int) -> bool:
 
 
 def pools_before_activation(x: jax.Array, k: int) -> bool:
-    """Whether a ResNet's stem pools its conv's sums before their BatchNorm and ReLU (`ResNet.stem`): in bfloat16
-    where the AMX kernels and the max-pool kernel run. ResNet-50's bfloat16 forward pass at batch 32 spent 48 ms in
-    XLA's fusion of the BatchNorm, ReLU and pool, 16 in the kernel's pool and the BatchNorm of a quarter of the values
-    (0.448 -> 0.419 s); in training, XLA's passes over the stem's 112 px outputs for the ReLU, its gradient and two of
-    the BatchNorm's reductions ran at 56 px (profiled: 45 -> 11 ms), the R50 -> R18 step in bfloat16 0.980 -> 0.958 s
-    (Intel Xeon, benchmarks/README.md). In float32, where XLA's pool of the ReLU's output took 11 ms and the kernel
-    16, the forward pass was level."""
-    return x.dtype == jnp.bfloat16 and _amx_conv() and max_pool_by_kernel(x, k)
+    """Whether a ResNet's stem pools its conv's sums before their BatchNorm and ReLU (`ResNet.stem`): in bfloat16 on
+    a CPU where the AMX kernels and the max-pool kernel run (a GPU's host may have AMX tiles too). ResNet-50's
+    bfloat16 forward pass at batch 32 spent 48 ms in XLA's fusion of the BatchNorm, ReLU and pool, 16 in the kernel's
+    pool and the BatchNorm of a quarter of the values (0.448 -> 0.419 s); in training, XLA's passes over the stem's
+    112 px outputs for the ReLU, its gradient and two of the BatchNorm's reductions ran at 56 px (profiled: 45 -> 11
+    ms), the R50 -> R18 step in bfloat16 0.980 -> 0.958 s (Intel Xeon, benchmarks/README.md). In float32, where XLA's
+    pool of the ReLU's output took 11 ms and the kernel 16, the forward pass was level."""
+    return x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and _amx_conv() and max_pool_by_kernel(x, k)
 
 
 def max_pool_value_by_kernel(x: jax.Array, k: int, stride: int, pad: int) -> jax.Array:
