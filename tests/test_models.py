@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from kdep_jax.convert import from_torchvision, to_torchvision
-from kdep_jax.models import create_model, feature_dim, layers, resnet
+from kdep_jax.models import cpu_kernels, create_model, feature_dim, layers, resnet
 from kdep_jax.models.layers import BatchNorm, DepthwiseConv, conv2d, depthwise_conv, max_pool, torch_linear
 
 PARITY_TOLERANCE = 1e-4
@@ -175,9 +175,15 @@ def test_resnet18_gradients_with_the_cpu_kernels_match_torch_float64(images, mon
     assert max(errors.values()) < 2e-4, errors
 
 
-def test_batchnorm_train_step_matches_torch():
+@pytest.mark.parametrize("moments_by_kernel", [False, True])
+def test_batchnorm_train_step_matches_torch(moments_by_kernel, monkeypatch):
     """Normalises with the biased batch variance; running stats move with momentum 0.1 towards the unbiased one;
-    the gradients of the input, scale and bias are torch's."""
+    the gradients of the input, scale and bias are torch's. With the batch statistics from XLA's two passes, or
+    from the C++ kernel's float64 sums (`layers.batch_moments`, which a bfloat16 model on the AMX tiles takes)."""
+    if moments_by_kernel:
+        if not cpu_kernels.runs_here():
+            pytest.skip("kdep_jax's C++ kernels run on x86 CPUs with AVX2 and FMA, where they build")
+        monkeypatch.setattr(layers, "_moments_by_kernel", lambda x, dtype: True)
     generator = torch.Generator().manual_seed(0)
     torch_bn = randomize_batchnorm(torch.nn.BatchNorm2d(5), seed=1).train()
     x = (3.0 + 2.0 * torch.randn(2, 5, 3, 3, generator=generator)).requires_grad_()  # 18 values per channel
@@ -200,6 +206,22 @@ def test_batchnorm_train_step_matches_torch():
     np.testing.assert_allclose(grad_params["bias"], torch_bn.bias.grad.numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(updates["batch_stats"]["mean"], torch_bn.running_mean.numpy(), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(updates["batch_stats"]["var"], torch_bn.running_var.numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batch_moments_kernel_matches_float64(dtype):
+    """The C++ kernel's batch mean and biased variance (`cpu_kernels.batch_moments`) against numpy's float64, over
+    fewer pixels than a chunk and over several, on values whose mean is 1000 times their spread: float64 sums keep
+    E[x^2] - E[x]^2 from cancelling (float32 ones would lose the variance whole)."""
+    if not cpu_kernels.runs_here():
+        pytest.skip("kdep_jax's C++ kernels run on x86 CPUs with AVX2 and FMA, where they build")
+    rng = np.random.default_rng(0)
+    for shape in [(3, 7, 9, 40), (2, 16, 24, 64)]:
+        x = jnp.asarray(1000.0 + rng.normal(size=shape), dtype)
+        mean, var = jax.jit(cpu_kernels.batch_moments)(x)
+        values = np.asarray(x, np.float64).reshape(-1, shape[-1])
+        np.testing.assert_allclose(mean, values.mean(0), rtol=1e-7)
+        np.testing.assert_allclose(var, values.var(0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])  # the students, which train with batch statistics

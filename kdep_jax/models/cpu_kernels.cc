@@ -21,6 +21,8 @@
 // - KdepMaxPool, KdepMaxPoolGradient: a max-pool (ResNet's stem pool) that also gives the tap that holds each
 //   output's maximum, and its input gradient from those taps, so that the backward pass keeps an int8 per output
 //   instead of the pool's input (XLA, given both from the input, keeps its k*k windows until the backward pass).
+// - KdepBatchMoments, KdepBatchMomentsBfloat16: not a conv, a BatchNorm's batch statistics in training, in one
+//   pass over x where XLA wrote x in float32 (from bfloat16) and x less its mean before reducing each.
 // - KdepAttention: not a conv, multi-head attention's core softmax(q k^T / sqrt(d)) v (ViT's), below.
 // - KdepDense: not a conv either, a Linear layer's product x w (the transformers'), below.
 // - KdepAmxConv: a dense conv's forward pass in bfloat16 (float32 sums) on the AMX tiles of an Intel Xeon, which
@@ -1240,6 +1242,70 @@ ffi::Error DepthwiseInputGradient(ffi::ThreadPool pool, Float32x4d dy, Float32x4
   return ffi::Error::Success();
 }
 
+// Each channel's mean and biased variance over the (N, H, W) of x (N, H, W, C), float32 or bfloat16
+// (`layers.BatchNorm` in training): float64 sums of x and x^2 over chunks of kMomentRows pixels, added in chunk order
+// (the shapes fix the order, never the threads), and var = E[x^2] - E[x]^2, which float64 keeps from cancelling
+// (where float32 needs a second pass over x less its mean). One chunk per task.
+constexpr int64_t kMomentRows = 256;
+
+inline float Bfloat16ToFloat(uint16_t value) {
+  const uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float result;
+  std::memcpy(&result, &bits, 4);
+  return result;
+}
+
+inline float AsFloat(float value) { return value; }
+inline float AsFloat(uint16_t value) { return Bfloat16ToFloat(value); }
+
+template <typename Value, typename Buffer>
+ffi::Error BatchMoments(ffi::ThreadPool& pool, const Buffer& x, ffi::Result<Float32x1d>& mean,
+                        ffi::Result<Float32x1d>& var) {
+  const auto dims = x.dimensions();
+  const int64_t c = dims[3], pixels = dims[0] * dims[1] * dims[2];
+  if (mean->element_count() != c || var->element_count() != c || pixels < 1) {
+    return ffi::Error::InvalidArgument("kdep_jax CPU batch-moments kernel: shapes that do not fit together");
+  }
+  const Value* x_data = reinterpret_cast<const Value*>(x.typed_data());
+  const int64_t chunks = (pixels + kMomentRows - 1) / kMomentRows;
+  std::vector<double> partial(chunks * 2 * c, 0.0);  // per chunk: c sums of x, then c of x^2
+  ParallelFor(pool, chunks, [&]() {
+    return [&](int64_t chunk) {
+      double* __restrict sums = partial.data() + chunk * 2 * c;
+      double* __restrict squares = sums + c;
+      for (int64_t pixel = chunk * kMomentRows; pixel < std::min(pixels, (chunk + 1) * kMomentRows); ++pixel) {
+        const Value* __restrict values = x_data + pixel * c;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const double value = AsFloat(values[ch]);
+          sums[ch] += value;
+          squares[ch] += value * value;
+        }
+      }
+    };
+  });
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double sum = 0.0, square = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      sum += partial[chunk * 2 * c + ch];
+      square += partial[chunk * 2 * c + c + ch];
+    }
+    const double m = sum / pixels;
+    mean->typed_data()[ch] = static_cast<float>(m);
+    var->typed_data()[ch] = static_cast<float>(std::max(square / pixels - m * m, 0.0));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BatchMomentsOfFloat32(ffi::ThreadPool pool, Float32x4d x, ffi::Result<Float32x1d> mean,
+                                 ffi::Result<Float32x1d> var) {
+  return BatchMoments<float>(pool, x, mean, var);
+}
+
+ffi::Error BatchMomentsOfBfloat16(ffi::ThreadPool pool, Bfloat16x4d x, ffi::Result<Float32x1d> mean,
+                                  ffi::Result<Float32x1d> var) {
+  return BatchMoments<uint16_t>(pool, x, mean, var);
+}
+
 // A k x k max-pool's output y (N, Ho, Wo, C) of x (N, H, W, C), padded with -inf (jnp.maximum's: a NaN wins), and
 // for each output the tap that holds the maximum (int8), numbered i * k + j in row-major order: the first (torch's
 // rule; a padded tap holds -inf), or k * k where none does (a NaN maximum). One output row per task.
@@ -1693,13 +1759,6 @@ inline __m512 LoadBfloat16(const uint16_t* from) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
 #endif
-
-inline float Bfloat16ToFloat(uint16_t value) {
-  const uint32_t bits = static_cast<uint32_t>(value) << 16;
-  float result;
-  std::memcpy(&result, &bits, 4);
-  return result;
-}
 
 // x's values as the tiles read them: x's own, or relu(x * scale + shift) (a BatchNorm's affine map, per channel, and
 // `layers.relu`), computed as XLA computes `layers._activation` (the product rounded before the addition: no fused
@@ -2286,6 +2345,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepMaxPoolGradient, MaxPoolGradient,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepBatchMoments, BatchMomentsOfFloat32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Float32x4d>()
+                                  .Ret<Float32x1d>()
+                                  .Ret<Float32x1d>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepBatchMomentsBfloat16, BatchMomentsOfBfloat16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Ret<Float32x1d>()
+                                  .Ret<Float32x1d>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -42,6 +42,7 @@ _CONV = "kdep_conv"
 _CONV_INPUT_GRADIENT = "kdep_conv_input_gradient"
 _MAX_POOL = "kdep_max_pool"
 _MAX_POOL_GRADIENT = "kdep_max_pool_gradient"
+_BATCH_MOMENTS = {jnp.dtype(jnp.float32): "kdep_batch_moments", jnp.dtype(jnp.bfloat16): "kdep_batch_moments_bf16"}
 _DEPTHWISE_INPUT_GRADIENT = "kdep_depthwise_input_gradient"
 _WINOGRAD_CONV = {2: "kdep_winograd_conv", 4: "kdep_winograd_conv_4x4"}  # by output tile
 _WINOGRAD_WEIGHT_GRADIENT = "kdep_winograd_weight_gradient"
@@ -121,6 +122,8 @@ def available() -> bool:
                           (_CONV_WEIGHT_GRADIENT, library.KdepConvWeightGradient), (_CONV, library.KdepConv),
                           (_CONV_INPUT_GRADIENT, library.KdepConvInputGradient),
                           (_MAX_POOL, library.KdepMaxPool), (_MAX_POOL_GRADIENT, library.KdepMaxPoolGradient),
+                          (_BATCH_MOMENTS[jnp.dtype(jnp.float32)], library.KdepBatchMoments),
+                          (_BATCH_MOMENTS[jnp.dtype(jnp.bfloat16)], library.KdepBatchMomentsBfloat16),
                           (_DEPTHWISE_INPUT_GRADIENT, library.KdepDepthwiseInputGradient),
                           (_WINOGRAD_CONV[2], library.KdepWinogradConv),
                           (_WINOGRAD_CONV[4], library.KdepWinogradConv4x4),
@@ -242,6 +245,14 @@ def max_pool_gradient(taps: jax.Array, grad: jax.Array, input_shape: tuple[int, 
     its output gradient `grad` and, for each output, the int8 number of the tap that holds the maximum (row-major;
     one in the padding, or from k * k up, takes nothing)."""
     return _call(_MAX_POOL_GRADIENT, tuple(input_shape), taps, grad, stride, padding, kernel_size=kernel_size)
+
+
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each channel's mean and biased variance over the (N, H, W) of the NHWC x (float32 or bfloat16), in float32,
+    from float64 sums in an order the shape fixes (`layers.BatchNorm` in training)."""
+    _require_kernels()
+    moments = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+    return jax.ffi.ffi_call(_BATCH_MOMENTS[x.dtype], (moments, moments), vmap_method="sequential")(x)
 
 
 ATTENTION_HEAD_DIM_MULTIPLE = 64  # `attention`'s head_dim: a multiple of this (kAttentionVectors x 16 lanes)

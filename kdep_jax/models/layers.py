@@ -1108,16 +1108,18 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
-        x = x.astype(jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
             count = x.size // channels
             if count < 2:
                 raise ValueError(f"BatchNorm in train mode needs more than 1 value per channel, got input {x.shape}")
-            mean = x.mean(axes)
-            # Two-pass: no cancellation for large means. The variance's gradient through the mean is exactly zero
-            # (the centred values sum to zero), and autodiff would spend two passes over x computing it.
-            var = jnp.square(x - jax.lax.stop_gradient(mean)).mean(axes)
+            if _moments_by_kernel(x, self.dtype):
+                mean, var = batch_moments(x)
+            else:
+                mean = x.astype(jnp.float32).mean(axes)
+                # Two-pass: no cancellation for large means. The variance's gradient through the mean is exactly
+                # zero (the centred values sum to zero), and autodiff would spend two passes over x computing it.
+                var = jnp.square(x.astype(jnp.float32) - jax.lax.stop_gradient(mean)).mean(axes)
             if signs is not None:  # the negated values' sums, negated: the same rounding
                 mean = mean * signs
             if not self.is_initializing():
@@ -1131,8 +1133,40 @@ class BatchNorm(nn.Module):
         alpha = scale * jax.lax.rsqrt(var + self.epsilon)
         if affine:
             return alpha, bias - mean * alpha
-        y = x * alpha + (bias - mean * alpha)
+        y = x.astype(jnp.float32) * alpha + (bias - mean * alpha)
         return y.astype(self.dtype)
+
+
+def _moments_by_kernel(x: jax.Array, dtype: Dtype) -> bool:
+    """Whether a BatchNorm's batch statistics in training come from the C++ kernel (`batch_moments`): in a bfloat16
+    model on one CPU device where the AMX kernels run. XLA wrote a bfloat16 x out in float32 and then x less its mean
+    before reducing each (the stem's 112 px float32 sums: two passes of 13-23 ms and reductions of 5-9 ms): the
+    R50 -> R18 step in bfloat16 0.960 -> 0.910 s, the memory it faults in 0.9 -> 0.57 GiB a call (Intel Xeon,
+    benchmarks/README.md)."""
+    return (dtype == jnp.bfloat16 and x.dtype in (jnp.float32, jnp.bfloat16) and x.ndim == 4
+            and jax.default_backend() == "cpu" and jax.device_count() == 1 and _amx_conv())
+
+
+@jax.custom_vjp
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each channel's mean and biased variance over all but x's last axis (NHWC), in float32, by the C++ kernel
+    (float64 sums); the gradient is that of BatchNorm's two-pass form."""
+    return cpu_kernels.batch_moments(x)
+
+
+def _batch_moments_forward(x):
+    mean, var = cpu_kernels.batch_moments(x)
+    return (mean, var), (x, mean)
+
+
+def _batch_moments_backward(residuals, grads):
+    x, mean = residuals
+    grad_mean, grad_var = grads
+    count = x.size // x.shape[-1]
+    return (((grad_mean + 2.0 * (x.astype(jnp.float32) - mean) * grad_var) / count).astype(x.dtype),)
+
+
+batch_moments.defvjp(_batch_moments_forward, _batch_moments_backward)
 
 
 def conv_bn(x: jax.Array, features: int, kernel_size: int, stride: int, train: bool, name: str,
