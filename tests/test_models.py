@@ -755,26 +755,31 @@ def test_bfloat16_resnet_stem_pools_before_its_activation_with_the_same_values(t
 @pytest.mark.usefixtures("needs_amx")
 @pytest.mark.parametrize("kernel_size, stride, form", [(3, 1, "conv"), (3, 2, "conv"), (1, 1, "conv"), (1, 2, "conv"),
                                                        (3, 1, "of_activation"), (1, 1, "of_activation"),
-                                                       (3, 1, "to_block_end"), (1, 1, "to_block_end")])
+                                                       (3, 1, "to_block_end"), (1, 1, "to_block_end"),
+                                                       (1, 1, "to_block_end, residual mapped")])
 def test_bfloat16_convs_on_amx_tiles_match_xlas(kernel_size, stride, form, monkeypatch):
-    """conv2d's bfloat16 convs, and ConvOfActivation's (with a ResNet block's end too), on the AMX tiles, their
-    gradients from the float32 kernels: XLA's bfloat16 values and gradients within bfloat16's rounding. The block's
-    end is 10 from its ReLU's edge, which the two sums' rounding would move otherwise."""
+    """conv2d's bfloat16 convs, and ConvOfActivation's (with a ResNet block's end too, its residual through a
+    BatchNorm's map or not), on the AMX tiles, their gradients from the float32 kernels: XLA's bfloat16 values and
+    gradients within bfloat16's rounding. The block's end is 10 from its ReLU's edge, which the two sums' rounding
+    would move otherwise."""
     rng = np.random.default_rng(kernel_size + stride)
     x = jnp.asarray(rng.normal(size=(2, 8, 9, 32)), jnp.bfloat16)
     scale, shift, end_scale = (jnp.asarray(rng.normal(size=32 if i < 2 else 64), jnp.float32) for i in range(3))
     end_shift = jnp.asarray(np.resize([10.0, -10.0], 64), jnp.float32)
     residual = jnp.asarray(rng.normal(size=(2, 8, 9, 64)), jnp.bfloat16)
+    residual_map = tuple(jnp.asarray(rng.normal(size=64), jnp.float32) for _ in range(2))
     if form == "conv":
         module, arguments = conv2d(64, kernel_size, stride, dtype=jnp.bfloat16), (x,)
     else:
         module = layers.ConvOfActivation(64, kernel_size, stride, dtype=jnp.bfloat16)
-        arguments = (x, scale, shift) + ((end_scale, end_shift, residual) if form == "to_block_end" else ())
+        arguments = (x, scale, shift) + ((end_scale, end_shift, residual) if "block_end" in form else ())
+        arguments += residual_map if "mapped" in form else ()
 
     def apply(variables, *arguments):
-        if form != "to_block_end":
+        if "block_end" not in form:
             return module.apply(variables, *arguments)
-        return module.apply(variables, *arguments[:3], block_end=(*arguments[3:], True))
+        return module.apply(variables, *arguments[:3], block_end=(*arguments[3:6], True),
+                            residual_map=arguments[6:] or None)
 
     variables = module.init(jax.random.key(0), *arguments[:3])
     cotangent = jnp.asarray(rng.normal(size=jax.eval_shape(apply, variables, *arguments).shape), jnp.float32)

@@ -1801,11 +1801,14 @@ struct AmxInput {
 
 // Where the sums go, rounded to bfloat16 (once, where XLA's bfloat16 conv rounds too): y's values; or, at the end of
 // a ResNet block in eval mode, sums * scale + shift (its last BatchNorm's map, per channel) plus a residual of y's
-// shape, relu'd where relu (XLA:CPU would read the sums back and round again, slowly).
+// shape, relu'd where relu (XLA:CPU would read the sums back and round again, slowly). The residual itself may come
+// through a BatchNorm's map (residual_scale, residual_shift: the downsampling shortcut's), rounded to bfloat16 as
+// XLA rounds that BatchNorm's output.
 struct AmxOutput {
   uint16_t* y = nullptr;
   const float *scale = nullptr, *shift = nullptr;
   const uint16_t* residual = nullptr;
+  const float *residual_scale = nullptr, *residual_shift = nullptr;
   bool relu = false;
 
   // Writes the 32 channels from c0 on of the output at offset `to` from their sums.
@@ -1818,7 +1821,7 @@ struct AmxOutput {
       if (scale != nullptr) {
         __m512 product = _mm512_mul_ps(value, _mm512_loadu_ps(scale + c0 + c));
         asm("" : "+v"(product));
-        value = _mm512_add_ps(_mm512_add_ps(product, _mm512_loadu_ps(shift + c0 + c)), LoadBfloat16(residual + to + c));
+        value = _mm512_add_ps(_mm512_add_ps(product, _mm512_loadu_ps(shift + c0 + c)), Residual(to + c, c0 + c));
       }
       halves[c / 16] = relu ? Relu(value) : value;
     }
@@ -1829,11 +1832,29 @@ struct AmxOutput {
       if (scale != nullptr) {
         float product = value * scale[c0 + c];
         asm("" : "+x"(product));
-        value = product + shift[c0 + c] + Bfloat16ToFloat(residual[to + c]);
+        float residual_value = Bfloat16ToFloat(residual[to + c]);
+        if (residual_scale != nullptr) {
+          float residual_product = residual_value * residual_scale[c0 + c];
+          asm("" : "+x"(residual_product));
+          residual_value = Bfloat16ToFloat(RoundToBfloat16(residual_product + residual_shift[c0 + c]));
+        }
+        value = product + shift[c0 + c] + residual_value;
       }
       y[to + c] = RoundToBfloat16(relu && value < 0.0f ? 0.0f : value);
     }
   }
+
+#if defined(__AVX512BF16__)
+  // The residual's 16 values at offset `to` on, of the channels from c on.
+  __m512 Residual(int64_t to, int64_t c) const {
+    const __m512 value = LoadBfloat16(residual + to);
+    if (residual_scale == nullptr) return value;
+    __m512 product = _mm512_mul_ps(value, _mm512_loadu_ps(residual_scale + c));
+    asm("" : "+v"(product));
+    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_add_ps(product, _mm512_loadu_ps(residual_shift + c)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)rounded), 16));
+  }
+#endif
 };
 
 // Adds to the four sum tiles the products of two tiles of a (16 rows of 32 values, the second from row 16 on; rows
@@ -2021,15 +2042,20 @@ ffi::Error AmxConvOfActivation(ffi::ThreadPool pool, Bfloat16x4d x, Float32x1d s
   return AmxConvOf(pool, input, x.dimensions(), w, output, y->dimensions(), stride, pad_top, pad_left);
 }
 
-// AmxConvOfActivation at the end of a ResNet block: y = [relu](sums * out_scale + out_shift + residual).
+// AmxConvOfActivation at the end of a ResNet block: y = [relu](sums * out_scale + out_shift + r), where r is the
+// residual, or bfloat16(residual * residual_scale + residual_shift) where those are not empty.
 ffi::Error AmxConvOfActivationToBlockEnd(ffi::ThreadPool pool, Bfloat16x4d x, Float32x1d scale, Float32x1d shift,
                                          Bfloat16x4d w, Float32x1d out_scale, Float32x1d out_shift,
-                                         Bfloat16x4d residual, ffi::Result<Bfloat16x4d> y, int64_t stride,
-                                         int64_t pad_top, int64_t pad_left, int64_t relu) {
+                                         Bfloat16x4d residual, Float32x1d residual_scale, Float32x1d residual_shift,
+                                         ffi::Result<Bfloat16x4d> y, int64_t stride, int64_t pad_top,
+                                         int64_t pad_left, int64_t relu) {
   const auto y_dims = y->dimensions(), residual_dims = residual.dimensions();
+  const bool residual_mapped = residual_scale.element_count() != 0;
   if (!WidthsFit(x, scale, shift) || out_scale.element_count() != y_dims[3] ||
       out_shift.element_count() != y_dims[3] ||
-      !std::equal(residual_dims.begin(), residual_dims.end(), y_dims.begin(), y_dims.end())) {
+      !std::equal(residual_dims.begin(), residual_dims.end(), y_dims.begin(), y_dims.end()) ||
+      residual_shift.element_count() != residual_scale.element_count() ||
+      (residual_mapped && residual_scale.element_count() != y_dims[3])) {
     return ffi::Error::InvalidArgument("kdep_jax AMX conv kernel: an activation or residual of another shape");
   }
   AmxInput input;
@@ -2037,6 +2063,9 @@ ffi::Error AmxConvOfActivationToBlockEnd(ffi::ThreadPool pool, Bfloat16x4d x, Fl
   AmxOutput output;
   output.y = y->typed_data(), output.scale = out_scale.typed_data(), output.shift = out_shift.typed_data();
   output.residual = residual.typed_data(), output.relu = relu != 0;
+  if (residual_mapped) {
+    output.residual_scale = residual_scale.typed_data(), output.residual_shift = residual_shift.typed_data();
+  }
   return AmxConvOf(pool, input, x.dimensions(), w, output, y_dims, stride, pad_top, pad_left);
 }
 
@@ -2277,8 +2306,8 @@ ffi::Error AmxConvOfActivation(ffi::ThreadPool, Bfloat16x4d, Float32x1d, Float32
   return NoAmx();
 }
 ffi::Error AmxConvOfActivationToBlockEnd(ffi::ThreadPool, Bfloat16x4d, Float32x1d, Float32x1d, Bfloat16x4d, Float32x1d,
-                                         Float32x1d, Bfloat16x4d, ffi::Result<Bfloat16x4d>, int64_t, int64_t,
-                                         int64_t, int64_t) {
+                                         Float32x1d, Bfloat16x4d, Float32x1d, Float32x1d, ffi::Result<Bfloat16x4d>,
+                                         int64_t, int64_t, int64_t, int64_t) {
   return NoAmx();
 }
 #endif
@@ -2409,6 +2438,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConvOfActivationToBlockEnd, AmxConvOfActiva
                                   .Arg<Float32x1d>()
                                   .Arg<Float32x1d>()
                                   .Arg<Bfloat16x4d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Float32x1d>()
                                   .Ret<Bfloat16x4d>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")

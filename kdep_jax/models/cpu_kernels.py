@@ -302,13 +302,15 @@ def amx_runs_here() -> bool:
 
 def amx_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]],
              activation: tuple[jax.Array, jax.Array] | None = None,
-             block_end: tuple[jax.Array, jax.Array, jax.Array, bool] | None = None) -> jax.Array:
+             block_end: tuple[jax.Array, jax.Array, jax.Array, bool] | None = None,
+             residual_map: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """A dense conv in bfloat16 on the AMX tiles: NHWC x and HWIO kernel (k, k, Cin, Cout) rounded to bfloat16, Cin
     and Cout multiples of AMX_CONV_CHANNELS, zero padding ((top, bottom), (left, right)); the output (N, Ho, Wo, Cout)
     as for `jax.lax.conv_general_dilated`, its float32 sums rounded to bfloat16. activation (scale, shift), per
     channel: the conv's input is relu(x * scale + shift) (`layers.relu`), computed in float32 and rounded to
     bfloat16 here. block_end (scale, shift, residual, relu), with an activation: the output is sums * scale + shift
-    + residual (the output's shape), relu'd where relu, rounded once."""
+    + residual (the output's shape), relu'd where relu, rounded once; residual_map (scale, shift), per channel: the
+    residual is bfloat16(residual * scale + shift) instead (a BatchNorm's output)."""
     _require_kernels()
     k = kernel.shape[0]
     out_size = [(size + before + after - k) // stride + 1 for size, (before, after) in zip(x.shape[1:3], padding)]
@@ -322,9 +324,11 @@ def amx_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[
         call = jax.ffi.ffi_call(_AMX_CONV_OF_ACTIVATION, out, vmap_method="sequential")
         return call(x, scale, shift, kernel, **attributes)
     end_scale, end_shift, residual, relu = block_end
+    none = jnp.zeros((0,), jnp.float32)  # no map
+    residual_scale, residual_shift = (v.astype(jnp.float32) for v in residual_map or (none, none))
     call = jax.ffi.ffi_call(_AMX_CONV_TO_BLOCK_END, out, vmap_method="sequential")
     return call(x, scale, shift, kernel, end_scale.astype(jnp.float32), end_shift.astype(jnp.float32),
-                residual.astype(jnp.bfloat16), relu=np.int64(relu), **attributes)
+                residual.astype(jnp.bfloat16), residual_scale, residual_shift, relu=np.int64(relu), **attributes)
 
 
 def amx_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,

@@ -383,8 +383,9 @@ class ConvOfActivation(nn.Module):
     (ResNet-18's step: XLA's temporaries 578 -> 487 MiB at batch 32; benchmarks/README.md).
 
     block_end (scale, shift, residual, relu), a ResNet block's last conv in eval mode: the output is its BatchNorm's
-    affine map of the conv, plus the residual, relu'd where relu. In bfloat16 on the AMX tiles the kernel computes it
-    as it writes the conv's sums (`amx_conv_to_block_end`).
+    affine map of the conv, plus the residual, relu'd where relu; residual_map (scale, shift): the residual through
+    a BatchNorm's map first (the downsampling shortcut's). In bfloat16 on the AMX tiles the kernel computes it as it
+    writes the conv's sums (`amx_conv_to_block_end`).
     """
     features: int
     kernel_size: int
@@ -393,13 +394,19 @@ class ConvOfActivation(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, scale: jax.Array, shift: jax.Array,
-                 block_end: tuple[jax.Array, jax.Array, jax.Array, bool] | None = None) -> jax.Array:
+                 block_end: tuple[jax.Array, jax.Array, jax.Array, bool] | None = None,
+                 residual_map: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
         k, pad = self.kernel_size, self.kernel_size // 2
         kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
         kernel, padding = kernel.astype(self.dtype), ((pad, pad), (pad, pad))
         on_amx_tiles = jax.default_backend() == "cpu" and _on_amx_tiles(x, kernel)
         if block_end is not None and on_amx_tiles and block_end[2].dtype == jnp.bfloat16:
-            return amx_conv_to_block_end(x, scale, shift, kernel, *block_end, self.stride, padding)
+            *end, apply_relu = block_end
+            return amx_conv_to_block_end(x, scale, shift, kernel, *end, residual_map, apply_relu, self.stride,
+                                         padding)
+        if block_end is not None and residual_map is not None:
+            end_scale, end_shift, residual, apply_relu = block_end
+            block_end = (end_scale, end_shift, _mapped(residual, *residual_map, self.dtype), apply_relu)
         if jax.default_backend() != "cpu":
             y = _dense_conv(_activation(x, scale, shift, self.dtype), kernel, self.stride, padding)
         elif on_amx_tiles:
@@ -415,11 +422,16 @@ class ConvOfActivation(nn.Module):
         return y if block_end is None else _block_end(y, *block_end, self.dtype)
 
 
+def _mapped(x: jax.Array, scale: jax.Array, shift: jax.Array, dtype: Dtype) -> jax.Array:
+    """A BatchNorm's output from its map (`BatchNorm(..., affine=True)`), as BatchNorm computes it."""
+    return (x.astype(jnp.float32) * scale + shift).astype(dtype)
+
+
 def _block_end(y: jax.Array, scale: jax.Array, shift: jax.Array, residual: jax.Array, apply_relu: bool,
                dtype: Dtype) -> jax.Array:
     """A ResNet block's end in eval mode: its last BatchNorm's map (as `BatchNorm` computes it), the residual and,
     where apply_relu, the ReLU."""
-    out = (y.astype(jnp.float32) * scale + shift).astype(dtype) + residual
+    out = _mapped(y, scale, shift, dtype) + residual
     return relu(out) if apply_relu else out
 
 
@@ -487,26 +499,31 @@ def _amx_conv_of_activation_backward(stride, padding, residuals, grad):
 amx_conv_of_activation.defvjp(_amx_conv_of_activation_forward, _amx_conv_of_activation_backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def amx_conv_to_block_end(x: jax.Array, scale: jax.Array, shift: jax.Array, kernel: jax.Array, end_scale: jax.Array,
-                          end_shift: jax.Array, residual: jax.Array, apply_relu: bool, stride: int,
-                          padding) -> jax.Array:
-    """`amx_conv_of_activation` then `_block_end`, in bfloat16, as one AMX kernel: the end's map, residual and ReLU
-    applied to the conv's float32 sums as the kernel writes them, where XLA's loops after the conv took a quarter of
-    a bfloat16 ResNet-50's forward pass; the gradients through the same ops (`_conv_of_bfloat16_activation`)."""
+                          end_shift: jax.Array, residual: jax.Array, residual_map: tuple[jax.Array, jax.Array] | None,
+                          apply_relu: bool, stride: int, padding) -> jax.Array:
+    """`amx_conv_of_activation` then `_block_end` (the residual through residual_map first, where given), in
+    bfloat16, as one AMX kernel: the end's map, residual and ReLU applied to the conv's float32 sums as the kernel
+    writes them, where XLA's loops after the conv took a quarter of a bfloat16 ResNet-50's forward pass; and the
+    downsampling shortcut's BatchNorm as the kernel reads the residual, where XLA's passes over it took 14-24 ms of
+    that pass at batch 32 (profiled; the pass 0.334 -> 0.316 s, the R50 -> R18 step in bfloat16 0.916 -> 0.887 s;
+    Intel Xeon, benchmarks/README.md). The gradients through the same ops (`_conv_of_bfloat16_activation`)."""
     block_end = (end_scale, end_shift, residual, apply_relu)
-    return cpu_kernels.amx_conv(x, kernel, stride, padding, (scale, shift), block_end)
+    return cpu_kernels.amx_conv(x, kernel, stride, padding, (scale, shift), block_end, residual_map)
 
 
-def _amx_conv_to_block_end_forward(x, scale, shift, kernel, end_scale, end_shift, residual, apply_relu, stride,
-                                   padding):
-    residuals = (x, scale, shift, kernel, end_scale, end_shift, residual)
+def _amx_conv_to_block_end_forward(x, scale, shift, kernel, end_scale, end_shift, residual, residual_map, apply_relu,
+                                   stride, padding):
+    residuals = (x, scale, shift, kernel, end_scale, end_shift, residual, residual_map)
     return amx_conv_to_block_end(*residuals, apply_relu, stride, padding), residuals
 
 
 def _amx_conv_to_block_end_backward(apply_relu, stride, padding, residuals, grad):
-    def unfused(x, scale, shift, kernel, end_scale, end_shift, residual):
+    def unfused(x, scale, shift, kernel, end_scale, end_shift, residual, residual_map):
         y = _conv_of_bfloat16_activation(x, scale, shift, kernel, stride, padding)
+        if residual_map is not None:
+            residual = _mapped(residual, *residual_map, kernel.dtype)
         return _block_end(y, end_scale, end_shift, residual, apply_relu, kernel.dtype)
 
     _, vjp = jax.vjp(unfused, *residuals)

@@ -36,11 +36,13 @@ class ResNetBlock(nn.Module):
             out_channels = self.planes
             convs = ((self.planes, 3, self.stride), (self.planes, 3, 1))
 
-        def shortcut() -> jax.Array:
+        def shortcut(affine: bool = False):
+            """The shortcut; with affine, (the downsampling conv's output, its BatchNorm's map) or (x, None)."""
             if self.stride == 1 and x.shape[-1] == out_channels:
-                return x
+                return (x, None) if affine else x
             identity = conv2d(out_channels, 1, self.stride, dtype=self.dtype, name="downsample_0")(x)
-            return BatchNorm(dtype=self.dtype, name="downsample_1")(identity, train)
+            bn = BatchNorm(dtype=self.dtype, name="downsample_1")
+            return (identity, bn(identity, train, affine=True)) if affine else bn(identity, train)
 
         y = conv2d(convs[0][0], convs[0][1], convs[0][2], dtype=self.dtype, name="conv1")(x)
         for index, (features, kernel_size, stride) in enumerate(convs[1:], start=2):
@@ -48,12 +50,12 @@ class ResNetBlock(nn.Module):
             scale, shift = BatchNorm(dtype=self.dtype, name=f"bn{index - 1}")(y, train, affine=True)
             conv = ConvOfActivation(features, kernel_size, stride, dtype=self.dtype, name=f"conv{index}")
             if index == len(convs) and not (train or self.is_initializing()):
-                # In eval mode the last conv computes the block's end too (one AMX kernel, where that runs); its
-                # BatchNorm's map reads only the width of what it is given. (Initialising goes below, where the
-                # parameters come in torchvision's order.)
-                identity = shortcut()
+                # In eval mode the last conv computes the block's end too (one AMX kernel, where that runs), with the
+                # shortcut's BatchNorm; its BatchNorm's map reads only the width of what it is given. (Initialising
+                # goes below, where the parameters come in torchvision's order.)
+                identity, identity_map = shortcut(affine=True)
                 end = BatchNorm(dtype=self.dtype, name=f"bn{index}")(identity, train, affine=True)
-                return conv(y, scale, shift, block_end=(*end, identity, self.relu))
+                return conv(y, scale, shift, block_end=(*end, identity, self.relu), residual_map=identity_map)
             y = conv(y, scale, shift)
         y = BatchNorm(dtype=self.dtype, name=f"bn{len(convs)}")(y, train)
         identity = shortcut()
