@@ -793,6 +793,8 @@ def test_bfloat16_convs_on_amx_tiles_match_xlas(kernel_size, stride, form, monke
     compiled = on_tiles.lower(variables, *arguments).compile().as_text()
     assert "kdep_amx_conv" in compiled
     assert kernel_size == 1 or re.search(r'custom_call_target="kdep_\w*weight_gradient"', compiled)
+    if form == "conv" and kernel_size == 3:  # the input gradient on the tiles too, at stride 2 of the dilated one
+        assert compiled.count('custom_call_target="kdep_amx_conv"') == 2
     out, gradients = on_tiles(variables, *arguments)
     monkeypatch.setattr(layers, "_amx_conv", lambda: False)
     xla = jax.jit(lambda *a: value_and_gradients(*a))

@@ -92,11 +92,13 @@ def _amx_conv() -> bool:
     """Whether conv2d's bfloat16 convs take their forward pass from kdep_jax's AMX kernel (`cpu_kernels.amx_conv`)
     where it runs: XLA:CPU does not use the AMX tiles, and runs bfloat16 convs 1.55x slower than float32 ones. A
     bfloat16 ResNet-50's forward pass at batch 32 went from 0.72x to 1.9x the float32 one's speed (Intel Xeon,
-    benchmarks/README.md). There their gradients come from the tiles too (the input gradient at stride 1, the weight
-    gradient, `_conv_forms`) or else from the float32 kernels, of the bfloat16 values, their float32 sums rounded
-    once, where XLA's bfloat16 gradient convs round more and ran slower: the ResNet-18 step in bfloat16 1.89 s with
-    XLA's gradients, 1.44 with the float32 kernels', 1.36-1.40 with the input gradient on the tiles, 1.17 with the
-    weight gradient too (Intel Xeon, benchmarks/README.md)."""
+    benchmarks/README.md). There their gradients come from the tiles too (the input gradient, the weight gradient,
+    `_conv_forms`) or else from the float32 kernels, of the bfloat16 values, their float32 sums rounded once, where
+    XLA's bfloat16 gradient convs round more and ran slower: the ResNet-18 step in bfloat16 1.89 s with XLA's
+    gradients, 1.44 with the float32 kernels', 1.36-1.40 with the input gradient at stride 1 on the tiles, 1.17 with
+    the weight gradient too (Intel Xeon, benchmarks/README.md); the strided convs' input gradients, of the gradient
+    with zeros between its pixels, 2x faster on the tiles than by the float32 kernel for all the zeros (ResNet-18's
+    three: 59-64 -> 26-31 ms at batch 32; the step 0.902 -> 0.890 s)."""
     return cpu_kernels.amx_runs_here()
 
 
@@ -169,8 +171,8 @@ def _flax_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
     from its weight-gradient kernels (Winograd's F(2x2, 3x3) too, on images of at least
     _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side). In bfloat16 on a CPU with AMX tiles, the forward pass from
     the AMX kernel (`_on_amx_tiles`; a stem's from the float32 one), and so the weight gradient and the input
-    gradient at stride 1; the other gradients from the float32 kernels, of the same bfloat16 values, rounded once
-    (`_amx_conv`). The rest is XLA's."""
+    gradient; a stem's gradients from the float32 kernels, of the same bfloat16 values, rounded once (`_amx_conv`).
+    The rest is XLA's."""
     if feature_group_count != 1 or any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
         raise ValueError("kdep_jax's CPU conv hook takes convs without groups or dilation")
     if isinstance(padding, str):
@@ -215,7 +217,7 @@ def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[s
     if bfloat16_on_amx:  # on the tiles; a stem's (3 input channels) by the float32 kernel
         on_tiles = _on_amx_tiles(lhs, rhs)
         forward = "amx" if on_tiles else "xla" if forward == "xla" else "direct"
-        input_gradient = "amx" if on_tiles and stride == 1 else input_gradient
+        input_gradient = "amx" if on_tiles else input_gradient
         weight_gradient = "amx" if on_tiles else weight_gradient
     return forward, input_gradient, weight_gradient
 
@@ -302,8 +304,8 @@ def _conv_by_form(x: jax.Array, kernel: jax.Array, stride: int, padding, form: s
 def native_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, forms: tuple[str, str, str]) -> jax.Array:
     """A dense conv (NHWC, HWIO; padding ((top, bottom), (left, right))) on CPU whose forward pass, input gradient
     and weight gradient each come from XLA's convolution or kdep_jax's C++ kernels (one device), as forms says (for
-    each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4"; the forward pass's,
-    weight gradient's and, at stride 1, the input gradient's "amx" too, in bfloat16). XLA's gradients are
+    each, "xla", "direct", "winograd" or "winograd_4x4"; the weight gradient's not "winograd_4x4"; each "amx" too,
+    in bfloat16). XLA's gradients are
     `conv_input_gradient` and `conv_weight_gradient`."""
     return _conv_by_form(x, kernel, stride, padding, forms[0])
 
@@ -346,10 +348,13 @@ def conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_shape: tuple[int,
 def _input_gradient(grad: jax.Array, kernel: jax.Array, x: jax.Array, stride: int, padding, form: str) -> jax.Array:
     if form in _WINOGRAD_TILES:  # stride 1, padding 1: a conv of grad with the kernel turned round
         return cpu_kernels.winograd_conv(grad, _turned_round(kernel), _WINOGRAD_TILES[form])
-    if form == "amx":  # stride 1: the same, in bfloat16 on the tiles
+    if form == "amx":  # the same, in bfloat16 on the tiles, of grad dilated by the stride (zeros in between)
         k = kernel.shape[0]
-        return cpu_kernels.amx_conv(grad, _turned_round(kernel), 1, tuple((k - 1 - low, k - 1 - high)
-                                                                          for low, high in padding))
+        pads = tuple((k - 1 - low, k - 1 - high + (size + low + high - k) % stride)
+                     for (low, high), size in zip(padding, x.shape[1:3]))
+        zero = jnp.zeros((), grad.dtype)
+        dilated = jax.lax.pad(grad, zero, ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1), (0, 0, 0)))
+        return cpu_kernels.amx_conv(dilated, _turned_round(kernel), 1, pads)
     if form == "direct":
         return cpu_kernels.conv_input_gradient(grad, kernel, x.shape, stride, padding)
     return conv_input_gradient(grad, kernel, x.shape, stride, padding)
