@@ -669,10 +669,46 @@ def test_amx_conv_weight_gradient_matches_float64(batch, height, width, in_chann
 
 
 @pytest.mark.usefixtures("needs_amx")
+@pytest.mark.parametrize("batch, height, width, in_channels, out_channels, kernel_size, stride, pad", [
+    (2, 20, 21, 3, 64, 7, 2, 3),  # a ResNet's stem: rows of 7 taps' 21 values; 11 columns, one partial block
+    (3, 9, 10, 3, 32, 3, 2, 1),  # MobileNetV2's stem: rows of 9 values
+    (2, 11, 12, 16, 64, 3, 1, 1),  # rows of 48 values: two blocks of 32
+    (1, 70, 75, 3, 32, 7, 2, 3),  # 38 columns: blocks of 32 and 6
+    (1, 300, 10, 3, 32, 3, 1, 1),  # bands of 254 output rows, the second of 46
+    (2, 6, 7, 5, 32, 5, 3, 0),  # stride 3, no padding
+])
+def test_amx_patch_conv_matches_float64(batch, height, width, in_channels, out_channels, kernel_size, stride, pad):
+    """A conv of few input channels (a stem's) on the AMX tiles, by its patches (`cpu_kernels.amx_patch_conv`), and
+    its weight gradient, against torch in float64 over the same bfloat16 values: bfloat16 products are exact in
+    float32, so only the float32 sums round (the forward pass's over an output's patch, the weight gradient's over
+    a band of outputs, added in float64)."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(batch + height + kernel_size)
+    x = jnp.asarray(rng.normal(size=(batch, height, width, in_channels)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, in_channels, out_channels)), jnp.bfloat16)
+    padding = ((pad, pad), (pad, pad))
+    x64, kernel64 = (torch.from_numpy(np.asarray(v.astype(jnp.float32), np.float64)) for v in (x, kernel))
+    kernel64.requires_grad_(True)
+    expected = torch.nn.functional.conv2d(x64.permute(0, 3, 1, 2), kernel64.permute(3, 2, 0, 1), stride=stride,
+                                          padding=pad).permute(0, 2, 3, 1)
+    grad = jnp.asarray(rng.normal(size=expected.shape), jnp.bfloat16)
+    expected.backward(torch.from_numpy(np.asarray(grad.astype(jnp.float32), np.float64)))
+    expected, expected_gradient = expected.detach().numpy(), kernel64.grad.numpy()
+    ours, gradient = jax.jit(lambda x, w, g: (
+        cpu_kernels.amx_patch_conv(x, w, stride, padding),
+        cpu_kernels.amx_patch_conv_weight_gradient(x, g, kernel_size, stride, padding)))(x, kernel, grad)
+    assert ours.shape == expected.shape and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    assert gradient.shape == expected_gradient.shape and gradient.dtype == jnp.float32
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=0, atol=1e-6 * np.abs(expected_gradient).max())
+
+
+@pytest.mark.usefixtures("needs_amx")
 def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     """A bfloat16 ResNet on a CPU with AMX tiles, in eval mode: its convs' forward passes on the tiles (a stem's, of 3
-    channels, by the float32 kernel), each block's last conv with the block's end; the features of XLA's bfloat16
-    model within bfloat16's rounding, and the float32 model's within a few times that (each conv form's gradients:
+    channels, by its patches), each block's last conv with the block's end; the features of XLA's bfloat16 model
+    within bfloat16's rounding, and the float32 model's within a few times that (each conv form's gradients:
     below)."""
     model = create_model("resnet18", num_classes=None, dtype=jnp.bfloat16)
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
@@ -685,6 +721,7 @@ def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     on_tiles = jax.jit(lambda v, x: features(v, x))
     program = on_tiles.lower(variables, images).compile().as_text()
     assert '"kdep_amx_conv_of_activation_to_block_end"' in program and '"kdep_amx_conv"' in program
+    assert '"kdep_amx_patch_conv"' in program
     ours = on_tiles(variables, images)
     monkeypatch.setattr(layers, "_amx_conv", lambda: False)
     xla = jax.jit(lambda v, x: features(v, x))(variables, images)
@@ -756,19 +793,19 @@ def test_bfloat16_resnet_stem_pools_before_its_activation_with_the_same_values(t
 @pytest.mark.parametrize("kernel_size, stride, form", [(3, 1, "conv"), (3, 2, "conv"), (1, 1, "conv"), (1, 2, "conv"),
                                                        (3, 1, "of_activation"), (1, 1, "of_activation"),
                                                        (3, 1, "to_block_end"), (1, 1, "to_block_end"),
-                                                       (1, 1, "to_block_end, residual mapped")])
+                                                       (1, 1, "to_block_end, residual mapped"), (7, 2, "stem")])
 def test_bfloat16_convs_on_amx_tiles_match_xlas(kernel_size, stride, form, monkeypatch):
-    """conv2d's bfloat16 convs, and ConvOfActivation's (with a ResNet block's end too, its residual through a
-    BatchNorm's map or not), on the AMX tiles, their gradients from the float32 kernels: XLA's bfloat16 values and
-    gradients within bfloat16's rounding. The block's end is 10 from its ReLU's edge, which the two sums' rounding
-    would move otherwise."""
+    """conv2d's bfloat16 convs (a stem's of 3 channels by its patches), and ConvOfActivation's (with a ResNet block's
+    end too, its residual through a BatchNorm's map or not), on the AMX tiles, with their gradients: XLA's bfloat16
+    values and gradients within bfloat16's rounding. The block's end is 10 from its ReLU's edge, which the two sums'
+    rounding would move otherwise."""
     rng = np.random.default_rng(kernel_size + stride)
-    x = jnp.asarray(rng.normal(size=(2, 8, 9, 32)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(2, 8, 9, 3 if form == "stem" else 32)), jnp.bfloat16)
     scale, shift, end_scale = (jnp.asarray(rng.normal(size=32 if i < 2 else 64), jnp.float32) for i in range(3))
     end_shift = jnp.asarray(np.resize([10.0, -10.0], 64), jnp.float32)
     residual = jnp.asarray(rng.normal(size=(2, 8, 9, 64)), jnp.bfloat16)
     residual_map = tuple(jnp.asarray(rng.normal(size=64), jnp.float32) for _ in range(2))
-    if form == "conv":
+    if form in ("conv", "stem"):
         module, arguments = conv2d(64, kernel_size, stride, dtype=jnp.bfloat16), (x,)
     else:
         module = layers.ConvOfActivation(64, kernel_size, stride, dtype=jnp.bfloat16)
@@ -791,14 +828,14 @@ def test_bfloat16_convs_on_amx_tiles_match_xlas(kernel_size, stride, form, monke
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     on_tiles = jax.jit(lambda *a: value_and_gradients(*a))  # functions of their own: each traced anew
     compiled = on_tiles.lower(variables, *arguments).compile().as_text()
-    assert "kdep_amx_conv" in compiled
+    assert ("kdep_amx_patch_conv" if form == "stem" else "kdep_amx_conv") in compiled
     assert kernel_size == 1 or re.search(r'custom_call_target="kdep_\w*weight_gradient"', compiled)
     if form == "conv" and kernel_size == 3:  # the input gradient on the tiles too, at stride 2 of the dilated one
         assert compiled.count('custom_call_target="kdep_amx_conv"') == 2
     out, gradients = on_tiles(variables, *arguments)
     monkeypatch.setattr(layers, "_amx_conv", lambda: False)
     xla = jax.jit(lambda *a: value_and_gradients(*a))
-    assert "kdep_amx_conv" not in xla.lower(variables, *arguments).compile().as_text()
+    assert "kdep_amx" not in xla.lower(variables, *arguments).compile().as_text()
     xla_out, xla_gradients = xla(variables, *arguments)
     assert relative_error(out, xla_out) < 1e-2
     for leaf, xla_leaf in zip(jax.tree.leaves(gradients), jax.tree.leaves(xla_gradients)):

@@ -2133,6 +2133,26 @@ inline void Transpose32x32(__m512i rows[32]) {
 }
 #endif
 
+// A tile's second operand from the output gradients of two consecutive outputs (null: zeros), Cout values each:
+// their values side by side, channel by channel.
+void InterleavePairs(const uint16_t* even, const uint16_t* odd, int64_t cout, uint16_t* to) {
+  int64_t c = 0;
+#if defined(__AVX512BW__)
+  const PermuteIndices& indices = Permutes();
+  const __m512i low = _mm512_load_si512(indices.interleave[0]), high = _mm512_load_si512(indices.interleave[1]);
+  for (; c + 32 <= cout; c += 32) {
+    const __m512i a = even ? _mm512_loadu_si512(even + c) : _mm512_setzero_si512();
+    const __m512i b = odd ? _mm512_loadu_si512(odd + c) : _mm512_setzero_si512();
+    _mm512_storeu_si512(to + 2 * c, _mm512_permutex2var_epi16(a, low, b));
+    _mm512_storeu_si512(to + 2 * c + 32, _mm512_permutex2var_epi16(a, high, b));
+  }
+#endif
+  for (; c < cout; ++c) {
+    to[2 * c] = even ? even[c] : uint16_t{0};
+    to[2 * c + 1] = odd ? odd[c] : uint16_t{0};
+  }
+}
+
 // An image's transposed phase planes (phases * phases * Cin rows of plane_pixels) and gradient pairs (grid / 2
 // rows of Cout pairs), zero where nothing is read. The planes are copied 32 pixels by 32 channels at a time
 // (transposed in registers where the CPU has AVX512-BW; else a channel's row at a time, the pixels' values in the L1
@@ -2178,25 +2198,7 @@ void CopyAmxGradientImage(const uint16_t* x, const uint16_t* g, uint16_t* planes
     const int64_t row = q / l.width, column = q % l.width;
     return row < s.out_height && column < s.out_width ? g + (row * s.out_width + column) * cout : nullptr;
   };
-  for (int64_t q = 0; q < l.grid; q += 2) {
-    const uint16_t *even = gradient(q), *odd = gradient(q + 1);
-    uint16_t* to = pairs + q * cout;
-    int64_t c = 0;
-#if defined(__AVX512BW__)
-    const PermuteIndices& indices = Permutes();
-    const __m512i low = _mm512_load_si512(indices.interleave[0]), high = _mm512_load_si512(indices.interleave[1]);
-    for (; c < cout; c += 32) {
-      const __m512i a = even ? _mm512_loadu_si512(even + c) : _mm512_setzero_si512();
-      const __m512i b = odd ? _mm512_loadu_si512(odd + c) : _mm512_setzero_si512();
-      _mm512_storeu_si512(to + 2 * c, _mm512_permutex2var_epi16(a, low, b));
-      _mm512_storeu_si512(to + 2 * c + 32, _mm512_permutex2var_epi16(a, high, b));
-    }
-#endif
-    for (; c < cout; ++c) {
-      to[2 * c] = even ? even[c] : uint16_t{0};
-      to[2 * c + 1] = odd ? odd[c] : uint16_t{0};
-    }
-  }
+  for (int64_t q = 0; q < l.grid; q += 2) InterleavePairs(gradient(q), gradient(q + 1), cout, pairs + q * cout);
 }
 
 // The sums of a chunk's images for output channel blocks [block_begin, block_end): stored in dw where the chunk is
@@ -2292,6 +2294,234 @@ ffi::Error AmxConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4
   RoundedSums(size)(partials.data(), dw->typed_data(), s);
   return ffi::Error::Success();
 }
+
+// A conv whose input channels do not come in blocks of 32 (a stem's, on the RGB image) on the AMX tiles, of bfloat16
+// x and w, to float32 sums (what the float32 kernel gives a bfloat16 stem, `layers._conv_forms`). One row of an
+// output's patch, its k taps' Cin values along a row of x (consecutive in x), is copied into `row_depth` values (k *
+// Cin rounded up to 32, zeros after): the patch rows of each input row, one per output column, serve the k output rows
+// that read it. The conv is then, tap row i by tap row, the product of the patch rows by the kernel's row i as
+// (row_depth, Cout), 32 outputs of an output row by 32 channels at a time; a tap row in the padding is skipped. Its
+// weight gradient: the patch rows transposed by the output gradient, tap row by tap row.
+#if defined(__AVX512BW__)
+// The first `count` of 32 lanes (clamped to 0 and 32).
+inline __mmask32 FirstLanes(int64_t count) {
+  return count >= 32 ? ~__mmask32{0} : count <= 0 ? __mmask32{0} : (__mmask32{1} << count) - 1;
+}
+#endif
+
+struct AmxPatchRows {
+  Shape s;
+  int64_t row_values, row_depth, pitch;  // pitch: an input row's patch rows, in blocks of kAmxPixels
+
+  explicit AmxPatchRows(const Shape& shape)
+      : s(shape), row_values(shape.k * shape.in_channels),
+        row_depth((row_values + kAmxChannels - 1) / kAmxChannels * kAmxChannels),
+        pitch((shape.out_width + kAmxPixels - 1) / kAmxPixels * kAmxPixels) {}
+
+  // A task's output rows: as many as keep its patch rows within kAmxBandValues.
+  int64_t Band() const {
+    return std::clamp<int64_t>((kAmxBandValues / (pitch * row_depth) - s.k) / s.stride + 1, 1, s.out_height);
+  }
+  // The input rows [first, last) that output rows [oy0, oy1) read.
+  int64_t FirstRow(int64_t oy0) const { return std::max<int64_t>(0, oy0 * s.stride - s.pad_top); }
+  int64_t LastRow(int64_t oy1) const { return std::min(s.height, (oy1 - 1) * s.stride - s.pad_top + s.k); }
+
+  // Copies the patch rows of output columns [ox0, ox1) from a row of x to `to`, row_depth values each, where the
+  // values past row_values are zeros already.
+  void Copy(const uint16_t* x_row, int64_t ox0, int64_t ox1, uint16_t* to) const {
+    const int64_t cin = s.in_channels;
+    for (int64_t ox = ox0; ox < ox1; ++ox, to += row_depth) {
+      const int64_t column = ox * s.stride - s.pad_left;
+      // the values [first, last) lie in x
+      const int64_t first = std::max<int64_t>(0, -column) * cin, last = std::min(s.k, s.width - column) * cin;
+      const uint16_t* from = x_row + column * cin;
+#if defined(__AVX512BW__)
+      if (first == 0 && last == row_values && row_depth == 32) {  // most: one vector, its zeros after row_values
+        _mm512_storeu_si512(to, _mm512_maskz_loadu_epi16(FirstLanes(row_values), from));
+        continue;
+      }
+      for (int64_t v = 0; v < row_values; v += 32) {
+        const __mmask32 read = FirstLanes(last - v) & ~FirstLanes(first - v);
+        const __m512i values = read ? _mm512_maskz_loadu_epi16(read, from + v) : _mm512_setzero_si512();
+        _mm512_mask_storeu_epi16(to + v, FirstLanes(row_values - v), values);
+      }
+#else
+      for (int64_t v = 0; v < row_values; ++v) to[v] = v >= first && v < last ? from[v] : uint16_t{0};
+#endif
+    }
+  }
+
+  // The kernel (k, k, Cin, Cout) as (k, row_depth, Cout), zero rows after row_values, as the tiles read it.
+  TileValues Weights(const uint16_t* w) const {
+    const int64_t cout = s.out_channels;
+    std::vector<uint16_t> rows(s.k * row_depth * cout, uint16_t{0});
+    for (int64_t i = 0; i < s.k; ++i) {
+      std::copy(w + i * row_values * cout, w + (i + 1) * row_values * cout, rows.begin() + i * row_depth * cout);
+    }
+    return PackAmxWeights(rows.data(), s.k, row_depth, cout);
+  }
+};
+
+// The shapes of a patch conv's x, kernel (or dw) and y (or g) fit: y's channels in blocks of 32.
+bool PatchShapesFit(const Shape& s, int64_t n, ffi::Span<const int64_t> w_dims, int64_t y_n) {
+  return y_n == n && w_dims[1] == s.k && w_dims[2] == s.in_channels && w_dims[3] == s.out_channels &&
+         s.out_channels % kAmxChannels == 0 && s.stride >= 1 && s.pad_top >= 0 && s.pad_left >= 0;
+}
+
+ffi::Error AmxPatchConv(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y,
+                        int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions(), y_dims = y->dimensions();
+  const int64_t n = x_dims[0];
+  const Shape s{x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2], y_dims[3], w_dims[0],
+                stride, pad_top, pad_left};
+  if (!PatchShapesFit(s, n, w_dims, y_dims[0])) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX patch conv kernel: shapes that do not fit together");
+  }
+  if (n == 0 || s.out_height <= 0 || s.out_width <= 0) return ffi::Error::Success();
+  if (!AmxPermitted()) return ffi::Error::Internal("kdep_jax AMX conv kernel: Linux did not grant the AMX tiles");
+  const AmxPatchRows patches(s);
+  const int64_t cout = s.out_channels, depth = patches.row_depth, pitch = patches.pitch;
+  const int64_t band = patches.Band(), bands = (s.out_height + band - 1) / band;
+  const TileValues packed = patches.Weights(w.typed_data());
+  ParallelFor(pool, n * bands, [&]() {
+    return [&, rows = TileValues(((band - 1) * s.stride + s.k) * pitch * depth, uint16_t{0}),
+            sums = std::vector<float>(kAmxPixels * cout)](int64_t task) mutable {
+      const int64_t image = task / bands, oy0 = task % bands * band, oy1 = std::min(s.out_height, oy0 + band);
+      const int64_t first_row = patches.FirstRow(oy0), last_row = patches.LastRow(oy1);
+      const uint16_t* x_image = x.typed_data() + image * s.height * s.width * s.in_channels;
+      for (int64_t r = first_row; r < last_row; ++r) {
+        patches.Copy(x_image + r * s.width * s.in_channels, 0, s.out_width,
+                     rows.data() + (r - first_row) * pitch * depth);
+      }
+      TileConfig config;
+      for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+      _tile_loadconfig(&config);
+      for (int64_t oy = oy0; oy < oy1; ++oy) {
+        float* y_row = y->typed_data() + (image * s.out_height + oy) * s.out_width * cout;
+        for (int64_t ox0 = 0; ox0 < s.out_width; ox0 += kAmxPixels) {
+          const int64_t count = std::min(kAmxPixels, s.out_width - ox0);
+          for (int64_t b = 0; b < cout / kAmxChannels; ++b) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t i = 0; i < s.k; ++i) {
+              const int64_t r = oy * s.stride + i - s.pad_top;
+              if (r < 0 || r >= s.height) continue;
+              AmxTap(rows.data() + ((r - first_row) * pitch + ox0) * depth, depth,
+                     packed.data() + (b * s.k + i) * depth * kAmxChannels, depth);
+            }
+            AmxStore(count == kAmxPixels ? y_row + ox0 * cout + b * kAmxChannels : sums.data() + b * kAmxChannels,
+                     cout);
+          }
+          if (count < kAmxPixels) std::copy(sums.begin(), sums.begin() + count * cout, y_row + ox0 * cout);
+        }
+      }
+      _tile_release();
+    };
+  });
+  return ffi::Error::Success();
+}
+
+// dw (k, k, Cin, Cout): for each image (a task; float64 partials added in image order), band by band of output rows,
+// its patch rows transposed (row_depth rows of pitch outputs per input row) by its gradient pairs.
+ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d g, ffi::Result<Float32x4d> dw,
+                                      int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto x_dims = x.dimensions(), g_dims = g.dimensions(), dw_dims = dw->dimensions();
+  const int64_t n = x_dims[0];
+  const Shape s{x_dims[1], x_dims[2], x_dims[3], g_dims[1], g_dims[2], g_dims[3], dw_dims[0],
+                stride, pad_top, pad_left};
+  if (!PatchShapesFit(s, n, dw_dims, g_dims[0])) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX patch weight gradient: shapes that do not fit together");
+  }
+  const int64_t size = dw->element_count();
+  if (n == 0 || s.out_height <= 0 || s.out_width <= 0) {
+    std::fill(dw->typed_data(), dw->typed_data() + size, 0.0f);
+    return ffi::Error::Success();
+  }
+  if (!AmxPermitted()) return ffi::Error::Internal("kdep_jax AMX conv kernel: Linux did not grant the AMX tiles");
+  const AmxPatchRows patches(s);
+  const int64_t cout = s.out_channels, depth = patches.row_depth, pitch = patches.pitch;
+  const int64_t band = patches.Band(), partial_size = s.k * depth * cout;
+  std::vector<double> partials(n * partial_size, 0.0);
+  ParallelFor(pool, n, [&]() {
+    return [&, transposed = TileValues(((band - 1) * s.stride + s.k) * depth * pitch, uint16_t{0}),
+            block = TileValues(kAmxPixels * depth, uint16_t{0}),
+            pairs = TileValues(band * pitch * cout, uint16_t{0})](int64_t image) mutable {
+      TileConfig config;
+      for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+      _tile_loadconfig(&config);
+      float sums[kAmxChannels * kAmxChannels];
+      double* partial = partials.data() + image * partial_size;
+      const uint16_t* x_image = x.typed_data() + image * s.height * s.width * s.in_channels;
+      for (int64_t oy0 = 0; oy0 < s.out_height; oy0 += band) {
+        const int64_t oy1 = std::min(s.out_height, oy0 + band);
+        const int64_t first_row = patches.FirstRow(oy0), last_row = patches.LastRow(oy1);
+        for (int64_t r = first_row; r < last_row; ++r) {
+          for (int64_t ox0 = 0; ox0 < s.out_width; ox0 += kAmxPixels) {
+            const int64_t count = std::min(kAmxPixels, s.out_width - ox0);
+            patches.Copy(x_image + r * s.width * s.in_channels, ox0, ox0 + count, block.data());
+            std::fill(block.begin() + count * depth, block.end(), uint16_t{0});
+            for (int64_t v0 = 0; v0 < depth; v0 += 32) {
+              uint16_t* to = transposed.data() + ((r - first_row) * depth + v0) * pitch + ox0;
+#if defined(__AVX512BW__)
+              __m512i values[32];
+              for (int p = 0; p < 32; ++p) values[p] = _mm512_loadu_si512(block.data() + p * depth + v0);
+              Transpose32x32(values);
+              for (int v = 0; v < 32; ++v) _mm512_storeu_si512(to + v * pitch, values[v]);
+#else
+              for (int64_t v = 0; v < 32; ++v) {
+                for (int64_t p = 0; p < 32; ++p) to[v * pitch + p] = block[p * depth + v0 + v];
+              }
+#endif
+            }
+          }
+        }
+        for (int64_t oy = oy0; oy < oy1; ++oy) {
+          const uint16_t* g_row = g.typed_data() + (image * s.out_height + oy) * s.out_width * cout;
+          for (int64_t q = 0; q < pitch; q += 2) {
+            InterleavePairs(q < s.out_width ? g_row + q * cout : nullptr,
+                            q + 1 < s.out_width ? g_row + (q + 1) * cout : nullptr, cout,
+                            pairs.data() + ((oy - oy0) * pitch + q) * cout);
+          }
+        }
+        for (int64_t i = 0; i < s.k; ++i) {
+          for (int64_t b = 0; b < cout / kAmxChannels; ++b) {
+            for (int64_t v0 = 0; v0 < depth; v0 += kAmxChannels) {
+              _tile_zero(0);
+              _tile_zero(1);
+              _tile_zero(2);
+              _tile_zero(3);
+              for (int64_t oy = oy0; oy < oy1; ++oy) {
+                const int64_t r = oy * s.stride + i - s.pad_top;
+                if (r < 0 || r >= s.height) continue;
+                for (int64_t ox0 = 0; ox0 < s.out_width; ox0 += kAmxPixels) {
+                  AmxProducts(transposed.data() + ((r - first_row) * depth + v0) * pitch + ox0, pitch,
+                              pairs.data() + ((oy - oy0) * pitch + ox0) * cout + b * kAmxChannels * 2, 2 * cout);
+                }
+              }
+              AmxStore(sums, kAmxChannels);
+              double* to = partial + (i * depth + v0) * cout + b * kAmxChannels;
+              for (int64_t v = 0; v < kAmxChannels; ++v) {
+                for (int64_t o = 0; o < kAmxChannels; ++o) to[v * cout + o] += sums[v * kAmxChannels + o];
+              }
+            }
+          }
+        }
+      }
+      _tile_release();
+    };
+  });
+  for (int64_t image = 1; image < n; ++image) {
+    for (int64_t t = 0; t < partial_size; ++t) partials[t] += partials[image * partial_size + t];
+  }
+  for (int64_t i = 0; i < s.k; ++i) {  // dw's rows: each tap row's first row_values
+    for (int64_t t = 0; t < patches.row_values * cout; ++t) {
+      dw->typed_data()[i * patches.row_values * cout + t] = static_cast<float>(partials[i * depth * cout + t]);
+    }
+  }
+  return ffi::Error::Success();
+}
 #else
 ffi::Error NoAmx() { return ffi::Error::Internal("kdep_jax's CPU kernels were built for a CPU without AMX tiles"); }
 ffi::Error AmxConvWeightGradient(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>, int64_t, int64_t,
@@ -2299,6 +2529,14 @@ ffi::Error AmxConvWeightGradient(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi:
   return NoAmx();
 }
 ffi::Error AmxConv(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Bfloat16x4d>, int64_t, int64_t, int64_t) {
+  return NoAmx();
+}
+ffi::Error AmxPatchConv(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>, int64_t, int64_t,
+                        int64_t) {
+  return NoAmx();
+}
+ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>, int64_t,
+                                      int64_t, int64_t) {
   return NoAmx();
 }
 ffi::Error AmxConvOfActivation(ffi::ThreadPool, Bfloat16x4d, Float32x1d, Float32x1d, Bfloat16x4d,
@@ -2409,6 +2647,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConv, AmxConv,
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConvWeightGradient, AmxConvWeightGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+// The patch convs take the AMX weight gradient's arguments: (x, w) -> y and (x, g) -> dw, bfloat16 to float32.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConv, AmxPatchConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvWeightGradient, AmxPatchConvWeightGradient,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Bfloat16x4d>()

@@ -53,6 +53,8 @@ _AMX_CONV = "kdep_amx_conv"
 _AMX_CONV_OF_ACTIVATION = "kdep_amx_conv_of_activation"
 _AMX_CONV_TO_BLOCK_END = "kdep_amx_conv_of_activation_to_block_end"
 _AMX_CONV_WEIGHT_GRADIENT = "kdep_amx_conv_weight_gradient"
+_AMX_PATCH_CONV = "kdep_amx_patch_conv"
+_AMX_PATCH_CONV_WEIGHT_GRADIENT = "kdep_amx_patch_conv_weight_gradient"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -133,7 +135,9 @@ def available() -> bool:
                           (_AMX_CONV, library.KdepAmxConv),
                           (_AMX_CONV_OF_ACTIVATION, library.KdepAmxConvOfActivation),
                           (_AMX_CONV_TO_BLOCK_END, library.KdepAmxConvOfActivationToBlockEnd),
-                          (_AMX_CONV_WEIGHT_GRADIENT, library.KdepAmxConvWeightGradient)]:
+                          (_AMX_CONV_WEIGHT_GRADIENT, library.KdepAmxConvWeightGradient),
+                          (_AMX_PATCH_CONV, library.KdepAmxPatchConv),
+                          (_AMX_PATCH_CONV_WEIGHT_GRADIENT, library.KdepAmxPatchConvWeightGradient)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -342,3 +346,32 @@ def amx_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, st
                             vmap_method="sequential")
     return call(x.astype(jnp.bfloat16), grad.astype(jnp.bfloat16), stride=np.int64(stride),
                 pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+
+
+def _amx_patch_call(target: str, out_shape: tuple[int, ...], x: jax.Array, other: jax.Array, stride: int,
+                    padding) -> jax.Array:
+    _require_kernels()
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
+    return call(x.astype(jnp.bfloat16), other.astype(jnp.bfloat16), stride=np.int64(stride),
+                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+
+
+def amx_patch_conv(x: jax.Array, kernel: jax.Array, stride: int,
+                   padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """A dense conv whose input channels need not come in blocks of AMX_CONV_CHANNELS (a stem's, on the RGB image) on
+    the AMX tiles: x and the HWIO kernel (k, k, Cin, Cout) rounded to bfloat16, Cout a multiple of
+    AMX_CONV_CHANNELS; each row of an output's patch (k taps' Cin values along a row of x) copied side by side,
+    zeros up to a multiple of 32, times the kernel's row. The output (N, Ho, Wo, Cout) as for
+    `jax.lax.conv_general_dilated`, its float32 sums as they are (`conv`'s in bfloat16)."""
+    k = kernel.shape[0]
+    out_size = [(size + before + after - k) // stride + 1 for size, (before, after) in zip(x.shape[1:3], padding)]
+    return _amx_patch_call(_AMX_PATCH_CONV, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride, padding)
+
+
+def amx_patch_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
+                                   padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """The weight gradient (k, k, Cin, Cout) of `amx_patch_conv`, in float32, from its input x and output gradient
+    grad, both rounded to bfloat16: the patch rows transposed times grad on the AMX tiles, each band of an image's
+    output rows in float32, added in float64 image by image, in order."""
+    shape = (kernel_size, kernel_size, x.shape[-1], grad.shape[-1])
+    return _amx_patch_call(_AMX_PATCH_CONV_WEIGHT_GRADIENT, shape, x, grad, stride, padding)

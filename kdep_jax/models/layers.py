@@ -98,7 +98,10 @@ def _amx_conv() -> bool:
     gradients, 1.44 with the float32 kernels', 1.36-1.40 with the input gradient at stride 1 on the tiles, 1.17 with
     the weight gradient too (Intel Xeon, benchmarks/README.md); the strided convs' input gradients, of the gradient
     with zeros between its pixels, 2x faster on the tiles than by the float32 kernel for all the zeros (ResNet-18's
-    three: 59-64 -> 26-31 ms at batch 32; the step 0.902 -> 0.890 s)."""
+    three: 59-64 -> 26-31 ms at batch 32; the step 0.902 -> 0.890 s). A conv whose input channels do not fit the
+    tiles' blocks (a stem's RGB image) runs on them by its patches, its float32 sums as the float32 kernel gives them
+    (`cpu_kernels.amx_patch_conv`): the two ResNet stems' forward passes and the student's weight gradient 35, 34 and
+    34 ms -> 19, 17 and 14 in the R50 -> R18 step at batch 32, the step 0.94 -> 0.86 s."""
     return cpu_kernels.amx_runs_here()
 
 
@@ -170,9 +173,8 @@ def _flax_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilatio
     at least _WINOGRAD_4X4_MIN_SIZE pixels a side, where its channels come in blocks of 16 too), the weight gradient
     from its weight-gradient kernels (Winograd's F(2x2, 3x3) too, on images of at least
     _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE pixels a side). In bfloat16 on a CPU with AMX tiles, the forward pass from
-    the AMX kernel (`_on_amx_tiles`; a stem's from the float32 one), and so the weight gradient and the input
-    gradient; a stem's gradients from the float32 kernels, of the same bfloat16 values, rounded once (`_amx_conv`).
-    The rest is XLA's."""
+    the AMX kernel (`_on_amx_tiles`; a stem's, of 3 input channels, by its patches: `cpu_kernels.amx_patch_conv`),
+    and so the weight gradient and the input gradient (`_amx_conv`). The rest is XLA's."""
     if feature_group_count != 1 or any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
         raise ValueError("kdep_jax's CPU conv hook takes convs without groups or dilation")
     if isinstance(padding, str):
@@ -214,11 +216,12 @@ def _conv_forms(lhs: jax.Array, rhs: jax.Array, stride: int, padding) -> tuple[s
                        and out_channels % 16 == 0 and min(lhs.shape[1:3]) >= _WINOGRAD_WEIGHT_GRADIENT_MIN_SIZE)
         weight_gradient = "winograd" if by_winograd else "direct"
     forward, input_gradient = form(out_channels, in_channels), form(in_channels, out_channels)
-    if bfloat16_on_amx:  # on the tiles; a stem's (3 input channels) by the float32 kernel
+    if bfloat16_on_amx:  # on the tiles; a stem's (3 input channels) by its patches, its input gradient as before
         on_tiles = _on_amx_tiles(lhs, rhs)
-        forward = "amx" if on_tiles else "xla" if forward == "xla" else "direct"
+        by_patches = not on_tiles and out_channels % cpu_kernels.AMX_CONV_CHANNELS == 0
+        forward = "amx" if on_tiles else "amx_patches" if by_patches else "xla" if forward == "xla" else "direct"
         input_gradient = "amx" if on_tiles else input_gradient
-        weight_gradient = "amx" if on_tiles else weight_gradient
+        weight_gradient = "amx" if on_tiles else "amx_patches" if by_patches else weight_gradient
     return forward, input_gradient, weight_gradient
 
 
@@ -297,6 +300,8 @@ def _conv_by_form(x: jax.Array, kernel: jax.Array, stride: int, padding, form: s
         return cpu_kernels.conv(x, kernel, stride, padding)
     if form == "amx":
         return cpu_kernels.amx_conv(x, kernel, stride, padding)
+    if form == "amx_patches":  # float32 sums
+        return cpu_kernels.amx_patch_conv(x, kernel, stride, padding)
     return _dense_conv(x, kernel, stride, padding)
 
 
@@ -371,6 +376,8 @@ def _native_conv_vjp_backward(stride, padding, forms, residuals, grad):
         grad_kernel = cpu_kernels.conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
     elif weight_gradient == "amx":
         grad_kernel = cpu_kernels.amx_conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
+    elif weight_gradient == "amx_patches":
+        grad_kernel = cpu_kernels.amx_patch_conv_weight_gradient(x, grad, kernel.shape[0], stride, padding)
     else:
         grad_kernel = conv_weight_gradient(x, grad, kernel.shape, stride, padding)
     return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
