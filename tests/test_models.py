@@ -705,11 +705,29 @@ def test_amx_patch_conv_matches_float64(batch, height, width, in_channels, out_c
 
 
 @pytest.mark.usefixtures("needs_amx")
+@pytest.mark.parametrize("height, width", [(20, 21), (300, 37)])  # 300: two bands of pooled rows, of 53 and 22
+def test_amx_patch_conv_max_pool_is_the_pool_of_its_sums(height, width):
+    """The stem's conv and max-pool in one kernel (eval mode): bit for bit the max-pool kernel's pool of the patch
+    conv's sums, a NaN in x giving NaNs where it is read."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(height)
+    x = jnp.asarray(rng.normal(size=(2, height, width, 3)), jnp.bfloat16).at[1, 5, 6, 1].set(jnp.nan)
+    kernel = jnp.asarray(rng.normal(size=(7, 7, 3, 64)), jnp.bfloat16)
+    padding = ((3, 3), (3, 3))
+    fused, sums = jax.jit(lambda x, w: (cpu_kernels.amx_patch_conv(x, w, 2, padding, max_pool=(3, 2, 1)),
+                                        cpu_kernels.amx_patch_conv(x, w, 2, padding)))(x, kernel)
+    expected = cpu_kernels.max_pool(sums, 3, 2, ((1, 1), (1, 1)))[0]
+    assert np.isnan(expected).any() and not np.isnan(expected).all()
+    np.testing.assert_array_equal(fused, expected)
+
+
+@pytest.mark.usefixtures("needs_amx")
 def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     """A bfloat16 ResNet on a CPU with AMX tiles, in eval mode: its convs' forward passes on the tiles (a stem's, of 3
-    channels, by its patches), each block's last conv with the block's end; the features of XLA's bfloat16 model
-    within bfloat16's rounding, and the float32 model's within a few times that (each conv form's gradients:
-    below)."""
+    channels, by its patches, with the pool), each block's last conv with the block's end; the features of XLA's
+    bfloat16 model within bfloat16's rounding, and the float32 model's within a few times that (each conv form's
+    gradients: below)."""
     model = create_model("resnet18", num_classes=None, dtype=jnp.bfloat16)
     images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), images, train=False)
@@ -721,7 +739,7 @@ def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     on_tiles = jax.jit(lambda v, x: features(v, x))
     program = on_tiles.lower(variables, images).compile().as_text()
     assert '"kdep_amx_conv_of_activation_to_block_end"' in program and '"kdep_amx_conv"' in program
-    assert '"kdep_amx_patch_conv"' in program
+    assert '"kdep_amx_patch_conv_max_pool"' in program  # the stem's conv and pool
     ours = on_tiles(variables, images)
     monkeypatch.setattr(layers, "_amx_conv", lambda: False)
     xla = jax.jit(lambda v, x: features(v, x))(variables, images)

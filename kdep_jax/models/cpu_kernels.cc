@@ -1309,6 +1309,20 @@ ffi::Error BatchMomentsOfBfloat16(ffi::ThreadPool pool, Bfloat16x4d x, ffi::Resu
 // A k x k max-pool's output y (N, Ho, Wo, C) of x (N, H, W, C), padded with -inf (jnp.maximum's: a NaN wins), and
 // for each output the tap that holds the maximum (int8), numbered i * k + j in row-major order: the first (torch's
 // rule; a padded tap holds -inf), or k * k where none does (a NaN maximum). One output row per task.
+// Each of c channels' maximum over a window's k * k taps (tap(i, j): its c values, or null in the padding): -inf where
+// no tap lies in x, a NaN where a tap holds one (as `layers.max_pool`).
+template <typename Tap>
+inline void WindowMaximum(const Tap& tap, int64_t k, int64_t c, float* __restrict max_of) {
+  std::fill_n(max_of, c, -std::numeric_limits<float>::infinity());
+  for (int64_t number = 0; number < k * k; ++number) {
+    const float* __restrict values = tap(number / k, number % k);
+    if (values == nullptr) continue;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      max_of[ch] = values[ch] > max_of[ch] || values[ch] != values[ch] ? values[ch] : max_of[ch];
+    }
+  }
+}
+
 ffi::Error MaxPool(ffi::ThreadPool pool, Float32x4d x, ffi::Result<Float32x4d> y, ffi::Result<Int8x4d> taps,
                    int64_t k, int64_t stride, int64_t pad_top, int64_t pad_left) {
   const auto x_dims = x.dimensions(), y_dims = y->dimensions(), taps_dims = taps->dimensions();
@@ -1336,14 +1350,7 @@ ffi::Error MaxPool(ffi::ThreadPool pool, Float32x4d x, ffi::Result<Float32x4d> y
         };
         float* __restrict max_of = maximum.data();
         int32_t* __restrict tap_of = held.data();
-        std::fill_n(max_of, c, kPadding);
-        for (int64_t number = 0; number < k * k; ++number) {
-          const float* __restrict values = in_image(number / k, number % k);
-          if (values == nullptr) continue;
-          for (int64_t ch = 0; ch < c; ++ch) {
-            max_of[ch] = values[ch] > max_of[ch] || values[ch] != values[ch] ? values[ch] : max_of[ch];
-          }
-        }
+        WindowMaximum(in_image, k, c, max_of);
         std::fill_n(tap_of, c, static_cast<int32_t>(k * k));
         for (int64_t number = k * k - 1; number >= 0; --number) {  // the first tap that holds the maximum wins
           const float* __restrict values = in_image(number / k, number % k);
@@ -2351,6 +2358,37 @@ struct AmxPatchRows {
     }
   }
 
+  // The float32 sums of output rows [oy0, oy1) of an image, stored from `y_rows` on, Wo * Cout values a row: their
+  // input rows' patch rows copied into `rows` first, then their products with the packed kernel (`Weights`) on the
+  // tiles (configured by the caller); `sums` holds a block of outputs short of kAmxPixels.
+  void Sums(const uint16_t* x_image, const TileValues& packed, int64_t oy0, int64_t oy1, uint16_t* rows, float* sums,
+            float* y_rows) const {
+    const int64_t cout = s.out_channels, first_row = FirstRow(oy0), last_row = LastRow(oy1);
+    for (int64_t r = first_row; r < last_row; ++r) {
+      Copy(x_image + r * s.width * s.in_channels, 0, s.out_width, rows + (r - first_row) * pitch * row_depth);
+    }
+    for (int64_t oy = oy0; oy < oy1; ++oy) {
+      float* y_row = y_rows + (oy - oy0) * s.out_width * cout;
+      for (int64_t ox0 = 0; ox0 < s.out_width; ox0 += kAmxPixels) {
+        const int64_t count = std::min(kAmxPixels, s.out_width - ox0);
+        for (int64_t b = 0; b < cout / kAmxChannels; ++b) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t i = 0; i < s.k; ++i) {
+            const int64_t r = oy * s.stride + i - s.pad_top;
+            if (r < 0 || r >= s.height) continue;
+            AmxTap(rows + ((r - first_row) * pitch + ox0) * row_depth, row_depth,
+                   packed.data() + (b * s.k + i) * row_depth * kAmxChannels, row_depth);
+          }
+          AmxStore(count == kAmxPixels ? y_row + ox0 * cout + b * kAmxChannels : sums + b * kAmxChannels, cout);
+        }
+        if (count < kAmxPixels) std::copy(sums, sums + count * cout, y_row + ox0 * cout);
+      }
+    }
+  }
+
   // The kernel (k, k, Cin, Cout) as (k, row_depth, Cout), zero rows after row_values, as the tiles read it.
   TileValues Weights(const uint16_t* w) const {
     const int64_t cout = s.out_channels;
@@ -2368,56 +2406,100 @@ bool PatchShapesFit(const Shape& s, int64_t n, ffi::Span<const int64_t> w_dims, 
          s.out_channels % kAmxChannels == 0 && s.stride >= 1 && s.pad_top >= 0 && s.pad_left >= 0;
 }
 
-ffi::Error AmxPatchConv(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y,
-                        int64_t stride, int64_t pad_top, int64_t pad_left) {
-  const auto x_dims = x.dimensions(), w_dims = w.dimensions(), y_dims = y->dimensions();
-  const int64_t n = x_dims[0];
-  const Shape s{x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2], y_dims[3], w_dims[0],
-                stride, pad_top, pad_left};
-  if (!PatchShapesFit(s, n, w_dims, y_dims[0])) {
+// The patch conv's x, w and sums' shapes; an error where they do not fit.
+ffi::Error PatchConvShape(Bfloat16x4d& x, Bfloat16x4d& w, ffi::Span<const int64_t> y_dims, int64_t stride,
+                          int64_t pad_top, int64_t pad_left, Shape& s) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions();
+  s = Shape{x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2], y_dims[3], w_dims[0], stride, pad_top, pad_left};
+  if (!PatchShapesFit(s, x_dims[0], w_dims, y_dims[0])) {
     return ffi::Error::InvalidArgument("kdep_jax AMX patch conv kernel: shapes that do not fit together");
   }
-  if (n == 0 || s.out_height <= 0 || s.out_width <= 0) return ffi::Error::Success();
   if (!AmxPermitted()) return ffi::Error::Internal("kdep_jax AMX conv kernel: Linux did not grant the AMX tiles");
+  return ffi::Error::Success();
+}
+
+// Loads the tile configuration of AmxProducts' eight 16 x 64-byte tiles.
+void ConfigureTiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+  _tile_loadconfig(&config);
+}
+
+ffi::Error AmxPatchConv(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y,
+                        int64_t stride, int64_t pad_top, int64_t pad_left) {
+  Shape s;
+  if (ffi::Error error = PatchConvShape(x, w, y->dimensions(), stride, pad_top, pad_left, s); error.failure()) {
+    return error;
+  }
+  const int64_t n = x.dimensions()[0];
+  if (n == 0 || s.out_height <= 0 || s.out_width <= 0) return ffi::Error::Success();
   const AmxPatchRows patches(s);
-  const int64_t cout = s.out_channels, depth = patches.row_depth, pitch = patches.pitch;
-  const int64_t band = patches.Band(), bands = (s.out_height + band - 1) / band;
+  const int64_t band = patches.Band(), bands = (s.out_height + band - 1) / band, cout = s.out_channels;
   const TileValues packed = patches.Weights(w.typed_data());
   ParallelFor(pool, n * bands, [&]() {
-    return [&, rows = TileValues(((band - 1) * s.stride + s.k) * pitch * depth, uint16_t{0}),
+    return [&, rows = TileValues(((band - 1) * s.stride + s.k) * patches.pitch * patches.row_depth, uint16_t{0}),
             sums = std::vector<float>(kAmxPixels * cout)](int64_t task) mutable {
       const int64_t image = task / bands, oy0 = task % bands * band, oy1 = std::min(s.out_height, oy0 + band);
-      const int64_t first_row = patches.FirstRow(oy0), last_row = patches.LastRow(oy1);
-      const uint16_t* x_image = x.typed_data() + image * s.height * s.width * s.in_channels;
-      for (int64_t r = first_row; r < last_row; ++r) {
-        patches.Copy(x_image + r * s.width * s.in_channels, 0, s.out_width,
-                     rows.data() + (r - first_row) * pitch * depth);
-      }
-      TileConfig config;
-      for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
-      _tile_loadconfig(&config);
-      for (int64_t oy = oy0; oy < oy1; ++oy) {
-        float* y_row = y->typed_data() + (image * s.out_height + oy) * s.out_width * cout;
-        for (int64_t ox0 = 0; ox0 < s.out_width; ox0 += kAmxPixels) {
-          const int64_t count = std::min(kAmxPixels, s.out_width - ox0);
-          for (int64_t b = 0; b < cout / kAmxChannels; ++b) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t i = 0; i < s.k; ++i) {
-              const int64_t r = oy * s.stride + i - s.pad_top;
-              if (r < 0 || r >= s.height) continue;
-              AmxTap(rows.data() + ((r - first_row) * pitch + ox0) * depth, depth,
-                     packed.data() + (b * s.k + i) * depth * kAmxChannels, depth);
-            }
-            AmxStore(count == kAmxPixels ? y_row + ox0 * cout + b * kAmxChannels : sums.data() + b * kAmxChannels,
-                     cout);
-          }
-          if (count < kAmxPixels) std::copy(sums.begin(), sums.begin() + count * cout, y_row + ox0 * cout);
+      ConfigureTiles();
+      patches.Sums(x.typed_data() + image * s.height * s.width * s.in_channels, packed, oy0, oy1, rows.data(),
+                   sums.data(), y->typed_data() + (image * s.out_height + oy0) * s.out_width * cout);
+      _tile_release();
+    };
+  });
+  return ffi::Error::Success();
+}
+
+// The patch conv's float32 sums max-pooled (pool_size x pool_size windows, -inf padding; `layers.max_pool`), as
+// `AmxPatchConv` then `MaxPool` give them, without writing the sums out: each task's band of pooled rows from the
+// conv rows it reads (those of two bands' common edge computed twice), kept in the L2 cache. A ResNet's stem in eval
+// mode pools its conv's sums (`layers.pools_before_activation`).
+constexpr int64_t kAmxPooledSumValues = 1 << 17;  // a task's conv rows' float32 sums, at most (512 KiB)
+
+ffi::Error AmxPatchConvMaxPool(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y,
+                               int64_t stride, int64_t pad_top, int64_t pad_left, int64_t pool_size,
+                               int64_t pool_stride, int64_t pool_pad) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions(), y_dims = y->dimensions();
+  const int64_t n = x_dims[0], height = (x_dims[1] + 2 * pad_top - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
+  const int64_t width = (x_dims[2] + 2 * pad_left - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
+  const int64_t sums_dims[4] = {y_dims[0], height, width, y_dims[3]};
+  Shape s;
+  if (ffi::Error error = PatchConvShape(x, w, ffi::Span<const int64_t>(sums_dims, 4), stride, pad_top, pad_left, s);
+      error.failure()) {
+    return error;
+  }
+  const int64_t cout = s.out_channels, out_height = y_dims[1], out_width = y_dims[2];
+  if (pool_size < 1 || pool_stride < 1 || pool_pad < 0 ||
+      out_height != (height + 2 * pool_pad - pool_size) / pool_stride + 1 ||
+      out_width != (width + 2 * pool_pad - pool_size) / pool_stride + 1) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX patch conv kernel: a pool of another shape");
+  }
+  if (n == 0 || out_height <= 0 || out_width <= 0 || height <= 0 || width <= 0) return ffi::Error::Success();
+  const AmxPatchRows patches(s);
+  const int64_t conv_rows_max = std::max<int64_t>(kAmxPooledSumValues / (width * cout), pool_size);
+  const int64_t band = std::clamp<int64_t>((conv_rows_max - pool_size) / pool_stride + 1, 1, out_height);
+  const int64_t bands = (out_height + band - 1) / band, conv_rows = (band - 1) * pool_stride + pool_size;
+  const TileValues packed = patches.Weights(w.typed_data());
+  ParallelFor(pool, n * bands, [&]() {
+    return [&, rows = TileValues(((conv_rows - 1) * s.stride + s.k) * patches.pitch * patches.row_depth, uint16_t{0}),
+            sums = std::vector<float>(kAmxPixels * cout), band_sums = std::vector<float>(conv_rows * width * cout)](
+               int64_t task) mutable {
+      const int64_t image = task / bands, p0 = task % bands * band, p1 = std::min(out_height, p0 + band);
+      const int64_t r0 = std::max<int64_t>(0, p0 * pool_stride - pool_pad);
+      const int64_t r1 = std::min(height, (p1 - 1) * pool_stride - pool_pad + pool_size);
+      ConfigureTiles();
+      patches.Sums(x.typed_data() + image * s.height * s.width * s.in_channels, packed, r0, r1, rows.data(),
+                   sums.data(), band_sums.data());
+      _tile_release();
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t q = 0; q < out_width; ++q) {
+          auto tap = [&](int64_t i, int64_t j) -> const float* {
+            const int64_t r = p * pool_stride + i - pool_pad, c = q * pool_stride + j - pool_pad;
+            return r >= r0 && r < r1 && c >= 0 && c < width ? band_sums.data() + ((r - r0) * width + c) * cout
+                                                            : nullptr;
+          };
+          WindowMaximum(tap, pool_size, cout, y->typed_data() + ((image * out_height + p) * out_width + q) * cout);
         }
       }
-      _tile_release();
     };
   });
   return ffi::Error::Success();
@@ -2448,9 +2530,7 @@ ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloa
     return [&, transposed = TileValues(((band - 1) * s.stride + s.k) * depth * pitch, uint16_t{0}),
             block = TileValues(kAmxPixels * depth, uint16_t{0}),
             pairs = TileValues(band * pitch * cout, uint16_t{0})](int64_t image) mutable {
-      TileConfig config;
-      for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
-      _tile_loadconfig(&config);
+      ConfigureTiles();
       float sums[kAmxChannels * kAmxChannels];
       double* partial = partials.data() + image * partial_size;
       const uint16_t* x_image = x.typed_data() + image * s.height * s.width * s.in_channels;
@@ -2537,6 +2617,10 @@ ffi::Error AmxPatchConv(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<F
 }
 ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>, int64_t,
                                       int64_t, int64_t) {
+  return NoAmx();
+}
+ffi::Error AmxPatchConvMaxPool(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>, int64_t, int64_t,
+                               int64_t, int64_t, int64_t, int64_t) {
   return NoAmx();
 }
 ffi::Error AmxConvOfActivation(ffi::ThreadPool, Bfloat16x4d, Float32x1d, Float32x1d, Bfloat16x4d,
@@ -2665,6 +2749,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConv, AmxPatchConv,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvMaxPool, AmxPatchConvMaxPool,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pool_size")
+                                  .Attr<int64_t>("pool_stride")
+                                  .Attr<int64_t>("pool_pad"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvWeightGradient, AmxPatchConvWeightGradient,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -55,6 +55,7 @@ _AMX_CONV_TO_BLOCK_END = "kdep_amx_conv_of_activation_to_block_end"
 _AMX_CONV_WEIGHT_GRADIENT = "kdep_amx_conv_weight_gradient"
 _AMX_PATCH_CONV = "kdep_amx_patch_conv"
 _AMX_PATCH_CONV_WEIGHT_GRADIENT = "kdep_amx_patch_conv_weight_gradient"
+_AMX_PATCH_CONV_MAX_POOL = "kdep_amx_patch_conv_max_pool"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -137,7 +138,8 @@ def available() -> bool:
                           (_AMX_CONV_TO_BLOCK_END, library.KdepAmxConvOfActivationToBlockEnd),
                           (_AMX_CONV_WEIGHT_GRADIENT, library.KdepAmxConvWeightGradient),
                           (_AMX_PATCH_CONV, library.KdepAmxPatchConv),
-                          (_AMX_PATCH_CONV_WEIGHT_GRADIENT, library.KdepAmxPatchConvWeightGradient)]:
+                          (_AMX_PATCH_CONV_WEIGHT_GRADIENT, library.KdepAmxPatchConvWeightGradient),
+                          (_AMX_PATCH_CONV_MAX_POOL, library.KdepAmxPatchConvMaxPool)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -349,23 +351,33 @@ def amx_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, st
 
 
 def _amx_patch_call(target: str, out_shape: tuple[int, ...], x: jax.Array, other: jax.Array, stride: int,
-                    padding) -> jax.Array:
+                    padding, **attributes: int) -> jax.Array:
     _require_kernels()
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
     return call(x.astype(jnp.bfloat16), other.astype(jnp.bfloat16), stride=np.int64(stride),
-                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
+                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
+                **{name: np.int64(value) for name, value in attributes.items()})
 
 
-def amx_patch_conv(x: jax.Array, kernel: jax.Array, stride: int,
-                   padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+def amx_patch_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]],
+                   max_pool: tuple[int, int, int] | None = None) -> jax.Array:
     """A dense conv whose input channels need not come in blocks of AMX_CONV_CHANNELS (a stem's, on the RGB image) on
     the AMX tiles: x and the HWIO kernel (k, k, Cin, Cout) rounded to bfloat16, Cout a multiple of
     AMX_CONV_CHANNELS; each row of an output's patch (k taps' Cin values along a row of x) copied side by side,
     zeros up to a multiple of 32, times the kernel's row. The output (N, Ho, Wo, Cout) as for
-    `jax.lax.conv_general_dilated`, its float32 sums as they are (`conv`'s in bfloat16)."""
+    `jax.lax.conv_general_dilated`, its float32 sums as they are (`conv`'s in bfloat16). max_pool (k, stride, pad),
+    with padding the same on both sides: the sums' max-pool instead (`max_pool`'s values), the sums never written
+    out; not to be differentiated."""
     k = kernel.shape[0]
     out_size = [(size + before + after - k) // stride + 1 for size, (before, after) in zip(x.shape[1:3], padding)]
-    return _amx_patch_call(_AMX_PATCH_CONV, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride, padding)
+    if max_pool is None:
+        return _amx_patch_call(_AMX_PATCH_CONV, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride, padding)
+    if any(before != after for before, after in padding):
+        raise ValueError(f"amx_patch_conv pools the sums of a conv padded the same on both sides, not {padding}")
+    pool_size, pool_stride, pool_pad = max_pool
+    out_size = [(size + 2 * pool_pad - pool_size) // pool_stride + 1 for size in out_size]
+    return _amx_patch_call(_AMX_PATCH_CONV_MAX_POOL, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride,
+                           padding, pool_size=pool_size, pool_stride=pool_stride, pool_pad=pool_pad)
 
 
 def amx_patch_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,

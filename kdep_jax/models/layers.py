@@ -34,14 +34,21 @@ def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
 
 
 def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.float32,
-           name: str | None = None, tf_same_padding: bool = False, output_signs: jax.Array | None = None) -> nn.Conv:
+           name: str | None = None, tf_same_padding: bool = False, output_signs: jax.Array | None = None,
+           max_pool: tuple[int, int, int] | None = None) -> nn.Conv:
     """A bias-free conv with torch's symmetric padding kernel_size // 2 (torchvision's convs all use it), or
     with TensorFlow's "SAME" padding when tf_same_padding. output_signs (one +1 or -1 per output channel): each output
-    channel times its sign, exactly, by the kernel's."""
+    channel times its sign, exactly, by the kernel's. max_pool (k, stride, pad), for a stem that pools its conv's
+    float32 sums in eval mode (`pools_before_activation`): their max-pool, by one AMX kernel that never writes the
+    sums out (`cpu_kernels.amx_patch_conv`; a ResNet-50's stem conv and pool at batch 32 alone 12 ms, against 22 by
+    two kernels on TCMalloc, 53 on glibc's malloc, whose fresh pages for the sums cost the rest; Intel Xeon); not to
+    be differentiated."""
     pad = kernel_size // 2
     padding = "SAME" if tf_same_padding else ((pad, pad), (pad, pad))
     hook = None
-    if jax.default_backend() == "cpu":
+    if max_pool is not None:
+        hook = functools.partial(_max_pooled_conv, max_pool)
+    elif jax.default_backend() == "cpu":
         if kernel_size == 1:
             hook = _flax_pointwise_conv
         else:  # TensorFlow's padding keeps XLA's forms (the C++ kernels are tested with torch's)
@@ -53,6 +60,10 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
                    use_bias=False, kernel_init=conv_kernel_init, dtype=dtype,
                    param_dtype=jnp.float32, name=name, conv_general_dilated=hook)
+
+
+def _max_pooled_conv(max_pool: tuple[int, int, int], lhs, rhs, window_strides, padding, **conv_options):
+    return cpu_kernels.amx_patch_conv(lhs, rhs, window_strides[0], tuple(tuple(pair) for pair in padding), max_pool)
 
 
 def _signed_outputs_conv(conv, signs: jax.Array, lhs, rhs, *args, **conv_options):
@@ -806,11 +817,6 @@ def pools_before_activation(x: jax.Array, k: int) -> bool:
     ms), the R50 -> R18 step in bfloat16 0.980 -> 0.958 s (Intel Xeon, benchmarks/README.md). In float32, where XLA's
     pool of the ReLU's output took 11 ms and the kernel 16, the forward pass was level."""
     return x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and _amx_conv() and max_pool_by_kernel(x, k)
-
-
-def max_pool_value_by_kernel(x: jax.Array, k: int, stride: int, pad: int) -> jax.Array:
-    """The max-pool of x in float32 by the C++ kernel (where `max_pool_by_kernel`); not to be differentiated."""
-    return cpu_kernels.max_pool(x, k, stride, ((pad, pad), (pad, pad)))[0]
 
 
 def _max_pool_forward(x: jax.Array, k: int, stride: int, pad: int, shape: tuple[int, ...]):
