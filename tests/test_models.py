@@ -723,6 +723,39 @@ def test_amx_patch_conv_max_pool_is_the_pool_of_its_sums(height, width):
 
 
 @pytest.mark.usefixtures("needs_amx")
+@pytest.mark.parametrize("batch, height, width", [
+    (3, 20, 21),  # 10 x 11 sums an image: chunks of 256 shared by images
+    (1, 300, 37),  # two bands of pooled rows, their conv rows' chunks shared
+    (2, 1800, 9),  # 900 x 5 sums an image: three bands
+])
+def test_amx_patch_conv_pool_statistics_are_the_kernels(batch, height, width):
+    """The stem's conv, max-pool and batch statistics in one kernel (training): bit for bit the max-pool kernel's
+    pool and taps of the patch conv's sums and the batch-moments kernel's statistics of them; and the gradient of its
+    kernel, through the pooled outputs and the statistics, that of those kernels' gradients within the rounding of the
+    sums' gradient to bfloat16 (in another order)."""
+    from kdep_jax.models import cpu_kernels
+
+    rng = np.random.default_rng(height)
+    x = jnp.asarray(rng.normal(size=(batch, height, width, 3)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(7, 7, 3, 64)), jnp.bfloat16)
+    padding, pool = ((3, 3), (3, 3)), (3, 2, 1)
+    fused, sums = jax.jit(lambda x, w: (cpu_kernels.amx_patch_conv_pool_statistics(x, w, 2, padding, pool),
+                                        cpu_kernels.amx_patch_conv(x, w, 2, padding)))(x, kernel)
+    for ours, expected in zip(fused, (*cpu_kernels.max_pool(sums, 3, 2, ((1, 1), (1, 1))),
+                                      *cpu_kernels.batch_moments(sums))):
+        np.testing.assert_array_equal(ours, expected)
+    weights = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in (fused[0].shape, (64,), (64,))]
+
+    def loss(statistics, kernel):
+        pooled, mean, var = statistics(x, kernel, 2, padding, pool)
+        return jnp.sum(pooled * weights[0]) + 1e3 * jnp.sum(mean * weights[1] + var * weights[2])
+
+    ours, expected = (jax.jit(jax.grad(functools.partial(loss, statistics)))(kernel)
+                      for statistics in (layers.pooled_conv_statistics, layers._pooled_statistics))
+    assert relative_error(ours, expected) < 1e-3
+
+
+@pytest.mark.usefixtures("needs_amx")
 def test_bfloat16_resnet_on_amx_tiles_has_xlas_features(monkeypatch):
     """A bfloat16 ResNet on a CPU with AMX tiles, in eval mode: its convs' forward passes on the tiles (a stem's, of 3
     channels, by its patches, with the pool), each block's last conv with the block's end; the features of XLA's

@@ -28,7 +28,10 @@
 // - KdepAmxConv: a dense conv's forward pass in bfloat16 (float32 sums) on the AMX tiles of an Intel Xeon, which
 //   XLA:CPU does not use (its bfloat16 convs are slower than its float32 ones), below; with a ResNet block's BatchNorm
 //   and ReLU applied to its input, and its end (BatchNorm, residual, ReLU) to its output. KdepAmxConvWeightGradient:
-//   its weight gradient on the tiles.
+//   its weight gradient on the tiles. KdepAmxPatchConv, KdepAmxPatchConvWeightGradient: the same for a conv whose input
+//   channels do not fit the tiles' blocks (a stem's RGB image), by its patches, to float32 sums;
+//   KdepAmxPatchConvMaxPool, KdepAmxPatchConvPoolStatistics, KdepAmxPatchConvPoolWeightGradient: a ResNet stem's conv
+//   and max-pool (in training with its batch statistics) in one kernel, and its weight gradient.
 //
 // The weight gradients keep each tap's sums over many pixels in registers, kSumLanes output channels at a time.
 // The sums of each image (of each chunk of images, for a dense conv: as many as the shapes say) go into float64
@@ -1258,6 +1261,32 @@ inline float Bfloat16ToFloat(uint16_t value) {
 inline float AsFloat(float value) { return value; }
 inline float AsFloat(uint16_t value) { return Bfloat16ToFloat(value); }
 
+// Adds one pixel's c values and their squares to a chunk's float64 sums (c sums of x, then c of x^2).
+template <typename Value>
+inline void AddMoments(const Value* __restrict values, int64_t c, double* __restrict sums) {
+  double* __restrict squares = sums + c;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const double value = AsFloat(values[ch]);
+    sums[ch] += value;
+    squares[ch] += value * value;
+  }
+}
+
+// The mean and biased variance from the chunks' sums (`AddMoments`), added in chunk order.
+void FinishMoments(const std::vector<double>& partial, int64_t chunks, int64_t c, int64_t pixels, float* mean,
+                   float* var) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double sum = 0.0, square = 0.0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      sum += partial[chunk * 2 * c + ch];
+      square += partial[chunk * 2 * c + c + ch];
+    }
+    const double m = sum / pixels;
+    mean[ch] = static_cast<float>(m);
+    var[ch] = static_cast<float>(std::max(square / pixels - m * m, 0.0));
+  }
+}
+
 template <typename Value, typename Buffer>
 ffi::Error BatchMoments(ffi::ThreadPool& pool, const Buffer& x, ffi::Result<Float32x1d>& mean,
                         ffi::Result<Float32x1d>& var) {
@@ -1271,28 +1300,12 @@ ffi::Error BatchMoments(ffi::ThreadPool& pool, const Buffer& x, ffi::Result<Floa
   std::vector<double> partial(chunks * 2 * c, 0.0);  // per chunk: c sums of x, then c of x^2
   ParallelFor(pool, chunks, [&]() {
     return [&](int64_t chunk) {
-      double* __restrict sums = partial.data() + chunk * 2 * c;
-      double* __restrict squares = sums + c;
       for (int64_t pixel = chunk * kMomentRows; pixel < std::min(pixels, (chunk + 1) * kMomentRows); ++pixel) {
-        const Value* __restrict values = x_data + pixel * c;
-        for (int64_t ch = 0; ch < c; ++ch) {
-          const double value = AsFloat(values[ch]);
-          sums[ch] += value;
-          squares[ch] += value * value;
-        }
+        AddMoments(x_data + pixel * c, c, partial.data() + chunk * 2 * c);
       }
     };
   });
-  for (int64_t ch = 0; ch < c; ++ch) {
-    double sum = 0.0, square = 0.0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      sum += partial[chunk * 2 * c + ch];
-      square += partial[chunk * 2 * c + c + ch];
-    }
-    const double m = sum / pixels;
-    mean->typed_data()[ch] = static_cast<float>(m);
-    var->typed_data()[ch] = static_cast<float>(std::max(square / pixels - m * m, 0.0));
-  }
+  FinishMoments(partial, chunks, c, pixels, mean->typed_data(), var->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1323,6 +1336,26 @@ inline void WindowMaximum(const Tap& tap, int64_t k, int64_t c, float* __restric
   }
 }
 
+// The int8 number of the first of a window's taps that holds each channel's maximum (k * k where none does: a NaN
+// maximum), through `held`: loops that compare floats and write int8 do not vectorise.
+template <typename Tap>
+inline void WindowTaps(const Tap& tap, int64_t k, int64_t c, const float* __restrict max_of, int32_t* __restrict held,
+                       int8_t* taps) {
+  std::fill_n(held, c, static_cast<int32_t>(k * k));
+  for (int64_t number = k * k - 1; number >= 0; --number) {
+    const float* __restrict values = tap(number / k, number % k);
+    const int32_t held_tap = static_cast<int32_t>(number);
+    if (values == nullptr) {
+      for (int64_t ch = 0; ch < c; ++ch) {
+        held[ch] = max_of[ch] == -std::numeric_limits<float>::infinity() ? held_tap : held[ch];
+      }
+    } else {
+      for (int64_t ch = 0; ch < c; ++ch) held[ch] = values[ch] == max_of[ch] ? held_tap : held[ch];
+    }
+  }
+  std::transform(held, held + c, taps, [](int32_t t) { return static_cast<int8_t>(t); });
+}
+
 ffi::Error MaxPool(ffi::ThreadPool pool, Float32x4d x, ffi::Result<Float32x4d> y, ffi::Result<Int8x4d> taps,
                    int64_t k, int64_t stride, int64_t pad_top, int64_t pad_left) {
   const auto x_dims = x.dimensions(), y_dims = y->dimensions(), taps_dims = taps->dimensions();
@@ -1336,7 +1369,6 @@ ffi::Error MaxPool(ffi::ThreadPool pool, Float32x4d x, ffi::Result<Float32x4d> y
   const float* x_data = x.typed_data();
   float* y_data = y->typed_data();
   int8_t* taps_data = taps->typed_data();
-  constexpr float kPadding = -std::numeric_limits<float>::infinity();
   ParallelFor(pool, n * out_height, [&]() {
     // Each output pixel's maximum and tap in float32 and int32 first: loops that compare floats and write int8 do
     // not vectorise.
@@ -1351,19 +1383,9 @@ ffi::Error MaxPool(ffi::ThreadPool pool, Float32x4d x, ffi::Result<Float32x4d> y
         float* __restrict max_of = maximum.data();
         int32_t* __restrict tap_of = held.data();
         WindowMaximum(in_image, k, c, max_of);
-        std::fill_n(tap_of, c, static_cast<int32_t>(k * k));
-        for (int64_t number = k * k - 1; number >= 0; --number) {  // the first tap that holds the maximum wins
-          const float* __restrict values = in_image(number / k, number % k);
-          const int32_t tap = static_cast<int32_t>(number);
-          if (values == nullptr) {
-            for (int64_t ch = 0; ch < c; ++ch) tap_of[ch] = max_of[ch] == kPadding ? tap : tap_of[ch];
-          } else {
-            for (int64_t ch = 0; ch < c; ++ch) tap_of[ch] = values[ch] == max_of[ch] ? tap : tap_of[ch];
-          }
-        }
         const int64_t at = (row * out_width + wo) * c;
+        WindowTaps(in_image, k, c, max_of, tap_of, taps_data + at);
         std::copy_n(max_of, c, y_data + at);
-        std::transform(tap_of, tap_of + c, taps_data + at, [](int32_t tap) { return static_cast<int8_t>(tap); });
       }
     };
   });
@@ -2451,14 +2473,26 @@ ffi::Error AmxPatchConv(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi:
 
 // The patch conv's float32 sums max-pooled (pool_size x pool_size windows, -inf padding; `layers.max_pool`), as
 // `AmxPatchConv` then `MaxPool` give them, without writing the sums out: each task's band of pooled rows from the
-// conv rows it reads (those of two bands' common edge computed twice), kept in the L2 cache. A ResNet's stem in eval
-// mode pools its conv's sums (`layers.pools_before_activation`).
+// conv rows it reads (those of two bands' common edge computed twice), kept in the L2 cache. A ResNet's stem pools
+// its conv's sums (`layers.pools_before_activation`): in eval mode this alone; in training with each output's tap
+// (`MaxPool`'s) and the sums' batch statistics (`BatchMoments`', bit for bit: each task adds the chunks of pixels
+// that lie in the conv rows it owns, and keeps the values of a chunk it shares for the caller to add in order).
 constexpr int64_t kAmxPooledSumValues = 1 << 17;  // a task's conv rows' float32 sums, at most (512 KiB)
 
-ffi::Error AmxPatchConvMaxPool(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y,
-                               int64_t stride, int64_t pad_top, int64_t pad_left, int64_t pool_size,
-                               int64_t pool_stride, int64_t pool_pad) {
-  const auto x_dims = x.dimensions(), w_dims = w.dimensions(), y_dims = y->dimensions();
+struct PoolShape {
+  int64_t size, stride, pad, out_height, out_width;
+};
+
+// Where training asks for them: each pooled output's tap (int8) and the sums' mean and variance.
+struct PoolTraining {
+  int8_t* taps;
+  float *mean, *var;
+};
+
+ffi::Error PatchConvPool(ffi::ThreadPool& pool, Bfloat16x4d& x, Bfloat16x4d& w, float* y,
+                         ffi::Span<const int64_t> y_dims, int64_t stride, int64_t pad_top, int64_t pad_left,
+                         const PoolShape& p, const PoolTraining* training) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions();
   const int64_t n = x_dims[0], height = (x_dims[1] + 2 * pad_top - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
   const int64_t width = (x_dims[2] + 2 * pad_left - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
   const int64_t sums_dims[4] = {y_dims[0], height, width, y_dims[3]};
@@ -2468,66 +2502,121 @@ ffi::Error AmxPatchConvMaxPool(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d 
     return error;
   }
   const int64_t cout = s.out_channels, out_height = y_dims[1], out_width = y_dims[2];
-  if (pool_size < 1 || pool_stride < 1 || pool_pad < 0 ||
-      out_height != (height + 2 * pool_pad - pool_size) / pool_stride + 1 ||
-      out_width != (width + 2 * pool_pad - pool_size) / pool_stride + 1) {
+  if (p.size < 1 || p.stride < 1 || p.pad < 0 || p.size * p.size > 127 ||
+      out_height != (height + 2 * p.pad - p.size) / p.stride + 1 ||
+      out_width != (width + 2 * p.pad - p.size) / p.stride + 1) {
     return ffi::Error::InvalidArgument("kdep_jax AMX patch conv kernel: a pool of another shape");
   }
   if (n == 0 || out_height <= 0 || out_width <= 0 || height <= 0 || width <= 0) return ffi::Error::Success();
   const AmxPatchRows patches(s);
-  const int64_t conv_rows_max = std::max<int64_t>(kAmxPooledSumValues / (width * cout), pool_size);
-  const int64_t band = std::clamp<int64_t>((conv_rows_max - pool_size) / pool_stride + 1, 1, out_height);
-  const int64_t bands = (out_height + band - 1) / band, conv_rows = (band - 1) * pool_stride + pool_size;
+  const int64_t conv_rows_max = std::max<int64_t>(kAmxPooledSumValues / (width * cout), p.size);
+  const int64_t band = std::clamp<int64_t>((conv_rows_max - p.size) / p.stride + 1, 1, out_height);
+  const int64_t bands = (out_height + band - 1) / band, conv_rows = (band - 1) * p.stride + p.size + p.stride;
+  // A task's conv rows [r0, r1): its windows', and in training those it owns, [own0, own1) (the bands' own rows
+  // cover the conv's rows once, windows or not).
+  auto owned_end = [&](int64_t b) {
+    return b == bands - 1 ? height : std::clamp<int64_t>((b + 1) * band * p.stride - p.pad, 0, height);
+  };
+  const int64_t image_pixels = height * width, pixels = n * image_pixels;
+  const int64_t chunks = (pixels + kMomentRows - 1) / kMomentRows;
+  std::vector<double> partial(training ? chunks * 2 * cout : 0, 0.0);
+  // the chunks that tasks share (a task's first pixel inside them), each with a slot for its pixels' sums
+  std::vector<int64_t> slot(training ? chunks : 0, -1);
+  int64_t slots = 0;
+  for (int64_t task = 1; training && task < n * bands; ++task) {
+    const int64_t b = task % bands, first = task / bands * image_pixels + (b == 0 ? 0 : owned_end(b - 1)) * width;
+    if (first % kMomentRows != 0 && first < pixels && slot[first / kMomentRows] < 0) {
+      slot[first / kMomentRows] = slots++;
+    }
+  }
+  std::vector<float> shared(slots * kMomentRows * cout);
   const TileValues packed = patches.Weights(w.typed_data());
   ParallelFor(pool, n * bands, [&]() {
     return [&, rows = TileValues(((conv_rows - 1) * s.stride + s.k) * patches.pitch * patches.row_depth, uint16_t{0}),
-            sums = std::vector<float>(kAmxPixels * cout), band_sums = std::vector<float>(conv_rows * width * cout)](
-               int64_t task) mutable {
-      const int64_t image = task / bands, p0 = task % bands * band, p1 = std::min(out_height, p0 + band);
-      const int64_t r0 = std::max<int64_t>(0, p0 * pool_stride - pool_pad);
-      const int64_t r1 = std::min(height, (p1 - 1) * pool_stride - pool_pad + pool_size);
+            sums = std::vector<float>(kAmxPixels * cout), band_sums = std::vector<float>(conv_rows * width * cout),
+            held = std::vector<int32_t>(cout)](int64_t task) mutable {
+      const int64_t image = task / bands, b = task % bands, p0 = b * band, p1 = std::min(out_height, p0 + band);
+      const int64_t own0 = b == 0 ? 0 : owned_end(b - 1), own1 = owned_end(b);
+      int64_t r0 = std::max<int64_t>(0, p0 * p.stride - p.pad);
+      int64_t r1 = std::min(height, (p1 - 1) * p.stride - p.pad + p.size);
+      if (training) r0 = std::min(r0, own0), r1 = std::max(r1, own1);
       ConfigureTiles();
       patches.Sums(x.typed_data() + image * s.height * s.width * s.in_channels, packed, r0, r1, rows.data(),
                    sums.data(), band_sums.data());
       _tile_release();
-      for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t po = p0; po < p1; ++po) {
         for (int64_t q = 0; q < out_width; ++q) {
           auto tap = [&](int64_t i, int64_t j) -> const float* {
-            const int64_t r = p * pool_stride + i - pool_pad, c = q * pool_stride + j - pool_pad;
+            const int64_t r = po * p.stride + i - p.pad, c = q * p.stride + j - p.pad;
             return r >= r0 && r < r1 && c >= 0 && c < width ? band_sums.data() + ((r - r0) * width + c) * cout
                                                             : nullptr;
           };
-          WindowMaximum(tap, pool_size, cout, y->typed_data() + ((image * out_height + p) * out_width + q) * cout);
+          const int64_t at = ((image * out_height + po) * out_width + q) * cout;
+          WindowMaximum(tap, p.size, cout, y + at);
+          if (training) WindowTaps(tap, p.size, cout, y + at, held.data(), training->taps + at);
+        }
+      }
+      for (int64_t pixel = image * image_pixels + own0 * width; training && pixel < image * image_pixels + own1 * width;
+           ++pixel) {
+        const float* values = band_sums.data() + (pixel - image * image_pixels - r0 * width) * cout;
+        const int64_t chunk = pixel / kMomentRows;
+        if (slot[chunk] < 0) {
+          AddMoments(values, cout, partial.data() + chunk * 2 * cout);
+        } else {
+          std::copy(values, values + cout, shared.begin() + (slot[chunk] * kMomentRows + pixel % kMomentRows) * cout);
         }
       }
     };
   });
+  if (training == nullptr) return ffi::Error::Success();
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // the shared chunks' sums, pixel by pixel as BatchMoments adds
+    for (int64_t pixel = chunk * kMomentRows; slot[chunk] >= 0 && pixel < std::min(pixels, (chunk + 1) * kMomentRows);
+         ++pixel) {
+      AddMoments(shared.data() + (slot[chunk] * kMomentRows + pixel % kMomentRows) * cout, cout,
+                 partial.data() + chunk * 2 * cout);
+    }
+  }
+  FinishMoments(partial, chunks, cout, pixels, training->mean, training->var);
   return ffi::Error::Success();
 }
 
-// dw (k, k, Cin, Cout): for each image (a task; float64 partials added in image order), band by band of output rows,
-// its patch rows transposed (row_depth rows of pitch outputs per input row) by its gradient pairs.
-ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d g, ffi::Result<Float32x4d> dw,
-                                      int64_t stride, int64_t pad_top, int64_t pad_left) {
-  const auto x_dims = x.dimensions(), g_dims = g.dimensions(), dw_dims = dw->dimensions();
-  const int64_t n = x_dims[0];
-  const Shape s{x_dims[1], x_dims[2], x_dims[3], g_dims[1], g_dims[2], g_dims[3], dw_dims[0],
-                stride, pad_top, pad_left};
-  if (!PatchShapesFit(s, n, dw_dims, g_dims[0])) {
-    return ffi::Error::InvalidArgument("kdep_jax AMX patch weight gradient: shapes that do not fit together");
+ffi::Error AmxPatchConvMaxPool(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y,
+                               int64_t stride, int64_t pad_top, int64_t pad_left, int64_t pool_size,
+                               int64_t pool_stride, int64_t pool_pad) {
+  const auto y_dims = y->dimensions();
+  return PatchConvPool(pool, x, w, y->typed_data(), y_dims, stride, pad_top, pad_left,
+                       {pool_size, pool_stride, pool_pad, y_dims[1], y_dims[2]}, nullptr);
+}
+
+ffi::Error AmxPatchConvPoolStatistics(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y,
+                                      ffi::Result<Int8x4d> taps, ffi::Result<Float32x1d> mean,
+                                      ffi::Result<Float32x1d> var, int64_t stride, int64_t pad_top, int64_t pad_left,
+                                      int64_t pool_size, int64_t pool_stride, int64_t pool_pad) {
+  const auto y_dims = y->dimensions(), taps_dims = taps->dimensions();
+  if (!std::equal(y_dims.begin(), y_dims.end(), taps_dims.begin(), taps_dims.end()) ||
+      mean->element_count() != y_dims[3] || var->element_count() != y_dims[3]) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX patch conv kernel: taps or statistics of another shape");
   }
-  const int64_t size = dw->element_count();
-  if (n == 0 || s.out_height <= 0 || s.out_width <= 0) {
-    std::fill(dw->typed_data(), dw->typed_data() + size, 0.0f);
-    return ffi::Error::Success();
-  }
-  if (!AmxPermitted()) return ffi::Error::Internal("kdep_jax AMX conv kernel: Linux did not grant the AMX tiles");
+  const PoolTraining training{taps->typed_data(), mean->typed_data(), var->typed_data()};
+  return PatchConvPool(pool, x, w, y->typed_data(), y_dims, stride, pad_top, pad_left,
+                       {pool_size, pool_stride, pool_pad, y_dims[1], y_dims[2]}, &training);
+}
+
+// dw (k, k, Cin, Cout): for each image (a task; float64 partials added in image order), band by band of `band` output
+// rows, its patch rows transposed (row_depth rows of pitch outputs per input row) by its gradient pairs, from the
+// band's bfloat16 output gradient rows that gradient_rows(image, oy0, oy1) gives (a worker's, from
+// make_gradient_rows()).
+template <typename MakeGradientRows>
+void PatchWeightGradient(ffi::ThreadPool& pool, Bfloat16x4d& x, const Shape& s, int64_t band, float* dw,
+                         MakeGradientRows make_gradient_rows) {
+  const int64_t n = x.dimensions()[0];
   const AmxPatchRows patches(s);
   const int64_t cout = s.out_channels, depth = patches.row_depth, pitch = patches.pitch;
-  const int64_t band = patches.Band(), partial_size = s.k * depth * cout;
+  const int64_t partial_size = s.k * depth * cout;
   std::vector<double> partials(n * partial_size, 0.0);
   ParallelFor(pool, n, [&]() {
-    return [&, transposed = TileValues(((band - 1) * s.stride + s.k) * depth * pitch, uint16_t{0}),
+    return [&, gradient_rows = make_gradient_rows(),
+            transposed = TileValues(((band - 1) * s.stride + s.k) * depth * pitch, uint16_t{0}),
             block = TileValues(kAmxPixels * depth, uint16_t{0}),
             pairs = TileValues(band * pitch * cout, uint16_t{0})](int64_t image) mutable {
       ConfigureTiles();
@@ -2537,6 +2626,7 @@ ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloa
       for (int64_t oy0 = 0; oy0 < s.out_height; oy0 += band) {
         const int64_t oy1 = std::min(s.out_height, oy0 + band);
         const int64_t first_row = patches.FirstRow(oy0), last_row = patches.LastRow(oy1);
+        const uint16_t* g_band = gradient_rows(image, oy0, oy1);
         for (int64_t r = first_row; r < last_row; ++r) {
           for (int64_t ox0 = 0; ox0 < s.out_width; ox0 += kAmxPixels) {
             const int64_t count = std::min(kAmxPixels, s.out_width - ox0);
@@ -2558,7 +2648,7 @@ ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloa
           }
         }
         for (int64_t oy = oy0; oy < oy1; ++oy) {
-          const uint16_t* g_row = g.typed_data() + (image * s.out_height + oy) * s.out_width * cout;
+          const uint16_t* g_row = g_band + (oy - oy0) * s.out_width * cout;
           for (int64_t q = 0; q < pitch; q += 2) {
             InterleavePairs(q < s.out_width ? g_row + q * cout : nullptr,
                             q + 1 < s.out_width ? g_row + (q + 1) * cout : nullptr, cout,
@@ -2597,9 +2687,108 @@ ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloa
   }
   for (int64_t i = 0; i < s.k; ++i) {  // dw's rows: each tap row's first row_values
     for (int64_t t = 0; t < patches.row_values * cout; ++t) {
-      dw->typed_data()[i * patches.row_values * cout + t] = static_cast<float>(partials[i * depth * cout + t]);
+      dw[i * patches.row_values * cout + t] = static_cast<float>(partials[i * depth * cout + t]);
     }
   }
+}
+
+ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d g, ffi::Result<Float32x4d> dw,
+                                      int64_t stride, int64_t pad_top, int64_t pad_left) {
+  const auto x_dims = x.dimensions(), g_dims = g.dimensions(), dw_dims = dw->dimensions();
+  const int64_t n = x_dims[0];
+  const Shape s{x_dims[1], x_dims[2], x_dims[3], g_dims[1], g_dims[2], g_dims[3], dw_dims[0],
+                stride, pad_top, pad_left};
+  if (!PatchShapesFit(s, n, dw_dims, g_dims[0])) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX patch weight gradient: shapes that do not fit together");
+  }
+  if (n == 0 || s.out_height <= 0 || s.out_width <= 0) {
+    std::fill(dw->typed_data(), dw->typed_data() + dw->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
+  if (!AmxPermitted()) return ffi::Error::Internal("kdep_jax AMX conv kernel: Linux did not grant the AMX tiles");
+  const int64_t band_values = s.out_width * s.out_channels;
+  PatchWeightGradient(pool, x, s, AmxPatchRows(s).Band(), dw->typed_data(), [&]() {
+    return [&](int64_t image, int64_t oy0, int64_t) {
+      return g.typed_data() + (image * s.out_height + oy0) * band_values;
+    };
+  });
+  return ffi::Error::Success();
+}
+
+// The weight gradient of `AmxPatchConvPoolStatistics`: each band's output gradient, rounded to bfloat16, from the
+// pooled outputs' gradients (at their taps) and those of the batch statistics, offset + slope * sums per channel
+// (`layers.pooled_conv_statistics`), with the band's sums computed again.
+ffi::Error AmxPatchConvPoolWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, Int8x4d taps,
+                                          Float32x4d g_pooled, Float32x1d slope, Float32x1d offset,
+                                          ffi::Result<Float32x4d> dw, int64_t stride, int64_t pad_top,
+                                          int64_t pad_left, int64_t pool_size, int64_t pool_stride,
+                                          int64_t pool_pad) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions(), g_dims = g_pooled.dimensions();
+  const auto taps_dims = taps.dimensions();
+  const int64_t n = x_dims[0], height = (x_dims[1] + 2 * pad_top - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
+  const int64_t width = (x_dims[2] + 2 * pad_left - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
+  const int64_t sums_dims[4] = {n, height, width, w_dims[3]};
+  Shape s;
+  if (ffi::Error error = PatchConvShape(x, w, ffi::Span<const int64_t>(sums_dims, 4), stride, pad_top, pad_left, s);
+      error.failure()) {
+    return error;
+  }
+  const int64_t cout = s.out_channels, out_height = g_dims[1], out_width = g_dims[2];
+  if (!std::equal(g_dims.begin(), g_dims.end(), taps_dims.begin(), taps_dims.end()) || g_dims[0] != n ||
+      g_dims[3] != cout || slope.element_count() != cout || offset.element_count() != cout ||
+      dw->element_count() != w.element_count() || pool_size < 1 || pool_stride < 1 || pool_pad < 0 ||
+      out_height != (height + 2 * pool_pad - pool_size) / pool_stride + 1 ||
+      out_width != (width + 2 * pool_pad - pool_size) / pool_stride + 1) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX patch weight gradient: a pool or statistics of another shape");
+  }
+  if (n == 0 || height <= 0 || width <= 0) {
+    std::fill(dw->typed_data(), dw->typed_data() + dw->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
+  const AmxPatchRows patches(s);
+  const int64_t band = std::max<int64_t>(1, patches.Band() / 2);  // the sums and gradient in the L2 cache too
+  const TileValues packed = patches.Weights(w.typed_data());
+  const float *slope_data = slope.typed_data(), *offset_data = offset.typed_data();
+  PatchWeightGradient(pool, x, s, band, dw->typed_data(), [&]() {
+    return [&, rows = TileValues(((band - 1) * s.stride + s.k) * patches.pitch * patches.row_depth, uint16_t{0}),
+            sums = std::vector<float>(kAmxPixels * cout), band_sums = std::vector<float>(band * width * cout),
+            rounded = TileValues(band * width * cout)](int64_t image, int64_t oy0, int64_t oy1) mutable {
+      patches.Sums(x.typed_data() + image * s.height * s.width * s.in_channels, packed, oy0, oy1, rows.data(),
+                   sums.data(), band_sums.data());
+      for (int64_t t = 0; t < (oy1 - oy0) * width; ++t) {
+        float* __restrict g = band_sums.data() + t * cout;
+        for (int64_t c = 0; c < cout; ++c) g[c] = offset_data[c] + slope_data[c] * g[c];
+      }
+      // the pooled outputs whose windows reach rows [oy0, oy1), each output's gradient to its tap there
+      const int64_t first = std::max<int64_t>(0, (oy0 + pool_pad - pool_size + pool_stride) / pool_stride);
+      const int64_t last = std::min(out_height, (oy1 - 1 + pool_pad) / pool_stride + 1);
+      for (int64_t po = first; po < last; ++po) {
+        for (int64_t q = 0; q < out_width; ++q) {
+          const int64_t at = ((image * out_height + po) * out_width + q) * cout;
+          const int8_t* __restrict held = taps.typed_data() + at;
+          const float* __restrict grad = g_pooled.typed_data() + at;
+          for (int64_t t = 0; t < pool_size * pool_size; ++t) {
+            const int64_t r = po * pool_stride - pool_pad + t / pool_size;
+            const int64_t col = q * pool_stride - pool_pad + t % pool_size;
+            if (r < oy0 || r >= oy1 || col < 0 || col >= width) continue;
+            float* __restrict g = band_sums.data() + ((r - oy0) * width + col) * cout;
+            const int8_t tap = static_cast<int8_t>(t);
+            for (int64_t c = 0; c < cout; ++c) g[c] += held[c] == tap ? grad[c] : 0.0f;
+          }
+        }
+      }
+      int64_t t = 0;
+      const int64_t values = (oy1 - oy0) * width * cout;
+#if defined(__AVX512BF16__)
+      for (; t + 32 <= values; t += 32) {  // VCVTNE2PS2BF16 rounds as RoundToBfloat16 (and flushes denormals)
+        const __m512 low = _mm512_loadu_ps(band_sums.data() + t), high = _mm512_loadu_ps(band_sums.data() + t + 16);
+        _mm512_storeu_si512(rounded.data() + t, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+      }
+#endif
+      for (; t < values; ++t) rounded[t] = RoundToBfloat16(band_sums[t]);
+      return static_cast<const uint16_t*>(rounded.data());
+    };
+  });
   return ffi::Error::Success();
 }
 #else
@@ -2621,6 +2810,16 @@ ffi::Error AmxPatchConvWeightGradient(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d,
 }
 ffi::Error AmxPatchConvMaxPool(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>, int64_t, int64_t,
                                int64_t, int64_t, int64_t, int64_t) {
+  return NoAmx();
+}
+ffi::Error AmxPatchConvPoolStatistics(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, ffi::Result<Float32x4d>,
+                                      ffi::Result<Int8x4d>, ffi::Result<Float32x1d>, ffi::Result<Float32x1d>, int64_t,
+                                      int64_t, int64_t, int64_t, int64_t, int64_t) {
+  return NoAmx();
+}
+ffi::Error AmxPatchConvPoolWeightGradient(ffi::ThreadPool, Bfloat16x4d, Bfloat16x4d, Int8x4d, Float32x4d, Float32x1d,
+                                          Float32x1d, ffi::Result<Float32x4d>, int64_t, int64_t, int64_t, int64_t,
+                                          int64_t, int64_t) {
   return NoAmx();
 }
 ffi::Error AmxConvOfActivation(ffi::ThreadPool, Bfloat16x4d, Float32x1d, Float32x1d, Bfloat16x4d,
@@ -2754,6 +2953,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvMaxPool, AmxPatchConvMaxPool,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Bfloat16x4d>()
                                   .Arg<Bfloat16x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pool_size")
+                                  .Attr<int64_t>("pool_stride")
+                                  .Attr<int64_t>("pool_pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvPoolStatistics, AmxPatchConvPoolStatistics,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Ret<Float32x4d>()
+                                  .Ret<Int8x4d>()
+                                  .Ret<Float32x1d>()
+                                  .Ret<Float32x1d>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("pool_size")
+                                  .Attr<int64_t>("pool_stride")
+                                  .Attr<int64_t>("pool_pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvPoolWeightGradient, AmxPatchConvPoolWeightGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Bfloat16x4d>()
+                                  .Arg<Int8x4d>()
+                                  .Arg<Float32x4d>()
+                                  .Arg<Float32x1d>()
+                                  .Arg<Float32x1d>()
                                   .Ret<Float32x4d>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")

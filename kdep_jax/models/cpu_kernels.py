@@ -56,6 +56,8 @@ _AMX_CONV_WEIGHT_GRADIENT = "kdep_amx_conv_weight_gradient"
 _AMX_PATCH_CONV = "kdep_amx_patch_conv"
 _AMX_PATCH_CONV_WEIGHT_GRADIENT = "kdep_amx_patch_conv_weight_gradient"
 _AMX_PATCH_CONV_MAX_POOL = "kdep_amx_patch_conv_max_pool"
+_AMX_PATCH_CONV_POOL_STATISTICS = "kdep_amx_patch_conv_pool_statistics"
+_AMX_PATCH_CONV_POOL_WEIGHT_GRADIENT = "kdep_amx_patch_conv_pool_weight_gradient"
 CONV_OUT_BLOCK = 32  # `conv`'s output channels come in blocks of this many (kConvOutBlock)
 
 
@@ -139,7 +141,9 @@ def available() -> bool:
                           (_AMX_CONV_WEIGHT_GRADIENT, library.KdepAmxConvWeightGradient),
                           (_AMX_PATCH_CONV, library.KdepAmxPatchConv),
                           (_AMX_PATCH_CONV_WEIGHT_GRADIENT, library.KdepAmxPatchConvWeightGradient),
-                          (_AMX_PATCH_CONV_MAX_POOL, library.KdepAmxPatchConvMaxPool)]:
+                          (_AMX_PATCH_CONV_MAX_POOL, library.KdepAmxPatchConvMaxPool),
+                          (_AMX_PATCH_CONV_POOL_STATISTICS, library.KdepAmxPatchConvPoolStatistics),
+                          (_AMX_PATCH_CONV_POOL_WEIGHT_GRADIENT, library.KdepAmxPatchConvPoolWeightGradient)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform="cpu")
     return True
 
@@ -359,6 +363,21 @@ def _amx_patch_call(target: str, out_shape: tuple[int, ...], x: jax.Array, other
                 **{name: np.int64(value) for name, value in attributes.items()})
 
 
+def _pooled_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def _pool_attributes(x: jax.Array, kernel: jax.Array, stride: int, padding, max_pool: tuple[int, int, int]):
+    """The pooled sums' shape and the kernel's pool attributes; padding the same on both sides."""
+    if any(before != after for before, after in padding):
+        raise ValueError(f"kdep_jax's AMX kernels pool the sums of a conv padded the same on both sides, not {padding}")
+    pool_size, pool_stride, pool_pad = max_pool
+    out_size = [_pooled_size(_pooled_size(size, kernel.shape[0], stride, pad), pool_size, pool_stride, pool_pad)
+                for size, (pad, _) in zip(x.shape[1:3], padding)]
+    attributes = dict(pool_size=pool_size, pool_stride=pool_stride, pool_pad=pool_pad)
+    return (x.shape[0], *out_size, kernel.shape[-1]), attributes
+
+
 def amx_patch_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]],
                    max_pool: tuple[int, int, int] | None = None) -> jax.Array:
     """A dense conv whose input channels need not come in blocks of AMX_CONV_CHANNELS (a stem's, on the RGB image) on
@@ -368,16 +387,43 @@ def amx_patch_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[
     `jax.lax.conv_general_dilated`, its float32 sums as they are (`conv`'s in bfloat16). max_pool (k, stride, pad),
     with padding the same on both sides: the sums' max-pool instead (`max_pool`'s values), the sums never written
     out; not to be differentiated."""
-    k = kernel.shape[0]
-    out_size = [(size + before + after - k) // stride + 1 for size, (before, after) in zip(x.shape[1:3], padding)]
     if max_pool is None:
+        k = kernel.shape[0]
+        out_size = [_pooled_size(size, k, stride, pad) for size, (pad, _) in zip(x.shape[1:3], padding)]
         return _amx_patch_call(_AMX_PATCH_CONV, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride, padding)
-    if any(before != after for before, after in padding):
-        raise ValueError(f"amx_patch_conv pools the sums of a conv padded the same on both sides, not {padding}")
-    pool_size, pool_stride, pool_pad = max_pool
-    out_size = [(size + 2 * pool_pad - pool_size) // pool_stride + 1 for size in out_size]
-    return _amx_patch_call(_AMX_PATCH_CONV_MAX_POOL, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride,
-                           padding, pool_size=pool_size, pool_stride=pool_stride, pool_pad=pool_pad)
+    out_shape, attributes = _pool_attributes(x, kernel, stride, padding, max_pool)
+    return _amx_patch_call(_AMX_PATCH_CONV_MAX_POOL, out_shape, x, kernel, stride, padding, **attributes)
+
+
+def amx_patch_conv_pool_statistics(x: jax.Array, kernel: jax.Array, stride: int, padding,
+                                   max_pool: tuple[int, int, int]) -> tuple[jax.Array, ...]:
+    """`amx_patch_conv(..., max_pool=)` in training: the pooled sums, each pooled output's int8 tap (`max_pool`'s),
+    and the sums' batch mean and variance (`batch_moments`', bit for bit), the sums never written out."""
+    _require_kernels()
+    out_shape, attributes = _pool_attributes(x, kernel, stride, padding, max_pool)
+    moments = jax.ShapeDtypeStruct(out_shape[-1:], jnp.float32)
+    call = jax.ffi.ffi_call(_AMX_PATCH_CONV_POOL_STATISTICS, (
+        jax.ShapeDtypeStruct(out_shape, jnp.float32), jax.ShapeDtypeStruct(out_shape, jnp.int8), moments, moments),
+        vmap_method="sequential")
+    return call(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), stride=np.int64(stride),
+                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
+                **{name: np.int64(value) for name, value in attributes.items()})
+
+
+def amx_patch_conv_pool_weight_gradient(x: jax.Array, kernel: jax.Array, taps: jax.Array, grad_pooled: jax.Array,
+                                        slope: jax.Array, offset: jax.Array, stride: int, padding,
+                                        max_pool: tuple[int, int, int]) -> jax.Array:
+    """The kernel's gradient, in float32, through `amx_patch_conv_pool_statistics`: the gradient of the conv's sums is
+    that of the pooled outputs at their taps plus offset + slope * sums per channel (the batch statistics'),
+    rounded to bfloat16, the sums computed again; then as `amx_patch_conv_weight_gradient`."""
+    _require_kernels()
+    _, attributes = _pool_attributes(x, kernel, stride, padding, max_pool)
+    call = jax.ffi.ffi_call(_AMX_PATCH_CONV_POOL_WEIGHT_GRADIENT, jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+                            vmap_method="sequential")
+    return call(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), taps, grad_pooled.astype(jnp.float32),
+                slope.astype(jnp.float32), offset.astype(jnp.float32), stride=np.int64(stride),
+                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
+                **{name: np.int64(value) for name, value in attributes.items()})
 
 
 def amx_patch_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,

@@ -34,21 +34,14 @@ def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
 
 
 def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.float32,
-           name: str | None = None, tf_same_padding: bool = False, output_signs: jax.Array | None = None,
-           max_pool: tuple[int, int, int] | None = None) -> nn.Conv:
+           name: str | None = None, tf_same_padding: bool = False, output_signs: jax.Array | None = None) -> nn.Conv:
     """A bias-free conv with torch's symmetric padding kernel_size // 2 (torchvision's convs all use it), or
     with TensorFlow's "SAME" padding when tf_same_padding. output_signs (one +1 or -1 per output channel): each output
-    channel times its sign, exactly, by the kernel's. max_pool (k, stride, pad), for a stem that pools its conv's
-    float32 sums in eval mode (`pools_before_activation`): their max-pool, by one AMX kernel that never writes the
-    sums out (`cpu_kernels.amx_patch_conv`; a ResNet-50's stem conv and pool at batch 32 alone 12 ms, against 22 by
-    two kernels on TCMalloc, 53 on glibc's malloc, whose fresh pages for the sums cost the rest; Intel Xeon); not to
-    be differentiated."""
+    channel times its sign, exactly, by the kernel's."""
     pad = kernel_size // 2
     padding = "SAME" if tf_same_padding else ((pad, pad), (pad, pad))
     hook = None
-    if max_pool is not None:
-        hook = functools.partial(_max_pooled_conv, max_pool)
-    elif jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu":
         if kernel_size == 1:
             hook = _flax_pointwise_conv
         else:  # TensorFlow's padding keeps XLA's forms (the C++ kernels are tested with torch's)
@@ -60,10 +53,6 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
                    use_bias=False, kernel_init=conv_kernel_init, dtype=dtype,
                    param_dtype=jnp.float32, name=name, conv_general_dilated=hook)
-
-
-def _max_pooled_conv(max_pool: tuple[int, int, int], lhs, rhs, window_strides, padding, **conv_options):
-    return cpu_kernels.amx_patch_conv(lhs, rhs, window_strides[0], tuple(tuple(pair) for pair in padding), max_pool)
 
 
 def _signed_outputs_conv(conv, signs: jax.Array, lhs, rhs, *args, **conv_options):
@@ -443,6 +432,72 @@ class ConvOfActivation(nn.Module):
                 y = hook(_activation(x, scale, shift, self.dtype), kernel, (self.stride, self.stride), padding,
                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y if block_end is None else _block_end(y, *block_end, self.dtype)
+
+
+class PooledConv(nn.Module):
+    """conv2d's conv (its "kernel" parameter, torch's padding), each output channel times its sign (+1 or -1), then a
+    max-pool of its float32 sums (pool: (k, stride, pad)), in bfloat16 on the AMX tiles by one kernel that never
+    writes the sums out (`cpu_kernels.amx_patch_conv`; where `pools_before_activation`: a ResNet's stem). In eval
+    mode the pooled sums; in training with the sums' batch mean and variance and their count
+    (`pooled_conv_statistics`). ResNet-50's stem conv and pool at batch 32 alone 12 ms, against 22 by two kernels on
+    TCMalloc and 53 on glibc's malloc, whose fresh pages for the sums cost the rest; in the R50 -> R18 step in
+    bfloat16 (profiled) the teacher's 29 ms -> 12, the student's forward and backward passes 90 -> 64 ms, the step
+    0.82 -> 0.79 s and the memory it faults in per call 541 -> 429 MiB (Intel Xeon, benchmarks/README.md)."""
+    features: int
+    kernel_size: int
+    stride: int
+    pool: tuple[int, int, int]
+    dtype: Dtype = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x: jax.Array, signs: jax.Array, train: bool):
+        k, pad = self.kernel_size, self.kernel_size // 2
+        kernel = self.param("kernel", conv_kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        kernel, padding = kernel.astype(self.dtype) * signs.astype(self.dtype), ((pad, pad), (pad, pad))
+        if not train:
+            return cpu_kernels.amx_patch_conv(x, kernel, self.stride, padding, self.pool)
+        pooled, mean, var = pooled_conv_statistics(x, kernel, self.stride, padding, self.pool)
+        count = x.shape[0] * math.prod(_output_size(size, k, self.stride, (pad, pad)) for size in x.shape[1:3])
+        return pooled, mean, var, count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def pooled_conv_statistics(x: jax.Array, kernel: jax.Array, stride: int, padding,
+                           pool: tuple[int, int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The max-pool (pool: (k, stride, pad)) of a bfloat16 conv's float32 sums and the sums' batch mean and
+    variance, by one AMX kernel (`cpu_kernels.amx_patch_conv_pool_statistics`): the values of `_pooled_statistics`
+    bit for bit, the sums never written out; their gradient (its kernel's) from the pooled outputs' and statistics'
+    gradients, the sums computed again (the sums' gradient rounded to bfloat16, as the conv's is)."""
+    return _pooled_conv_statistics_forward(x, kernel, stride, padding, pool)[0]
+
+
+def _pooled_statistics(x, kernel, stride, padding, pool):
+    """`pooled_conv_statistics` by the conv, pool and batch-moments kernels, their gradients by their own."""
+    forms = ("amx_patches", _conv_forms(x, kernel, stride, padding)[1], "amx_patches")
+    sums = native_conv(x, kernel, stride, padding, forms)
+    return (_shifted_max_pool(sums, pool[0], pool[1], pool[2], sums.shape), *batch_moments(sums))
+
+
+def _pooled_conv_statistics_forward(x, kernel, stride, padding, pool):
+    pooled, taps, mean, var = cpu_kernels.amx_patch_conv_pool_statistics(x, kernel, stride, padding, pool)
+    return (pooled, mean, var), (x, kernel, taps, mean)
+
+
+def _pooled_conv_statistics_backward(stride, padding, pool, residuals, grads):
+    x, kernel, taps, mean = residuals
+    grad_pooled, grad_mean, grad_var = grads
+    k = kernel.shape[0]
+    count = x.shape[0] * math.prod(_output_size(size, k, stride, pads) for size, pads in zip(x.shape[1:3], padding))
+    slope = 2.0 * grad_var / count  # batch_moments' gradient: (grad_mean + 2 (sums - mean) grad_var) / count
+    offset = grad_mean / count - slope * mean
+    grad_kernel = cpu_kernels.amx_patch_conv_pool_weight_gradient(x, kernel, taps, grad_pooled, slope, offset, stride,
+                                                                  padding, pool)
+    # x's gradient (none for an image, which XLA then drops) by the unfused kernels
+    _, vjp = jax.vjp(lambda x: _pooled_statistics(x, kernel, stride, padding, pool), x)
+    return vjp(grads)[0], grad_kernel.astype(kernel.dtype)
+
+
+pooled_conv_statistics.defvjp(_pooled_conv_statistics_forward, _pooled_conv_statistics_backward)
 
 
 def _mapped(x: jax.Array, scale: jax.Array, shift: jax.Array, dtype: Dtype) -> jax.Array:
@@ -1134,10 +1189,13 @@ class BatchNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool, affine: bool = False, signs: jax.Array | None = None):
+    def __call__(self, x: jax.Array, train: bool, affine: bool = False, signs: jax.Array | None = None,
+                 statistics: tuple[jax.Array, jax.Array, int] | None = None):
         """The normalised x; with affine, the map itself, (scale, shift) per channel in float32, for a consumer that
         applies it (`ConvOfActivation`). signs (one +1 or -1 per channel): the statistics are those of x times them,
-        exactly, without a pass over that product (`ResNet.stem`)."""
+        exactly, without a pass over that product (`ResNet.stem`). statistics (mean, variance, count), in training:
+        the batch statistics of `count` values per channel, computed elsewhere (`PooledConv`), of which x has the
+        channels."""
         channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
@@ -1145,10 +1203,12 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
-            count = x.size // channels
+            count = x.size // channels if statistics is None else statistics[2]
             if count < 2:
                 raise ValueError(f"BatchNorm in train mode needs more than 1 value per channel, got input {x.shape}")
-            if _moments_by_kernel(x, self.dtype):
+            if statistics is not None:
+                mean, var, _ = statistics
+            elif _moments_by_kernel(x, self.dtype):
                 mean, var = batch_moments(x)
             else:
                 mean = x.astype(jnp.float32).mean(axes)

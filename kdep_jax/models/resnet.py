@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdep_jax.models.layers import (BatchNorm, ConvOfActivation, Dtype, conv2d, global_avg_pool, max_pool,
-                                    pools_before_activation, relu, torch_linear)
+from kdep_jax.models.layers import (BatchNorm, ConvOfActivation, Dtype, PooledConv, conv2d, global_avg_pool,
+                                    max_pool, pools_before_activation, relu, torch_linear)
 from kdep_jax.models.naming import TorchNaming
 from kdep_jax.models.preprocessing import IMAGENET
 
@@ -86,8 +86,8 @@ class ResNet(nn.Module):
         """conv1, bn1, its ReLU and the max-pool. Where `pools_before_activation`, the pool comes first: a channel's
         BatchNorm map and ReLU (rounded to the dtype or not) rise with x where its scale is >= 0 and fall elsewhere,
         so a window's largest activation is that of its largest x there, of its smallest elsewhere, which is the
-        largest of the conv with that channel's kernel negated (exactly -x). The same values: the C++ kernel reads
-        the conv's sums once (in eval mode the conv's kernel pools them as it computes them), where XLA's fusion
+        largest of the conv with that channel's kernel negated (exactly -x). The same values: one kernel computes the
+        conv's sums and pools them (and in training gives their batch statistics: `PooledConv`), where XLA's fusion
         computed each window's nine activations, and the BatchNorm and ReLU (and in training their gradients) run on
         a quarter of the values. In training the batch statistics are those of the conv's sums, and each window's
         gradient goes to its largest float32 sum, where the other order gives it to the first of the activations
@@ -97,10 +97,13 @@ class ResNet(nn.Module):
             x = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1")(x)
             return max_pool(relu(bn(x, train)), 3, 2, 1, shifted_max=jax.default_backend() == "cpu")
         signs = jnp.where(self.variables["params"]["bn1"]["scale"] < 0, -1.0, 1.0)  # the sign of the map's scale
-        sums = conv2d(self.base_width, 7, 2, dtype=self.dtype, name="conv1", output_signs=signs,
-                      max_pool=None if train else (3, 2, 1))(x)  # in eval mode, the pooled sums
-        scale, shift = bn(sums, train, affine=True, signs=signs)  # in eval mode, from the running statistics
-        pooled = max_pool(sums, 3, 2, 1, shifted_max=True) if train else sums
+        conv = PooledConv(self.base_width, 7, 2, (3, 2, 1), dtype=self.dtype, name="conv1")
+        if train:
+            pooled, *statistics = conv(x, signs, train)
+            scale, shift = bn(pooled, train, affine=True, signs=signs, statistics=tuple(statistics))
+        else:
+            pooled = conv(x, signs, train)
+            scale, shift = bn(pooled, train, affine=True)  # from the running statistics
         return relu((pooled * signs * scale + shift).astype(self.dtype))
 
     @nn.compact
