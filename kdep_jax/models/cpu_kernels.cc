@@ -2929,25 +2929,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConv, AmxConv,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConvWeightGradient, AmxConvWeightGradient,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Bfloat16x4d>()
-                                  .Arg<Bfloat16x4d>()
-                                  .Ret<Float32x4d>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
-// The patch convs take the AMX weight gradient's arguments: (x, w) -> y and (x, g) -> dw, bfloat16 to float32.
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConv, AmxPatchConv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Bfloat16x4d>()
-                                  .Arg<Bfloat16x4d>()
-                                  .Ret<Float32x4d>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+// The AMX weight gradient and the patch conv take the same arguments: (x, g) -> dw and (x, w) -> y, bfloat16 to
+// float32.
+#define KDEP_AMX_FLOAT32_HANDLER(name, function)             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, function,              \
+                                ffi::Ffi::Bind()             \
+                                    .Ctx<ffi::ThreadPool>()  \
+                                    .Arg<Bfloat16x4d>()      \
+                                    .Arg<Bfloat16x4d>()      \
+                                    .Ret<Float32x4d>()       \
+                                    .Attr<int64_t>("stride") \
+                                    .Attr<int64_t>("pad_top") \
+                                    .Attr<int64_t>("pad_left"))
+
+KDEP_AMX_FLOAT32_HANDLER(KdepAmxConvWeightGradient, AmxConvWeightGradient);
+KDEP_AMX_FLOAT32_HANDLER(KdepAmxPatchConv, AmxPatchConv);
+KDEP_AMX_FLOAT32_HANDLER(KdepAmxPatchConvWeightGradient, AmxPatchConvWeightGradient);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvMaxPool, AmxPatchConvMaxPool,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -2991,15 +2988,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvPoolWeightGradient, AmxPatchConvPo
                                   .Attr<int64_t>("pool_size")
                                   .Attr<int64_t>("pool_stride")
                                   .Attr<int64_t>("pool_pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvWeightGradient, AmxPatchConvWeightGradient,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Bfloat16x4d>()
-                                  .Arg<Bfloat16x4d>()
-                                  .Ret<Float32x4d>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConvOfActivation, AmxConvOfActivation,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
