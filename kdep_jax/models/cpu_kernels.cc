@@ -2844,26 +2844,27 @@ extern "C" int KdepHasAmx() {
 #endif
 }
 
-#define KDEP_WEIGHT_GRADIENT_HANDLER(name, function)         \
+// The convs' handlers take two 4-d buffers (x and the kernel, the output gradient or x and dy) and give one, with a
+// stride and the top and left padding.
+#define KDEP_CONV_HANDLER(name, function, Input, Output)     \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, function,              \
                                 ffi::Ffi::Bind()             \
                                     .Ctx<ffi::ThreadPool>()  \
-                                    .Arg<Float32x4d>()       \
-                                    .Arg<Float32x4d>()       \
-                                    .Ret<Float32x4d>()       \
+                                    .Arg<Input>()            \
+                                    .Arg<Input>()            \
+                                    .Ret<Output>()           \
                                     .Attr<int64_t>("stride") \
                                     .Attr<int64_t>("pad_top") \
                                     .Attr<int64_t>("pad_left"))
 
-KDEP_WEIGHT_GRADIENT_HANDLER(KdepDepthwiseWeightGradient, DepthwiseWeightGradient);
-KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvWeightGradient, ConvWeightGradient);
-// The convs take the same arguments: (x, w) -> y and (dy, w) -> dx (dense and depthwise).
-KDEP_WEIGHT_GRADIENT_HANDLER(KdepConv, Conv);
-KDEP_WEIGHT_GRADIENT_HANDLER(KdepConvInputGradient, ConvInputGradient);
-KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradConv, WinogradConv<2>);
-KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradConv4x4, WinogradConv<4>);
-KDEP_WEIGHT_GRADIENT_HANDLER(KdepWinogradWeightGradient, WinogradWeightGradient);
-KDEP_WEIGHT_GRADIENT_HANDLER(KdepDepthwiseInputGradient, DepthwiseInputGradient);
+KDEP_CONV_HANDLER(KdepDepthwiseWeightGradient, DepthwiseWeightGradient, Float32x4d, Float32x4d);
+KDEP_CONV_HANDLER(KdepConvWeightGradient, ConvWeightGradient, Float32x4d, Float32x4d);
+KDEP_CONV_HANDLER(KdepConv, Conv, Float32x4d, Float32x4d);
+KDEP_CONV_HANDLER(KdepConvInputGradient, ConvInputGradient, Float32x4d, Float32x4d);
+KDEP_CONV_HANDLER(KdepWinogradConv, WinogradConv<2>, Float32x4d, Float32x4d);
+KDEP_CONV_HANDLER(KdepWinogradConv4x4, WinogradConv<4>, Float32x4d, Float32x4d);
+KDEP_CONV_HANDLER(KdepWinogradWeightGradient, WinogradWeightGradient, Float32x4d, Float32x4d);
+KDEP_CONV_HANDLER(KdepDepthwiseInputGradient, DepthwiseInputGradient, Float32x4d, Float32x4d);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepWinogradWeightGradientOfActivation, WinogradWeightGradientOfActivation,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -2920,31 +2921,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepDense, Dense,
                                   .Arg<Float32x2d>()
                                   .Arg<Float32x3d>()
                                   .Ret<Float32x2d>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConv, AmxConv,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Bfloat16x4d>()
-                                  .Arg<Bfloat16x4d>()
-                                  .Ret<Bfloat16x4d>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
-// The AMX weight gradient and the patch conv take the same arguments: (x, g) -> dw and (x, w) -> y, bfloat16 to
-// float32.
-#define KDEP_AMX_FLOAT32_HANDLER(name, function)             \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, function,              \
-                                ffi::Ffi::Bind()             \
-                                    .Ctx<ffi::ThreadPool>()  \
-                                    .Arg<Bfloat16x4d>()      \
-                                    .Arg<Bfloat16x4d>()      \
-                                    .Ret<Float32x4d>()       \
-                                    .Attr<int64_t>("stride") \
-                                    .Attr<int64_t>("pad_top") \
-                                    .Attr<int64_t>("pad_left"))
-
-KDEP_AMX_FLOAT32_HANDLER(KdepAmxConvWeightGradient, AmxConvWeightGradient);
-KDEP_AMX_FLOAT32_HANDLER(KdepAmxPatchConv, AmxPatchConv);
-KDEP_AMX_FLOAT32_HANDLER(KdepAmxPatchConvWeightGradient, AmxPatchConvWeightGradient);
+KDEP_CONV_HANDLER(KdepAmxConv, AmxConv, Bfloat16x4d, Bfloat16x4d);
+KDEP_CONV_HANDLER(KdepAmxConvWeightGradient, AmxConvWeightGradient, Bfloat16x4d, Float32x4d);
+KDEP_CONV_HANDLER(KdepAmxPatchConv, AmxPatchConv, Bfloat16x4d, Float32x4d);
+KDEP_CONV_HANDLER(KdepAmxPatchConvWeightGradient, AmxPatchConvWeightGradient, Bfloat16x4d, Float32x4d);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvMaxPool, AmxPatchConvMaxPool,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
