@@ -2480,8 +2480,28 @@ ffi::Error AmxPatchConv(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi:
 constexpr int64_t kAmxPooledSumValues = 1 << 17;  // a task's conv rows' float32 sums, at most (512 KiB)
 
 struct PoolShape {
-  int64_t size, stride, pad, out_height, out_width;
+  int64_t size, stride, pad;
 };
+
+// The shapes of the patch conv's x and w, with its sums' max-pool of pooled_dims (N, Ho, Wo, Cout); padding the same on
+// both sides; an error where they do not fit.
+ffi::Error PooledConvShape(Bfloat16x4d& x, Bfloat16x4d& w, ffi::Span<const int64_t> pooled_dims, int64_t stride,
+                           int64_t pad_top, int64_t pad_left, const PoolShape& p, Shape& s) {
+  const auto x_dims = x.dimensions(), w_dims = w.dimensions();
+  const int64_t steps = std::max<int64_t>(stride, 1);
+  const int64_t sums_dims[4] = {pooled_dims[0], (x_dims[1] + 2 * pad_top - w_dims[0]) / steps + 1,
+                                (x_dims[2] + 2 * pad_left - w_dims[0]) / steps + 1, pooled_dims[3]};
+  if (ffi::Error error = PatchConvShape(x, w, ffi::Span<const int64_t>(sums_dims, 4), stride, pad_top, pad_left, s);
+      error.failure()) {
+    return error;
+  }
+  if (p.size < 1 || p.stride < 1 || p.pad < 0 || p.size * p.size > 127 ||
+      pooled_dims[1] != (s.out_height + 2 * p.pad - p.size) / p.stride + 1 ||
+      pooled_dims[2] != (s.out_width + 2 * p.pad - p.size) / p.stride + 1) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX patch conv kernel: a pool of another shape");
+  }
+  return ffi::Error::Success();
+}
 
 // Where training asks for them: each pooled output's tap (int8) and the sums' mean and variance.
 struct PoolTraining {
@@ -2492,21 +2512,10 @@ struct PoolTraining {
 ffi::Error PatchConvPool(ffi::ThreadPool& pool, Bfloat16x4d& x, Bfloat16x4d& w, float* y,
                          ffi::Span<const int64_t> y_dims, int64_t stride, int64_t pad_top, int64_t pad_left,
                          const PoolShape& p, const PoolTraining* training) {
-  const auto x_dims = x.dimensions(), w_dims = w.dimensions();
-  const int64_t n = x_dims[0], height = (x_dims[1] + 2 * pad_top - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
-  const int64_t width = (x_dims[2] + 2 * pad_left - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
-  const int64_t sums_dims[4] = {y_dims[0], height, width, y_dims[3]};
   Shape s;
-  if (ffi::Error error = PatchConvShape(x, w, ffi::Span<const int64_t>(sums_dims, 4), stride, pad_top, pad_left, s);
-      error.failure()) {
-    return error;
-  }
-  const int64_t cout = s.out_channels, out_height = y_dims[1], out_width = y_dims[2];
-  if (p.size < 1 || p.stride < 1 || p.pad < 0 || p.size * p.size > 127 ||
-      out_height != (height + 2 * p.pad - p.size) / p.stride + 1 ||
-      out_width != (width + 2 * p.pad - p.size) / p.stride + 1) {
-    return ffi::Error::InvalidArgument("kdep_jax AMX patch conv kernel: a pool of another shape");
-  }
+  if (ffi::Error error = PooledConvShape(x, w, y_dims, stride, pad_top, pad_left, p, s); error.failure()) return error;
+  const int64_t n = x.dimensions()[0], height = s.out_height, width = s.out_width, cout = s.out_channels;
+  const int64_t out_height = y_dims[1], out_width = y_dims[2];
   if (n == 0 || out_height <= 0 || out_width <= 0 || height <= 0 || width <= 0) return ffi::Error::Success();
   const AmxPatchRows patches(s);
   const int64_t conv_rows_max = std::max<int64_t>(kAmxPooledSumValues / (width * cout), p.size);
@@ -2585,7 +2594,7 @@ ffi::Error AmxPatchConvMaxPool(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d 
                                int64_t pool_stride, int64_t pool_pad) {
   const auto y_dims = y->dimensions();
   return PatchConvPool(pool, x, w, y->typed_data(), y_dims, stride, pad_top, pad_left,
-                       {pool_size, pool_stride, pool_pad, y_dims[1], y_dims[2]}, nullptr);
+                       {pool_size, pool_stride, pool_pad}, nullptr);
 }
 
 ffi::Error AmxPatchConvPoolStatistics(ffi::ThreadPool pool, Bfloat16x4d x, Bfloat16x4d w, ffi::Result<Float32x4d> y,
@@ -2599,7 +2608,7 @@ ffi::Error AmxPatchConvPoolStatistics(ffi::ThreadPool pool, Bfloat16x4d x, Bfloa
   }
   const PoolTraining training{taps->typed_data(), mean->typed_data(), var->typed_data()};
   return PatchConvPool(pool, x, w, y->typed_data(), y_dims, stride, pad_top, pad_left,
-                       {pool_size, pool_stride, pool_pad, y_dims[1], y_dims[2]}, &training);
+                       {pool_size, pool_stride, pool_pad}, &training);
 }
 
 // dw (k, k, Cin, Cout): for each image (a task; float64 partials added in image order), band by band of `band` output
@@ -2723,23 +2732,17 @@ ffi::Error AmxPatchConvPoolWeightGradient(ffi::ThreadPool pool, Bfloat16x4d x, B
                                           ffi::Result<Float32x4d> dw, int64_t stride, int64_t pad_top,
                                           int64_t pad_left, int64_t pool_size, int64_t pool_stride,
                                           int64_t pool_pad) {
-  const auto x_dims = x.dimensions(), w_dims = w.dimensions(), g_dims = g_pooled.dimensions();
-  const auto taps_dims = taps.dimensions();
-  const int64_t n = x_dims[0], height = (x_dims[1] + 2 * pad_top - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
-  const int64_t width = (x_dims[2] + 2 * pad_left - w_dims[0]) / std::max<int64_t>(stride, 1) + 1;
-  const int64_t sums_dims[4] = {n, height, width, w_dims[3]};
+  const auto g_dims = g_pooled.dimensions(), taps_dims = taps.dimensions();
   Shape s;
-  if (ffi::Error error = PatchConvShape(x, w, ffi::Span<const int64_t>(sums_dims, 4), stride, pad_top, pad_left, s);
-      error.failure()) {
+  const PoolShape p{pool_size, pool_stride, pool_pad};
+  if (ffi::Error error = PooledConvShape(x, w, g_dims, stride, pad_top, pad_left, p, s); error.failure()) {
     return error;
   }
-  const int64_t cout = s.out_channels, out_height = g_dims[1], out_width = g_dims[2];
-  if (!std::equal(g_dims.begin(), g_dims.end(), taps_dims.begin(), taps_dims.end()) || g_dims[0] != n ||
-      g_dims[3] != cout || slope.element_count() != cout || offset.element_count() != cout ||
-      dw->element_count() != w.element_count() || pool_size < 1 || pool_stride < 1 || pool_pad < 0 ||
-      out_height != (height + 2 * pool_pad - pool_size) / pool_stride + 1 ||
-      out_width != (width + 2 * pool_pad - pool_size) / pool_stride + 1) {
-    return ffi::Error::InvalidArgument("kdep_jax AMX patch weight gradient: a pool or statistics of another shape");
+  const int64_t n = x.dimensions()[0], height = s.out_height, width = s.out_width, cout = s.out_channels;
+  const int64_t out_height = g_dims[1], out_width = g_dims[2];
+  if (!std::equal(g_dims.begin(), g_dims.end(), taps_dims.begin(), taps_dims.end()) ||
+      slope.element_count() != cout || offset.element_count() != cout || dw->element_count() != w.element_count()) {
+    return ffi::Error::InvalidArgument("kdep_jax AMX patch weight gradient: taps or statistics of another shape");
   }
   if (n == 0 || height <= 0 || width <= 0) {
     std::fill(dw->typed_data(), dw->typed_data() + dw->element_count(), 0.0f);
@@ -2925,18 +2928,17 @@ KDEP_CONV_HANDLER(KdepAmxConv, AmxConv, Bfloat16x4d, Bfloat16x4d);
 KDEP_CONV_HANDLER(KdepAmxConvWeightGradient, AmxConvWeightGradient, Bfloat16x4d, Float32x4d);
 KDEP_CONV_HANDLER(KdepAmxPatchConv, AmxPatchConv, Bfloat16x4d, Float32x4d);
 KDEP_CONV_HANDLER(KdepAmxPatchConvWeightGradient, AmxPatchConvWeightGradient, Bfloat16x4d, Float32x4d);
+// The pooled patch convs' attributes: the conv's stride and top and left padding, the pool's size, stride and padding.
+#define KDEP_POOL_ATTRIBUTES                                                                   \
+  .Attr<int64_t>("stride").Attr<int64_t>("pad_top").Attr<int64_t>("pad_left").Attr<int64_t>("pool_size") \
+      .Attr<int64_t>("pool_stride").Attr<int64_t>("pool_pad")
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvMaxPool, AmxPatchConvMaxPool,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Bfloat16x4d>()
                                   .Arg<Bfloat16x4d>()
                                   .Ret<Float32x4d>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pool_size")
-                                  .Attr<int64_t>("pool_stride")
-                                  .Attr<int64_t>("pool_pad"));
+                                  KDEP_POOL_ATTRIBUTES);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvPoolStatistics, AmxPatchConvPoolStatistics,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -2946,12 +2948,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvPoolStatistics, AmxPatchConvPoolSt
                                   .Ret<Int8x4d>()
                                   .Ret<Float32x1d>()
                                   .Ret<Float32x1d>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pool_size")
-                                  .Attr<int64_t>("pool_stride")
-                                  .Attr<int64_t>("pool_pad"));
+                                  KDEP_POOL_ATTRIBUTES);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvPoolWeightGradient, AmxPatchConvPoolWeightGradient,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -2962,12 +2959,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxPatchConvPoolWeightGradient, AmxPatchConvPo
                                   .Arg<Float32x1d>()
                                   .Arg<Float32x1d>()
                                   .Ret<Float32x4d>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pool_size")
-                                  .Attr<int64_t>("pool_stride")
-                                  .Attr<int64_t>("pool_pad"));
+                                  KDEP_POOL_ATTRIBUTES);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KdepAmxConvOfActivation, AmxConvOfActivation,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

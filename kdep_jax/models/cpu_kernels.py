@@ -354,28 +354,35 @@ def amx_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, st
                 pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]))
 
 
-def _amx_patch_call(target: str, out_shape: tuple[int, ...], x: jax.Array, other: jax.Array, stride: int,
-                    padding, **attributes: int) -> jax.Array:
+def _amx_patch_call(target: str, out, operands: tuple[jax.Array, ...], stride: int, padding,
+                    max_pool: tuple[int, int, int] | None = None):
+    """The patch kernels' call: the conv's stride and top and left padding, and where max_pool (k, stride, pad) the
+    pool's."""
     _require_kernels()
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
-    return call(x.astype(jnp.bfloat16), other.astype(jnp.bfloat16), stride=np.int64(stride),
-                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
-                **{name: np.int64(value) for name, value in attributes.items()})
+    attributes = dict(stride=stride, pad_top=padding[0][0], pad_left=padding[1][0])
+    if max_pool is not None:
+        attributes.update(pool_size=max_pool[0], pool_stride=max_pool[1], pool_pad=max_pool[2])
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
+    return call(*operands, **{name: np.int64(value) for name, value in attributes.items()})
 
 
-def _pooled_size(size: int, k: int, stride: int, pad: int) -> int:
+def _strided_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
-def _pool_attributes(x: jax.Array, kernel: jax.Array, stride: int, padding, max_pool: tuple[int, int, int]):
-    """The pooled sums' shape and the kernel's pool attributes; padding the same on both sides."""
+def _pooled_shape(x: jax.Array, kernel: jax.Array, stride: int, padding,
+                  max_pool: tuple[int, int, int]) -> tuple[int, ...]:
+    """The shape of the conv's sums max-pooled; the conv padded the same on both sides."""
     if any(before != after for before, after in padding):
         raise ValueError(f"kdep_jax's AMX kernels pool the sums of a conv padded the same on both sides, not {padding}")
     pool_size, pool_stride, pool_pad = max_pool
-    out_size = [_pooled_size(_pooled_size(size, kernel.shape[0], stride, pad), pool_size, pool_stride, pool_pad)
+    out_size = [_strided_size(_strided_size(size, kernel.shape[0], stride, pad), pool_size, pool_stride, pool_pad)
                 for size, (pad, _) in zip(x.shape[1:3], padding)]
-    attributes = dict(pool_size=pool_size, pool_stride=pool_stride, pool_pad=pool_pad)
-    return (x.shape[0], *out_size, kernel.shape[-1]), attributes
+    return (x.shape[0], *out_size, kernel.shape[-1])
+
+
+def _bfloat16(*values: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(value.astype(jnp.bfloat16) for value in values)
 
 
 def amx_patch_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]],
@@ -388,26 +395,21 @@ def amx_patch_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[
     with padding the same on both sides: the sums' max-pool instead (`max_pool`'s values), the sums never written
     out; not to be differentiated."""
     if max_pool is None:
-        k = kernel.shape[0]
-        out_size = [_pooled_size(size, k, stride, pad) for size, (pad, _) in zip(x.shape[1:3], padding)]
-        return _amx_patch_call(_AMX_PATCH_CONV, (x.shape[0], *out_size, kernel.shape[-1]), x, kernel, stride, padding)
-    out_shape, attributes = _pool_attributes(x, kernel, stride, padding, max_pool)
-    return _amx_patch_call(_AMX_PATCH_CONV_MAX_POOL, out_shape, x, kernel, stride, padding, **attributes)
+        out_size = [_strided_size(size, kernel.shape[0], stride, pad) for size, (pad, _) in zip(x.shape[1:3], padding)]
+        out = jax.ShapeDtypeStruct((x.shape[0], *out_size, kernel.shape[-1]), jnp.float32)
+        return _amx_patch_call(_AMX_PATCH_CONV, out, _bfloat16(x, kernel), stride, padding)
+    out = jax.ShapeDtypeStruct(_pooled_shape(x, kernel, stride, padding, max_pool), jnp.float32)
+    return _amx_patch_call(_AMX_PATCH_CONV_MAX_POOL, out, _bfloat16(x, kernel), stride, padding, max_pool)
 
 
 def amx_patch_conv_pool_statistics(x: jax.Array, kernel: jax.Array, stride: int, padding,
                                    max_pool: tuple[int, int, int]) -> tuple[jax.Array, ...]:
     """`amx_patch_conv(..., max_pool=)` in training: the pooled sums, each pooled output's int8 tap (`max_pool`'s),
     and the sums' batch mean and variance (`batch_moments`', bit for bit), the sums never written out."""
-    _require_kernels()
-    out_shape, attributes = _pool_attributes(x, kernel, stride, padding, max_pool)
-    moments = jax.ShapeDtypeStruct(out_shape[-1:], jnp.float32)
-    call = jax.ffi.ffi_call(_AMX_PATCH_CONV_POOL_STATISTICS, (
-        jax.ShapeDtypeStruct(out_shape, jnp.float32), jax.ShapeDtypeStruct(out_shape, jnp.int8), moments, moments),
-        vmap_method="sequential")
-    return call(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), stride=np.int64(stride),
-                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
-                **{name: np.int64(value) for name, value in attributes.items()})
+    shape = _pooled_shape(x, kernel, stride, padding, max_pool)
+    moments = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
+    out = (jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct(shape, jnp.int8), moments, moments)
+    return _amx_patch_call(_AMX_PATCH_CONV_POOL_STATISTICS, out, _bfloat16(x, kernel), stride, padding, max_pool)
 
 
 def amx_patch_conv_pool_weight_gradient(x: jax.Array, kernel: jax.Array, taps: jax.Array, grad_pooled: jax.Array,
@@ -416,14 +418,9 @@ def amx_patch_conv_pool_weight_gradient(x: jax.Array, kernel: jax.Array, taps: j
     """The kernel's gradient, in float32, through `amx_patch_conv_pool_statistics`: the gradient of the conv's sums is
     that of the pooled outputs at their taps plus offset + slope * sums per channel (the batch statistics'),
     rounded to bfloat16, the sums computed again; then as `amx_patch_conv_weight_gradient`."""
-    _require_kernels()
-    _, attributes = _pool_attributes(x, kernel, stride, padding, max_pool)
-    call = jax.ffi.ffi_call(_AMX_PATCH_CONV_POOL_WEIGHT_GRADIENT, jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
-                            vmap_method="sequential")
-    return call(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), taps, grad_pooled.astype(jnp.float32),
-                slope.astype(jnp.float32), offset.astype(jnp.float32), stride=np.int64(stride),
-                pad_top=np.int64(padding[0][0]), pad_left=np.int64(padding[1][0]),
-                **{name: np.int64(value) for name, value in attributes.items()})
+    operands = (*_bfloat16(x, kernel), taps, *(v.astype(jnp.float32) for v in (grad_pooled, slope, offset)))
+    out = jax.ShapeDtypeStruct(kernel.shape, jnp.float32)
+    return _amx_patch_call(_AMX_PATCH_CONV_POOL_WEIGHT_GRADIENT, out, operands, stride, padding, max_pool)
 
 
 def amx_patch_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: int, stride: int,
@@ -431,5 +428,5 @@ def amx_patch_conv_weight_gradient(x: jax.Array, grad: jax.Array, kernel_size: i
     """The weight gradient (k, k, Cin, Cout) of `amx_patch_conv`, in float32, from its input x and output gradient
     grad, both rounded to bfloat16: the patch rows transposed times grad on the AMX tiles, each band of an image's
     output rows in float32, added in float64 image by image, in order."""
-    shape = (kernel_size, kernel_size, x.shape[-1], grad.shape[-1])
-    return _amx_patch_call(_AMX_PATCH_CONV_WEIGHT_GRADIENT, shape, x, grad, stride, padding)
+    out = jax.ShapeDtypeStruct((kernel_size, kernel_size, x.shape[-1], grad.shape[-1]), jnp.float32)
+    return _amx_patch_call(_AMX_PATCH_CONV_WEIGHT_GRADIENT, out, _bfloat16(x, grad), stride, padding)

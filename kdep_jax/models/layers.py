@@ -34,10 +34,9 @@ def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
 
 
 def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.float32,
-           name: str | None = None, tf_same_padding: bool = False, output_signs: jax.Array | None = None) -> nn.Conv:
+           name: str | None = None, tf_same_padding: bool = False) -> nn.Conv:
     """A bias-free conv with torch's symmetric padding kernel_size // 2 (torchvision's convs all use it), or
-    with TensorFlow's "SAME" padding when tf_same_padding. output_signs (one +1 or -1 per output channel): each output
-    channel times its sign, exactly, by the kernel's."""
+    with TensorFlow's "SAME" padding when tf_same_padding."""
     pad = kernel_size // 2
     padding = "SAME" if tf_same_padding else ((pad, pad), (pad, pad))
     hook = None
@@ -48,15 +47,9 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
             hook = functools.partial(_flax_conv, kernels=not tf_same_padding)
     elif jax.default_backend() == "gpu" and dtype == jnp.bfloat16:
         hook = channel_padded_conv
-    if output_signs is not None:
-        hook = functools.partial(_signed_outputs_conv, hook or jax.lax.conv_general_dilated, output_signs)
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
                    use_bias=False, kernel_init=conv_kernel_init, dtype=dtype,
                    param_dtype=jnp.float32, name=name, conv_general_dilated=hook)
-
-
-def _signed_outputs_conv(conv, signs: jax.Array, lhs, rhs, *args, **conv_options):
-    return conv(lhs, rhs * signs.astype(rhs.dtype), *args, **conv_options)
 
 
 def channel_padded_conv(lhs, rhs, window_strides, padding, **conv_options):
@@ -457,8 +450,7 @@ class PooledConv(nn.Module):
         if not train:
             return cpu_kernels.amx_patch_conv(x, kernel, self.stride, padding, self.pool)
         pooled, mean, var = pooled_conv_statistics(x, kernel, self.stride, padding, self.pool)
-        count = x.shape[0] * math.prod(_output_size(size, k, self.stride, (pad, pad)) for size in x.shape[1:3])
-        return pooled, mean, var, count
+        return pooled, mean, var, _conv_outputs(x, k, self.stride, padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -469,6 +461,11 @@ def pooled_conv_statistics(x: jax.Array, kernel: jax.Array, stride: int, padding
     bit for bit, the sums never written out; their gradient (its kernel's) from the pooled outputs' and statistics'
     gradients, the sums computed again (the sums' gradient rounded to bfloat16, as the conv's is)."""
     return _pooled_conv_statistics_forward(x, kernel, stride, padding, pool)[0]
+
+
+def _conv_outputs(x: jax.Array, k: int, stride: int, padding) -> int:
+    """How many outputs a k x k conv of x gives per channel."""
+    return x.shape[0] * math.prod(_output_size(size, k, stride, pads) for size, pads in zip(x.shape[1:3], padding))
 
 
 def _pooled_statistics(x, kernel, stride, padding, pool):
@@ -486,8 +483,7 @@ def _pooled_conv_statistics_forward(x, kernel, stride, padding, pool):
 def _pooled_conv_statistics_backward(stride, padding, pool, residuals, grads):
     x, kernel, taps, mean = residuals
     grad_pooled, grad_mean, grad_var = grads
-    k = kernel.shape[0]
-    count = x.shape[0] * math.prod(_output_size(size, k, stride, pads) for size, pads in zip(x.shape[1:3], padding))
+    count = _conv_outputs(x, kernel.shape[0], stride, padding)
     slope = 2.0 * grad_var / count  # batch_moments' gradient: (grad_mean + 2 (sums - mean) grad_var) / count
     offset = grad_mean / count - slope * mean
     grad_kernel = cpu_kernels.amx_patch_conv_pool_weight_gradient(x, kernel, taps, grad_pooled, slope, offset, stride,
